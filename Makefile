@@ -1,0 +1,69 @@
+# swin-triton: timm Swin -> ONNX -> Triton model repository.
+# `make repo` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# What `make repo` builds (see `python -m builder repo --help`).
+MODEL ?= swin_tiny_patch4_window7_224
+NAME ?=
+WEIGHTS ?= random
+FLAVOR ?= container
+MAX_BATCH ?= 32
+PREFERRED ?=
+QUEUE_DELAY_US ?= 100
+INSTANCES ?= 1
+MODEL_KWARGS ?= {}
+REPO ?= model_repository
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+ifeq ($(WEIGHTS),pretrained)
+WEIGHT_ARGS := --pretrained
+else ifeq ($(WEIGHTS),random)
+WEIGHT_ARGS :=
+else
+WEIGHT_ARGS := --checkpoint $(WEIGHTS)
+endif
+
+.PHONY: help venv repo check serve stop test clean
+help:
+	@echo "make repo     export $(MODEL) and write $(REPO)/ (FLAVOR=container|local, WEIGHTS=random|pretrained|PATH)"
+	@echo "make test     run the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer)"
+	@echo "make serve    start the local tritonserver on $(REPO)/ (use FLAVOR=local for it); make stop"
+	@echo "make check    report what tritonserver would reject in $(REPO)/"
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libb64.so.0d && \
+	  { echo "installing libb64-0d (perf_analyzer needs it)"; (apt-get install -y -qq libb64-0d >/dev/null 2>&1 || \
+	    (apt-get update -qq >/dev/null && apt-get install -y -qq libb64-0d >/dev/null)) ; } || true
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+repo: $(STAMP)
+	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) --flavor $(FLAVOR) \
+	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
+	  --max-queue-delay-us $(QUEUE_DELAY_US) --instance-count $(INSTANCES) --model-kwargs '$(MODEL_KWARGS)' \
+	  --output $(REPO)
+
+check: $(STAMP)
+	$(PY) -m builder check $(REPO)
+
+serve: $(STAMP)
+	$(PY) -m builder serve --detach --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+stop: $(STAMP)
+	$(PY) -m builder stop
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(REPO) .server build

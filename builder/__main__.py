@@ -1,0 +1,175 @@
+"""`python -m builder`: build, check and serve a Triton model repository.
+
+Subcommands:
+  repo    export a timm Swin and write a complete model repository
+  check   report what tritonserver would reject in a repository
+  serve   run the local tritonserver (pip-distributed, no Docker)
+  stop    stop a server started with `serve --detach`
+
+Heavy imports happen inside the subcommands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from builder.errors import BuilderError
+
+log = logging.getLogger("builder")
+
+
+def _ints(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _add_repo(sub) -> None:
+    p = sub.add_parser("repo", help="export the model and write the model repository",
+                       description="Export a timm Swin classifier to ONNX, validate it against PyTorch, "
+                                   "and write a complete Triton model repository (atomically).")
+    p.add_argument("--model", default=None, help="timm model name (default swin_tiny_patch4_window7_224)")
+    p.add_argument("--name", default=None, help="ensemble name (default: the timm model name)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights from its hub")
+    w.add_argument("--checkpoint", default=None, help="safetensors file or state dict to load")
+    p.add_argument("--model-kwargs", default="{}", help="JSON of extra timm.create_model kwargs")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
+    p.add_argument("--output", default="model_repository", help="repository folder")
+    p.add_argument("--flavor", choices=("container", "local"), default="container",
+                   help="container: native onnxruntime backend; local: ONNX Runtime in the Python backend")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--preferred-batch-sizes", type=_ints, default=(), help="e.g. 8,16,32")
+    p.add_argument("--max-queue-delay-us", type=int, default=100)
+    p.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
+                   help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
+    p.add_argument("--instance-count", type=int, default=1, help="classifier instances per device")
+    p.add_argument("--gpus", type=_ints, default=(), help="GPU ids for KIND_GPU, e.g. 0,1")
+    p.add_argument("--preprocess-instances", type=int, default=1, help="preprocess model instances (CPU)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--version", type=int, default=1, help="version directory to write")
+    p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
+    p.add_argument("--max-abs", type=float, default=1e-3, help="parity: largest allowed logit difference")
+    p.add_argument("--min-cosine", type=float, default=0.9999, help="parity: smallest allowed cosine")
+
+
+def _cmd_repo(args) -> int:
+    from builder import settings as s
+    from builder.repository import build_repository
+
+    kind = args.instance_kind or ("KIND_CPU" if args.flavor == "local" else "KIND_GPU")
+    settings = s.RepoSettings(
+        source=s.ModelSource(args.model or s.DEFAULT_MODEL, args.pretrained, args.checkpoint,
+                             args.model_kwargs, args.seed),
+        output=args.output, flavor=args.flavor, name=args.name, top_k=args.top_k, opset=args.opset,
+        classifier_batching=s.Batching(args.max_batch_size, args.preferred_batch_sizes, args.max_queue_delay_us),
+        preprocess_batching=s.Batching(args.max_batch_size, (), args.max_queue_delay_us),
+        classifier_instances=s.InstanceGroup(kind, args.instance_count, args.gpus),
+        preprocess_instances=s.InstanceGroup("KIND_CPU", args.preprocess_instances),
+        parity=s.Parity(args.max_abs, args.min_cosine),
+        version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
+    )
+    build_repository(settings)
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from builder.check import check_repository
+
+    problems = check_repository(args.repository)
+    for problem in problems:
+        print(f"error: {problem}")
+    if problems:
+        print(f"{args.repository}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"{args.repository}: OK")
+    return 0
+
+
+def _server_args(p) -> None:
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--workdir", default=".server", help="server copy, log and pid file")
+
+
+def _server(args):
+    from builder.server import LocalServer, ServerSettings
+
+    return LocalServer(ServerSettings(
+        repository=args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, workdir=args.workdir,
+        model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2)))
+
+
+def _cmd_serve(args) -> int:
+    server = _server(args)
+    server.start(wait=True, timeout=args.timeout, detach=args.detach)
+    if args.detach:
+        print(f"tritonserver running (pid {server.process.pid}): HTTP {server.http_url}, gRPC {server.grpc_url}; "
+              f"log {server.log_path}; stop with `make stop`")
+        return 0
+    print(f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}; Ctrl-C stops it")
+    try:
+        code = server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+        return 0
+    raise BuilderError(f"tritonserver exited with code {code}; log {server.log_path}:\n{server.log_tail()}")
+
+
+def _cmd_stop(args) -> int:
+    server = _server(args)
+    if not server.running_pid():
+        print("no tritonserver is running from", server.workdir)
+        return 0
+    server.stop()
+    print("tritonserver stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m builder", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_repo(sub)
+    c = sub.add_parser("check", help="check a model repository")
+    c.add_argument("repository", nargs="?", default="model_repository")
+    s = sub.add_parser("serve", help="run the local tritonserver on a repository")
+    _server_args(s)
+    s.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
+    s.add_argument("--poll-seconds", type=int, default=2)
+    s.add_argument("--detach", action="store_true", help="run in the background (stop with `stop`)")
+    s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    t = sub.add_parser("stop", help="stop a detached local tritonserver")
+    _server_args(t)
+    return parser
+
+
+COMMANDS = {"repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the CLI; user errors print one line and return 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return COMMANDS[args.command](args)
+    except BuilderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the previous repository is untouched", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

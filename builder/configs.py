@@ -1,0 +1,167 @@
+"""Triton model configs as `ModelConfig` protobuf messages.
+
+Configs are built with the schema tritonclient ships
+(`tritonclient.grpc.model_config_pb2`) and written with `text_format`, so a
+misspelled field fails here instead of in tritonserver. Two proto3 traps are
+handled on purpose: `max_batch_size: 0` is never written (zero is the default
+and is dropped), and `dynamic_batching` / `ensemble_scheduling` share one
+oneof, so an ensemble never gets a dynamic batcher.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from builder.contract import Contract, TensorSpec
+from builder.settings import Batching, InstanceGroup, VersionPolicy
+
+ModelConfig = mc.ModelConfig
+
+
+def _tensor(message, spec: TensorSpec) -> None:
+    message.name = spec.name
+    message.data_type = mc.DataType.Value(spec.config_dtype)
+    message.dims.extend(spec.dims)
+
+
+def _add_io(config: mc.ModelConfig, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> None:
+    for spec in inputs:
+        _tensor(config.input.add(), spec)
+    for spec in outputs:
+        _tensor(config.output.add(), spec)
+
+
+def _version_policy(config: mc.ModelConfig, policy: VersionPolicy) -> None:
+    if policy.kind == "latest":
+        config.version_policy.latest.num_versions = policy.num_versions
+    elif policy.kind == "all":
+        config.version_policy.all.SetInParent()
+    else:
+        config.version_policy.specific.versions.extend(policy.versions)
+
+
+def _instances(config: mc.ModelConfig, group: InstanceGroup) -> None:
+    message = config.instance_group.add()
+    message.kind = mc.ModelInstanceGroup.Kind.Value(group.kind)
+    message.count = group.count
+    message.gpus.extend(group.gpus)
+
+
+def _dynamic_batching(config: mc.ModelConfig, batching: Batching) -> None:
+    config.dynamic_batching.SetInParent()
+    config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+
+
+def _parameters(config: mc.ModelConfig, parameters: Mapping[str, str]) -> None:
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
+
+
+def _base(name: str, batching: Batching, policy: VersionPolicy) -> mc.ModelConfig:
+    config = mc.ModelConfig(name=name, max_batch_size=batching.max_batch_size)
+    _version_policy(config, policy)
+    return config
+
+
+def python_model(
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    batching: Batching,
+    instances: InstanceGroup,
+    policy: VersionPolicy,
+    parameters: Optional[Mapping[str, str]] = None,
+) -> mc.ModelConfig:
+    """A Python-backend model with dynamic batching.
+
+    Args:
+        name: Model name.
+        inputs: Input tensors (dims without batch).
+        outputs: Output tensors.
+        batching: max_batch_size and dynamic batcher settings.
+        instances: Instance group.
+        policy: Version policy.
+        parameters: String parameters the model reads in `initialize`.
+
+    Returns:
+        The config message.
+    """
+    config = _base(name, batching, policy)
+    config.backend = "python"
+    _add_io(config, inputs, outputs)
+    _dynamic_batching(config, batching)
+    _instances(config, instances)
+    _parameters(config, parameters or {})
+    return config
+
+
+def onnx_classifier(
+    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy
+) -> mc.ModelConfig:
+    """The classifier on Triton's native ONNX Runtime backend (`container` flavor)."""
+    config = _base(contract.classifier, batching, policy)
+    config.platform = "onnxruntime_onnx"
+    config.backend = "onnxruntime"
+    _add_io(config, [contract.pixels], [contract.logits])
+    _dynamic_batching(config, batching)
+    _instances(config, instances)
+    return config
+
+
+def local_classifier(
+    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy
+) -> mc.ModelConfig:
+    """The classifier on ONNX Runtime inside the Python backend (`local` flavor)."""
+    return python_model(contract.classifier, [contract.pixels], [contract.logits],
+                        batching, instances, policy)
+
+
+def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy) -> mc.ModelConfig:
+    """The ensemble: image bytes -> preprocess -> classifier -> postprocess.
+
+    Its outputs are the top-k tensors plus the classifier's raw logits.
+    """
+    config = mc.ModelConfig(name=contract.ensemble, platform="ensemble", max_batch_size=max_batch_size)
+    _version_policy(config, policy)
+    _add_io(config, [contract.image], contract.ensemble_outputs)
+    steps: Sequence[Tuple[str, Dict[str, str], Dict[str, str]]] = (
+        (contract.preprocess, {contract.image.name: contract.image.name},
+         {contract.pixels.name: contract.pixels.name}),
+        (contract.classifier, {contract.pixels.name: contract.pixels.name},
+         {contract.logits.name: contract.logits.name}),
+        (contract.postprocess, {contract.logits.name: contract.logits.name},
+         {spec.name: spec.name for spec in contract.topk_outputs}),
+    )
+    for model_name, input_map, output_map in steps:
+        step = config.ensemble_scheduling.step.add()
+        step.model_name = model_name
+        step.model_version = -1
+        step.input_map.update(input_map)
+        step.output_map.update(output_map)
+    return config
+
+
+def to_text(config: mc.ModelConfig) -> str:
+    """Serializes a config as config.pbtxt text."""
+    return text_format.MessageToString(config)
+
+
+def write(config: mc.ModelConfig, model_dir: Path) -> Path:
+    """Writes `config.pbtxt` into `model_dir` (call it after the model's files)."""
+    path = Path(model_dir) / "config.pbtxt"
+    path.write_text(to_text(config), encoding="utf-8")
+    return path
+
+
+def read(path: Path) -> mc.ModelConfig:
+    """Parses a config.pbtxt file.
+
+    Raises:
+        google.protobuf.text_format.ParseError: Unknown fields or bad syntax.
+    """
+    return text_format.Parse(Path(path).read_text(encoding="utf-8"), mc.ModelConfig())

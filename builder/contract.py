@@ -1,0 +1,148 @@
+"""The repository contract: model names, tensor names, dtypes and shapes.
+
+Everything that names a tensor or a model (the ONNX export, the Triton configs,
+the ensemble maps, the checker, the clients, perf_analyzer input files) derives
+it from here, so a rename happens in exactly one place. This module imports
+only the standard library: clients in other services can rely on it without
+torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+# Triton dtype name -> (config enum name, numpy dtype string). "BYTES" tensors
+# are numpy object arrays of bytes.
+_DTYPES = {
+    "BOOL": ("TYPE_BOOL", "bool"),
+    "UINT8": ("TYPE_UINT8", "uint8"),
+    "INT32": ("TYPE_INT32", "int32"),
+    "INT64": ("TYPE_INT64", "int64"),
+    "FP16": ("TYPE_FP16", "float16"),
+    "FP32": ("TYPE_FP32", "float32"),
+    "BYTES": ("TYPE_STRING", "object"),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the contract.
+
+    Attributes:
+        name: Tensor name, as written in configs and sent by clients.
+        dtype: Triton wire dtype ("FP32", "BYTES", ...).
+        dims: Shape without the batch dimension (-1 for a variable dimension).
+    """
+
+    name: str
+    dtype: str
+    dims: Tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
+
+    @property
+    def config_dtype(self) -> str:
+        """The `DataType` enum name used in config.pbtxt (e.g. "TYPE_FP32")."""
+        return _DTYPES[self.dtype][0]
+
+    @property
+    def numpy_dtype(self) -> str:
+        """The numpy dtype string for this tensor ("object" for BYTES)."""
+        return _DTYPES[self.dtype][1]
+
+    def with_dtype(self, dtype: str) -> "TensorSpec":
+        """Returns the same tensor with another wire dtype (e.g. FP16 I/O)."""
+        return TensorSpec(self.name, dtype, self.dims)
+
+
+def dtype_from_config(config_dtype: str) -> str:
+    """Maps a config enum name ("TYPE_FP32") back to the wire dtype ("FP32")."""
+    for wire, (cfg, _) in _DTYPES.items():
+        if cfg == config_dtype:
+            return wire
+    raise ValueError(f"unsupported config dtype {config_dtype!r}")
+
+
+# Fixed tensor names of the contract.
+IMAGE = "image"            # encoded image bytes, one element per image
+PIXELS = "input"           # normalized NCHW float tensor (the ONNX input)
+LOGITS = "logits"          # raw classifier scores (the ONNX output)
+SCORES = "scores"          # top-k softmax probabilities, best first
+CLASSES = "classes"        # top-k class indices
+LABELS = "labels"          # top-k human-readable class names
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Names and shapes of one deployed model family.
+
+    Attributes:
+        name: Ensemble name; the step models are named after it.
+        image_size: (height, width) the classifier takes.
+        num_classes: Number of logits.
+        top_k: Number of classes the postprocess model returns.
+    """
+
+    name: str
+    image_size: Tuple[int, int]
+    num_classes: int
+    top_k: int = 5
+
+    # Model names --------------------------------------------------------
+    @property
+    def ensemble(self) -> str:
+        return self.name
+
+    @property
+    def preprocess(self) -> str:
+        return f"{self.name}_preprocess"
+
+    @property
+    def classifier(self) -> str:
+        return f"{self.name}_classifier"
+
+    @property
+    def postprocess(self) -> str:
+        return f"{self.name}_postprocess"
+
+    @property
+    def model_names(self) -> Tuple[str, str, str, str]:
+        return (self.preprocess, self.classifier, self.postprocess, self.ensemble)
+
+    # Tensors ----------------------------------------------------------------
+    @property
+    def image(self) -> TensorSpec:
+        return TensorSpec(IMAGE, "BYTES", (1,))
+
+    @property
+    def pixels(self) -> TensorSpec:
+        return TensorSpec(PIXELS, "FP32", (3, *self.image_size))
+
+    @property
+    def logits(self) -> TensorSpec:
+        return TensorSpec(LOGITS, "FP32", (self.num_classes,))
+
+    @property
+    def scores(self) -> TensorSpec:
+        return TensorSpec(SCORES, "FP32", (self.top_k,))
+
+    @property
+    def classes(self) -> TensorSpec:
+        return TensorSpec(CLASSES, "INT64", (self.top_k,))
+
+    @property
+    def labels(self) -> TensorSpec:
+        return TensorSpec(LABELS, "BYTES", (self.top_k,))
+
+    @property
+    def topk_outputs(self) -> Tuple[TensorSpec, TensorSpec, TensorSpec]:
+        return (self.scores, self.classes, self.labels)
+
+    @property
+    def ensemble_outputs(self) -> Tuple[TensorSpec, ...]:
+        # Raw logits stay reachable through the ensemble for clients that
+        # want their own postprocessing.
+        return (*self.topk_outputs, self.logits)

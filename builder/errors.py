@@ -1,0 +1,9 @@
+"""The project's one user-facing error type."""
+
+
+class BuilderError(Exception):
+    """A problem the user can fix: bad settings, bad input, failed validation.
+
+    The CLI prints its message on one line and exits 1, without a traceback,
+    so the message must say what is wrong and what to do about it.
+    """

@@ -1,0 +1,120 @@
+"""Creating the timm model and loading its weights."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict
+
+from builder.errors import BuilderError
+from builder.settings import ModelSource
+
+log = logging.getLogger("builder")
+
+
+@dataclass
+class LoadedModel:
+    """A timm model in eval mode with what the repository needs to know.
+
+    Attributes:
+        module: The torch module (eval mode, CPU).
+        data_config: timm's resolved data config (input size, crop, mean/std).
+        num_classes: Number of logits.
+        weights: Where the weights came from: `pretrained:<tag>`,
+            `checkpoint:<path>` or `random:seed=<n>`.
+        class_names: One human-readable name per class.
+    """
+
+    module: Any
+    data_config: Dict[str, Any]
+    num_classes: int
+    weights: str
+    class_names: list
+
+
+def _class_names(num_classes: int) -> list:
+    from timm.data import ImageNetInfo
+
+    if num_classes in (1000, 11821, 12000, 21841, 21843, 22000):
+        try:
+            info = ImageNetInfo("imagenet-1k" if num_classes == 1000 else "imagenet-22k")
+            return [info.index_to_description(i) for i in range(num_classes)]
+        except Exception:  # timm lacks this label set: fall back to indices
+            pass
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _load_checkpoint(path: str) -> Dict[str, Any]:
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BuilderError(f"checkpoint: cannot load {path!r} as a state dict ({exc.__class__.__name__}); "
+                           "save it with torch.save(model.state_dict(), path) or as .safetensors") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_model(source: ModelSource) -> LoadedModel:
+    """Creates the timm model named by `source` with its weights.
+
+    Args:
+        source: Model name, weights choice and extra timm kwargs.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        BuilderError: Unknown model, hub unreachable, checkpoint mismatch.
+    """
+    import timm
+    import torch
+
+    if not timm.is_model(source.model_name):
+        close = timm.list_models(f"*{source.model_name.split('_')[0]}*")[:5]
+        raise BuilderError(f"model_name: timm has no model {source.model_name!r}"
+                           + (f"; similar: {', '.join(close)}" if close else ""))
+    torch.manual_seed(source.seed)
+    try:
+        module = timm.create_model(source.model_name, pretrained=source.pretrained, **source.kwargs)
+    except TypeError as exc:
+        raise BuilderError(f"model_kwargs: timm rejected them ({exc})") from None
+    except Exception as exc:
+        if not source.pretrained:
+            raise
+        raise BuilderError(
+            f"pretrained weights for {source.model_name} could not be downloaded from timm's hub "
+            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); run with network access, "
+            "pass --checkpoint PATH, or build with random weights") from None
+    if source.pretrained:
+        tag = module.pretrained_cfg.get("tag") or "default"
+        weights = f"pretrained:{module.pretrained_cfg.get('hf_hub_id') or source.model_name}:{tag}"
+    elif source.checkpoint:
+        state = _load_checkpoint(source.checkpoint)
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()
+            raise BuilderError(f"checkpoint: {source.checkpoint!r} does not fit {source.model_name}: "
+                               f"{' '.join(first[:2])[:300]}") from None
+        weights = f"checkpoint:{source.checkpoint}"
+    else:
+        weights = f"random:seed={source.seed}"
+        log.warning("RANDOM WEIGHTS: %s is built with random initialization (seed %d); its predictions "
+                    "are meaningless. Use --pretrained or --checkpoint PATH for a real classifier.",
+                    source.model_name, source.seed)
+    module.eval()
+    data_config = timm.data.resolve_data_config({}, model=module)
+    num_classes = int(module.num_classes)
+    if num_classes < 1:
+        raise BuilderError("model_kwargs: num_classes is 0 (a feature extractor); "
+                           "the repository needs a classifier head")
+    return LoadedModel(module, data_config, num_classes, weights, _class_names(num_classes))

@@ -1,0 +1,222 @@
+"""Writing the Triton model repository: staged, validated, swapped atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+from builder import configs
+from builder.contract import Contract
+from builder.errors import BuilderError
+from builder.settings import TRITON_RELEASE, TRITON_VERSION, RepoSettings
+
+log = logging.getLogger("builder")
+
+MODELS_DIR = Path(__file__).parent / "triton_models"
+MANIFEST = "manifest.json"
+
+
+def package_versions(*names: str) -> Dict[str, Optional[str]]:
+    """Installed versions of the given distributions (None when absent)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def file_hashes(root: Path) -> Dict[str, str]:
+    """sha256 of every file under `root` but the manifest, keyed by relative path."""
+    hashes = {}
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        hashes[path.relative_to(root).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def _copy_python_model(source_name: str, version_dir: Path, extras=()) -> None:
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for extra in extras:
+        shutil.copy2(MODELS_DIR / extra, version_dir / extra)
+    shutil.copy2(MODELS_DIR / source_name, version_dir / "model.py")
+
+
+def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_file: Path,
+                 preprocess_parameters: Dict[str, str], class_names: list) -> None:
+    """Writes the four models of the contract into `root` (files first, configs last).
+
+    Args:
+        root: Repository folder (normally a staging folder).
+        settings: Build settings (flavor, batching, instances, version).
+        contract: Names and tensors.
+        onnx_file: The validated classifier; moved into the classifier's version directory.
+        preprocess_parameters: The preprocess model's config parameters.
+        class_names: One label per class, for the postprocess model.
+    """
+    version = str(settings.version)
+    policy = settings.version_policy
+    batching = settings.classifier_batching
+
+    pre_dir = root / contract.preprocess
+    _copy_python_model("preprocess.py", pre_dir / version, extras=("imaging.py",))
+    pre_config = configs.python_model(
+        contract.preprocess, [contract.image], [contract.pixels], settings.preprocess_batching,
+        settings.preprocess_instances, policy, preprocess_parameters)
+
+    cls_dir = root / contract.classifier
+    (cls_dir / version).mkdir(parents=True, exist_ok=True)
+    shutil.move(str(onnx_file), cls_dir / version / "model.onnx")
+    if settings.flavor == "local":
+        _copy_python_model("onnx_classifier.py", cls_dir / version)
+        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
+    else:
+        cls_config = configs.onnx_classifier(contract, batching, settings.classifier_instances, policy)
+
+    post_dir = root / contract.postprocess
+    _copy_python_model("postprocess.py", post_dir / version)
+    (post_dir / version / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
+    post_batching = type(batching)(batching.max_batch_size, (), settings.preprocess_batching.max_queue_delay_us)
+    post_config = configs.python_model(
+        contract.postprocess, [contract.logits], list(contract.topk_outputs), post_batching,
+        settings.postprocess_instances, policy)
+
+    ens_dir = root / contract.ensemble
+    (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
+    ens_config = configs.ensemble(contract, batching.max_batch_size, policy)
+
+    # config.pbtxt last: a polling server never sees a config without its files.
+    for model_dir, config in ((pre_dir, pre_config), (cls_dir, cls_config),
+                              (post_dir, post_config), (ens_dir, ens_config)):
+        configs.write(config, model_dir)
+
+
+@contextmanager
+def staging_dir(output: Path) -> Iterator[Path]:
+    """A fresh folder beside `output` (same filesystem, so renames are atomic); removed on failure."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def swap_into_place(staging: Path, output: Path) -> None:
+    """Replaces `output` with `staging` by two renames; the old tree is removed after."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}-{int(time.time())}")
+        os.rename(output, old)
+    os.rename(staging, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_repository(settings: RepoSettings) -> Path:
+    """Exports, validates and writes a complete model repository.
+
+    The repository is built in a staging folder beside `settings.output`,
+    checked with :func:`builder.check.check_repository`, and only then swapped
+    into place: a failed or interrupted build leaves the previous repository
+    untouched.
+
+    Args:
+        settings: What to build and where.
+
+    Returns:
+        The repository path.
+
+    Raises:
+        BuilderError: Any problem the user can fix (the message says which).
+    """
+    from builder.check import check_repository
+    from builder.export import export_onnx, validate_onnx
+    from builder.model import load_model
+    from builder.triton_models.imaging import PreprocessParams
+
+    output = Path(settings.output).resolve()
+    started = time.perf_counter()
+    log.info("[1/5] loading %s", settings.source.model_name)
+    model = load_model(settings.source)
+    _, height, width = model.data_config["input_size"]
+    contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes, settings.top_k)
+    if settings.top_k > model.num_classes:
+        raise BuilderError(f"top_k: {settings.top_k} is more than the model's {model.num_classes} classes")
+    try:
+        params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
+    except ValueError as exc:
+        raise BuilderError(f"preprocessing: {exc}") from None
+    with staging_dir(output) as staging:
+        onnx_file = staging / "model.onnx"
+        log.info("[2/5] exporting ONNX")
+        export_onnx(model, contract, onnx_file, settings.opset)
+        log.info("[3/5] validating ONNX Runtime against PyTorch")
+        parity = validate_onnx(onnx_file, model, contract, settings.parity)
+        log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
+        write_models(staging, settings, contract, onnx_file, params.to_parameters(), model.class_names)
+        write_manifest(staging, settings, contract, model, params.to_parameters(), parity)
+        log.info("[5/5] checking the repository")
+        problems = check_repository(staging)
+        if problems:
+            raise BuilderError("the built repository fails its check: " + "; ".join(problems))
+        swap_into_place(staging, output)
+    log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
+    return output
+
+
+def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model, preprocess: Dict[str, str],
+                   parity: Dict[str, float]) -> Path:
+    """Writes manifest.json: versions, model, weights, contract, parity and file hashes."""
+    manifest = {
+        "created_unix_s": int(time.time()),
+        "flavor": settings.flavor,
+        "target": {"tritonserver": TRITON_VERSION, "ngc_release": TRITON_RELEASE},
+        "versions": {"python": platform.python_version(),
+                     **package_versions("torch", "timm", "onnx", "onnxruntime", "tritonclient", "numpy", "pillow")},
+        "model": {"timm_name": settings.source.model_name, "kwargs": settings.source.kwargs,
+                  "weights": model.weights, "random_weights": model.weights.startswith("random:"),
+                  "num_classes": model.num_classes, "data_config": model.data_config},
+        "contract": {
+            "ensemble": contract.ensemble, "models": list(contract.model_names),
+            "tensors": {spec.name: {"dtype": spec.dtype, "dims": list(spec.dims)}
+                        for spec in (contract.image, contract.pixels, *contract.ensemble_outputs)},
+            "max_batch_size": settings.classifier_batching.max_batch_size,
+        },
+        "model_version": settings.version,
+        "settings": asdict(settings),
+        "preprocess": preprocess,
+        "parity": {"onnxruntime_vs_pytorch": parity},
+        "files": file_hashes(root),
+    }
+    path = root / MANIFEST
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(root: Path) -> dict:
+    """Reads a repository's manifest.json.
+
+    Raises:
+        BuilderError: No manifest (not a repository written by this tool).
+    """
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise BuilderError(f"{path} does not exist; build the repository with `make repo` first")
+    return json.loads(path.read_text(encoding="utf-8"))

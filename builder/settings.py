@@ -1,0 +1,253 @@
+"""Validated build settings: small frozen dataclasses.
+
+Every check raises :class:`BuilderError` naming the field and the fix, so a
+typo on the command line or in a Makefile variable fails before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from builder.errors import BuilderError
+
+DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
+FLAVORS = ("container", "local")
+INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
+# The tritonserver release the `container` flavor targets (NGC 24.10 ships
+# tritonserver 2.51.0, the same as the local pip-distributed server).
+TRITON_RELEASE = "24.10"
+TRITON_VERSION = "2.51.0"
+# TensorRT inside that release's containers (nvcr.io/nvidia/tensorrt:24.10-py3).
+TENSORRT_VERSION = "10.5.0"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _fail(field_name: str, problem: str, fix: str) -> None:
+    raise BuilderError(f"{field_name}: {problem}; {fix}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which timm model to build and where its weights come from.
+
+    Attributes:
+        model_name: timm model name (any Swin / SwinV2 classifier).
+        pretrained: Load timm's pretrained weights from its hub.
+        checkpoint: Path to a safetensors file or a torch state dict.
+        model_kwargs: JSON object of extra `timm.create_model` keyword
+            arguments (e.g. a tiny `embed_dim`/`depths` for tests).
+        seed: Seed for deterministic random initialization.
+    """
+
+    model_name: str = DEFAULT_MODEL
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
+    model_kwargs: str = "{}"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.model_name or not _NAME_RE.match(self.model_name):
+            _fail("model_name", f"{self.model_name!r} is not a timm model name",
+                  "pass one such as swin_tiny_patch4_window7_224")
+        if self.pretrained and self.checkpoint:
+            _fail("checkpoint", "given together with pretrained",
+                  "choose either --pretrained or --checkpoint PATH")
+        if self.checkpoint and not os.path.isfile(self.checkpoint):
+            _fail("checkpoint", f"{self.checkpoint!r} does not exist",
+                  "pass the path of a .safetensors file or a saved state dict")
+        try:
+            kwargs = json.loads(self.model_kwargs)
+        except json.JSONDecodeError as exc:
+            raise BuilderError(f"model_kwargs: not valid JSON ({exc.msg}); "
+                               "pass a JSON object such as '{\"embed_dim\": 32}'") from None
+        if not isinstance(kwargs, dict):
+            _fail("model_kwargs", "is not a JSON object", "pass e.g. '{\"embed_dim\": 32}'")
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        """The parsed `model_kwargs` (lists become tuples, as timm expects)."""
+        return {k: tuple(v) if isinstance(v, list) else v
+                for k, v in json.loads(self.model_kwargs).items()}
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Batch limits and Triton's dynamic batcher for one model.
+
+    Attributes:
+        max_batch_size: Largest batch the model accepts (>= 1).
+        preferred_batch_sizes: Batch sizes the dynamic batcher aims for.
+        max_queue_delay_us: How long a request may wait to be batched.
+    """
+
+    max_batch_size: int = 32
+    preferred_batch_sizes: Tuple[int, ...] = ()
+    max_queue_delay_us: int = 100
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            _fail("max_batch_size", f"is {self.max_batch_size}",
+                  "use 1 or more (every model of the repository batches)")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                _fail("preferred_batch_sizes", f"{size} is outside 1..{self.max_batch_size}",
+                      "keep every preferred size at most max_batch_size")
+        if self.max_queue_delay_us < 0:
+            _fail("max_queue_delay_us", "is negative", "use 0 or more microseconds")
+
+
+@dataclass(frozen=True)
+class InstanceGroup:
+    """Where and how many copies of a model Triton runs.
+
+    Attributes:
+        kind: KIND_GPU, KIND_CPU or KIND_AUTO.
+        count: Instances per device (per GPU for KIND_GPU).
+        gpus: GPU ids for KIND_GPU; empty means all GPUs.
+    """
+
+    kind: str = "KIND_GPU"
+    count: int = 1
+    gpus: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in INSTANCE_KINDS:
+            _fail("instance kind", f"{self.kind!r} is unknown", f"use one of {', '.join(INSTANCE_KINDS)}")
+        if self.count < 1:
+            _fail("instance count", f"is {self.count}", "use 1 or more")
+        if self.gpus and self.kind != "KIND_GPU":
+            _fail("instance gpus", f"given for {self.kind}", "list GPUs only with KIND_GPU")
+        if any(g < 0 for g in self.gpus):
+            _fail("instance gpus", "has a negative id", "use GPU ids as nvidia-smi lists them")
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Thresholds an exported model must meet against PyTorch.
+
+    Attributes:
+        max_abs: Largest allowed absolute difference of any logit.
+        min_cosine: Smallest allowed cosine similarity of a row of logits.
+        min_top1: Smallest allowed fraction of rows with the same top-1.
+        batch: Rows compared (> 1, so the dynamic batch axis is exercised).
+    """
+
+    max_abs: float = 1e-3
+    min_cosine: float = 0.9999
+    min_top1: float = 1.0
+    batch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_abs <= 0:
+            _fail("parity max_abs", "must be positive", "use e.g. 1e-3 for FP32")
+        if not 0 < self.min_cosine <= 1:
+            _fail("parity min_cosine", "must be in (0, 1]", "use e.g. 0.9999")
+        if not 0 <= self.min_top1 <= 1:
+            _fail("parity min_top1", "must be in [0, 1]", "use e.g. 1.0")
+        if self.batch < 2:
+            _fail("parity batch", "must be at least 2", "compare a real batch so the batch axis is tested")
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions Triton serves: `latest` N, `all`, or `specific` ones."""
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("latest", "all", "specific"):
+            _fail("version_policy", f"{self.kind!r} is unknown", "use latest, all or specific")
+        if self.kind == "latest" and self.num_versions < 1:
+            _fail("version_policy", "latest needs num_versions >= 1", "e.g. latest:1")
+        if self.kind == "specific" and not self.versions:
+            _fail("version_policy", "specific needs versions", "e.g. specific:1,2")
+
+    @classmethod
+    def parse(cls, text: str) -> "VersionPolicy":
+        """Parses `latest`, `latest:N`, `all` or `specific:1,2`."""
+        kind, _, arg = text.partition(":")
+        try:
+            if kind == "latest":
+                return cls("latest", int(arg or 1))
+            if kind == "specific":
+                return cls("specific", versions=tuple(int(v) for v in arg.split(",") if v))
+        except ValueError:
+            raise BuilderError(f"version_policy: {text!r} has a non-integer; use e.g. latest:2 or specific:1,2") from None
+        return cls(kind)
+
+
+def _default_classifier_instances() -> InstanceGroup:
+    return InstanceGroup("KIND_GPU", 1)
+
+
+def _cpu_instances() -> InstanceGroup:
+    return InstanceGroup("KIND_CPU", 1)
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    """Everything `build_repository` needs.
+
+    Attributes:
+        source: Model and weights.
+        output: Repository folder to (re)write atomically.
+        flavor: `container` (native onnxruntime backend) or `local`
+            (ONNX Runtime inside the Python backend, for pip tritonserver).
+        name: Ensemble name; defaults to the timm model name.
+        top_k: Classes returned by the postprocess model.
+        opset: ONNX opset (>= 17 for native LayerNormalization).
+        classifier_batching: Batching of the classifier.
+        preprocess_batching: Batching of the preprocess model.
+        classifier_instances: Instance group of the classifier.
+        preprocess_instances: Instance group of the preprocess model.
+        postprocess_instances: Instance group of the postprocess model.
+        parity: Export validation thresholds.
+        version: Model version directory to write.
+        version_policy: Version policy of every model.
+        max_image_pixels: Largest decoded image the preprocess model accepts.
+    """
+
+    source: ModelSource = field(default_factory=ModelSource)
+    output: str = "model_repository"
+    flavor: str = "container"
+    name: Optional[str] = None
+    top_k: int = 5
+    opset: int = 17
+    classifier_batching: Batching = field(default_factory=Batching)
+    preprocess_batching: Batching = field(default_factory=lambda: Batching(32, (), 100))
+    classifier_instances: InstanceGroup = field(default_factory=_default_classifier_instances)
+    preprocess_instances: InstanceGroup = field(default_factory=_cpu_instances)
+    postprocess_instances: InstanceGroup = field(default_factory=_cpu_instances)
+    parity: Parity = field(default_factory=Parity)
+    version: int = 1
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    max_image_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        if self.flavor not in FLAVORS:
+            _fail("flavor", f"{self.flavor!r} is unknown", f"use one of {', '.join(FLAVORS)}")
+        if self.name is not None and not _NAME_RE.match(self.name):
+            _fail("name", f"{self.name!r} has characters Triton model names should not",
+                  "use letters, digits, '_', '.' and '-'")
+        if not self.output:
+            _fail("output", "is empty", "name the repository folder, e.g. model_repository")
+        if self.top_k < 1:
+            _fail("top_k", f"is {self.top_k}", "use 1 or more")
+        if self.opset < 17:
+            _fail("opset", f"is {self.opset}", "use 17 or newer (native LayerNormalization)")
+        if self.version < 1:
+            _fail("version", f"is {self.version}", "Triton versions start at 1")
+        if self.max_image_pixels < 1:
+            _fail("max_image_pixels", "must be positive", "use e.g. 64000000")
+
+    @property
+    def model_name(self) -> str:
+        """The ensemble name (the timm name unless `name` is given)."""
+        return self.name or self.source.model_name
