@@ -149,6 +149,7 @@ def _check_ensemble(name: str, config: mc.ModelConfig, models: Dict[str, Tuple[P
                     problems: List[str]) -> None:
     # Tensor name -> (dtype, dims) known so far: ensemble inputs, then step outputs.
     available = {t.name: (t.data_type, list(t.dims)) for t in config.input}
+    ensemble_outputs = {t.name for t in config.output}
     for index, step in enumerate(config.ensemble_scheduling.step):
         where = f"{name}: step {index + 1} ({step.model_name})"
         if step.model_name not in models:
@@ -170,6 +171,10 @@ def _check_ensemble(name: str, config: mc.ModelConfig, models: Dict[str, Tuple[P
                                 "nor an output of an earlier step")
                 continue
             _match(where, ensemble_tensor, available[ensemble_tensor], inputs[model_tensor], problems)
+            if ensemble_tensor in ensemble_outputs:
+                problems.append(f"{where}: {ensemble_tensor!r} is both an ensemble output and a step input; "
+                                "tritonserver 2.51 then fails requests for a subset of the outputs "
+                                "('unexpected deadlock'): give the intermediate tensor its own name")
         for missing in sorted(set(inputs) - set(step.input_map)):
             problems.append(f"{where}: model input {missing!r} is not mapped")
         for model_tensor, ensemble_tensor in step.output_map.items():

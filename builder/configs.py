@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.contract import Contract, TensorSpec
+from builder.contract import CLASSIFIER_LOGITS, Contract, TensorSpec
 from builder.settings import Batching, InstanceGroup, VersionPolicy
 
 ModelConfig = mc.ModelConfig
@@ -124,7 +124,8 @@ def local_classifier(
 def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy) -> mc.ModelConfig:
     """The ensemble: image bytes -> preprocess -> classifier -> postprocess.
 
-    Its outputs are the top-k tensors plus the classifier's raw logits.
+    Its outputs are the top-k tensors plus the classifier's raw logits, all
+    produced by the postprocess step (see `contract.CLASSIFIER_LOGITS`).
     """
     config = mc.ModelConfig(name=contract.ensemble, platform="ensemble", max_batch_size=max_batch_size)
     _version_policy(config, policy)
@@ -133,9 +134,9 @@ def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy) -> 
         (contract.preprocess, {contract.image.name: contract.image.name},
          {contract.pixels.name: contract.pixels.name}),
         (contract.classifier, {contract.pixels.name: contract.pixels.name},
-         {contract.logits.name: contract.logits.name}),
-        (contract.postprocess, {contract.logits.name: contract.logits.name},
-         {spec.name: spec.name for spec in contract.topk_outputs}),
+         {contract.logits.name: CLASSIFIER_LOGITS}),
+        (contract.postprocess, {contract.logits.name: CLASSIFIER_LOGITS},
+         {spec.name: spec.name for spec in contract.postprocess_outputs}),
     )
     for model_name, input_map, output_map in steps:
         step = config.ensemble_scheduling.step.add()

@@ -73,6 +73,12 @@ LOGITS = "logits"          # raw classifier scores (the ONNX output)
 SCORES = "scores"          # top-k softmax probabilities, best first
 CLASSES = "classes"        # top-k class indices
 LABELS = "labels"          # top-k human-readable class names
+# Ensemble-internal name of the classifier's logits on their way to the
+# postprocess model, which passes them on as the ensemble's `logits` output.
+# tritonserver 2.51 fails a request that asks for a subset of the outputs
+# ("unexpected deadlock, at least one output is not set") when one tensor is
+# both an ensemble output and the input of a later step; distinct names avoid it.
+CLASSIFIER_LOGITS = "classifier_logits"
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,11 @@ class Contract:
         return (self.scores, self.classes, self.labels)
 
     @property
-    def ensemble_outputs(self) -> Tuple[TensorSpec, ...]:
-        # Raw logits stay reachable through the ensemble for clients that
-        # want their own postprocessing.
+    def postprocess_outputs(self) -> Tuple[TensorSpec, ...]:
+        # Top-k plus the raw logits passed through, so they stay reachable
+        # through the ensemble for clients that want their own postprocessing.
         return (*self.topk_outputs, self.logits)
+
+    @property
+    def ensemble_outputs(self) -> Tuple[TensorSpec, ...]:
+        return self.postprocess_outputs

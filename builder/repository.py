@@ -93,7 +93,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     (post_dir / version / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
     post_batching = type(batching)(batching.max_batch_size, (), settings.preprocess_batching.max_queue_delay_us)
     post_config = configs.python_model(
-        contract.postprocess, [contract.logits], list(contract.topk_outputs), post_batching,
+        contract.postprocess, [contract.logits], list(contract.postprocess_outputs), post_batching,
         settings.postprocess_instances, policy)
 
     ens_dir = root / contract.ensemble

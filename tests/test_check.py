@@ -91,3 +91,11 @@ def test_cli_exit_codes(local_repo, repo_copy, contract):
     shutil.rmtree(repo_copy / contract.classifier / "1")
     bad = subprocess.run([sys.executable, "-m", "builder", "check", str(repo_copy)], capture_output=True, text=True)
     assert bad.returncode == 1 and "no version directory" in bad.stdout and "Traceback" not in bad.stderr
+
+
+def test_ensemble_output_reused_as_step_input(repo_copy, contract):
+    def reuse(c):
+        c.ensemble_scheduling.step[1].output_map["logits"] = "logits"
+        c.ensemble_scheduling.step[2].input_map["logits"] = "logits"
+    edit(repo_copy, contract.ensemble, reuse)
+    assert any("both an ensemble output and a step input" in p for p in check_repository(repo_copy))

@@ -1,15 +1,21 @@
 """Triton Python-backend model: logits -> top-k probabilities and class names.
 
 Copied into the repository as `<name>_postprocess/<version>/model.py` with
-`labels.txt` beside it. k is the length of the output tensors in the config.
-All requests of a dynamic batch are computed in one vectorized pass.
+`labels.txt` beside it. Outputs, in config order: scores, classes, labels
+(k is their length in the config) and, when configured, the logits passed
+through for the ensemble. All requests of a dynamic batch are computed in one
+vectorized pass.
 """
 
 import json
 import os
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+
+try:
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # outside tritonserver: `top_k` is also the clients' local postprocessing
+    pb_utils = None
 
 
 def top_k(logits, k):
@@ -39,9 +45,10 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.input_name = config["input"][0]["name"]
-        outputs = {o["name"]: o for o in config["output"]}
-        self.scores_name, self.classes_name, self.labels_name = (o["name"] for o in config["output"])
-        self.k = int(outputs[self.scores_name]["dims"][0])
+        names = [o["name"] for o in config["output"]]
+        self.scores_name, self.classes_name, self.labels_name = names[:3]
+        self.logits_name = names[3] if len(names) > 3 else None
+        self.k = int(config["output"][0]["dims"][0])
         here = os.path.dirname(os.path.abspath(__file__))
         with open(os.path.join(here, "labels.txt"), encoding="utf-8") as f:
             self.labels = np.array([line.rstrip("\n").encode("utf-8") for line in f], dtype=object)
@@ -53,10 +60,11 @@ class TritonPythonModel:
         for array in arrays:
             end = start + len(array)
             idx = indices[start:end]
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor(self.scores_name, scores[start:end]),
-                pb_utils.Tensor(self.classes_name, idx),
-                pb_utils.Tensor(self.labels_name, self.labels[idx]),
-            ]))
+            tensors = [pb_utils.Tensor(self.scores_name, scores[start:end]),
+                       pb_utils.Tensor(self.classes_name, idx),
+                       pb_utils.Tensor(self.labels_name, self.labels[idx])]
+            if self.logits_name:
+                tensors.append(pb_utils.Tensor(self.logits_name, array))
+            responses.append(pb_utils.InferenceResponse(tensors))
             start = end
         return responses

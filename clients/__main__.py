@@ -1,0 +1,125 @@
+"""`python -m clients`: classify images against a running Triton server.
+
+  python -m clients classify --url localhost:8001 --protocol grpc [--top-k 5] [--json] PATH...
+
+PATHs are image files or folders (searched recursively). Prints a table, or
+JSON lines with --json; exits 1 when any image failed, listing the failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+PROGRESS_FROM = 50  # images; below this a progress bar is noise
+
+
+def collect(paths: List[str]) -> List[Path]:
+    """Expands folders into the image files under them (sorted); files are kept as given."""
+    files: List[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)  # a missing file is reported as that image's failure
+    return files
+
+
+def _header(text: str):
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:VALUE")
+    return name.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m clients", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("classify", help="classify image files and folders")
+    c.add_argument("paths", nargs="+", metavar="PATH")
+    c.add_argument("--url", default=None, help="host:port (default localhost:8001 for grpc, :8000 for http)")
+    c.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    c.add_argument("--model", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    c.add_argument("--model-version", default="", help="pin a model version")
+    c.add_argument("--mode", choices=("ensemble", "classifier"), default="ensemble",
+                   help="classifier: preprocess here and call the bare classifier")
+    c.add_argument("--top-k", type=int, default=5)
+    c.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    c.add_argument("--max-batch", type=int, default=8, help="images per request")
+    c.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    c.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    c.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
+    c.add_argument("--wait", type=float, default=0.0, help="first wait up to this many seconds for readiness")
+    c.add_argument("--shared-memory", choices=("none", "system", "cuda"), default="none")
+    c.add_argument("--ssl", action="store_true")
+    c.add_argument("--root-certificates", default=None)
+    c.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
+                   help="extra request header, e.g. 'authorization: Bearer TOKEN'")
+    return parser
+
+
+def _row(result, top_k: int) -> str:
+    if not result.ok:
+        return f"{result.source}\tERROR\t{result.error}"
+    best = "\t".join(f"{p.label} ({p.score:.3f})" for p in result.predictions[:top_k])
+    return f"{result.source}\t{best}"
+
+
+def _classify(args) -> int:
+    from clients.api import Classifier, ClientSettings
+    from clients.errors import ClientError
+
+    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    files = collect(args.paths)
+    if not files:
+        print("error: no image files found under " + ", ".join(args.paths), file=sys.stderr)
+        return 1
+    try:
+        settings = ClientSettings(
+            url=url, protocol=args.protocol, model=args.model, model_version=args.model_version, mode=args.mode,
+            timeout_s=args.timeout, retries=args.retries, max_batch=args.max_batch, concurrency=args.concurrency,
+            ssl=args.ssl, root_certificates=args.root_certificates, headers=tuple(args.header),
+            shared_memory=args.shared_memory)
+        from tqdm import tqdm
+
+        with Classifier(settings) as client, tqdm(total=len(files), unit="img", file=sys.stderr,
+                                                  disable=len(files) < PROGRESS_FROM) as bar:
+            if args.wait:
+                client.wait_until_ready(args.wait)
+            results = client.classify([str(f) for f in files], top_k=args.top_k, progress=bar.update)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        if args.json:
+            print(json.dumps({"source": result.source, "error": result.error,
+                              "predictions": [{"index": p.index, "label": p.label, "score": round(p.score, 6)}
+                                              for p in result.predictions]}))
+        else:
+            print(_row(result, args.top_k))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print(f"{len(failed)} of {len(results)} images failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.source}: {r.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the CLI."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _classify(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
