@@ -41,7 +41,8 @@ def package_versions(*names: str) -> Dict[str, Optional[str]]:
 def file_hashes(root: Path) -> Dict[str, str]:
     """sha256 of every file under `root` but the manifest, keyed by relative path."""
     hashes = {}
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in Path(root).rglob("*")
+                       if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts):
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -107,6 +107,7 @@ def server_env(extra_lib_dirs: Sequence[str] = ()) -> dict:
     env["LD_LIBRARY_PATH"] = os.pathsep.join([str(libs), *extra_lib_dirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("PYTHONPATH", None)  # the stub ignores it; keep the two environments identical
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # serving must not write __pycache__ into the repository
     return env
 
 

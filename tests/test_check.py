@@ -57,7 +57,7 @@ def test_dtype_and_shape_mismatch(repo_copy, contract):
         c.output[0].dims[0] = 10
     edit(repo_copy, contract.postprocess, fp16)
     problems = check_repository(repo_copy)
-    assert any("'logits' is TYPE_FP32 but TYPE_FP16 is expected" in p for p in problems)
+    assert any("'classifier_logits' is TYPE_FP32 but TYPE_FP16 is expected" in p for p in problems)
     assert any("'scores' has dims [10] but [5] are expected" in p for p in problems)
 
 
