@@ -2,6 +2,7 @@
 
 Subcommands:
   repo    export a timm Swin and write a complete model repository
+  export  export and validate the ONNX file alone (plus reference data for plans)
   check   report what tritonserver would reject in a repository
   serve   run the local tritonserver (pip-distributed, no Docker)
   stop    stop a server started with `serve --detach`
@@ -78,6 +79,25 @@ def _cmd_repo(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from builder import settings as s
+    from builder.export import export_onnx, reference_data, validate_onnx
+    from builder.model import load_model
+    from builder.contract import Contract
+
+    source = s.ModelSource(args.model or s.DEFAULT_MODEL, args.pretrained, args.checkpoint, args.model_kwargs, args.seed)
+    model = load_model(source)
+    _, height, width = model.data_config["input_size"]
+    contract = Contract(source.model_name, (int(height), int(width)), model.num_classes)
+    path = export_onnx(model, contract, Path(args.output), args.opset)
+    validate_onnx(path, model, contract, s.Parity(args.max_abs, args.min_cosine))
+    if args.reference or args.calibration:
+        reference_data(model, contract, args.images, args.reference_batch, args.reference, args.calibration)
+    return 0
+
+
 def _cmd_check(args) -> int:
     from builder.check import check_repository
 
@@ -140,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_repo(sub)
+    e = sub.add_parser("export", help="export and validate model.onnx alone")
+    e.add_argument("--model", default=None)
+    w = e.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true")
+    w.add_argument("--checkpoint", default=None)
+    e.add_argument("--model-kwargs", default="{}")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--output", default="build/model.onnx")
+    e.add_argument("--max-abs", type=float, default=1e-3)
+    e.add_argument("--min-cosine", type=float, default=0.9999)
+    e.add_argument("--reference", default=None, help="write inputs + PyTorch logits (.npz) for plan validation")
+    e.add_argument("--calibration", default=None, help="write preprocessed images (.npy) for INT8 calibration")
+    e.add_argument("--images", default=None, help="folder of images for --reference/--calibration")
+    e.add_argument("--reference-batch", type=int, default=64)
     c = sub.add_parser("check", help="check a model repository")
     c.add_argument("repository", nargs="?", default="model_repository")
     s = sub.add_parser("serve", help="run the local tritonserver on a repository")
@@ -153,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
+COMMANDS = {"export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -98,3 +98,41 @@ def validate_onnx(path: Path, model: LoadedModel, contract: Contract, parity: Pa
         raise BuilderError("ONNX export fails parity with PyTorch: " + "; ".join(problems)
                            + "; the previous repository is left in place")
     return figures
+
+
+def reference_data(model: LoadedModel, contract: Contract, images_dir, count: int,
+                   reference_path=None, calibration_path=None) -> None:
+    """Writes reference inputs/logits (.npz) and calibration images (.npy) for plan builds.
+
+    Inputs are real images from `images_dir` through the serving preprocessing
+    (cycled with horizontal flips to reach `count`), or seeded noise when no
+    folder is given.
+    """
+    import torch
+
+    from builder.triton_models.imaging import PreprocessParams, preprocess
+
+    params = PreprocessParams.from_timm(model.data_config)
+    tensors = []
+    if images_dir:
+        files = sorted(p for p in Path(images_dir).rglob("*") if p.is_file())
+        for path in files:
+            try:
+                tensors.append(preprocess(path.read_bytes(), params))
+            except ValueError:
+                log.warning("skipping %s: not an image", path)
+    if tensors:
+        base = np.stack(tensors)
+        flipped = base[..., ::-1]
+        pool = np.concatenate([base, flipped])
+        inputs = np.ascontiguousarray(np.resize(pool, (count, *pool.shape[1:])).astype(np.float32))
+    else:
+        inputs = np.random.default_rng(0).standard_normal((count, *contract.pixels.dims), dtype=np.float32)
+    if calibration_path:
+        np.save(calibration_path, inputs)
+    if reference_path:
+        with torch.no_grad():
+            logits = np.concatenate([model.module(torch.from_numpy(inputs[i:i + 32])).numpy()
+                                     for i in range(0, len(inputs), 32)])
+        np.savez(reference_path, inputs=inputs, logits=logits)
+    log.info("wrote reference data for %d inputs", len(inputs))

@@ -1,0 +1,101 @@
+"""Bare-engine benchmark: the classifier run directly, no server.
+
+Engines: `torch` (eager FP32, eager FP16, optionally torch.compile) on the
+timm model, `onnxruntime` on the exported ONNX, `tensorrt` on a plan (through
+`builder.trt`). Warm-up is separate from measurement; GPU work is timed with
+synchronization around each measured window. Results are flat JSON rows with
+units in the keys, the reference for "serving efficiency" (served throughput /
+bare throughput at the same batch) in `perf report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+log = logging.getLogger("perf")
+
+
+def _row(engine: str, variant: str, batch: int, seconds: Sequence[float]) -> Dict:
+    ms = np.array(seconds) * 1000.0
+    return {"engine": engine, "variant": variant, "batch_size": batch,
+            "latency_mean_ms": float(ms.mean()), "latency_p50_ms": float(np.percentile(ms, 50)),
+            "latency_p99_ms": float(np.percentile(ms, 99)),
+            "throughput_img_per_s": float(batch * 1000.0 / ms.mean()), "iterations": len(ms)}
+
+
+def bench_torch(model_name: str, model_kwargs: Dict, batches: Sequence[int], device: str, warmup: int,
+                iterations: int, compile_model: bool = False) -> List[Dict]:
+    """Eager FP32 and FP16 (autocast-free .half()) and optionally torch.compile FP16."""
+    import timm
+    import torch
+
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs).eval().to(device)
+    shape = timm.data.resolve_data_config({}, model=model)["input_size"]
+    variants = [("eager_fp32", model, torch.float32)]
+    if device.startswith("cuda"):
+        half = timm.create_model(model_name, pretrained=False, **model_kwargs).eval().to(device).half()
+        variants.append(("eager_fp16", half, torch.float16))
+        if compile_model:
+            variants.append(("compile_fp16", torch.compile(half, mode="max-autotune-no-cudagraphs"), torch.float16))
+    rows = []
+    for name, module, dtype in variants:
+        for batch in batches:
+            x = torch.randn(batch, *shape, device=device, dtype=dtype)
+            with torch.inference_mode():
+                for _ in range(warmup):
+                    module(x)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                samples = []
+                for _ in range(iterations):
+                    start = time.perf_counter()
+                    module(x)
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    samples.append(time.perf_counter() - start)
+            rows.append(_row("torch", name, batch, samples))
+            log.info("%s", json.dumps(rows[-1]))
+    return rows
+
+
+def bench_onnxruntime(onnx_path: str, batches: Sequence[int], warmup: int, iterations: int,
+                      threads: int = 0) -> List[Dict]:
+    """ONNX Runtime (CUDA provider when present, else CPU) on the exported model."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(onnx_path, options, providers=providers)
+    inp = session.get_inputs()[0]
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
+        for _ in range(warmup):
+            session.run(None, {inp.name: x})
+        samples = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            session.run(None, {inp.name: x})
+            samples.append(time.perf_counter() - start)
+        rows.append(_row("onnxruntime", session.get_providers()[0], batch, samples))
+        log.info("%s", json.dumps(rows[-1]))
+    return rows
+
+
+def bench_tensorrt(plan: str, batches: Sequence[int], warmup: int, iterations: int) -> List[Dict]:
+    """A TensorRT plan timed with CUDA events (input resident on the GPU)."""
+    from builder.trt import PlanRunner
+
+    runner = PlanRunner(plan)
+    rows = []
+    for batch in batches:
+        timing = runner.time(batch, warmup=warmup, iterations=iterations)
+        rows.append({"engine": "tensorrt", "variant": plan, "tensorrt_version": runner.trt.__version__, **timing})
+        log.info("%s", json.dumps(rows[-1]))
+    return rows

@@ -1,0 +1,66 @@
+"""What a result was measured on: CPU, GPU, versions, command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Dict, Optional
+
+
+def gpu() -> Dict[str, str]:
+    """GPU name, driver and memory from nvidia-smi ({} without a GPU)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        name, driver, memory, cap = (v.strip() for v in out.stdout.strip().splitlines()[0].split(","))
+        return {"gpu": name, "gpu_driver": driver, "gpu_memory": memory, "gpu_compute_capability": cap}
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+        return {}
+
+
+def cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def versions(*names: str) -> Dict[str, Optional[str]]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def describe(extra: Optional[Dict] = None) -> Dict:
+    """A flat description of this machine and run."""
+    return {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "cpu": cpu(),
+        "cpu_count": os.cpu_count(),
+        **gpu(),
+        "python": platform.python_version(),
+        "versions": versions("torch", "timm", "onnxruntime", "tensorrt", "tritonclient", "numpy"),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "perf", *sys.argv[1:]]),
+        **(extra or {}),
+    }
+
+
+def write_json(path: str, payload: Dict) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
