@@ -384,7 +384,14 @@ def inspect_plan(plan: str) -> Dict:
     engine = _load_engine(plan)
     if not hasattr(engine, "create_engine_inspector"):
         return {}
-    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    inspector = engine.create_engine_inspector()
+    if hasattr(engine, "get_tensor_name") and hasattr(inspector, "execution_context"):
+        # With dynamic shapes the inspector reports formats only for a context with shapes set.
+        context = engine.create_execution_context()
+        name = engine.get_tensor_name(0)
+        context.set_input_shape(name, tuple(engine.get_tensor_profile_shape(name, 0)[1]))
+        inspector.execution_context = context
+    info = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     with open(plan + ".layers.json", "w") as f:
         f.write(info)
     precisions: Dict[str, int] = {}
