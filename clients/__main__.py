@@ -11,23 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 PROGRESS_FROM = 50  # images; below this a progress bar is noise
-
-
-def collect(paths: List[str]) -> List[Path]:
-    """Expands folders into the image files under them (sorted); files are kept as given."""
-    files: List[Path] = []
-    for text in paths:
-        path = Path(text)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(path)  # a missing file is reported as that image's failure
-    return files
 
 
 def _header(text: str):
@@ -72,11 +58,11 @@ def _row(result, top_k: int) -> str:
 
 
 def _classify(args) -> int:
-    from clients.api import Classifier, ClientSettings
+    from clients.api import Classifier, ClientSettings, collect_images
     from clients.errors import ClientError
 
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
-    files = collect(args.paths)
+    files = collect_images(args.paths)
     if not files:
         print("error: no image files found under " + ", ".join(args.paths), file=sys.stderr)
         return 1

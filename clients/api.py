@@ -172,6 +172,21 @@ class Classification:
 
 # -- inputs --------------------------------------------------------------------
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def collect_images(paths: Sequence[Union[str, os.PathLike]]) -> List[Path]:
+    """Expands folders into the image files under them (by suffix, sorted); files are kept as given."""
+    files: List[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)  # a missing file is reported as that image's failure
+    return files
+
+
 def load_image(item: ImageLike, position: int) -> Tuple[str, bytes]:
     """Turns one input into (source name, encoded bytes).
 

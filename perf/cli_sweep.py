@@ -2,7 +2,117 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
+RESULTS = Path("perf/results")
+
+
+def _sweep_settings(args):
+    from perf.sweep import SweepSettings
+
+    from clients.api import collect_images
+
+    images = [str(p) for p in collect_images(args.images)]
+    return SweepSettings(
+        name=args.name, http_url=args.http_url, grpc_url=args.grpc_url, models=tuple(args.models),
+        concurrency=tuple(args.concurrency), batch_sizes=tuple(args.batch_sizes), protocols=tuple(args.protocols),
+        shared_memory=tuple(args.shared_memory), images=tuple(images),
+        measurement_interval_ms=args.measurement_interval_ms, stability_percent=args.stability_percent,
+        max_trials=args.max_trials)
+
+
+def _cmd_sweep(args) -> int:
+    from perf.environment import write_json
+    from perf.sweep import run_sweep, sweep_payload
+
+    settings = _sweep_settings(args)
+    rows = run_sweep(settings)
+    output = args.output or str(RESULTS / f"local-sweep-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    print(write_json(output, sweep_payload(settings, rows, {"label": args.label})))
+    failed = [r for r in rows if "error" in r]
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
+def _cmd_report(args) -> int:
+    from perf import report
+
+    results = report.load(args.results)
+    bare = report.load(args.bare) if args.bare else None
+    out_dir = Path(args.output or Path(args.results).with_suffix(""))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = report.markdown(results, bare)
+    paths = report.plot(results, out_dir)
+    text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n"
+    (out_dir / "report.md").write_text(text)
+    print(text)
+    print(f"wrote {out_dir / 'report.md'} and {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from perf import report
+
+    print(report.compare(report.load(args.baseline), report.load(args.candidate)))
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from perf.environment import describe, write_json
+    from perf.tune import candidates, tune
+
+    settings = _sweep_settings(args)
+    grid = candidates(args.instance_counts, args.queue_delays_us,
+                      [tuple(int(b) for b in s.split("/") if b) for s in args.preferred], args.max_batch_sizes)
+    model = args.model or f"{args.name}_classifier"
+    result = tune(args.repository, settings, model, grid, args.p99_budget_ms, write=args.write)
+    output = args.output or str(RESULTS / f"local-tune-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    write_json(output, {"kind": "tune", "environment": describe(), **result})
+    print(json.dumps(result["best"]))
+    print(output)
+    return 0 if result["best"] else 1
+
+
+def _common(p, ints, words) -> None:
+    p.add_argument("--name", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    p.add_argument("--http-url", default="localhost:8000")
+    p.add_argument("--grpc-url", default="localhost:8001")
+    p.add_argument("--models", type=words, default=["ensemble"], help="ensemble,classifier")
+    p.add_argument("--concurrency", type=ints, default=[1, 4, 16])
+    p.add_argument("--batch-sizes", type=ints, default=[1])
+    p.add_argument("--protocols", type=words, default=["grpc"], help="grpc,http")
+    p.add_argument("--shared-memory", type=words, default=["none"], help="none,system,cuda")
+    p.add_argument("--images", type=words, default=[], help="image files or folders (ensemble input data)")
+    p.add_argument("--measurement-interval-ms", type=int, default=3000)
+    p.add_argument("--stability-percent", type=int, default=10)
+    p.add_argument("--max-trials", type=int, default=10)
+    p.add_argument("--output", default=None)
+
 
 def add_commands(sub, ints, words) -> None:
-    """Registers the server-facing subcommands."""
-    return None
+    """Registers sweep, report, compare and tune."""
+    s = sub.add_parser("sweep", help="perf_analyzer over a grid")
+    _common(s, ints, words)
+    s.add_argument("--label", default="", help="free text stored with the results")
+    s.set_defaults(func=_cmd_sweep)
+    r = sub.add_parser("report", help="markdown table + PNG plots of a sweep")
+    r.add_argument("results")
+    r.add_argument("--bare", default=None, help="bare-engine results for serving efficiency")
+    r.add_argument("--output", default=None, help="folder for report.md and the PNGs")
+    r.set_defaults(func=_cmd_report)
+    c = sub.add_parser("compare", help="ratios between two sweeps")
+    c.add_argument("baseline")
+    c.add_argument("candidate")
+    c.set_defaults(func=_cmd_compare)
+    t = sub.add_parser("tune", help="search batching/instances by live reloads (server in explicit mode)")
+    _common(t, ints, words)
+    t.add_argument("--repository", default="model_repository")
+    t.add_argument("--model", default=None, help="model to tune (default <name>_classifier)")
+    t.add_argument("--instance-counts", type=ints, default=[1, 2])
+    t.add_argument("--queue-delays-us", type=ints, default=[100, 1000])
+    t.add_argument("--preferred", type=words, default=[""], help="preferred batch sets, e.g. 4/8,8/16")
+    t.add_argument("--max-batch-sizes", type=ints, default=[32])
+    t.add_argument("--p99-budget-ms", type=float, default=100.0)
+    t.add_argument("--write", action="store_true", help="write the winner into the repository config")
+    t.set_defaults(func=_cmd_tune)

@@ -1,0 +1,142 @@
+"""Markdown tables and PNG plots of sweep results, and comparisons between runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from builder.errors import BuilderError
+
+BREAKDOWN = [("client_send_us", "client send"), ("network_server_us", "network + server I/O"),
+             ("server_queue_us", "queue"), ("server_compute_input_us", "compute input"),
+             ("server_compute_infer_us", "compute infer"), ("server_compute_output_us", "compute output"),
+             ("client_recv_us", "client recv")]
+
+
+def load(path: str) -> Dict:
+    """Reads a results JSON written by `perf sweep` or `perf bare`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BuilderError(f"{path}: cannot read results ({exc})") from None
+
+
+def config_key(row: Dict) -> Tuple[str, str, str, int]:
+    return (row["model"], row["protocol"], row["shared_memory"], row["batch_size"])
+
+
+def _label(key) -> str:
+    model, protocol, shm, batch = key
+    return f"{model} {protocol} shm={shm} b={batch}"
+
+
+def efficiency(row: Dict, bare: Optional[Dict]) -> Optional[float]:
+    """Served throughput / bare throughput at the same batch (nearest bare batch not above it)."""
+    if not bare or "throughput_img_per_s" not in row:
+        return None
+    rows = [r for r in bare["results"] if r["batch_size"] <= row["batch_size"]] or bare["results"]
+    best = max(rows, key=lambda r: r["batch_size"])
+    return row["throughput_img_per_s"] / best["throughput_img_per_s"]
+
+
+def markdown(results: Dict, bare: Optional[Dict] = None) -> str:
+    """A markdown table of every row, with the environment on top."""
+    env = results.get("environment", {})
+    lines = [f"# Sweep: {env.get('time_utc', '')}", "",
+             f"- CPU: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores); GPU: {env.get('gpu', 'none')}",
+             f"- versions: {json.dumps(env.get('versions', {}))}",
+             f"- command: `{env.get('command', '')}`", ""]
+    header = "| model | protocol | shm | batch | concurrency | img/s | p50 ms | p99 ms | queue ms | infer ms |"
+    if bare:
+        header += " efficiency |"
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in results["results"]:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['protocol']} | {row['shared_memory']} | {row['batch_size']} | "
+                         f"{row['concurrency']} | failed: {row['error'][:60]} |")
+            continue
+        cells = [row["model"], row["protocol"], row["shared_memory"], row["batch_size"], row["concurrency"],
+                 f"{row['throughput_img_per_s']:.1f}", f"{row['latency_p50_us'] / 1000:.2f}",
+                 f"{row['latency_p99_us'] / 1000:.2f}", f"{row.get('server_queue_us', 0) / 1000:.2f}",
+                 f"{row.get('server_compute_infer_us', 0) / 1000:.2f}"]
+        if bare:
+            eff = efficiency(row, bare)
+            cells.append(f"{eff:.1%}" if eff is not None else "")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Dict, out_dir: Path) -> List[Path]:
+    """Writes throughput-vs-latency and latency-breakdown PNGs; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["results"] if "error" not in r]
+    if not rows:
+        raise BuilderError("no successful rows to plot")
+    groups: Dict[Tuple, List[Dict]] = {}
+    for row in rows:
+        groups.setdefault(config_key(row), []).append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for key, group in sorted(groups.items()):
+        group = sorted(group, key=lambda r: r["concurrency"])
+        for ax, metric in zip(axes, ("latency_p50_us", "latency_p99_us")):
+            ax.plot([r[metric] / 1000 for r in group], [r["throughput_img_per_s"] for r in group], marker="o",
+                    label=_label(key))
+            for r in group:
+                ax.annotate(str(r["concurrency"]), (r[metric] / 1000, r["throughput_img_per_s"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, name in zip(axes, ("p50", "p99")):
+        ax.set_xlabel(f"{name} latency (ms)")
+        ax.set_ylabel("throughput (img/s)")
+        ax.set_title(f"throughput vs {name} latency (labels: concurrency)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths.append(out_dir / "throughput_latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # Latency breakdown at each configuration's highest concurrency.
+    top = [max(group, key=lambda r: r["concurrency"]) for _, group in sorted(groups.items())]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(top) + 3), 5))
+    bottoms = [0.0] * len(top)
+    names = [f"{_label(config_key(r))}\nc={r['concurrency']}" for r in top]
+    for key, label in BREAKDOWN:
+        values = [r.get(key, 0.0) / 1000 for r in top]
+        ax.bar(names, values, bottom=bottoms, label=label)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    ax.set_ylabel("average latency (ms)")
+    ax.set_title("latency breakdown (perf_analyzer) at the highest concurrency")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), fontsize=7, rotation=20, ha="right")
+    fig.tight_layout()
+    paths.append(out_dir / "latency_breakdown.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def compare(baseline: Dict, candidate: Dict) -> str:
+    """Markdown table of candidate/baseline ratios for configurations present in both."""
+    def index(doc):
+        return {(*config_key(r), r["concurrency"]): r for r in doc["results"] if "error" not in r}
+
+    base, cand = index(baseline), index(candidate)
+    common = sorted(set(base) & set(cand))
+    if not common:
+        raise BuilderError("the two runs share no configuration (model, protocol, shm, batch, concurrency)")
+    lines = ["| model | protocol | shm | batch | concurrency | img/s base | img/s new | ratio | p99 ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in common:
+        b, c = base[key], cand[key]
+        lines.append(f"| {' | '.join(str(k) for k in key)} | {b['throughput_img_per_s']:.1f} | "
+                     f"{c['throughput_img_per_s']:.1f} | {c['throughput_img_per_s'] / b['throughput_img_per_s']:.2f}x | "
+                     f"{c['latency_p99_us'] / b['latency_p99_us']:.2f}x |")
+    return "\n".join(lines) + "\n"

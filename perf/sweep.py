@@ -1,0 +1,206 @@
+"""perf_analyzer sweeps over models, concurrency, batch size, protocol and shared memory.
+
+perf_analyzer 2.51 comes from the `tritonclient[all]==2.51.0` wheel (it needs
+Debian's libb64-0d and libcudart.so.12 from `nvidia-cuda-runtime-cu12`, found
+here and put on LD_LIBRARY_PATH); in NVIDIA's SDK container the system one is
+used. Each configuration is one perf_analyzer run with a fixed concurrency,
+stability settings and its CSV (`--verbose-csv`) parsed into a flat row with
+units in the keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import itertools
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from builder import contract as C
+from builder.errors import BuilderError
+
+log = logging.getLogger("perf")
+CSV_FIELDS = {  # perf_analyzer CSV column -> our key (all latencies in microseconds)
+    "Inferences/Second": "throughput_infer_per_s",
+    "Client Send": "client_send_us",
+    "Network+Server Send/Recv": "network_server_us",
+    "Server Queue": "server_queue_us",
+    "Server Compute Input": "server_compute_input_us",
+    "Server Compute Infer": "server_compute_infer_us",
+    "Server Compute Output": "server_compute_output_us",
+    "Client Recv": "client_recv_us",
+    "p50 latency": "latency_p50_us",
+    "p90 latency": "latency_p90_us",
+    "p95 latency": "latency_p95_us",
+    "p99 latency": "latency_p99_us",
+    "Avg latency": "latency_avg_us",
+}
+
+
+def perf_analyzer_path() -> str:
+    """The perf_analyzer binary: the venv's (tritonclient wheel) first, else PATH (SDK container)."""
+    local = Path(sys.executable).parent / "perf_analyzer"
+    found = str(local) if local.is_file() else shutil.which("perf_analyzer")
+    if not found:
+        raise BuilderError("perf_analyzer not found; run `make venv` (tritonclient[all]==2.51.0 ships it) "
+                           "or use NVIDIA's tritonserver SDK container")
+    return found
+
+
+def perf_analyzer_env() -> Dict[str, str]:
+    """Environment with libcudart.so.12 (pip nvidia-cuda-runtime-cu12) on LD_LIBRARY_PATH."""
+    env = dict(os.environ)
+    try:
+        import nvidia.cuda_runtime
+
+        libdir = str(Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    except ImportError:
+        pass  # the SDK container has CUDA in the default library path
+    return env
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """One sweep's grid and measurement settings.
+
+    Attributes:
+        name: Ensemble name (the classifier is `<name>_classifier`).
+        http_url, grpc_url: Server addresses (host:port).
+        models: `ensemble` and/or `classifier`.
+        concurrency: Requests in flight to try.
+        batch_sizes: Client batch sizes to try.
+        protocols: `grpc` and/or `http`.
+        shared_memory: `none`, `system` and/or `cuda`.
+        images: Image files sent to the ensemble (real data; required for it).
+        measurement_interval_ms: perf_analyzer window.
+        stability_percent: Allowed variation between windows.
+        max_trials: Windows tried before giving up on stability.
+    """
+
+    name: str
+    http_url: str = "localhost:8000"
+    grpc_url: str = "localhost:8001"
+    models: Tuple[str, ...] = ("ensemble",)
+    concurrency: Tuple[int, ...] = (1, 4, 16)
+    batch_sizes: Tuple[int, ...] = (1,)
+    protocols: Tuple[str, ...] = ("grpc",)
+    shared_memory: Tuple[str, ...] = ("none",)
+    images: Tuple[str, ...] = ()
+    measurement_interval_ms: int = 3000
+    stability_percent: int = 10
+    max_trials: int = 10
+
+    def __post_init__(self) -> None:
+        def fail(field: str, problem: str, fix: str) -> None:
+            raise BuilderError(f"{field}: {problem}; {fix}")
+
+        if not set(self.models) <= {"ensemble", "classifier"} or not self.models:
+            fail("models", f"{self.models}", "use ensemble and/or classifier")
+        if not set(self.protocols) <= {"grpc", "http"} or not self.protocols:
+            fail("protocols", f"{self.protocols}", "use grpc and/or http")
+        if not set(self.shared_memory) <= {"none", "system", "cuda"} or not self.shared_memory:
+            fail("shared_memory", f"{self.shared_memory}", "use none, system and/or cuda")
+        if not self.concurrency or min(self.concurrency) < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
+            fail("concurrency", "concurrency and batch sizes must be >= 1", "e.g. --concurrency 1,4,16")
+        if "ensemble" in self.models and not self.images:
+            fail("images", "the ensemble needs real images", "pass --images with a folder of photos")
+        if self.measurement_interval_ms < 100 or self.max_trials < 1 or self.stability_percent < 1:
+            fail("measurement", "interval >= 100 ms, trials >= 1, stability >= 1%", "e.g. 3000 ms, 10, 10%")
+
+    def grid(self) -> List[Tuple[str, str, str, int, int]]:
+        """(model, protocol, shared memory, batch, concurrency) combinations, in run order."""
+        return list(itertools.product(self.models, self.protocols, self.shared_memory, self.batch_sizes,
+                                      self.concurrency))
+
+
+def write_image_data(images: Sequence[str], path: Path) -> Path:
+    """perf_analyzer --input-data JSON for the ensemble: each image a BYTES element.
+
+    perf_analyzer takes a BYTES tensor's `b64` as its serialized form: a
+    little-endian uint32 length before each element's bytes.
+    """
+    rows = []
+    for image in images:
+        data = Path(image).read_bytes()
+        rows.append({C.IMAGE: {"b64": base64.b64encode(struct.pack("<I", len(data)) + data).decode(),
+                               "shape": [1]}})
+    path.write_text(json.dumps({"data": rows}))
+    return path
+
+
+def parse_csv(path: Path) -> Dict[str, float]:
+    """The first data row of a perf_analyzer --verbose-csv file, renamed with units."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise BuilderError(f"perf_analyzer wrote no results to {path}")
+    row = rows[0]
+    return {key: float(row[column]) for column, key in CSV_FIELDS.items() if row.get(column) not in (None, "")}
+
+
+def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch: int, concurrency: int,
+            input_data: Optional[Path], csv_path: Path) -> List[str]:
+    """The perf_analyzer command line for one configuration."""
+    names = C.Contract(settings.name, (0, 0), 0)
+    target = names.ensemble if model == "ensemble" else names.classifier
+    cmd = [perf_analyzer_path(), "-m", target, "-i", protocol,
+           "-u", settings.grpc_url if protocol == "grpc" else settings.http_url,
+           "-b", str(batch), "--concurrency-range", f"{concurrency}:{concurrency}",
+           "--measurement-interval", str(settings.measurement_interval_ms),
+           "-s", str(settings.stability_percent), "-r", str(settings.max_trials),
+           "--shared-memory", shm, "-f", str(csv_path), "--verbose-csv"]
+    if shm != "none":
+        cmd += ["--output-shared-memory-size", str(max(1 << 20, batch * 64 * 1024))]
+    cmd += ["--input-data", str(input_data) if model == "ensemble" else "random"]
+    return cmd
+
+
+def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
+    """Runs every configuration of the grid; failures become rows with an `error`.
+
+    Returns:
+        One flat row per configuration.
+    """
+    rows: List[Dict] = []
+    grid = settings.grid()
+    env = perf_analyzer_env()
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        data = write_image_data(settings.images, Path(tmp) / "images.json") if "ensemble" in settings.models else None
+        for index, (model, protocol, shm, batch, concurrency) in enumerate(grid, 1):
+            csv_path = Path(tmp) / f"run{index}.csv"
+            cmd = command(settings, model, protocol, shm, batch, concurrency, data, csv_path)
+            row = {"model": model, "protocol": protocol, "shared_memory": shm, "batch_size": batch,
+                   "concurrency": concurrency, "command": " ".join(Path(cmd[0]).name if i == 0 else a
+                                                                   for i, a in enumerate(cmd))}
+            result = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                    timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000)
+            if result.returncode != 0 or not csv_path.is_file():
+                tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
+                row["error"] = " | ".join(tail) or f"exit code {result.returncode}"
+            else:
+                row.update(parse_csv(csv_path))
+                row["throughput_img_per_s"] = row["throughput_infer_per_s"]  # one inference = one image
+            rows.append(row)
+            if progress:
+                outcome = (f"{row['throughput_img_per_s']:.1f} img/s, p99 {row['latency_p99_us'] / 1000:.1f} ms"
+                           if "error" not in row else f"FAILED: {row['error'][:120]}")
+                log.info("[%d/%d] %s %s shm=%s batch=%d concurrency=%d: %s", index, len(grid), model, protocol,
+                         shm, batch, concurrency, outcome)
+    return rows
+
+
+def sweep_payload(settings: SweepSettings, rows: List[Dict], extra: Optional[Dict] = None) -> Dict:
+    """The results document: environment, settings, rows."""
+    from perf.environment import describe
+
+    return {"kind": "sweep", "environment": describe(extra), "settings": asdict(settings), "results": rows}

@@ -1,0 +1,129 @@
+"""Config tuner: live reloads with config overrides, measured by perf_analyzer.
+
+The server runs with `--model-control-mode=explicit`. Each candidate (instance
+count x max queue delay x preferred batch sizes x max_batch_size) is applied
+by loading the model again with a config override through Triton's model
+repository API: no restart, the repository files untouched. The best
+candidate by throughput whose p99 latency is within the budget wins and can be
+written back to the repository's config.pbtxt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from google.protobuf import json_format
+
+from builder import configs
+from builder.errors import BuilderError
+from perf.sweep import SweepSettings, run_sweep
+
+log = logging.getLogger("perf")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the search space."""
+
+    instance_count: int
+    max_queue_delay_us: int
+    preferred_batch_sizes: Tuple[int, ...]
+    max_batch_size: int
+
+    def apply(self, config: configs.ModelConfig) -> configs.ModelConfig:
+        """A copy of `config` with this candidate's settings."""
+        tuned = configs.ModelConfig()
+        tuned.CopyFrom(config)
+        tuned.max_batch_size = self.max_batch_size
+        for group in tuned.instance_group:
+            group.count = self.instance_count
+        tuned.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
+        del tuned.dynamic_batching.preferred_batch_size[:]
+        tuned.dynamic_batching.preferred_batch_size.extend(
+            [b for b in self.preferred_batch_sizes if b <= self.max_batch_size])
+        return tuned
+
+
+def candidates(instance_counts, queue_delays_us, preferred_sets, max_batch_sizes) -> List[Candidate]:
+    """The full grid of candidates."""
+    return [Candidate(i, d, tuple(p), m) for i, d, p, m in
+            itertools.product(instance_counts, queue_delays_us, preferred_sets, max_batch_sizes)]
+
+
+def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate], p99_budget_ms: float,
+         write: bool = False) -> Dict:
+    """Measures each candidate for `model` (a model of the repository) and picks the best.
+
+    Args:
+        repository: The repository the server was started on (the base config is read from it).
+        sweep: Where to send load and how to measure (one protocol/shm/batch/concurrency point is typical).
+        model: The model to tune, usually `<name>_classifier`.
+        grid: Candidates.
+        p99_budget_ms: Latency budget; candidates above it cannot win.
+        write: Write the winner into `<repository>/<model>/config.pbtxt`.
+
+    Returns:
+        {"best": {...} or None, "results": [...]}
+    """
+    import tritonclient.http as httpclient
+
+    path = Path(repository) / model / "config.pbtxt"
+    if not path.is_file():
+        raise BuilderError(f"{path} does not exist; tune a model of the repository the server runs on")
+    base = configs.read(path)
+    ensemble_mbs = _ensemble_max_batch(Path(repository), model)
+    client = httpclient.InferenceServerClient(sweep.http_url)
+    results = []
+    try:
+        for index, candidate in enumerate(grid, 1):
+            if candidate.max_batch_size < ensemble_mbs:
+                log.info("[%d/%d] skipping %s: below the ensemble's max_batch_size %d", index, len(grid),
+                         candidate, ensemble_mbs)
+                continue
+            override = json_format.MessageToJson(candidate.apply(base))
+            client.load_model(model, config=override)
+            rows = run_sweep(sweep, progress=False)
+            ok = [r for r in rows if "error" not in r]
+            best_row = max(ok, key=lambda r: r["throughput_img_per_s"]) if ok else None
+            entry = {**candidate.__dict__, "preferred_batch_sizes": list(candidate.preferred_batch_sizes)}
+            if best_row:
+                entry.update(throughput_img_per_s=best_row["throughput_img_per_s"],
+                             latency_p99_ms=best_row["latency_p99_us"] / 1000,
+                             within_budget=best_row["latency_p99_us"] / 1000 <= p99_budget_ms)
+            else:
+                entry.update(error=rows[0].get("error", "no result") if rows else "no result", within_budget=False)
+            results.append(entry)
+            log.info("[%d/%d] %s -> %s", index, len(grid), candidate,
+                     f"{entry.get('throughput_img_per_s', 0):.1f} img/s, p99 {entry.get('latency_p99_ms', 0):.1f} ms"
+                     if best_row else entry["error"])
+    finally:
+        client.load_model(model)  # back to the repository's own config
+    eligible = [r for r in results if r.get("within_budget")]
+    best = max(eligible, key=lambda r: r["throughput_img_per_s"]) if eligible else None
+    if best and write:
+        winner = Candidate(best["instance_count"], best["max_queue_delay_us"],
+                           tuple(best["preferred_batch_sizes"]), best["max_batch_size"])
+        _write_config(path, winner.apply(base))
+        log.info("wrote the best candidate into %s", path)
+    return {"best": best, "p99_budget_ms": p99_budget_ms, "model": model, "results": results}
+
+
+def _ensemble_max_batch(repository: Path, model: str) -> int:
+    largest = 0
+    for config_path in repository.glob("*/config.pbtxt"):
+        config = configs.read(config_path)
+        if config.platform == "ensemble" and any(s.model_name == model for s in config.ensemble_scheduling.step):
+            largest = max(largest, config.max_batch_size)
+    return largest
+
+
+def _write_config(path: Path, config: configs.ModelConfig) -> None:
+    tmp = path.with_suffix(".pbtxt.tmp")
+    tmp.write_text(configs.to_text(config), encoding="utf-8")
+    os.replace(tmp, path)  # a polling server never reads a half-written config
