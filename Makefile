@@ -51,7 +51,7 @@ repo: $(STAMP)
 	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) --flavor $(FLAVOR) \
 	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
 	  --max-queue-delay-us $(QUEUE_DELAY_US) --instance-count $(INSTANCES) --model-kwargs '$(MODEL_KWARGS)' \
-	  --output $(REPO)
+	  --output $(REPO) $(PLAN_ARGS)
 
 check: $(STAMP)
 	$(PY) -m builder check $(REPO)
@@ -67,3 +67,17 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(REPO) .server build
+
+# --- NVIDIA containers (a GPU host with Docker; release pinned in builder/settings.py) ---
+.PHONY: docker-files plan-docker serve-docker
+docker-files: $(STAMP)
+	$(PY) -m builder docker --model $(if $(NAME),$(NAME),$(MODEL)) --max-batch $(MAX_BATCH)
+
+plan-docker: docker-files
+	mkdir -p build
+	test -f $(REPO)/manifest.json || $(MAKE) repo
+	docker compose -f docker/compose.yaml run --rm plan
+	$(MAKE) repo PLAN_ARGS="--plan build/model.plan"
+
+serve-docker: docker-files
+	docker compose -f docker/compose.yaml up server

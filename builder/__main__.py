@@ -4,6 +4,7 @@ Subcommands:
   repo    export a timm Swin and write a complete model repository
   export  export and validate the ONNX file alone (plus reference data for plans)
   check   report what tritonserver would reject in a repository
+  docker  render docker/ (Dockerfiles, compose) for the pinned NGC release
   serve   run the local tritonserver (pip-distributed, no Docker)
   stop    stop a server started with `serve --detach`
 
@@ -55,6 +56,8 @@ def _add_repo(sub) -> None:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--version", type=int, default=1, help="version directory to write")
     p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
+    p.add_argument("--plan", default=None, help="serve this TensorRT plan as the classifier (container flavor)")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
     p.add_argument("--max-abs", type=float, default=1e-3, help="parity: largest allowed logit difference")
     p.add_argument("--min-cosine", type=float, default=0.9999, help="parity: smallest allowed cosine")
 
@@ -74,6 +77,7 @@ def _cmd_repo(args) -> int:
         preprocess_instances=s.InstanceGroup("KIND_CPU", args.preprocess_instances),
         parity=s.Parity(args.max_abs, args.min_cosine),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
+        plan=args.plan, cuda_graphs=args.cuda_graphs,
     )
     build_repository(settings)
     return 0
@@ -95,6 +99,16 @@ def _cmd_export(args) -> int:
     validate_onnx(path, model, contract, s.Parity(args.max_abs, args.min_cosine))
     if args.reference or args.calibration:
         reference_data(model, contract, args.images, args.reference_batch, args.reference, args.calibration)
+    return 0
+
+
+def _cmd_docker(args) -> int:
+    from pathlib import Path
+
+    from builder import docker
+
+    for path in docker.write(Path(args.output), docker.context(args.model, args.max_batch, args.precision)):
+        print(path)
     return 0
 
 
@@ -175,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration", default=None, help="write preprocessed images (.npy) for INT8 calibration")
     e.add_argument("--images", default=None, help="folder of images for --reference/--calibration")
     e.add_argument("--reference-batch", type=int, default=64)
+    d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
+    d.add_argument("--output", default="docker")
+    d.add_argument("--model", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    d.add_argument("--max-batch", type=int, default=32)
+    d.add_argument("--precision", default="fp16")
     c = sub.add_parser("check", help="check a model repository")
     c.add_argument("repository", nargs="?", default="model_repository")
     s = sub.add_parser("serve", help="run the local tritonserver on a repository")
@@ -188,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
+COMMANDS = {"docker": _cmd_docker, "export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -113,6 +113,26 @@ def onnx_classifier(
     return config
 
 
+def tensorrt_classifier(
+    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy,
+    cuda_graphs: bool = False,
+) -> mc.ModelConfig:
+    """The classifier as a TensorRT plan on Triton's native tensorrt backend."""
+    config = _base(contract.classifier, batching, policy)
+    config.platform = "tensorrt_plan"
+    config.backend = "tensorrt"
+    _add_io(config, [contract.pixels], [contract.logits])
+    _dynamic_batching(config, batching)
+    _instances(config, instances)
+    if cuda_graphs:
+        config.optimization.cuda.graphs = True
+        # One graph per preferred batch size (or the largest batch) keeps capture memory bounded.
+        for size in batching.preferred_batch_sizes or (batching.max_batch_size,):
+            spec = config.optimization.cuda.graph_spec.add()
+            spec.batch_size = size
+    return config
+
+
 def local_classifier(
     contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy
 ) -> mc.ModelConfig:

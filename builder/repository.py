@@ -86,6 +86,14 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     if settings.flavor == "local":
         _copy_python_model("onnx_classifier.py", cls_dir / version)
         cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
+    elif settings.plan:
+        # model.onnx stays beside the plan: it is what the plan is rebuilt from in the TensorRT container.
+        shutil.copy2(settings.plan, cls_dir / version / "model.plan")
+        sidecar = Path(settings.plan).with_name("plan.json")
+        if sidecar.is_file():
+            shutil.copy2(sidecar, cls_dir / version / "plan.json")
+        cls_config = configs.tensorrt_classifier(contract, batching, settings.classifier_instances, policy,
+                                                 settings.cuda_graphs)
     else:
         cls_config = configs.onnx_classifier(contract, batching, settings.classifier_instances, policy)
 
