@@ -17,6 +17,8 @@ QUEUE_DELAY_US ?= 100
 INSTANCES ?= 1
 MODEL_KWARGS ?= {}
 REPO ?= model_repository
+VERSION_POLICY ?= latest
+ADD_VERSION ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
@@ -51,7 +53,7 @@ repo: $(STAMP)
 	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) --flavor $(FLAVOR) \
 	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
 	  --max-queue-delay-us $(QUEUE_DELAY_US) --instance-count $(INSTANCES) --model-kwargs '$(MODEL_KWARGS)' \
-	  --output $(REPO) $(PLAN_ARGS)
+	  --version-policy $(VERSION_POLICY) $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
 
 check: $(STAMP)
 	$(PY) -m builder check $(REPO)

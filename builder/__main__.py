@@ -55,6 +55,8 @@ def _add_repo(sub) -> None:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--version", type=int, default=1, help="version directory to write")
+    p.add_argument("--add-version", action="store_true",
+                   help="add the next version beside the served one(s) instead of replacing the repository")
     p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
     p.add_argument("--plan", default=None, help="serve this TensorRT plan as the classifier (container flavor)")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
@@ -79,7 +81,7 @@ def _cmd_repo(args) -> int:
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
         plan=args.plan, cuda_graphs=args.cuda_graphs,
     )
-    build_repository(settings)
+    build_repository(settings, add_version=args.add_version)
     return 0
 
 

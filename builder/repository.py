@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -138,7 +139,23 @@ def swap_into_place(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def build_repository(settings: RepoSettings) -> Path:
+def _version_entry(settings: RepoSettings, model, parity: Dict[str, float]) -> Dict:
+    return {"version": settings.version, "created_unix_s": int(time.time()), "weights": model.weights,
+            "timm_name": settings.source.model_name, "flavor": settings.flavor, "plan": bool(settings.plan),
+            "parity": parity}
+
+
+def _existing_versions(model_dir: Path) -> list:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()) if model_dir.is_dir() else []
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of either
+
+
+def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
     """Exports, validates and writes a complete model repository.
 
     The repository is built in a staging folder beside `settings.output`,
@@ -161,6 +178,15 @@ def build_repository(settings: RepoSettings) -> Path:
     from builder.triton_models.imaging import PreprocessParams
 
     output = Path(settings.output).resolve()
+    previous = None
+    if add_version:
+        previous = read_manifest(output)
+        if previous["contract"]["ensemble"] != settings.model_name:
+            raise BuilderError(f"name: the repository serves {previous['contract']['ensemble']!r}, not "
+                               f"{settings.model_name!r}; add versions of the same ensemble")
+        existing = _existing_versions(output / f"{settings.model_name}_classifier")
+        settings = dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
+        log.info("adding version %d to %s", settings.version, output)
     started = time.perf_counter()
     log.info("[1/5] loading %s", settings.source.model_name)
     model = load_model(settings.source)
@@ -180,18 +206,37 @@ def build_repository(settings: RepoSettings) -> Path:
         parity = validate_onnx(onnx_file, model, contract, settings.parity)
         log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
         write_models(staging, settings, contract, onnx_file, params.to_parameters(), model.class_names)
-        write_manifest(staging, settings, contract, model, params.to_parameters(), parity)
+        versions = (previous or {}).get("model_versions", []) + [_version_entry(settings, model, parity)]
+        write_manifest(staging, settings, contract, model, params.to_parameters(), parity, versions)
         log.info("[5/5] checking the repository")
         problems = check_repository(staging)
         if problems:
             raise BuilderError("the built repository fails its check: " + "; ".join(problems))
-        swap_into_place(staging, output)
+        if add_version:
+            _move_version_in(staging, output, contract, settings.version)
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            swap_into_place(staging, output)
     log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
     return output
 
 
+def _move_version_in(staging: Path, output: Path, contract: Contract, version: int) -> None:
+    """Moves the new version directories into the live repository, then configs and manifest."""
+    for name in (contract.preprocess, contract.classifier, contract.postprocess):
+        target = output / name / str(version)
+        if target.exists():
+            raise BuilderError(f"{target} already exists; remove it or pick another version")
+        os.rename(staging / name / str(version), target)  # atomic: a poller sees all of it or nothing
+    for name in contract.model_names:
+        _replace_text(output / name / "config.pbtxt", (staging / name / "config.pbtxt").read_text(encoding="utf-8"))
+    manifest = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
+    manifest["files"] = file_hashes(output)
+    _replace_text(output / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
 def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model, preprocess: Dict[str, str],
-                   parity: Dict[str, float]) -> Path:
+                   parity: Dict[str, float], versions: Optional[list] = None) -> Path:
     """Writes manifest.json: versions, model, weights, contract, parity and file hashes."""
     manifest = {
         "created_unix_s": int(time.time()),
@@ -209,6 +254,7 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
             "max_batch_size": settings.classifier_batching.max_batch_size,
         },
         "model_version": settings.version,
+        "model_versions": versions or [_version_entry(settings, model, parity)],
         "settings": asdict(settings),
         "preprocess": preprocess,
         "parity": {"onnxruntime_vs_pytorch": parity},
