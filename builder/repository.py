@@ -84,15 +84,23 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     cls_dir = root / contract.classifier
     (cls_dir / version).mkdir(parents=True, exist_ok=True)
     shutil.move(str(onnx_file), cls_dir / version / "model.onnx")
-    if settings.flavor == "local":
-        _copy_python_model("onnx_classifier.py", cls_dir / version)
-        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
-    elif settings.plan:
+    if settings.plan:
         # model.onnx stays beside the plan: it is what the plan is rebuilt from in the TensorRT container.
         shutil.copy2(settings.plan, cls_dir / version / "model.plan")
         sidecar = Path(settings.plan).with_name("plan.json")
         if sidecar.is_file():
             shutil.copy2(sidecar, cls_dir / version / "plan.json")
+    if settings.flavor == "local" and settings.plan:
+        package = cls_dir / version / "builder"
+        package.mkdir()
+        for module in ("__init__.py", "errors.py", "compare.py", "trt.py"):
+            shutil.copy2(MODELS_DIR.parent / module, package / module)
+        _copy_python_model("trt_classifier.py", cls_dir / version)
+        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
+    elif settings.flavor == "local":
+        _copy_python_model("onnx_classifier.py", cls_dir / version)
+        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
+    elif settings.plan:
         cls_config = configs.tensorrt_classifier(contract, batching, settings.classifier_instances, policy,
                                                  settings.cuda_graphs)
     else:

@@ -66,11 +66,13 @@ class ServerSettings:
 
 
 def _pytriton_root() -> Path:
-    try:
-        import pytriton
-    except ImportError:
-        raise BuilderError("nvidia-pytriton is not installed; run `make venv` (it ships tritonserver)") from None
-    return Path(pytriton.__file__).parent
+    import importlib.util
+
+    # Locate without importing: only the bundled binaries are used, not PyTriton's Python API.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuilderError("nvidia-pytriton is not installed; run `make venv` (it ships tritonserver)")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def server_dir(workdir: Path) -> Path:

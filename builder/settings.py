@@ -212,10 +212,11 @@ class RepoSettings:
         version: Model version directory to write.
         version_policy: Version policy of every model.
         max_image_pixels: Largest decoded image the preprocess model accepts.
-        plan: A TensorRT plan (built by `builder.trt` in the TensorRT container
-            of the target release) to serve as the classifier on the native
-            `tensorrt_plan` backend instead of ONNX Runtime; its `plan.json`
-            sidecar is taken from beside it.
+        plan: A TensorRT plan (built by `builder.trt` where the serving
+            TensorRT lives) to serve as the classifier instead of ONNX Runtime:
+            on the native `tensorrt_plan` backend in the container flavor, in
+            the Python backend in the local flavor; its `plan.json` sidecar is
+            taken from beside it.
         cuda_graphs: Let the tensorrt_plan backend capture CUDA graphs.
     """
 
@@ -239,12 +240,11 @@ class RepoSettings:
 
     def __post_init__(self) -> None:
         if self.plan is not None:
-            if self.flavor != "container":
-                _fail("plan", "needs the container flavor", "the pip tritonserver has no tensorrt_plan backend")
             if not os.path.isfile(self.plan):
                 _fail("plan", f"{self.plan!r} does not exist", "build it with `make plan-docker` first")
-        if self.cuda_graphs and self.plan is None:
-            _fail("cuda_graphs", "applies to TensorRT plans only", "pass --plan too")
+        if self.cuda_graphs and (self.plan is None or self.flavor != "container"):
+            _fail("cuda_graphs", "applies to the native tensorrt_plan backend only",
+                  "pass --plan with the container flavor")
         if self.flavor not in FLAVORS:
             _fail("flavor", f"{self.flavor!r} is unknown", f"use one of {', '.join(FLAVORS)}")
         if self.name is not None and not _NAME_RE.match(self.name):

@@ -407,9 +407,10 @@ def inspect_plan(plan: str) -> Dict:
 class PlanRunner:
     """Runs a plan on the GPU: numpy in, numpy out (TensorRT >= 8.5 tensor API)."""
 
-    def __init__(self, plan: str):
+    def __init__(self, plan: str, device: int = 0):
         self.trt = _trt()
         self.cuda = _Cuda()
+        self.cuda.check(self.cuda.lib.cudaSetDevice(device), "cudaSetDevice")
         self.engine = _load_engine(plan)
         self.context = self.engine.create_execution_context()
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

@@ -153,7 +153,13 @@ def test_check_flags_plan_version_and_profile(tmp_path):
     assert any("built with TensorRT 10.8.0" in p for p in check_repository(good))
 
 
-def test_plan_needs_container_flavor(tmp_path):
+def test_local_flavor_runs_a_plan_in_the_python_backend(tmp_path):
     plan = _fake_plan(tmp_path / "plans", "10.5.0", 8)
-    with pytest.raises(BuilderError, match="plan: needs the container flavor"):
-        tiny_settings(tmp_path / "repo", flavor="local", plan=str(plan))
+    repo = build_repository(tiny_settings(tmp_path / "repo", flavor="local", plan=str(plan)))
+    version = repo / "swin_tiny_patch4_window7_224_classifier" / "1"
+    assert (version / "model.py").read_text() == (ROOT / "builder/triton_models/trt_classifier.py").read_text()
+    assert sorted(p.name for p in (version / "builder").iterdir()) == ["__init__.py", "compare.py", "errors.py",
+                                                                        "trt.py"]
+    assert 'backend: "python"' in (version.parent / "config.pbtxt").read_text()
+    with pytest.raises(BuilderError, match="cuda_graphs"):
+        tiny_settings(tmp_path / "repo", flavor="local", plan=str(plan), cuda_graphs=True)

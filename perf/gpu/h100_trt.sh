@@ -18,8 +18,8 @@ case "$stage" in
   export)
     python3 -m builder export --output "$W/model.onnx" --images .gpurun/images --reference "$W/reference.npz" \
       --calibration "$W/calibration.npy" --reference-batch 256 2>&1 | tail -4
-    python3 -m perf bare --engines torch --device cuda --batches $BATCHES --warmup 10 --iterations 30 \
-      --output "$OUT/bare-torch.json" 2>&1 | tail -2
+    [ -n "${SKIP_TORCH:-}" ] || python3 -m perf bare --engines torch --device cuda --batches $BATCHES \
+      --warmup 10 --iterations 30 --output "$OUT/bare-torch.json" 2>&1 | tail -2
     ;;
   build)
     precision=${2:?precision}
