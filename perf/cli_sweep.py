@@ -42,7 +42,7 @@ def _cmd_report(args) -> int:
     bare = report.load(args.bare) if args.bare else None
     out_dir = Path(args.output or Path(args.results).with_suffix(""))
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = report.markdown(results, bare)
+    text = report.markdown(results, bare, args.server_batch)
     paths = report.plot(results, out_dir)
     text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n"
     (out_dir / "report.md").write_text(text)
@@ -99,6 +99,8 @@ def add_commands(sub, ints, words) -> None:
     r = sub.add_parser("report", help="markdown table + PNG plots of a sweep")
     r.add_argument("results")
     r.add_argument("--bare", default=None, help="bare-engine results for serving efficiency")
+    r.add_argument("--server-batch", type=int, default=None,
+                   help="batch the server forms (max_batch_size); the bare reference for efficiency")
     r.add_argument("--output", default=None, help="folder for report.md and the PNGs")
     r.set_defaults(func=_cmd_report)
     c = sub.add_parser("compare", help="ratios between two sweeps")

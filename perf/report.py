@@ -31,25 +31,41 @@ def _label(key) -> str:
     return f"{model} {protocol} shm={shm} b={batch}"
 
 
-def efficiency(row: Dict, bare: Optional[Dict]) -> Optional[float]:
-    """Served throughput / bare throughput at the same batch (nearest bare batch not above it)."""
-    if not bare or "throughput_img_per_s" not in row:
+def bare_reference(bare: Dict, server_batch: Optional[int]) -> Dict:
+    """The bare row to compare with: at the batch the server forms (nearest bare batch not above it).
+
+    Under load the dynamic batcher fills batches up to max_batch_size, whatever
+    the client batch, so the fair reference is the bare engine at that batch.
+    """
+    rows = bare["results"]
+    if server_batch:
+        rows = [r for r in rows if r["batch_size"] <= server_batch] or rows
+    return max(rows, key=lambda r: r["batch_size"])
+
+
+def efficiency(row: Dict, reference: Optional[Dict]) -> Optional[float]:
+    """Served throughput / bare throughput of the reference row."""
+    if not reference or "throughput_img_per_s" not in row:
         return None
-    rows = [r for r in bare["results"] if r["batch_size"] <= row["batch_size"]] or bare["results"]
-    best = max(rows, key=lambda r: r["batch_size"])
-    return row["throughput_img_per_s"] / best["throughput_img_per_s"]
+    return row["throughput_img_per_s"] / reference["throughput_img_per_s"]
 
 
-def markdown(results: Dict, bare: Optional[Dict] = None) -> str:
-    """A markdown table of every row, with the environment on top."""
+def markdown(results: Dict, bare: Optional[Dict] = None, server_batch: Optional[int] = None) -> str:
+    """A markdown table of every row, with the environment on top.
+
+    With `bare`, a column gives serving efficiency: served img/s over the bare
+    engine's img/s at the server's batch (`server_batch`, default the largest
+    bare batch).
+    """
     env = results.get("environment", {})
+    reference = bare_reference(bare, server_batch) if bare else None
     lines = [f"# Sweep: {env.get('time_utc', '')}", "",
              f"- CPU: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores); GPU: {env.get('gpu', 'none')}",
              f"- versions: {json.dumps(env.get('versions', {}))}",
              f"- command: `{env.get('command', '')}`", ""]
     header = "| model | protocol | shm | batch | concurrency | img/s | p50 ms | p99 ms | queue ms | infer ms |"
-    if bare:
-        header += " efficiency |"
+    if reference:
+        header += f" efficiency vs bare b={reference['batch_size']} |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for row in results["results"]:
         if "error" in row:
@@ -60,8 +76,8 @@ def markdown(results: Dict, bare: Optional[Dict] = None) -> str:
                  f"{row['throughput_img_per_s']:.1f}", f"{row['latency_p50_us'] / 1000:.2f}",
                  f"{row['latency_p99_us'] / 1000:.2f}", f"{row.get('server_queue_us', 0) / 1000:.2f}",
                  f"{row.get('server_compute_infer_us', 0) / 1000:.2f}"]
-        if bare:
-            eff = efficiency(row, bare)
+        if reference:
+            eff = efficiency(row, reference)
             cells.append(f"{eff:.1%}" if eff is not None else "")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

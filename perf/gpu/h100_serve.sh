@@ -23,6 +23,8 @@ case "$stage" in
         *) python3 -m zipfile -e "$w" "$K/site" ;;
       esac
     done
+    # tritonclient keeps its package under .data/purelib (a wheel with data files).
+    for site in "$K/site" "$P312"; do cp -r "$site"/tritonclient-2.51.0.data/purelib/* "$site"/; done
     chmod +x "$K"/site/pytriton/tritonserver/bin/tritonserver "$K"/site/pytriton/tritonserver/python_backend_stubs/*/* \
       "$K"/site/tritonclient-2.51.0.data/data/bin/perf_analyzer
     libs=$K/site/nvidia_pytriton.libs
