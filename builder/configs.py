@@ -100,17 +100,22 @@ def python_model(
     return config
 
 
-def onnx_classifier(
-    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy
-) -> mc.ModelConfig:
-    """The classifier on Triton's native ONNX Runtime backend (`container` flavor)."""
+def _native_classifier(contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy,
+                       platform: str, backend: str) -> mc.ModelConfig:
     config = _base(contract.classifier, batching, policy)
-    config.platform = "onnxruntime_onnx"
-    config.backend = "onnxruntime"
+    config.platform = platform
+    config.backend = backend
     _add_io(config, [contract.pixels], [contract.logits])
     _dynamic_batching(config, batching)
     _instances(config, instances)
     return config
+
+
+def onnx_classifier(
+    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy
+) -> mc.ModelConfig:
+    """The classifier on Triton's native ONNX Runtime backend (`container` flavor)."""
+    return _native_classifier(contract, batching, instances, policy, "onnxruntime_onnx", "onnxruntime")
 
 
 def tensorrt_classifier(
@@ -118,12 +123,7 @@ def tensorrt_classifier(
     cuda_graphs: bool = False,
 ) -> mc.ModelConfig:
     """The classifier as a TensorRT plan on Triton's native tensorrt backend."""
-    config = _base(contract.classifier, batching, policy)
-    config.platform = "tensorrt_plan"
-    config.backend = "tensorrt"
-    _add_io(config, [contract.pixels], [contract.logits])
-    _dynamic_batching(config, batching)
-    _instances(config, instances)
+    config = _native_classifier(contract, batching, instances, policy, "tensorrt_plan", "tensorrt")
     if cuda_graphs:
         config.optimization.cuda.graphs = True
         # One graph per preferred batch size (or the largest batch) keeps capture memory bounded.

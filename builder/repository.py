@@ -13,30 +13,19 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 from builder import configs
 from builder.contract import Contract
 from builder.errors import BuilderError
+from builder.meta import package_versions
 from builder.settings import TRITON_RELEASE, TRITON_VERSION, RepoSettings
 
 log = logging.getLogger("builder")
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
 MANIFEST = "manifest.json"
-
-
-def package_versions(*names: str) -> Dict[str, Optional[str]]:
-    """Installed versions of the given distributions (None when absent)."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def file_hashes(root: Path) -> Dict[str, str]:

@@ -8,8 +8,9 @@ import platform
 import subprocess
 import sys
 import time
-from importlib import metadata
 from typing import Dict, Optional
+
+from builder.meta import package_versions
 
 
 def gpu() -> Dict[str, str]:
@@ -34,16 +35,6 @@ def cpu() -> str:
     return platform.processor()
 
 
-def versions(*names: str) -> Dict[str, Optional[str]]:
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def describe(extra: Optional[Dict] = None) -> Dict:
     """A flat description of this machine and run."""
     return {
@@ -53,7 +44,7 @@ def describe(extra: Optional[Dict] = None) -> Dict:
         "cpu_count": os.cpu_count(),
         **gpu(),
         "python": platform.python_version(),
-        "versions": versions("torch", "timm", "onnxruntime", "tensorrt", "tritonclient", "numpy"),
+        "versions": package_versions("torch", "timm", "onnxruntime", "tensorrt", "tritonclient", "numpy"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "perf", *sys.argv[1:]]),
         **(extra or {}),
     }
