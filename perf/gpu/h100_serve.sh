@@ -6,6 +6,7 @@
 #   bash perf/gpu/h100_serve.sh setup    # unpack the carried wheels (/tmp/wheels) where both Pythons see them
 #   bash perf/gpu/h100_serve.sh repo     # python -m builder repo --flavor local --plan ... (torch env)
 #   bash perf/gpu/h100_serve.sh sweep    # start the server, perf sweep, stop
+#   bash perf/gpu/h100_serve.sh cudashm  # clients with none/system/cuda shared memory agree; perf_analyzer compares them
 set -euo pipefail
 K=/tmp/gpukit
 W=/tmp/swin-work
@@ -27,6 +28,8 @@ case "$stage" in
     for site in "$K/site" "$P312"; do cp -r "$site"/tritonclient-2.51.0.data/purelib/* "$site"/; done
     chmod +x "$K"/site/pytriton/tritonserver/bin/tritonserver "$K"/site/pytriton/tritonserver/python_backend_stubs/*/* \
       "$K"/site/tritonclient-2.51.0.data/data/bin/perf_analyzer
+    # Pure-Python packages the clients CLI needs, taken from the machine's own Python.
+    for pkg in packaging tqdm; do cp -r "$(python3 -c "import $pkg, os; print(os.path.dirname($pkg.__file__))")" "$K/site/"; done
     libs=$K/site/nvidia_pytriton.libs
     ln -sf "$(ls "$libs"/libb64-*.so.0d)" "$libs/libb64.so.0d"
     ln -sf "$(ls "$libs"/libcudart-*.so.12*)" "$libs/libcudart.so.12"
@@ -48,5 +51,22 @@ case "$stage" in
       --concurrency ${CONCURRENCY:-1,8,32,64} --batch-sizes 1 --images .gpurun/images \
       --measurement-interval-ms 3000 --stability-percent 15 --max-trials 6 \
       --label "H100, local flavor, TensorRT 8.6 FP16 plan in the Python backend" --output "$OUT/sweep.json"
+    ;;
+  cudashm)
+    export PATH=$K/site/tritonclient-2.51.0.data/data/bin:$PATH
+    export LD_LIBRARY_PATH=$K/site/nvidia_pytriton.libs:${LD_LIBRARY_PATH:-}
+    $K/py39 -m builder serve --repository /tmp/swin-repo --workdir /tmp/swin-server --detach --timeout 300
+    trap '$K/py39 -m builder stop --workdir /tmp/swin-server' EXIT
+    for mode in ensemble classifier; do
+      for shm in none system cuda; do
+        $K/py39 -m clients classify --url localhost:8001 --json --top-k 3 --mode $mode --shared-memory $shm \
+          .gpurun/images > "$OUT/client-$mode-$shm.jsonl"
+      done
+      cmp "$OUT/client-$mode-none.jsonl" "$OUT/client-$mode-system.jsonl"
+      cmp "$OUT/client-$mode-none.jsonl" "$OUT/client-$mode-cuda.jsonl" && echo "clients $mode: none/system/cuda agree"
+    done
+    $K/py39 -m perf sweep --models classifier --protocols grpc --shared-memory none,system,cuda \
+      --concurrency 16,64 --batch-sizes 1,8 --measurement-interval-ms 3000 --stability-percent 15 --max-trials 6 \
+      --label "H100, transports for the TensorRT FP16 classifier" --output "$OUT/sweep-transport.json"
     ;;
 esac
