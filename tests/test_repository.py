@@ -142,3 +142,13 @@ def test_help_is_fast():
     assert _cli("--help").returncode == 0
     assert _cli("repo", "--help").returncode == 0
     assert time.perf_counter() - start < 5  # no torch import on the way
+
+
+def test_swinv2_builds_with_its_own_data_config(tmp_path):
+    source = s.ModelSource("swinv2_tiny_window8_256", model_kwargs=TINY_KWARGS)
+    repo = build_repository(tiny_settings(tmp_path / "v2", source=source))
+    manifest = read_manifest(repo)
+    assert manifest["contract"]["ensemble"] == "swinv2_tiny_window8_256"
+    assert manifest["contract"]["tensors"]["input"]["dims"] == [3, 256, 256]
+    assert manifest["preprocess"]["image_size"] == "256,256" and manifest["preprocess"]["scale_size"] == "284,284"
+    assert manifest["parity"]["onnxruntime_vs_pytorch"]["top1_agreement"] == 1.0
