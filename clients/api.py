@@ -230,7 +230,8 @@ def to_client_error(exc: BaseException) -> ClientError:
     """Maps a tritonclient / transport exception to a typed :class:`ClientError`."""
     if isinstance(exc, ClientError):
         return exc
-    message = str(getattr(exc, "message", lambda: None)() or exc) if hasattr(exc, "message") else str(exc)
+    # tritonclient's InferenceServerException carries the server's text in message().
+    message = (exc.message() if callable(getattr(exc, "message", None)) else None) or str(exc)
     status = _status(exc)
     text = f"{status} {message} {type(exc).__name__}"
     if "DEADLINE_EXCEEDED" in text or "Deadline" in text or isinstance(exc, (TimeoutError, asyncio.TimeoutError)) \
@@ -395,6 +396,18 @@ def _image_input(module, images: Sequence[bytes]):
     return tensor, array
 
 
+def _load_all(images: Sequence[ImageLike]) -> Tuple[List[Tuple[int, Tuple[str, bytes]]], Dict[int, Classification]]:
+    """Loads every input; unreadable ones become failed Classifications at their position."""
+    loaded, failed = [], {}
+    for position, image in enumerate(images):
+        try:
+            loaded.append((position, load_image(image, position)))
+        except ClientError as exc:
+            source = str(image) if isinstance(image, (str, os.PathLike)) else f"#{position}"
+            failed[position] = Classification(source, error=str(exc))
+    return loaded, failed
+
+
 def _parse_topk(scores, classes, labels, top_k: int) -> List[Tuple[Prediction, ...]]:
     rows = []
     for s_row, c_row, l_row in zip(scores, classes, labels):
@@ -417,7 +430,6 @@ class _Engine:
         self.settings = settings
         self.names = C.Contract(settings.model, (0, 0), 0)  # model names only
         self.module = _module(settings.protocol)
-        self._params = None
 
     def chunks(self, items: Sequence[Tuple[str, bytes]]) -> List[List[int]]:
         size = self.settings.max_batch
@@ -448,6 +460,7 @@ class Classifier:
         self._all: List[Tuple[Any, Optional[_SharedMemory]]] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="classify")
+        self._params = None  # preprocess parameters, read from the server once (classifier mode)
 
     # one tritonclient client per thread: the HTTP client is not thread-safe
     def _client(self):
@@ -506,11 +519,11 @@ class Classifier:
         return self._engine.results(sources, response, top_k, want_logits)
 
     def _preprocess_params(self):
-        if self._engine._params is None:
+        if self._params is None:
             config = _with_retries(self.settings, lambda: self._client().get_model_config(
                 self._engine.names.preprocess, **({"as_json": True} if self.settings.protocol == "grpc" else {})))
-            self._engine._params = _params_from_config(config)
-        return self._engine._params
+            self._params = _params_from_config(config)
+        return self._params
 
     def _classify_chunk_bare(self, items, top_k: int, want_logits: bool) -> List[Classification]:
         from builder.triton_models import imaging
@@ -552,17 +565,7 @@ class Classifier:
                 Request-level failures (not a bad image, which is reported in
                 its Classification).
         """
-        items: List[Optional[Tuple[str, bytes]]] = []
-        failed: Dict[int, Classification] = {}
-        for position, image in enumerate(images):
-            try:
-                items.append(load_image(image, position))
-            except ClientError as exc:
-                failed[position] = Classification(str(image) if isinstance(image, (str, os.PathLike))
-                                                  else f"#{position}", error=str(exc))
-                items.append(None)
-        loaded = [(i, item) for i, item in enumerate(items) if item is not None]
-        results: Dict[int, Classification] = dict(failed)
+        loaded, results = _load_all(images)
 
         def run(indices):
             chunk = [loaded[i][1] for i in indices]
@@ -573,7 +576,7 @@ class Classifier:
 
         for part in self._pool.map(run, self._engine.chunks([x for _, x in loaded])):
             results.update(part)
-        return [results[i] for i in range(len(items))]
+        return [results[i] for i in range(len(images))]
 
     def close(self) -> None:
         """Releases shared memory regions and connections."""
@@ -652,14 +655,7 @@ class AsyncClassifier:
     async def classify(self, images: Sequence[ImageLike], top_k: int = 5,
                        return_logits: bool = False) -> List[Classification]:
         """Async twin of :meth:`Classifier.classify` (same results, same errors)."""
-        results: Dict[int, Classification] = {}
-        loaded = []
-        for position, image in enumerate(images):
-            try:
-                loaded.append((position, load_image(image, position)))
-            except ClientError as exc:
-                results[position] = Classification(str(image) if isinstance(image, (str, os.PathLike))
-                                                   else f"#{position}", error=str(exc))
+        loaded, results = _load_all(images)
         chunks = self._engine.chunks([x for _, x in loaded])
         parts = await asyncio.gather(*(self._classify_chunk([loaded[i][1] for i in c], top_k, return_logits)
                                        for c in chunks))

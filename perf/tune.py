@@ -11,12 +11,11 @@ written back to the repository's config.pbtxt.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from google.protobuf import json_format
 

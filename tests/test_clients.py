@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from builder.server import LocalServer, ServerSettings
-from clients import (AsyncClassifier, Classifier, ClientSettings, InvalidImage, ModelNotFound, RequestTimeout,
+from clients import (AsyncClassifier, Classifier, ClientError, ClientSettings, ModelNotFound, RequestTimeout,
                      ServerUnavailable, SettingsError)
 from conftest import SERVED_LOGIT_ATOL, free_ports
 
@@ -190,7 +189,7 @@ def test_tls_grpc(local_repo, contract, photos, tmp_path):
             assert client.classify([photos[0]])[0].ok
         plain = ClientSettings(url=f"localhost:{ports[1]}", model=contract.ensemble, retries=0, timeout_s=5)
         with Classifier(plain) as client:
-            with pytest.raises(Exception):
+            with pytest.raises(ClientError):  # a plaintext client cannot talk to a TLS port
                 client.classify([photos[0]])
     finally:
         server.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from builder import settings as s
 from builder.errors import BuilderError
 from builder.repository import build_repository, file_hashes, read_manifest
-from conftest import TINY_KWARGS, TINY_SOURCE, tiny_settings
+from conftest import TINY_KWARGS, tiny_settings
 
 
 def test_onnx_export_contract(local_repo, contract, tiny_model):
