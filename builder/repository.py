@@ -79,15 +79,13 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         sidecar = Path(settings.plan).with_name("plan.json")
         if sidecar.is_file():
             shutil.copy2(sidecar, cls_dir / version / "plan.json")
-    if settings.flavor == "local" and settings.plan:
-        package = cls_dir / version / "builder"
-        package.mkdir()
-        for module in ("__init__.py", "errors.py", "compare.py", "trt.py"):
-            shutil.copy2(MODELS_DIR.parent / module, package / module)
-        _copy_python_model("trt_classifier.py", cls_dir / version)
-        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
-    elif settings.flavor == "local":
-        _copy_python_model("onnx_classifier.py", cls_dir / version)
+    if settings.flavor == "local":
+        if settings.plan:  # the plan runs through builder.trt: copy it and its numpy-only imports
+            package = cls_dir / version / "builder"
+            package.mkdir()
+            for module in ("__init__.py", "errors.py", "compare.py", "trt.py"):
+                shutil.copy2(MODELS_DIR.parent / module, package / module)
+        _copy_python_model("classifier.py", cls_dir / version)
         cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
     elif settings.plan:
         cls_config = configs.tensorrt_classifier(contract, batching, settings.classifier_instances, policy,

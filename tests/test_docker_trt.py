@@ -157,7 +157,7 @@ def test_local_flavor_runs_a_plan_in_the_python_backend(tmp_path):
     plan = _fake_plan(tmp_path / "plans", "10.5.0", 8)
     repo = build_repository(tiny_settings(tmp_path / "repo", flavor="local", plan=str(plan)))
     version = repo / "swin_tiny_patch4_window7_224_classifier" / "1"
-    assert (version / "model.py").read_text() == (ROOT / "builder/triton_models/trt_classifier.py").read_text()
+    assert (version / "model.py").read_text() == (ROOT / "builder/triton_models/classifier.py").read_text()
     assert sorted(p.name for p in (version / "builder").iterdir()) == ["__init__.py", "compare.py", "errors.py",
                                                                         "trt.py"]
     assert 'backend: "python"' in (version.parent / "config.pbtxt").read_text()
