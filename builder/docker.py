@@ -14,7 +14,7 @@ from builder.contract import Contract
 from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION
 
 TEMPLATES = Path(__file__).parent / "templates"
-DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.plan", "compose.yaml")
+DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml")
 PILLOW_VERSION = "11.0.0"  # has wheels for the Python 3.10 in tritonserver 24.10
 
 

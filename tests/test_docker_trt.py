@@ -31,7 +31,7 @@ def test_committed_docker_files_match_the_pinned_release():
 
 def test_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
-    files = [str(ROOT / "docker" / n) for n in ("Dockerfile.tritonserver", "Dockerfile.plan")]
+    files = [str(ROOT / "docker" / n) for n in ("Dockerfile.tritonserver", "Dockerfile.tensorrt")]
     result = subprocess.run([str(hadolint), *files], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -41,7 +41,7 @@ def test_compose_agrees_with_release_ports_and_layout(tmp_path):
     services = compose["services"]
     release = s.TRITON_RELEASE
     assert services["sdk"]["image"] == f"nvcr.io/nvidia/tritonserver:{release}-py3-sdk"
-    for name, dockerfile in (("server", "Dockerfile.tritonserver"), ("plan", "Dockerfile.plan")):
+    for name, dockerfile in (("server", "Dockerfile.tritonserver"), ("plan", "Dockerfile.tensorrt")):
         text = (ROOT / "docker" / dockerfile).read_text()
         froms = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
         base = "tritonserver" if name == "server" else "tensorrt"
@@ -49,7 +49,7 @@ def test_compose_agrees_with_release_ports_and_layout(tmp_path):
         build = services[name]["build"]
         assert (ROOT / "docker" / build["context"] / build["dockerfile"]).resolve().is_file()
     # COPY sources of the plan image exist and are all builder.trt imports.
-    for line in (ROOT / "docker" / "Dockerfile.plan").read_text().splitlines():
+    for line in (ROOT / "docker" / "Dockerfile.tensorrt").read_text().splitlines():
         if line.startswith("COPY "):
             for source in shlex.split(line)[1:-1]:
                 assert (ROOT / source).is_file(), source
