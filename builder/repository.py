@@ -158,8 +158,16 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
     into place: a failed or interrupted build leaves the previous repository
     untouched.
 
+    With `add_version`, the repository must exist: the models are written as
+    the next version number beside the served ones, each new version
+    directory moves in with one atomic rename, then the configs (version
+    policy) and the manifest are replaced atomically. A server in poll or
+    explicit model-control mode loads the new version while the old one keeps
+    serving, then retires the old one per the version policy.
+
     Args:
         settings: What to build and where.
+        add_version: Add a version to the existing repository instead of replacing it.
 
     Returns:
         The repository path.
@@ -179,7 +187,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         if previous["contract"]["ensemble"] != settings.model_name:
             raise BuilderError(f"name: the repository serves {previous['contract']['ensemble']!r}, not "
                                f"{settings.model_name!r}; add versions of the same ensemble")
-        existing = _existing_versions(output / f"{settings.model_name}_classifier")
+        existing = _existing_versions(output / Contract(settings.model_name, (0, 0), 0).classifier)
         settings = dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
         log.info("adding version %d to %s", settings.version, output)
     started = time.perf_counter()
@@ -218,11 +226,12 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
 
 def _move_version_in(staging: Path, output: Path, contract: Contract, version: int) -> None:
     """Moves the new version directories into the live repository, then configs and manifest."""
-    for name in (contract.preprocess, contract.classifier, contract.postprocess):
-        target = output / name / str(version)
-        if target.exists():
-            raise BuilderError(f"{target} already exists; remove it or pick another version")
-        os.rename(staging / name / str(version), target)  # atomic: a poller sees all of it or nothing
+    names = (contract.preprocess, contract.classifier, contract.postprocess)
+    taken = [output / name / str(version) for name in names if (output / name / str(version)).exists()]
+    if taken:  # checked for all before moving any, so a refusal changes nothing
+        raise BuilderError(f"{taken[0]} already exists; remove it or pick another version")
+    for name in names:
+        os.rename(staging / name / str(version), output / name / str(version))  # atomic for a poller
     for name in contract.model_names:
         _replace_text(output / name / "config.pbtxt", (staging / name / "config.pbtxt").read_text(encoding="utf-8"))
     manifest = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
