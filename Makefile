@@ -40,13 +40,14 @@ help:
 	@echo "make check    report what tritonserver would reject in $(REPO)/"
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-modelopt.txt
 	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libb64.so.0d && \
 	  { echo "installing libb64-0d (perf_analyzer needs it)"; (apt-get install -y -qq libb64-0d >/dev/null 2>&1 || \
 	    (apt-get update -qq >/dev/null && apt-get install -y -qq libb64-0d >/dev/null)) ; } || true
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -r requirements-modelopt.txt
 	touch $(STAMP)
 
 repo: $(STAMP)

@@ -3,6 +3,7 @@
 Subcommands:
   repo    export a timm Swin and write a complete model repository
   export  export and validate the ONNX file alone (plus reference data for plans)
+  quantize  INT8 Q/DQ ONNX with NVIDIA ModelOpt (explicit quantization for TensorRT >= 10)
   check   report what tritonserver would reject in a repository
   docker  render docker/ (Dockerfiles, compose) for the pinned NGC release
   serve   run the local tritonserver (pip-distributed, no Docker)
@@ -104,6 +105,19 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_quantize(args) -> int:
+    import numpy as np
+
+    from builder.quantize import count_qdq, quantize_int8, validate_quantized
+
+    output = quantize_int8(args.onnx, np.load(args.calibration), args.output, args.high_precision)
+    print(f"{output}: {count_qdq(output)} QuantizeLinear nodes")
+    if args.reference:
+        figures = validate_quantized(output, dict(np.load(args.reference)), args.min_cosine, args.min_top1)
+        print(figures)
+    return 0
+
+
 def _cmd_docker(args) -> int:
     from pathlib import Path
 
@@ -191,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration", default=None, help="write preprocessed images (.npy) for INT8 calibration")
     e.add_argument("--images", default=None, help="folder of images for --reference/--calibration")
     e.add_argument("--reference-batch", type=int, default=64)
+    q = sub.add_parser("quantize", help="INT8 Q/DQ ONNX with NVIDIA ModelOpt")
+    q.add_argument("--onnx", required=True)
+    q.add_argument("--calibration", required=True, help=".npy of preprocessed images (builder export --calibration)")
+    q.add_argument("--output", required=True)
+    q.add_argument("--high-precision", choices=("fp16", "fp32"), default="fp16")
+    q.add_argument("--reference", default=None, help=".npz from `builder export --reference` to validate against")
+    q.add_argument("--min-cosine", type=float, default=0.99)
+    q.add_argument("--min-top1", type=float, default=0.9)
     d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
     d.add_argument("--output", default="docker")
     d.add_argument("--model", default="swin_tiny_patch4_window7_224", help="ensemble name")
@@ -209,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"docker": _cmd_docker, "export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
+COMMANDS = {"quantize": _cmd_quantize, "docker": _cmd_docker, "export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
