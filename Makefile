@@ -74,7 +74,7 @@ clean:
 # --- NVIDIA containers (a GPU host with Docker; release pinned in builder/settings.py) ---
 .PHONY: docker-files plan-docker serve-docker
 docker-files: $(STAMP)
-	$(PY) -m builder docker --model $(if $(NAME),$(NAME),$(MODEL)) --max-batch $(MAX_BATCH)
+	$(PY) -m builder docker --model $(if $(NAME),$(NAME),$(MODEL))
 
 plan-docker: docker-files
 	mkdir -p build

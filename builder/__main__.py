@@ -123,7 +123,7 @@ def _cmd_docker(args) -> int:
 
     from builder import docker
 
-    for path in docker.write(Path(args.output), docker.context(args.model, args.max_batch, args.precision)):
+    for path in docker.write(Path(args.output), docker.context(args.model, args.precision)):
         print(path)
     return 0
 
@@ -216,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
     d.add_argument("--output", default="docker")
     d.add_argument("--model", default="swin_tiny_patch4_window7_224", help="ensemble name")
-    d.add_argument("--max-batch", type=int, default=32)
     d.add_argument("--precision", default="fp16")
     c = sub.add_parser("check", help="check a model repository")
     c.add_argument("repository", nargs="?", default="model_repository")

@@ -18,12 +18,12 @@ DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml"
 PILLOW_VERSION = "11.0.0"  # has wheels for the Python 3.10 in tritonserver 24.10
 
 
-def context(model_name: str = DEFAULT_MODEL, max_batch: int = 32, precision: str = "fp16") -> Dict:
+def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16") -> Dict:
     """Values the templates use."""
     return {"release": TRITON_RELEASE, "triton_version": TRITON_VERSION, "tensorrt_version": TENSORRT_VERSION,
             "pillow_version": PILLOW_VERSION, "http_port": 8000, "grpc_port": 8001, "metrics_port": 8002,
             "repository": "model_repository", "classifier": Contract(model_name, (0, 0), 0).classifier,
-            "max_batch": max_batch, "precision": precision}
+            "precision": precision}
 
 
 def render(values: Dict) -> Dict[str, str]:

@@ -261,12 +261,20 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
         "model_versions": versions or [_version_entry(settings, model, parity)],
         "settings": asdict(settings),
         "preprocess": preprocess,
-        "parity": {"onnxruntime_vs_pytorch": parity},
+        "parity": {"onnxruntime_vs_pytorch": parity, **_plan_parity(settings)},
         "files": file_hashes(root),
     }
     path = root / MANIFEST
     path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     return path
+
+
+def _plan_parity(settings: RepoSettings) -> Dict:
+    sidecar = Path(settings.plan).with_name("plan.json") if settings.plan else None
+    if sidecar is None or not sidecar.is_file():
+        return {}
+    figures = json.loads(sidecar.read_text(encoding="utf-8")).get("parity")
+    return {"tensorrt_vs_pytorch": figures} if figures else {}
 
 
 def read_manifest(root: Path) -> dict:

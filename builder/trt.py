@@ -146,6 +146,9 @@ class PlanOptions:
         calibration: .npy of preprocessed images for implicit INT8 calibration.
         tactic_sources: Tactic source names to enable (empty: TensorRT's default).
         inspect: Save the engine's layer information beside the plan.
+        reference: .npz of inputs and PyTorch logits; the new plan must meet
+            the parity thresholds before it replaces an existing plan.
+        max_abs, min_cosine, min_top1: Parity thresholds for `reference`.
     """
 
     onnx: str
@@ -161,6 +164,10 @@ class PlanOptions:
     calibration: Optional[str] = None
     tactic_sources: Tuple[str, ...] = ()
     inspect: bool = True
+    reference: Optional[str] = None
+    max_abs: float = 0.5
+    min_cosine: float = 0.99
+    min_top1: float = 0.9
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -174,6 +181,26 @@ class PlanOptions:
             raise BuilderError("opt_level: use 0..5")
         if self.workspace_gib <= 0:
             raise BuilderError("workspace_gib: must be positive")
+
+
+def profile_from_config(path: str) -> Tuple[int, int]:
+    """(opt, max) batch from a Triton config.pbtxt: max = max_batch_size, opt = the largest preferred size.
+
+    A regular expression, not protobuf: this module must run where only numpy
+    and tensorrt are installed. The configs it reads are written by `builder`.
+    """
+    import re
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise BuilderError(f"triton_config: cannot read {path} ({exc.strerror})") from None
+    found = re.search(r"^max_batch_size:\s*(\d+)", text, flags=re.M)
+    if not found or int(found.group(1)) < 1:
+        raise BuilderError(f"triton_config: {path} has no max_batch_size >= 1; plans need a batching config")
+    largest = int(found.group(1))
+    preferred = [int(v) for v in re.findall(r"preferred_batch_size:\s*(\d+)", text)]
+    return (max(preferred) if preferred else largest), largest
 
 
 def _sha256(path: str) -> str:
@@ -341,7 +368,14 @@ def build_plan(options: PlanOptions) -> Dict:
     tmp = options.plan + ".tmp"
     with open(tmp, "wb") as f:
         f.write(serialized)
-    os.replace(tmp, options.plan)  # never a half-written plan under the real name
+    parity = {}
+    if options.reference:
+        try:
+            parity = validate_plan(tmp, options.reference, options.max_abs, options.min_cosine, options.min_top1)
+        except BuilderError:
+            os.remove(tmp)  # a plan outside the thresholds never replaces the previous one
+            raise
+    os.replace(tmp, options.plan)  # never a half-written or unvalidated plan under the real name
     if cache is not None:
         with open(options.timing_cache, "wb") as f:
             f.write(cache.serialize())
@@ -361,6 +395,7 @@ def build_plan(options: PlanOptions) -> Dict:
         "onnx_sha256": _sha256(options.onnx),
         "plan_sha256": _sha256(options.plan),
         "layer_precisions": layers.get("precisions", {}),
+        "parity": parity,
         "options": asdict(options),
     }
     with open(os.path.join(os.path.dirname(os.path.abspath(options.plan)), "plan.json"), "w") as f:
@@ -521,6 +556,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--min-batch", type=int, default=1)
     b.add_argument("--opt-batch", type=int, default=0)
     b.add_argument("--max-batch", type=int, default=32)
+    b.add_argument("--triton-config", default=None,
+                   help="derive opt/max batch from this config.pbtxt (max = max_batch_size, opt = largest preferred)")
+    b.add_argument("--reference", default=None, help=".npz of inputs + PyTorch logits to validate before replacing")
+    b.add_argument("--max-abs", type=float, default=0.5)
+    b.add_argument("--min-cosine", type=float, default=0.99)
+    b.add_argument("--min-top1", type=float, default=0.9)
     b.add_argument("--workspace-gib", type=float, default=4.0)
     b.add_argument("--opt-level", type=int, default=3)
     b.add_argument("--timing-cache", default=None)
@@ -543,13 +584,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "build":
+            opt_batch, max_batch = args.opt_batch, args.max_batch
+            if args.triton_config:
+                opt_batch, max_batch = profile_from_config(args.triton_config)
+                opt_batch = args.opt_batch or opt_batch
             sidecar = build_plan(PlanOptions(
                 onnx=args.onnx, plan=args.plan, precision=args.precision, min_batch=args.min_batch,
-                opt_batch=args.opt_batch, max_batch=args.max_batch, workspace_gib=args.workspace_gib,
+                opt_batch=opt_batch, max_batch=max_batch, workspace_gib=args.workspace_gib,
                 opt_level=args.opt_level, timing_cache=args.timing_cache, calibration=args.calibration,
-                tactic_sources=tuple(s for s in args.tactic_sources.split(",") if s)))
+                tactic_sources=tuple(s for s in args.tactic_sources.split(",") if s), reference=args.reference,
+                max_abs=args.max_abs, min_cosine=args.min_cosine, min_top1=args.min_top1))
             print(json.dumps({k: sidecar[k] for k in ("tensorrt_version", "gpu", "precision", "build_s",
-                                                      "layer_precisions")}))
+                                                      "layer_precisions", "parity")}))
         elif args.command == "validate":
             figures = validate_plan(args.plan, args.reference, args.max_abs, args.min_cosine, args.min_top1)
             print(json.dumps(figures))

@@ -67,8 +67,14 @@ def test_compose_agrees_with_release_ports_and_layout(tmp_path):
     # The plan service reads the ONNX where `make repo` writes it.
     repo = build_repository(tiny_settings(tmp_path / "model_repository", flavor="container"))
     plan_command = services["plan"]["command"]
-    onnx_in_container = plan_command[plan_command.index("--onnx") + 1]
-    assert (repo / onnx_in_container.removeprefix("/models/")).is_file()
+    for flag in ("--onnx", "--triton-config"):
+        in_container = plan_command[plan_command.index(flag) + 1]
+        assert (repo / in_container.removeprefix("/models/")).is_file(), flag
+    # The plan's profile comes from that config: max = max_batch_size, opt = largest preferred size.
+    from builder.trt import profile_from_config
+
+    config = repo / plan_command[plan_command.index("--triton-config") + 1].removeprefix("/models/")
+    assert profile_from_config(str(config)) == (8, 8)  # tiny_settings: max 8, preferred 4,8
     # perf_analyzer in the SDK container targets the classifier of the default model.
     assert services["sdk"]["command"][services["sdk"]["command"].index("-m") + 1] == \
         f"{s.DEFAULT_MODEL}_classifier"
@@ -121,8 +127,20 @@ def _fake_plan(folder: Path, tensorrt_version: str, profile_max: int) -> Path:
     plan = folder / "model.plan"
     plan.write_bytes(b"plan bytes built elsewhere")
     (folder / "plan.json").write_text(json.dumps({"tensorrt_version": tensorrt_version, "precision": "fp16",
-                                                  "profile": {"min": 1, "opt": 16, "max": profile_max}}))
+                                                  "profile": {"min": 1, "opt": 16, "max": profile_max},
+                                                  "parity": {"max_abs": 0.004, "min_cosine": 0.99999,
+                                                             "top1_agreement": 1.0, "rows": 256}}))
     return plan
+
+
+def test_profile_from_config(tmp_path):
+    from builder.trt import profile_from_config
+
+    (tmp_path / "a.pbtxt").write_text("max_batch_size: 64\ndynamic_batching {\n  preferred_batch_size: 16\n}\n")
+    assert profile_from_config(str(tmp_path / "a.pbtxt")) == (16, 64)
+    (tmp_path / "b.pbtxt").write_text('name: "x"\n')
+    with pytest.raises(BuilderError, match="no max_batch_size"):
+        profile_from_config(str(tmp_path / "b.pbtxt"))
 
 
 def test_repository_with_a_plan(tmp_path):
@@ -137,6 +155,9 @@ def test_repository_with_a_plan(tmp_path):
     assert (classifier / "1" / "model.plan").read_bytes() == plan.read_bytes()
     assert (classifier / "1" / "model.onnx").is_file() and (classifier / "1" / "plan.json").is_file()
     assert check_repository(repo) == []
+    from builder.repository import read_manifest
+
+    assert read_manifest(repo)["parity"]["tensorrt_vs_pytorch"]["top1_agreement"] == 1.0
 
 
 def test_check_flags_plan_version_and_profile(tmp_path):

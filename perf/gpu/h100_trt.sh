@@ -28,7 +28,8 @@ case "$stage" in
     mkdir -p "$W/$precision"
     PYTHONPATH=$PWD $PY39 -m builder.trt build --onnx "$W/model.onnx" --plan "$W/$precision/model.plan" \
       --precision "$precision" --min-batch 1 --opt-batch 64 --max-batch 256 --workspace-gib 8 \
-      --timing-cache "$W/timing.cache" --tactic-sources $TACTICS "${extra[@]}"
+      --timing-cache "$W/timing.cache" --tactic-sources $TACTICS --reference "$W/reference.npz" --max-abs 1.0 \
+      --min-cosine 0.99 --min-top1 0.9 "${extra[@]}"
     cp "$W/$precision/plan.json" "$OUT/plan-$precision.json"
     ;;
   measure)
