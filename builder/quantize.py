@@ -11,6 +11,8 @@ Calibration runs on the CPU with ONNX Runtime over preprocessed real images
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -53,9 +55,14 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, output: Path, high_p
     started = time.perf_counter()
     log.info("quantizing %s to INT8 Q/DQ with %d calibration images ...", onnx_path, len(calibration))
     tmp = output.with_name(output.name + ".tmp.onnx")
-    quantize(str(onnx_path), quantize_mode="int8", calibration_data={PIXELS: calibration},
-             calibration_eps=["cpu"], output_path=str(tmp), high_precision_dtype=high_precision,
-             log_level="WARNING")
+    with tempfile.TemporaryDirectory(prefix="quantize-") as work:
+        # ModelOpt rewrites files next to its input (seen: the input model itself changed), so it
+        # works on a copy: the exported model, which a repository may serve, is never touched.
+        source = Path(work) / "model.onnx"
+        shutil.copy2(onnx_path, source)
+        quantize(str(source), quantize_mode="int8", calibration_data={PIXELS: calibration},
+                 calibration_eps=["cpu"], output_path=str(tmp), high_precision_dtype=high_precision,
+                 log_level="WARNING")
     tmp.replace(output)  # never a half-written model under the real name
     log.info("wrote %s in %.1f s", output, time.perf_counter() - started)
     return output

@@ -23,8 +23,10 @@ def test_quantize_calibrates_on_photos_and_keeps_the_logits(local_repo, contract
         (images / path.name).write_bytes(path.read_bytes())
     reference_data(tiny_model, contract, str(images), 16, tmp_path / "ref.npz", tmp_path / "calib.npy")
     onnx = local_repo / contract.classifier / "1" / "model.onnx"
+    before = onnx.read_bytes()
     out = quantize_int8(onnx, np.load(tmp_path / "calib.npy"), tmp_path / "model.int8.onnx")
     assert count_qdq(out) > 20 and _onnx_has_qdq(str(out)) and not _onnx_has_qdq(str(onnx))
+    assert onnx.read_bytes() == before  # the served model is never modified
     figures = validate_quantized(out, dict(np.load(tmp_path / "ref.npz")), min_cosine=MIN_COSINE, min_top1=0.0)
     assert figures["min_cosine"] >= MIN_COSINE and figures["rows"] == 16
     assert figures["max_abs"] > 0  # really quantized, not a copy
