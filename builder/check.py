@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -126,15 +126,14 @@ def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[st
                                 "but max_batch_size > 0 needs a dynamic batch axis")
 
 
-def _check_plan_sidecar(name: str, version_dir: Path, config: mc.ModelConfig, problems: List[str],
-                        target_tensorrt: Optional[str] = None) -> None:
+def _check_plan_sidecar(name: str, version_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:
     sidecar = version_dir / "plan.json"
     if not sidecar.is_file():
         return
     info = json.loads(sidecar.read_text(encoding="utf-8"))
     from builder.settings import TENSORRT_VERSION
 
-    target = target_tensorrt or TENSORRT_VERSION
+    target = TENSORRT_VERSION
     built = str(info.get("tensorrt_version", ""))
     if built.split(".")[:2] != target.split(".")[:2]:
         problems.append(f"{name}: plan in {version_dir.name}/ was built with TensorRT {built or '?'}, "
@@ -234,8 +233,8 @@ def check_repository(root: Path) -> List[str]:
     for name, (model_dir, config) in models.items():
         _check_model(name, model_dir, config, problems)
         if config.platform == "ensemble":
-            if config.HasField("dynamic_batching"):  # unreachable through the oneof, kept for hand edits
-                problems.append(f"{name}: an ensemble cannot have dynamic_batching")
+            # dynamic_batching cannot appear here: it shares a oneof with ensemble_scheduling, and
+            # text_format refuses a config that sets both (reported as a parse error above).
             if not config.ensemble_scheduling.step:
                 problems.append(f"{name}: ensemble has no steps")
             _check_ensemble(name, config, models, problems)

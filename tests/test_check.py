@@ -99,3 +99,9 @@ def test_ensemble_output_reused_as_step_input(repo_copy, contract):
         c.ensemble_scheduling.step[2].input_map["logits"] = "logits"
     edit(repo_copy, contract.ensemble, reuse)
     assert any("both an ensemble output and a step input" in p for p in check_repository(repo_copy))
+
+
+def test_ensemble_with_dynamic_batching_is_reported(repo_copy, contract):
+    path = repo_copy / contract.ensemble / "config.pbtxt"
+    path.write_text(path.read_text() + "dynamic_batching {\n}\n")
+    assert any("another member of oneof" in p for p in check_repository(repo_copy))
