@@ -97,6 +97,11 @@ class Contract:
     num_classes: int
     top_k: int = 5
 
+    @classmethod
+    def named(cls, name: str) -> "Contract":
+        """A contract for its model names only (tensor shapes unknown), e.g. on the client side."""
+        return cls(name, (0, 0), 0)
+
     # Model names --------------------------------------------------------
     @property
     def ensemble(self) -> str:

@@ -22,7 +22,7 @@ def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16") -> Dict:
     """Values the templates use."""
     return {"release": TRITON_RELEASE, "triton_version": TRITON_VERSION, "tensorrt_version": TENSORRT_VERSION,
             "pillow_version": PILLOW_VERSION, "http_port": 8000, "grpc_port": 8001, "metrics_port": 8002,
-            "repository": "model_repository", "classifier": Contract(model_name, (0, 0), 0).classifier,
+            "repository": "model_repository", "classifier": Contract.named(model_name).classifier,
             "precision": precision}
 
 

@@ -20,7 +20,7 @@ from builder import configs
 from builder.contract import Contract
 from builder.errors import BuilderError
 from builder.meta import package_versions
-from builder.settings import TRITON_RELEASE, TRITON_VERSION, RepoSettings
+from builder.settings import TRITON_RELEASE, TRITON_VERSION, Batching, RepoSettings
 
 log = logging.getLogger("builder")
 
@@ -96,7 +96,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     post_dir = root / contract.postprocess
     _copy_python_model("postprocess.py", post_dir / version)
     (post_dir / version / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
-    post_batching = type(batching)(batching.max_batch_size, (), settings.preprocess_batching.max_queue_delay_us)
+    post_batching = Batching(batching.max_batch_size, (), settings.preprocess_batching.max_queue_delay_us)
     post_config = configs.python_model(
         contract.postprocess, [contract.logits], list(contract.postprocess_outputs), post_batching,
         settings.postprocess_instances, policy)
@@ -187,7 +187,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         if previous["contract"]["ensemble"] != settings.model_name:
             raise BuilderError(f"name: the repository serves {previous['contract']['ensemble']!r}, not "
                                f"{settings.model_name!r}; add versions of the same ensemble")
-        existing = _existing_versions(output / Contract(settings.model_name, (0, 0), 0).classifier)
+        existing = _existing_versions(output / Contract.named(settings.model_name).classifier)
         settings = dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
         log.info("adding version %d to %s", settings.version, output)
     started = time.perf_counter()

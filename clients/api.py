@@ -428,7 +428,7 @@ class _Engine:
 
     def __init__(self, settings: ClientSettings):
         self.settings = settings
-        self.names = C.Contract(settings.model, (0, 0), 0)  # model names only
+        self.names = C.Contract.named(settings.model)
         self.module = _module(settings.protocol)
 
     def chunks(self, items: Sequence[Tuple[str, bytes]]) -> List[List[int]]:

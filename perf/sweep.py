@@ -151,7 +151,7 @@ def parse_csv(path: Path) -> Dict[str, float]:
 def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch: int, concurrency: int,
             input_data: Optional[Path], csv_path: Path) -> List[str]:
     """The perf_analyzer command line for one configuration."""
-    names = C.Contract(settings.name, (0, 0), 0)
+    names = C.Contract.named(settings.name)
     target = names.ensemble if model == "ensemble" else names.classifier
     cmd = [perf_analyzer_path(), "-m", target, "-i", protocol,
            "-u", settings.grpc_url if protocol == "grpc" else settings.http_url,
