@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 MODEL ?= swin_tiny_patch4_window7_224
 NAME ?=
 WEIGHTS ?= random
-FLAVOR ?= container
+# Empty: container for a new repository; ADD_VERSION keeps the repository's own flavor.
+FLAVOR ?=
 MAX_BATCH ?= 32
 PREFERRED ?=
 QUEUE_DELAY_US ?= 100
@@ -22,6 +23,8 @@ ADD_VERSION ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# none | poll | explicit (`perf tune` needs explicit).
+MODEL_CONTROL ?= none
 PYTEST_ARGS ?=
 
 ifeq ($(WEIGHTS),pretrained)
@@ -51,7 +54,7 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 	touch $(STAMP)
 
 repo: $(STAMP)
-	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) --flavor $(FLAVOR) \
+	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) $(if $(FLAVOR),--flavor $(FLAVOR)) \
 	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
 	  --max-queue-delay-us $(QUEUE_DELAY_US) --instance-count $(INSTANCES) --model-kwargs '$(MODEL_KWARGS)' \
 	  --version-policy $(VERSION_POLICY) $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
@@ -60,7 +63,8 @@ check: $(STAMP)
 	$(PY) -m builder check $(REPO)
 
 serve: $(STAMP)
-	$(PY) -m builder serve --detach --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m builder serve --detach --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	  --model-control $(MODEL_CONTROL)
 
 stop: $(STAMP)
 	$(PY) -m builder stop

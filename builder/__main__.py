@@ -43,8 +43,9 @@ def _add_repo(sub) -> None:
     p.add_argument("--model-kwargs", default="{}", help="JSON of extra timm.create_model kwargs")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights")
     p.add_argument("--output", default="model_repository", help="repository folder")
-    p.add_argument("--flavor", choices=("container", "local"), default="container",
-                   help="container: native onnxruntime backend; local: ONNX Runtime in the Python backend")
+    p.add_argument("--flavor", choices=("container", "local"), default=None,
+                   help="container (default): native onnxruntime backend; local: ONNX Runtime in the Python "
+                        "backend; --add-version keeps the repository's flavor")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--preferred-batch-sizes", type=_ints, default=(), help="e.g. 8,16,32")
     p.add_argument("--max-queue-delay-us", type=int, default=100)
@@ -69,11 +70,18 @@ def _cmd_repo(args) -> int:
     from builder import settings as s
     from builder.repository import build_repository
 
-    kind = args.instance_kind or ("KIND_CPU" if args.flavor == "local" else "KIND_GPU")
+    flavor = args.flavor or "container"
+    if args.add_version and args.flavor is None:  # a new version keeps the served repository's flavor
+        from pathlib import Path
+
+        from builder.repository import read_manifest
+
+        flavor = read_manifest(Path(args.output)).get("flavor", flavor)
+    kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
     settings = s.RepoSettings(
         source=s.ModelSource(args.model or s.DEFAULT_MODEL, args.pretrained, args.checkpoint,
                              args.model_kwargs, args.seed),
-        output=args.output, flavor=args.flavor, name=args.name, top_k=args.top_k, opset=args.opset,
+        output=args.output, flavor=flavor, name=args.name, top_k=args.top_k, opset=args.opset,
         classifier_batching=s.Batching(args.max_batch_size, args.preferred_batch_sizes, args.max_queue_delay_us),
         preprocess_batching=s.Batching(args.max_batch_size, (), args.max_queue_delay_us),
         classifier_instances=s.InstanceGroup(kind, args.instance_count, args.gpus),
@@ -94,6 +102,17 @@ def _cmd_export(args) -> int:
     from builder.model import load_model
     from builder.contract import Contract
 
+    if (args.reference or args.calibration) and not (args.images or args.noise):
+        raise BuilderError("images: --reference and --calibration need --images DIR (real photos), or --noise "
+                           "to use random data on purpose")
+    if (args.images or args.noise) and not (args.reference or args.calibration):
+        raise BuilderError("images: --images/--noise feed --reference or --calibration; pass one of them too")
+    if args.images and not Path(args.images).exists():
+        raise BuilderError(f"images: {args.images} does not exist; pass a folder of photos")
+    if args.reference_batch < 1:
+        raise BuilderError(f"reference_batch: is {args.reference_batch}; use 1 or more")
+    for option, path in (("output", args.output), ("reference", args.reference), ("calibration", args.calibration)):
+        _writable(option, path)
     source = s.ModelSource(args.model or s.DEFAULT_MODEL, args.pretrained, args.checkpoint, args.model_kwargs, args.seed)
     model = load_model(source)
     _, height, width = model.data_config["input_size"]
@@ -101,16 +120,60 @@ def _cmd_export(args) -> int:
     path = export_onnx(model, contract, Path(args.output), args.opset)
     validate_onnx(path, model, contract, s.Parity(args.max_abs, args.min_cosine))
     if args.reference or args.calibration:
-        reference_data(model, contract, args.images, args.reference_batch, args.reference, args.calibration)
+        reference_data(model, contract, None if args.noise else args.images, args.reference_batch,
+                       args.reference, args.calibration)
     return 0
 
 
+def _writable(option: str, path) -> None:
+    """Fails fast (before any model loads) on an output file that cannot be written."""
+    import os
+    from pathlib import Path
+
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise BuilderError(f"{option}: {path} is a folder; pass a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuilderError(f"{option}: cannot create {target.parent} ({exc.strerror or exc}); "
+                           "pass a path in a folder you can write") from None
+    if not os.access(target.parent, os.W_OK):
+        raise BuilderError(f"{option}: {target.parent} is not writable; pass a path in a folder you can write")
+
+
+def _existing_file(option: str, path: str, kind: str) -> None:
+    import os
+
+    if not os.path.isfile(path):
+        raise BuilderError(f"{option}: {path} does not exist; pass {kind}")
+
+
 def _cmd_quantize(args) -> int:
+    _existing_file("onnx", args.onnx, "the model.onnx to quantize (builder export writes one)")
+    _existing_file("calibration", args.calibration, "the .npy that `builder export --calibration` writes")
+    if args.reference:
+        _existing_file("reference", args.reference, "the .npz that `builder export --reference` writes")
+    _writable("output", args.output)
     import numpy as np
 
     from builder.quantize import count_qdq, quantize_int8, validate_quantized
 
-    output = quantize_int8(args.onnx, np.load(args.calibration), args.output, args.high_precision)
+    try:
+        calibration = np.load(args.calibration)
+    except (ValueError, OSError) as exc:
+        raise BuilderError(f"calibration: {args.calibration} is not a .npy array ({exc}); "
+                           "write one with `builder export --calibration`") from None
+    try:
+        import onnx
+
+        onnx.load(args.onnx, load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError: not an ONNX file, or a truncated one
+        raise BuilderError(f"onnx: {args.onnx} is not a readable ONNX model ({type(exc).__name__}); "
+                           "pass the model.onnx that `builder export` writes") from None
+    output = quantize_int8(args.onnx, calibration, args.output, args.high_precision)
     print(f"{output}: {count_qdq(output)} QuantizeLinear nodes")
     if args.reference:
         figures = validate_quantized(output, dict(np.load(args.reference)), args.min_cosine, args.min_top1)
@@ -203,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-cosine", type=float, default=0.9999)
     e.add_argument("--reference", default=None, help="write inputs + PyTorch logits (.npz) for plan validation")
     e.add_argument("--calibration", default=None, help="write preprocessed images (.npy) for INT8 calibration")
-    e.add_argument("--images", default=None, help="folder of images for --reference/--calibration")
+    data = e.add_mutually_exclusive_group()
+    data.add_argument("--images", default=None, help="folder of photos for --reference/--calibration")
+    data.add_argument("--noise", action="store_true",
+                      help="use seeded Gaussian noise instead of photos (recorded as such; not for real INT8)")
     e.add_argument("--reference-batch", type=int, default=64)
     q = sub.add_parser("quantize", help="INT8 Q/DQ ONNX with NVIDIA ModelOpt")
     q.add_argument("--onnx", required=True)

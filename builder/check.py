@@ -39,6 +39,13 @@ def _load_configs(root: Path, problems: List[str]) -> Dict[str, Tuple[Path, mc.M
         except text_format.ParseError as exc:
             problems.append(f"{model_dir.name}/config.pbtxt: {exc}")
             continue
+        except UnicodeDecodeError as exc:
+            problems.append(f"{model_dir.name}/config.pbtxt: not UTF-8 text (byte {exc.start}); "
+                            "rewrite it as UTF-8 or rebuild the repository")
+            continue
+        except OSError as exc:
+            problems.append(f"{model_dir.name}/config.pbtxt: cannot read it ({exc.strerror or exc})")
+            continue
         if config.name and config.name != model_dir.name:
             problems.append(f"{model_dir.name}/config.pbtxt: name {config.name!r} differs from its folder")
         models[model_dir.name] = (model_dir, config)
@@ -99,7 +106,12 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
 def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[str]) -> None:
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError and friends: a truncated or foreign file
+        problems.append(f"{name}: {path.parent.name}/{path.name} is not a readable ONNX model "
+                        f"({type(exc).__name__}); rebuild the repository")
+        return
     initializers = {i.name for i in graph.initializer}
     declared = {"input": {t.name: t for t in config.input}, "output": {t.name: t for t in config.output}}
     for kind, values in (("input", [v for v in graph.input if v.name not in initializers]),
@@ -198,13 +210,40 @@ def _match(where: str, tensor_name: str, produced: Tuple[int, list], consumer, p
         problems.append(f"{where}: {tensor_name!r} has dims {dims} but {want} are expected")
 
 
+# Backends each flavor's models run on (ensembles aside).
+_FLAVOR_BACKENDS = {"local": {"python"}, "container": {"python", "onnxruntime", "tensorrt"}}
+
+
+def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], problems: List[str]) -> None:
+    """A repository serves one flavor: the manifest's, in every model and every version."""
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        flavor = manifest["flavor"]
+        classifier = manifest["contract"]["models"][1]
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return  # not written by this tool: nothing to hold it to
+    for entry in manifest.get("model_versions", []):
+        if entry.get("flavor", flavor) != flavor:
+            problems.append(f"manifest.json: version {entry.get('version')} was built for the {entry['flavor']} "
+                            f"flavor in a {flavor} repository; rebuild it with --flavor {flavor}")
+    for name, (_, config) in models.items():
+        if config.platform == "ensemble":
+            continue
+        backend = config.backend or _PLATFORM_BACKEND.get(config.platform, config.platform)
+        native = name == classifier and flavor == "container" and backend == "python"
+        if backend not in _FLAVOR_BACKENDS.get(flavor, {backend}) or native:
+            problems.append(f"{name}: runs on the {backend} backend, but the repository is the {flavor} flavor "
+                            f"(manifest.json); the models mix flavors: rebuild with --flavor {flavor}")
+
+
 def missing_backends(root: Path, available) -> List[Tuple[str, str]]:
     """(model, backend) pairs of the repository whose backend is not in `available`."""
     missing = []
     for config_path in sorted(Path(root).glob("*/config.pbtxt")):
         try:
             config = configs.read(config_path)
-        except text_format.ParseError:
+        except (text_format.ParseError, UnicodeDecodeError):
             continue  # the server reports unparsable configs itself
         if config.platform == "ensemble":
             continue
@@ -230,6 +269,7 @@ def check_repository(root: Path) -> List[str]:
     models = _load_configs(root, problems)
     if not models and not problems:
         problems.append(f"{root} holds no models")
+    _check_flavor(root, models, problems)
     for name, (model_dir, config) in models.items():
         _check_model(name, model_dir, config, problems)
         if config.platform == "ensemble":

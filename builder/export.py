@@ -101,38 +101,60 @@ def validate_onnx(path: Path, model: LoadedModel, contract: Contract, parity: Pa
 
 
 def reference_data(model: LoadedModel, contract: Contract, images_dir, count: int,
-                   reference_path=None, calibration_path=None) -> None:
+                   reference_path=None, calibration_path=None) -> str:
     """Writes reference inputs/logits (.npz) and calibration images (.npy) for plan builds.
 
     Inputs are real images from `images_dir` through the serving preprocessing
-    (cycled with horizontal flips to reach `count`), or seeded noise when no
-    folder is given.
+    (cycled with horizontal flips to reach `count`). Seeded Gaussian noise is
+    used only when `images_dir` is None, which callers pass only when the user
+    asked for noise; either way the source is recorded: as `source` in the
+    .npz and in `<calibration>.json`, from where plan sidecars and the
+    manifest take it.
+
+    Returns:
+        What the inputs are: `images:<folder> (<n> files)` or `noise:seed=0`.
+
+    Raises:
+        BuilderError: `images_dir` does not exist or holds no decodable image.
     """
+    import json
+
     import torch
 
-    from builder.triton_models.imaging import PreprocessParams, preprocess
+    from builder.triton_models.imaging import ImageError, PreprocessParams, preprocess
 
     params = PreprocessParams.from_timm(model.data_config)
-    tensors = []
-    if images_dir:
-        files = sorted(p for p in Path(images_dir).rglob("*") if p.is_file())
+    if images_dir is None:
+        source = "noise:seed=0"
+        inputs = np.random.default_rng(0).standard_normal((count, *contract.pixels.dims), dtype=np.float32)
+        log.warning("reference/calibration data is Gaussian NOISE (asked for with --noise); plan parity and INT8 "
+                    "calibration on noise say little about real photos")
+    else:
+        folder = Path(images_dir)
+        if not folder.exists():
+            raise BuilderError(f"images: {images_dir} does not exist; pass a folder of photos "
+                               "(or --noise to use random data on purpose)")
+        files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
+        tensors = []
         for path in files:
             try:
                 tensors.append(preprocess(path.read_bytes(), params))
-            except ValueError:
+            except ImageError:
                 log.warning("skipping %s: not an image", path)
-    if tensors:
+        if not tensors:
+            raise BuilderError(f"images: {images_dir} holds no decodable image ({len(files)} files); pass a folder "
+                               "of JPEG/PNG photos (or --noise to use random data on purpose)")
+        source = f"images:{folder.resolve()} ({len(tensors)} files)"
         base = np.stack(tensors)
-        flipped = base[..., ::-1]
-        pool = np.concatenate([base, flipped])
+        pool = np.concatenate([base, base[..., ::-1]])  # horizontal flips double the distinct inputs
         inputs = np.ascontiguousarray(np.resize(pool, (count, *pool.shape[1:])).astype(np.float32))
-    else:
-        inputs = np.random.default_rng(0).standard_normal((count, *contract.pixels.dims), dtype=np.float32)
     if calibration_path:
         np.save(calibration_path, inputs)
+        Path(str(calibration_path) + ".json").write_text(json.dumps({"source": source}) + "\n", encoding="utf-8")
     if reference_path:
         with torch.no_grad():
             logits = np.concatenate([model.module(torch.from_numpy(inputs[i:i + 32])).numpy()
                                      for i in range(0, len(inputs), 32)])
-        np.savez(reference_path, inputs=inputs, logits=logits)
-    log.info("wrote reference data for %d inputs", len(inputs))
+        np.savez(reference_path, inputs=inputs, logits=logits, source=np.array(source))
+    log.info("wrote reference data for %d inputs from %s", len(inputs), source)
+    return source

@@ -63,6 +63,33 @@ def _load_checkpoint(path: str) -> Dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _own_input_size(module, data_config: Dict[str, Any], source: ModelSource) -> Dict[str, Any]:
+    """The data config for the size the model was built for (kwargs such as img_size change it).
+
+    timm resolves the data config from the pretrained config, which keeps the
+    default size; the preprocessing must produce what the model takes.
+
+    Raises:
+        BuilderError: The model does not run on that size (e.g. a size its windows do not divide).
+    """
+    import torch
+
+    size = getattr(getattr(module, "patch_embed", None), "img_size", None)
+    if size is not None and tuple(size) != tuple(data_config["input_size"][1:]):
+        log.info("model_kwargs set the input size to %s (timm's data config says %s)", tuple(size),
+                 tuple(data_config["input_size"][1:]))
+        data_config = {**data_config, "input_size": (3, *(int(v) for v in size))}
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, *data_config["input_size"]))
+    except Exception as exc:
+        raise BuilderError(f"model_kwargs: {source.model_name} with {source.model_kwargs} does not run on its "
+                           f"input size {tuple(data_config['input_size'][1:])} "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                           "change img_size or window_size") from None
+    return data_config
+
+
 def load_model(source: ModelSource) -> LoadedModel:
     """Creates the timm model named by `source` with its weights.
 
@@ -117,4 +144,5 @@ def load_model(source: ModelSource) -> LoadedModel:
     if num_classes < 1:
         raise BuilderError("model_kwargs: num_classes is 0 (a feature extractor); "
                            "the repository needs a classifier head")
+    data_config = _own_input_size(module, data_config, source)
     return LoadedModel(module, data_config, num_classes, weights, _class_names(num_classes))

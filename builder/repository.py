@@ -14,18 +14,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Optional
 
 from builder import configs
 from builder.contract import Contract
 from builder.errors import BuilderError
 from builder.meta import package_versions
+from builder.output import MANIFEST, check_output, clean_stale, staging_dir, swap_into_place
 from builder.settings import TRITON_RELEASE, TRITON_VERSION, Batching, RepoSettings
 
 log = logging.getLogger("builder")
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
-MANIFEST = "manifest.json"
 
 
 def file_hashes(root: Path) -> Dict[str, str]:
@@ -111,29 +111,6 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         configs.write(config, model_dir)
 
 
-@contextmanager
-def staging_dir(output: Path) -> Iterator[Path]:
-    """A fresh folder beside `output` (same filesystem, so renames are atomic); removed on failure."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.staging-", dir=output.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def swap_into_place(staging: Path, output: Path) -> None:
-    """Replaces `output` with `staging` by two renames; the old tree is removed after."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}-{int(time.time())}")
-        os.rename(output, old)
-    os.rename(staging, output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _version_entry(settings: RepoSettings, model, parity: Dict[str, float]) -> Dict:
     return {"version": settings.version, "created_unix_s": int(time.time()), "weights": model.weights,
             "timm_name": settings.source.model_name, "flavor": settings.flavor, "plan": bool(settings.plan),
@@ -180,28 +157,25 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
     from builder.model import load_model
     from builder.triton_models.imaging import PreprocessParams
 
-    output = Path(settings.output).resolve()
+    # Everything about the output is checked before the model loads: a bad path fails in a second.
+    output = check_output(Path(settings.output), replace=not add_version)
+    clean_stale(output)
     previous = None
     if add_version:
         previous = read_manifest(output)
-        if previous["contract"]["ensemble"] != settings.model_name:
-            raise BuilderError(f"name: the repository serves {previous['contract']['ensemble']!r}, not "
-                               f"{settings.model_name!r}; add versions of the same ensemble")
-        existing = _existing_versions(output / Contract.named(settings.model_name).classifier)
-        settings = dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
-        log.info("adding version %d to %s", settings.version, output)
+        settings = _same_repository(settings, previous, output)
     started = time.perf_counter()
-    log.info("[1/5] loading %s", settings.source.model_name)
-    model = load_model(settings.source)
-    _, height, width = model.data_config["input_size"]
-    contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes, settings.top_k)
-    if settings.top_k > model.num_classes:
-        raise BuilderError(f"top_k: {settings.top_k} is more than the model's {model.num_classes} classes")
-    try:
-        params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
-    except ValueError as exc:
-        raise BuilderError(f"preprocessing: {exc}") from None
     with staging_dir(output) as staging:
+        log.info("[1/5] loading %s", settings.source.model_name)
+        model = load_model(settings.source)
+        _, height, width = model.data_config["input_size"]
+        contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes, settings.top_k)
+        if settings.top_k > model.num_classes:
+            raise BuilderError(f"top_k: {settings.top_k} is more than the model's {model.num_classes} classes")
+        try:
+            params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
+        except ValueError as exc:
+            raise BuilderError(f"preprocessing: {exc}") from None
         onnx_file = staging / "model.onnx"
         log.info("[2/5] exporting ONNX")
         export_onnx(model, contract, onnx_file, settings.opset)
@@ -222,6 +196,20 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
             swap_into_place(staging, output)
     log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
     return output
+
+
+def _same_repository(settings: RepoSettings, previous: dict, output: Path) -> RepoSettings:
+    """The settings of a version added to `output`: same ensemble and flavor, next version number."""
+    if previous["contract"]["ensemble"] != settings.model_name:
+        raise BuilderError(f"name: the repository serves {previous['contract']['ensemble']!r}, not "
+                           f"{settings.model_name!r}; add versions of the same ensemble")
+    if previous["flavor"] != settings.flavor:
+        raise BuilderError(f"flavor: {output} is a {previous['flavor']} repository and the new version would be "
+                           f"{settings.flavor}; one repository serves one flavor: pass --flavor "
+                           f"{previous['flavor']} (or leave it out), or build a new repository")
+    existing = _existing_versions(output / Contract.named(settings.model_name).classifier)
+    log.info("adding version %d to %s", (max(existing) if existing else 0) + 1, output)
+    return dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
 
 
 def _move_version_in(staging: Path, output: Path, contract: Contract, version: int) -> None:
@@ -273,8 +261,11 @@ def _plan_parity(settings: RepoSettings) -> Dict:
     sidecar = Path(settings.plan).with_name("plan.json") if settings.plan else None
     if sidecar is None or not sidecar.is_file():
         return {}
-    figures = json.loads(sidecar.read_text(encoding="utf-8")).get("parity")
-    return {"tensorrt_vs_pytorch": figures} if figures else {}
+    info = json.loads(sidecar.read_text(encoding="utf-8"))
+    figures = {"tensorrt_vs_pytorch": info["parity"]} if info.get("parity") else {}
+    if info.get("calibration_source"):  # INT8 calibrated on photos, or on noise asked for on purpose
+        figures["tensorrt_calibration_source"] = info["calibration_source"]
+    return figures
 
 
 def read_manifest(root: Path) -> dict:

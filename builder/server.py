@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,6 +173,7 @@ class LocalServer:
         if self.running_pid():
             raise BuilderError(f"a tritonserver started from {self.workdir} is already running "
                                f"(pid {self.running_pid()}); stop it with `make stop`")
+        self._check_ports()
         cmd = self.command()
         log.info("starting tritonserver: %s", " ".join(cmd))
         with self.log_path.open("wb") as logfile:
@@ -197,6 +199,27 @@ class LocalServer:
                 f"the local tritonserver has only the {', '.join(sorted(available))} backend, but "
                 f"{', '.join(f'{m} needs {b}' for m, b in missing)}; this is the `container` flavor: build "
                 "`make repo FLAVOR=local` to serve here, or serve this one in NVIDIA's tritonserver container")
+
+    def _check_ports(self) -> None:
+        """Refuses ports another process holds: its answers would look like ours."""
+        s = self.settings
+        for flag, port in (("--http-port", s.http_port), ("--grpc-port", s.grpc_port),
+                           ("--metrics-port", s.metrics_port)):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like tritonserver: TIME_WAIT is free
+                try:
+                    sock.bind(("0.0.0.0", port))
+                except OSError:
+                    raise BuilderError(f"port {port} is in use by another process; stop it, or pass another "
+                                       f"{flag} (make serve {flag[2:].replace('-', '_').upper()}=...)") from None
+
+    def _started_services(self) -> bool:
+        """True once our own server's log says its HTTP service listens on our port."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return f"Started HTTPService at 0.0.0.0:{self.settings.http_port}" in text
 
     def running_pid(self) -> Optional[int]:
         """The pid in the pid file if that process is alive, else None."""
@@ -229,7 +252,9 @@ class LocalServer:
             if self.process is not None and self.process.poll() is not None:
                 raise BuilderError(f"tritonserver exited with code {self.process.returncode} while starting; "
                                    f"log {self.log_path}:\n{self.log_tail()}")
-            if self.is_ready():
+            # Readiness counts only from the process we started, once its own log shows it listening:
+            # another server on the port would answer the probe too.
+            if self._started_services() and self.is_ready() and (self.process is None or self.process.poll() is None):
                 log.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
                 return
             time.sleep(0.5)

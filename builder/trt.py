@@ -396,6 +396,7 @@ def build_plan(options: PlanOptions) -> Dict:
         "plan_sha256": _sha256(options.plan),
         "layer_precisions": layers.get("precisions", {}),
         "parity": parity,
+        "calibration_source": _calibration_source(options.calibration),
         "options": asdict(options),
     }
     with open(os.path.join(os.path.dirname(os.path.abspath(options.plan)), "plan.json"), "w") as f:
@@ -513,6 +514,17 @@ class PlanRunner:
                 "throughput_img_per_s": float(batch * 1000.0 / samples_ms.mean()), "iterations": iterations}
 
 
+def _calibration_source(path: Optional[str]) -> Optional[str]:
+    """What a calibration .npy holds, from the `<path>.json` that `builder export` writes beside it."""
+    if not path:
+        return None
+    try:
+        with open(path + ".json", encoding="utf-8") as f:
+            return json.load(f).get("source", "unrecorded")
+    except (OSError, ValueError):
+        return "unrecorded"
+
+
 def validate_plan(plan: str, reference: str, max_abs: float, min_cosine: float, min_top1: float) -> Dict[str, float]:
     """Runs the plan on the reference inputs and compares with the reference logits.
 
@@ -536,6 +548,8 @@ def validate_plan(plan: str, reference: str, max_abs: float, min_cosine: float, 
         outputs.append(result[runner.outputs[0]].astype(np.float32))
     figures = compare_logits(data["logits"], np.concatenate(outputs))
     problems = check_parity(figures, max_abs, min_cosine, min_top1)
+    # What the inputs were (real photos or noise asked for on purpose), carried into the sidecar and manifest.
+    figures["inputs"] = str(data["source"]) if "source" in data.files else "unrecorded"
     if problems:
         raise BuilderError(f"{plan} fails parity: " + "; ".join(problems))
     return figures

@@ -2,8 +2,9 @@
 
   python -m clients classify --url localhost:8001 --protocol grpc [--top-k 5] [--json] PATH...
 
-PATHs are image files or folders (searched recursively). Prints a table, or
-JSON lines with --json; exits 1 when any image failed, listing the failures.
+PATHs are image files or folders (searched recursively). Prints a row (or a
+JSON line with --json) per image as its answer arrives, in completion order;
+exits 1 when any image failed, listing the failures at the end.
 """
 
 from __future__ import annotations
@@ -74,24 +75,27 @@ def _classify(args) -> int:
             shared_memory=args.shared_memory)
         from tqdm import tqdm
 
+        failed = []
         with Classifier(settings) as client, tqdm(total=len(files), unit="img", file=sys.stderr,
                                                   disable=len(files) < PROGRESS_FROM) as bar:
             if args.wait:
                 client.wait_until_ready(args.wait)
-            results = client.classify([str(f) for f in files], top_k=args.top_k, progress=bar.update)
+            # Each answer is printed as it arrives: a server lost at image 72 keeps the 71 before it.
+            for _, result in client.iter_classify([str(f) for f in files], top_k=args.top_k):
+                bar.update(1)
+                if not result.ok:
+                    failed.append(result)
+                if args.json:
+                    print(json.dumps({"source": result.source, "error": result.error,
+                                      "predictions": [{"index": p.index, "label": p.label, "score": round(p.score, 6)}
+                                                      for p in result.predictions]}), flush=True)
+                else:
+                    print(_row(result, args.top_k), flush=True)
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for result in results:
-        if args.json:
-            print(json.dumps({"source": result.source, "error": result.error,
-                              "predictions": [{"index": p.index, "label": p.label, "score": round(p.score, 6)}
-                                              for p in result.predictions]}))
-        else:
-            print(_row(result, args.top_k))
-    failed = [r for r in results if not r.ok]
     if failed:
-        print(f"{len(failed)} of {len(results)} images failed:", file=sys.stderr)
+        print(f"{len(failed)} of {len(files)} images failed:", file=sys.stderr)
         for r in failed:
             print(f"  {r.source}: {r.error}", file=sys.stderr)
         return 1

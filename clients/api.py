@@ -23,10 +23,10 @@ import random
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -59,9 +59,9 @@ class ClientSettings:
         max_batch: Images per request.
         concurrency: Requests in flight.
         ssl: Use TLS.
-        root_certificates: CA bundle path (gRPC) for TLS.
-        private_key: Client key path (gRPC mutual TLS).
-        certificate_chain: Client certificate path (gRPC mutual TLS).
+        root_certificates: CA bundle path for TLS (both protocols).
+        private_key: Client key path (mutual TLS, both protocols).
+        certificate_chain: Client certificate path (mutual TLS, both protocols).
         insecure: HTTP TLS without certificate verification.
         headers: Extra request headers, e.g. (("authorization", "Bearer ..."),).
         shared_memory: Send inputs through `system` or `cuda` shared memory
@@ -111,6 +111,18 @@ class ClientSettings:
             fail("max_batch", "max_batch and concurrency must be >= 1", "e.g. max_batch=8, concurrency=4")
         if self.protocol == "http" and self.grpc_channel_args:
             fail("grpc_channel_args", "given for http", "use them with protocol='grpc'")
+        for name in ("root_certificates", "private_key", "certificate_chain"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            if not self.ssl:
+                fail(name, "given without ssl", "turn TLS on (ssl=True, --ssl) or leave it out")
+            if not os.path.isfile(path):
+                fail(name, f"{path!r} does not exist", "pass the path of a PEM file")
+        if (self.private_key is None) != (self.certificate_chain is None):
+            fail("private_key", "mutual TLS needs both private_key and certificate_chain", "pass both or neither")
+        if self.insecure and self.protocol == "grpc":
+            fail("insecure", "is for HTTP", "with gRPC, pass root_certificates for a private CA")
 
     @classmethod
     def load_balanced(cls, url: str, **kwargs) -> "ClientSettings":
@@ -315,18 +327,27 @@ def _make_client(settings: ClientSettings, aio: bool = False):
             private_key=settings.private_key, certificate_chain=settings.certificate_chain,
             channel_args=_channel_args(settings))
     if aio:
-        import ssl as ssl_module
-
-        context = None
-        if settings.ssl:
-            context = ssl_module.create_default_context(cafile=settings.root_certificates)
-            if settings.insecure:
-                context.check_hostname, context.verify_mode = False, ssl_module.CERT_NONE
         return module.InferenceServerClient(settings.url, conn_timeout=settings.connect_timeout_s,
-                                            ssl=settings.ssl, ssl_context=context)
+                                            ssl=settings.ssl, ssl_context=_ssl_context(settings, "ssl"))
+    factory = (lambda: _ssl_context(settings, "gevent.ssl")) if settings.ssl else None
     return module.InferenceServerClient(settings.url, connection_timeout=settings.connect_timeout_s,
                                         network_timeout=settings.timeout_s, ssl=settings.ssl,
-                                        insecure=settings.insecure)
+                                        ssl_context_factory=factory, insecure=settings.insecure)
+
+
+def _ssl_context(settings: ClientSettings, module_name: str):
+    """The HTTP clients' TLS context: the CA bundle, the client certificate, verification unless insecure."""
+    if not settings.ssl:
+        return None
+    import importlib
+
+    ssl_module = importlib.import_module(module_name)  # gevent.ssl for the gevent-based sync client
+    context = ssl_module.create_default_context(cafile=settings.root_certificates)
+    if settings.certificate_chain:
+        context.load_cert_chain(settings.certificate_chain, settings.private_key)
+    if settings.insecure:
+        context.check_hostname, context.verify_mode = False, ssl_module.CERT_NONE
+    return context
 
 
 def _infer_kwargs(settings: ClientSettings) -> Dict[str, Any]:
@@ -396,15 +417,24 @@ def _image_input(module, images: Sequence[bytes]):
     return tensor, array
 
 
-def _load_all(images: Sequence[ImageLike]) -> Tuple[List[Tuple[int, Tuple[str, bytes]]], Dict[int, Classification]]:
-    """Loads every input; unreadable ones become failed Classifications at their position."""
+def _source_name(image: ImageLike, position: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"#{position}"
+
+
+def _load_all(images: Sequence[ImageLike], positions: Optional[Sequence[int]] = None
+              ) -> Tuple[List[Tuple[int, Tuple[str, bytes]]], Dict[int, Classification]]:
+    """Loads every input; unreadable ones become failed Classifications at their position.
+
+    Args:
+        images: The inputs.
+        positions: Their positions in the caller's list (default 0..n-1).
+    """
     loaded, failed = [], {}
-    for position, image in enumerate(images):
+    for position, image in zip(positions if positions is not None else range(len(images)), images):
         try:
             loaded.append((position, load_image(image, position)))
         except ClientError as exc:
-            source = str(image) if isinstance(image, (str, os.PathLike)) else f"#{position}"
-            failed[position] = Classification(source, error=str(exc))
+            failed[position] = Classification(_source_name(image, position), error=str(exc))
     return loaded, failed
 
 
@@ -565,18 +595,69 @@ class Classifier:
                 Request-level failures (not a bad image, which is reported in
                 its Classification).
         """
-        loaded, results = _load_all(images)
-
-        def run(indices):
-            chunk = [loaded[i][1] for i in indices]
-            out = self._classify_chunk(chunk, top_k, return_logits)
+        results: Dict[int, Classification] = {}
+        for position, result in self.iter_classify(images, top_k, return_logits, raise_errors=True):
+            results[position] = result
             if progress:
-                progress(len(out))
-            return [(loaded[i][0], r) for i, r in zip(indices, out)]
-
-        for part in self._pool.map(run, self._engine.chunks([x for _, x in loaded])):
-            results.update(part)
+                progress(1)
         return [results[i] for i in range(len(images))]
+
+    def iter_classify(self, images: Sequence[ImageLike], top_k: int = 5, return_logits: bool = False,
+                      raise_errors: bool = False) -> Iterator[Tuple[int, Classification]]:
+        """Yields (position, result) for each image as its request finishes.
+
+        Files are read when their request is built, not all up front, and at
+        most `2 * concurrency` requests are queued. A request-level failure
+        (server gone after the retries, timeout, unknown model) stops the run:
+        with `raise_errors` it is raised; otherwise every image not answered
+        yet is yielded as failed with that error, and the answers already
+        yielded stand.
+
+        Args:
+            images: As for :meth:`classify`.
+            top_k: Classes per image.
+            return_logits: Also return the raw logits.
+            raise_errors: Raise request-level failures instead of reporting them per image.
+        """
+        chunks = self._engine.chunks(list(range(len(images))))
+        pending: Dict[Future, List[int]] = {}
+        done_positions: set = set()
+        next_chunk, fatal = 0, None
+        try:
+            while pending or (next_chunk < len(chunks) and fatal is None):
+                while fatal is None and next_chunk < len(chunks) and len(pending) < 2 * self.settings.concurrency:
+                    chunk = chunks[next_chunk]
+                    pending[self._pool.submit(self._run_positions, images, chunk, top_k, return_logits)] = chunk
+                    next_chunk += 1
+                finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for future in finished:
+                    chunk = pending.pop(future)
+                    try:
+                        answers = future.result()
+                    except ClientError as exc:
+                        fatal = fatal or exc
+                        continue
+                    for position, result in answers:
+                        done_positions.add(position)
+                        yield position, result
+        finally:
+            for future in pending:
+                future.cancel()
+        if fatal is not None:
+            if raise_errors:
+                raise fatal
+            for position in range(len(images)):
+                if position not in done_positions:
+                    yield position, Classification(_source_name(images[position], position),
+                                                   error=f"not classified: {fatal}")
+
+    def _run_positions(self, images, positions, top_k: int, want_logits: bool) -> List[Tuple[int, Classification]]:
+        loaded, failed = _load_all([images[i] for i in positions], positions)
+        answers = list(failed.items())
+        if loaded:
+            out = self._classify_chunk([item for _, item in loaded], top_k, want_logits)
+            answers += [(position, result) for (position, _), result in zip(loaded, out)]
+        return answers
 
     def close(self) -> None:
         """Releases shared memory regions and connections."""

@@ -30,22 +30,69 @@ def _words(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+ENGINES = ("torch", "onnxruntime", "tensorrt")
+
+
+def _bare_inputs(args):
+    """Resolves the ONNX file and timm model from the repository when they are not given."""
+    from pathlib import Path
+
+    from builder.errors import BuilderError
+
+    unknown = [e for e in args.engines if e not in ENGINES]
+    if unknown or not args.engines:
+        raise BuilderError(f"engines: {', '.join(unknown) or 'none'} unknown; use a comma list of {', '.join(ENGINES)}")
+    if "tensorrt" in args.engines and not args.plans:
+        raise BuilderError("plans: the tensorrt engine needs --plans model.plan[,other.plan]")
+    for plan in args.plans:
+        if not Path(plan).is_file():
+            raise BuilderError(f"plans: {plan} does not exist; build one with `python -m builder.trt build`")
+    manifest = {}
+    repository = Path(args.repository)
+    if (repository / "manifest.json").is_file():
+        from builder.repository import read_manifest
+
+        manifest = read_manifest(repository)
+    model, kwargs = args.model, args.model_kwargs
+    if model is None:
+        model = manifest.get("model", {}).get("timm_name", "swin_tiny_patch4_window7_224")
+        kwargs = kwargs or json.dumps(manifest.get("model", {}).get("kwargs", {}))
+    onnx = args.onnx
+    if "onnxruntime" in args.engines and onnx is None:
+        if not manifest:
+            raise BuilderError(f"onnx: no --onnx given and {repository} is not a model repository; run `make repo` "
+                               "or pass --onnx model.onnx")
+        classifier = manifest["contract"]["models"][1]
+        onnx = str(repository / classifier / str(manifest["model_version"]) / "model.onnx")
+    if onnx is not None and not Path(onnx).is_file():
+        raise BuilderError(f"onnx: {onnx} does not exist; pass the model.onnx to time")
+    try:
+        kwargs = json.loads(kwargs or "{}")
+    except json.JSONDecodeError as exc:
+        raise BuilderError(f"model_kwargs: not valid JSON ({exc.msg})") from None
+    return model, kwargs, onnx
+
+
 def _cmd_bare(args) -> int:
     from perf import bare
     from perf.environment import describe, write_json
 
+    model, kwargs, onnx = _bare_inputs(args)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     if "torch" in args.engines:
-        rows += bare.bench_torch(args.model, json.loads(args.model_kwargs), args.batches, args.device,
-                                 args.warmup, args.iterations, args.compile)
+        rows += bare.bench_torch(model, kwargs, args.batches, device, args.warmup, args.iterations, args.compile)
     if "onnxruntime" in args.engines:
-        if not args.onnx:
-            raise SystemExit("error: --onnx is needed for the onnxruntime engine")
-        rows += bare.bench_onnxruntime(args.onnx, args.batches, args.warmup, args.iterations)
+        rows += bare.bench_onnxruntime(onnx, args.batches, args.warmup, args.iterations)
     if "tensorrt" in args.engines:
         for plan in args.plans:
             rows += bare.bench_tensorrt(plan, args.batches, args.warmup, args.iterations)
-    payload = {"kind": "bare", "environment": describe({"model": args.model, "model_kwargs": args.model_kwargs}),
+    payload = {"kind": "bare", "environment": describe({"model": model, "model_kwargs": kwargs, "onnx": onnx,
+                                                        "device": device}),
                "results": rows}
     print(write_json(args.output, payload))
     return 0
@@ -59,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bare", help="time the classifier without a server")
     b.add_argument("--engines", type=_words, default=["onnxruntime"], help="torch,onnxruntime,tensorrt")
-    b.add_argument("--model", default="swin_tiny_patch4_window7_224")
-    b.add_argument("--model-kwargs", default="{}")
-    b.add_argument("--onnx", default=None)
+    b.add_argument("--repository", default="model_repository",
+                   help="where the ONNX file and timm model come from when --onnx/--model are not given")
+    b.add_argument("--model", default=None, help="timm model for the torch engine (default: the repository's)")
+    b.add_argument("--model-kwargs", default=None)
+    b.add_argument("--onnx", default=None, help="default: the repository's classifier model.onnx")
     b.add_argument("--plans", type=_words, default=[])
-    b.add_argument("--device", default="cuda")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     b.add_argument("--compile", action="store_true", help="also torch.compile FP16")
     b.add_argument("--batches", type=_ints, default=[1, 8, 32])
     b.add_argument("--warmup", type=int, default=10)

@@ -117,4 +117,5 @@ def add_commands(sub, ints, words) -> None:
     t.add_argument("--max-batch-sizes", type=ints, default=[32])
     t.add_argument("--p99-budget-ms", type=float, default=100.0)
     t.add_argument("--write", action="store_true", help="write the winner into the repository config")
-    t.set_defaults(func=_cmd_tune)
+    # The tuned model is the classifier: measure it directly (tensor input, no photos needed).
+    t.set_defaults(func=_cmd_tune, models=["classifier"])

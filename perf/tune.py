@@ -78,6 +78,7 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
     base = configs.read(path)
     ensemble_mbs = _ensemble_max_batch(Path(repository), model)
     client = httpclient.InferenceServerClient(sweep.http_url)
+    _require_explicit_mode(client, model, sweep.http_url)
     results = []
     try:
         for index, candidate in enumerate(grid, 1):
@@ -111,6 +112,23 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
         _write_config(path, winner.apply(base))
         log.info("wrote the best candidate into %s", path)
     return {"best": best, "p99_budget_ms": p99_budget_ms, "model": model, "results": results}
+
+
+def _require_explicit_mode(client, model: str, url: str) -> None:
+    """Tuning reloads the model with config overrides: only a server in explicit mode allows it."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        client.load_model(model)  # a no-op reload of the repository's own config
+    except InferenceServerException as exc:
+        text = exc.message() or str(exc)
+        if "explicit model load / unload is not allowed" in text or "not allowed" in text:
+            raise BuilderError(f"the server at {url} does not allow model loads ({text.strip()}); start it in "
+                               "explicit model-control mode: `make serve MODEL_CONTROL=explicit`") from None
+        raise BuilderError(f"the server at {url} refused to load {model}: {text.strip()}") from None
+    except Exception as exc:  # connection refused and friends
+        raise BuilderError(f"no server answers at {url} ({type(exc).__name__}); start one with "
+                           "`make serve MODEL_CONTROL=explicit`") from None
 
 
 def _ensemble_max_batch(repository: Path, model: str) -> int:

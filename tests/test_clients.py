@@ -174,11 +174,67 @@ def test_retries_recover_across_a_server_restart(local_repo, contract, photos, t
     assert all(o is True for o in outcomes), [o for o in outcomes if o is not True][:3]
 
 
-def test_tls_grpc(local_repo, contract, photos, tmp_path):
+def test_tls_settings_are_checked(tmp_path):
+    with pytest.raises(SettingsError, match="root_certificates: 'missing.pem' does not exist"):
+        ClientSettings(ssl=True, root_certificates="missing.pem")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    for protocol in ("grpc", "http"):
+        with pytest.raises(SettingsError, match="root_certificates: given without ssl"):
+            ClientSettings(url="localhost:8000", protocol=protocol, root_certificates=str(ca))
+    with pytest.raises(SettingsError, match="needs both"):
+        ClientSettings(ssl=True, private_key=str(ca))
+    result = _cli("classify", "--ssl", "--root-certificates", "missing.pem", str(ca))
+    assert result.returncode == 1 and "does not exist" in result.stderr and "unavailable" not in result.stderr
+
+
+def _https_stub(cert, key):
+    """An HTTPS server that answers Triton's readiness endpoints (tritonserver's HTTP has no TLS of its own)."""
+    import http.server
+    import ssl
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def _self_signed(tmp_path):
     key, cert = tmp_path / "server.key", tmp_path / "server.crt"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
                     "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
+    return key, cert
+
+
+def test_tls_http_honours_root_certificates(tmp_path):
+    key, cert = _self_signed(tmp_path)
+    httpd = _https_stub(str(cert), str(key))
+    url = f"localhost:{httpd.server_address[1]}"
+    try:
+        trusted = ClientSettings(url=url, protocol="http", ssl=True, root_certificates=str(cert))
+        with Classifier(trusted) as client:
+            client.wait_until_ready(10)  # verified against the given CA
+        untrusted = ClientSettings(url=url, protocol="http", ssl=True, retries=0)
+        with Classifier(untrusted) as client, pytest.raises(RequestTimeout, match="CERTIFICATE_VERIFY_FAILED"):
+            client.wait_until_ready(2)  # the system CAs do not know this certificate
+    finally:
+        httpd.shutdown()
+
+
+def test_tls_grpc(local_repo, contract, photos, tmp_path):
+    key, cert = _self_signed(tmp_path)
     ports = free_ports(3)
     server = _start(local_repo, ports, tmp_path / "srv", ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}",
                                                          f"--grpc-server-key={key}"])
@@ -216,7 +272,38 @@ def test_cli_folder_json_and_failures(server, contract, photo_paths, tmp_path):
     assert "1 of 4 images failed" in bad.stderr and "broken.png" in bad.stderr
     assert bad.stdout.count("\n") == 4 and "ERROR" in bad.stdout and "Traceback" not in bad.stderr
     down = _cli("classify", "--url", f"localhost:{free_ports(1)[0]}", "--retries", "0", str(photo_paths[0]))
-    assert down.returncode == 1 and down.stderr.startswith("error: server unavailable")
+    assert down.returncode == 1 and "1 of 1 images failed" in down.stderr
+    assert "not classified: server unavailable" in down.stdout and "Traceback" not in down.stderr
+
+
+def test_cli_keeps_answers_when_the_server_goes_away(local_repo, contract, photo_paths, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(60):
+        shutil.copy(photo_paths[i % 3], folder / f"{i:03d}{photo_paths[i % 3].suffix}")
+    ports = free_ports(3)
+    server = _start(local_repo, ports, tmp_path / "srv")
+    proc = subprocess.Popen([sys.executable, "-m", "clients", "classify", "--url", f"localhost:{ports[1]}",
+                             "--model", contract.ensemble, "--json", "--max-batch", "1", "--concurrency", "1",
+                             "--retries", "0", str(folder)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:  # answers arrive one by one, before the run ends
+            lines.append(json.loads(line))
+            if len(lines) == 5:
+                break
+    finally:
+        server.stop()
+    rest, err = proc.communicate(timeout=120)
+    lines += [json.loads(line) for line in rest.splitlines()]
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert sorted(x["source"] for x in lines) == sorted(str(p) for p in folder.iterdir())  # each image once
+    answered = [x for x in lines if x["error"] is None]
+    assert len(answered) >= 5 and all(len(x["predictions"]) == 5 for x in answered)
+    failed = [x for x in lines if x["error"]]
+    assert failed and all(x["error"].startswith("not classified") for x in failed)
+    assert f"{len(failed)} of 60 images failed" in err
 
 
 def test_raw_http_with_curl(server, contract, photo_paths, photos, timm_reference):
