@@ -15,6 +15,8 @@ FLAVOR ?=
 MAX_BATCH ?= 32
 PREFERRED ?=
 QUEUE_DELAY_US ?= 100
+MAX_QUEUE ?= 256
+QUEUE_TIMEOUT_US ?= 0
 INSTANCES ?= 1
 MODEL_KWARGS ?= {}
 REPO ?= model_repository
@@ -56,7 +58,7 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 repo: $(STAMP)
 	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) $(if $(FLAVOR),--flavor $(FLAVOR)) \
 	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
-	  --max-queue-delay-us $(QUEUE_DELAY_US) --instance-count $(INSTANCES) --model-kwargs '$(MODEL_KWARGS)' \
+	  --max-queue-delay-us $(QUEUE_DELAY_US) --max-queue-size $(MAX_QUEUE) --queue-timeout-us $(QUEUE_TIMEOUT_US) --instance-count $(INSTANCES) --model-kwargs '$(MODEL_KWARGS)' \
 	  --version-policy $(VERSION_POLICY) $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
 
 check: $(STAMP)

@@ -49,6 +49,11 @@ def _add_repo(sub) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--preferred-batch-sizes", type=_ints, default=(), help="e.g. 8,16,32")
     p.add_argument("--max-queue-delay-us", type=int, default=100)
+    p.add_argument("--max-queue-size", type=int, default=256,
+                   help="requests queued per model before new ones are rejected at once (0: unbounded)")
+    p.add_argument("--queue-timeout-us", type=int, default=0,
+                   help="reject requests queued longer than this (0: no timeout)")
+    p.add_argument("--priority-levels", type=int, default=0, help="request priority levels (0: none)")
     p.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
                    help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
     p.add_argument("--instance-count", type=int, default=1, help="classifier instances per device")
@@ -78,12 +83,14 @@ def _cmd_repo(args) -> int:
 
         flavor = read_manifest(Path(args.output)).get("flavor", flavor)
     kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
+    queue = (args.max_queue_size, args.queue_timeout_us, args.priority_levels)
     settings = s.RepoSettings(
         source=s.ModelSource(args.model or s.DEFAULT_MODEL, args.pretrained, args.checkpoint,
                              args.model_kwargs, args.seed),
         output=args.output, flavor=flavor, name=args.name, top_k=args.top_k, opset=args.opset,
-        classifier_batching=s.Batching(args.max_batch_size, args.preferred_batch_sizes, args.max_queue_delay_us),
-        preprocess_batching=s.Batching(args.max_batch_size, (), args.max_queue_delay_us),
+        classifier_batching=s.Batching(args.max_batch_size, args.preferred_batch_sizes, args.max_queue_delay_us,
+                                       *queue),
+        preprocess_batching=s.Batching(args.max_batch_size, (), args.max_queue_delay_us, *queue),
         classifier_instances=s.InstanceGroup(kind, args.instance_count, args.gpus),
         preprocess_instances=s.InstanceGroup("KIND_CPU", args.preprocess_instances),
         parity=s.Parity(args.max_abs, args.min_cosine),
@@ -213,12 +220,15 @@ def _server_args(p) -> None:
 
 
 def _server(args):
-    from builder.server import LocalServer, ServerSettings
+    from builder.server import LocalServer, ServerSettings, admin_key
 
+    # Model control is always locked behind the admin key ($TRITON_ADMIN_KEY or one made in the workdir).
+    key = admin_key(args.workdir, create=True) if args.command == "serve" else None
     return LocalServer(ServerSettings(
         repository=args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
-        model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2)))
+        model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2),
+        admin_key=key))
 
 
 def _cmd_serve(args) -> int:

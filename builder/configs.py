@@ -55,6 +55,15 @@ def _dynamic_batching(config: mc.ModelConfig, batching: Batching) -> None:
     config.dynamic_batching.SetInParent()
     config.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    if batching.max_queue_size or batching.queue_timeout_us:
+        policy = config.dynamic_batching.default_queue_policy
+        policy.timeout_action = mc.ModelQueuePolicy.TimeoutAction.REJECT  # proto3's zero: not in the text
+        policy.default_timeout_microseconds = batching.queue_timeout_us
+        policy.allow_timeout_override = True  # a client may ask for a shorter deadline, never a longer queue
+        policy.max_queue_size = batching.max_queue_size
+    if batching.priority_levels:
+        config.dynamic_batching.priority_levels = batching.priority_levels
+        config.dynamic_batching.default_priority_level = batching.priority_levels  # unmarked requests go last
 
 
 def _parameters(config: mc.ModelConfig, parameters: Mapping[str, str]) -> None:
@@ -179,10 +188,19 @@ def write(config: mc.ModelConfig, model_dir: Path) -> Path:
     return path
 
 
+def read_text(text: str) -> mc.ModelConfig:
+    """Parses config.pbtxt text.
+
+    Raises:
+        google.protobuf.text_format.ParseError: Unknown fields or bad syntax.
+    """
+    return text_format.Parse(text, mc.ModelConfig())
+
+
 def read(path: Path) -> mc.ModelConfig:
     """Parses a config.pbtxt file.
 
     Raises:
         google.protobuf.text_format.ParseError: Unknown fields or bad syntax.
     """
-    return text_format.Parse(Path(path).read_text(encoding="utf-8"), mc.ModelConfig())
+    return read_text(Path(path).read_text(encoding="utf-8"))

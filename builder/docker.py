@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict
 
 from builder.contract import Contract
+from builder.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
 from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -23,7 +24,9 @@ def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16") -> Dict:
     return {"release": TRITON_RELEASE, "triton_version": TRITON_VERSION, "tensorrt_version": TENSORRT_VERSION,
             "pillow_version": PILLOW_VERSION, "http_port": 8000, "grpc_port": 8001, "metrics_port": 8002,
             "repository": "model_repository", "classifier": Contract.named(model_name).classifier,
-            "precision": precision}
+            "precision": precision,
+            # Model control locked as in `make serve`: the key comes from the environment, never the files.
+            "restricted": f"{','.join(RESTRICTED)}:{ADMIN_HEADER}", "admin_key_env": ADMIN_KEY_ENV}
 
 
 def render(values: Dict) -> Dict[str, str]:

@@ -28,6 +28,39 @@ from builder.errors import BuilderError
 
 log = logging.getLogger("builder")
 MODEL_CONTROL = ("none", "poll", "explicit")
+# Triton's admin APIs that only requests with the admin key may use: loading, unloading and reconfiguring
+# models (model-repository), tracing and log settings. Inference, health, metadata, model configs (read only;
+# generic Triton clients read them) and statistics stay open.
+RESTRICTED = ("model-repository", "trace", "logging")
+ADMIN_HEADER = "triton-admin-key"
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"
+
+
+def admin_headers(key: Optional[str], protocol: str = "http") -> Optional[dict]:
+    """Request headers that carry the admin key (Triton's gRPC server expects its own prefix)."""
+    if not key:
+        return None
+    return {(ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}"): key}
+
+
+def admin_key(workdir: str = ".server", create: bool = False) -> Optional[str]:
+    """The admin key: $TRITON_ADMIN_KEY, else `<workdir>/admin-key` (made, mode 0600, when `create`)."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if key:
+        return key
+    path = Path(workdir) / "admin-key"
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        return None
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
 
 
 @dataclass(frozen=True)
@@ -43,6 +76,8 @@ class ServerSettings:
         model_control: `none`, `poll` (rescan every `poll_seconds`) or `explicit`.
         poll_seconds: Repository poll interval for `poll`.
         load_models: Models to load at start with `explicit` (empty: all).
+        admin_key: When set, the RESTRICTED APIs answer only requests with
+            the header `triton-admin-key: <admin_key>` (HTTP and gRPC).
         extra_args: More tritonserver flags, passed as they are.
     """
 
@@ -54,6 +89,7 @@ class ServerSettings:
     model_control: str = "none"
     poll_seconds: int = 2
     load_models: Tuple[str, ...] = ()
+    admin_key: Optional[str] = None
     extra_args: Tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -149,6 +185,9 @@ class LocalServer:
                "--backend-config=python,shm-default-byte-size=16777216",
                "--backend-config=python,shm-growth-byte-size=16777216",
                "--log-verbose=0"]
+        if s.admin_key:
+            restricted = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}={s.admin_key}"
+            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         if s.model_control == "poll":
             cmd.append(f"--repository-poll-secs={s.poll_seconds}")
         if s.model_control == "explicit":

@@ -77,19 +77,32 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class Batching:
-    """Batch limits and Triton's dynamic batcher for one model.
+    """Batch limits, Triton's dynamic batcher and its queue policy for one model.
 
     Attributes:
         max_batch_size: Largest batch the model accepts (>= 1).
         preferred_batch_sizes: Batch sizes the dynamic batcher aims for.
         max_queue_delay_us: How long a request may wait to be batched.
+        max_queue_size: Requests the queue holds before new ones are
+            rejected at once (0: unbounded). Overload then fails fast
+            instead of growing everyone's latency.
+        queue_timeout_us: A queued request older than this is rejected
+            (0: no timeout); clients may ask for a shorter one.
+        priority_levels: Request priorities the queue honours (0: none);
+            requests without one get the lowest.
     """
 
     max_batch_size: int = 32
     preferred_batch_sizes: Tuple[int, ...] = ()
     max_queue_delay_us: int = 100
+    max_queue_size: int = 0
+    queue_timeout_us: int = 0
+    priority_levels: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("max_queue_size", "queue_timeout_us", "priority_levels"):
+            if getattr(self, name) < 0:
+                _fail(name, "is negative", "use 0 (off) or more")
         if self.max_batch_size < 1:
             _fail("max_batch_size", f"is {self.max_batch_size}",
                   "use 1 or more (every model of the repository batches)")

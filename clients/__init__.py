@@ -6,8 +6,8 @@ paths or arrays and return `Classification` dataclasses; errors are typed
 """
 
 from clients.api import AsyncClassifier, Classification, Classifier, ClientSettings, Prediction
-from clients.errors import (ClientError, InferenceFailed, InvalidImage, ModelNotFound, RequestTimeout,
+from clients.errors import (ClientError, InferenceFailed, InvalidImage, ModelNotFound, Overloaded, RequestTimeout,
                             ServerUnavailable, SettingsError)
 
 __all__ = ["AsyncClassifier", "Classification", "Classifier", "ClientSettings", "Prediction", "ClientError",
-           "InferenceFailed", "InvalidImage", "ModelNotFound", "RequestTimeout", "ServerUnavailable", "SettingsError"]
+           "InferenceFailed", "InvalidImage", "ModelNotFound", "Overloaded", "RequestTimeout", "ServerUnavailable", "SettingsError"]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from builder import contract as C
-from clients.errors import (ClientError, InferenceFailed, InvalidImage, ModelNotFound, RequestTimeout,
+from clients.errors import (ClientError, InferenceFailed, InvalidImage, ModelNotFound, Overloaded, RequestTimeout,
                             ServerUnavailable, SettingsError)
 
 ImageLike = Union[bytes, bytearray, str, os.PathLike, np.ndarray, Any]
@@ -233,6 +233,10 @@ _UNAVAILABLE = ("has no available versions", "not at ready state", "is not ready
                 "Connection reset", "Broken pipe", "Server disconnected", "Cannot connect", "503", "502")
 
 
+# The dynamic batcher's queue policy: queue full, or queued past the timeout (REJECT).
+_OVERLOADED = ("Exceeds maximum queue size", "Request timeout expired")
+
+
 def _status(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
     return str(status() if callable(status) else status or "")
@@ -246,6 +250,8 @@ def to_client_error(exc: BaseException) -> ClientError:
     message = (exc.message() if callable(getattr(exc, "message", None)) else None) or str(exc)
     status = _status(exc)
     text = f"{status} {message} {type(exc).__name__}"
+    if any(s in message for s in _OVERLOADED):  # Triton says UNAVAILABLE; retrying would add to the flood
+        return Overloaded(f"server overloaded: {message}", status)
     if "DEADLINE_EXCEEDED" in text or "Deadline" in text or isinstance(exc, (TimeoutError, asyncio.TimeoutError)) \
             or "timed out" in text or "Timeout" in text:
         return RequestTimeout(f"request timed out: {message}", status)

@@ -25,6 +25,14 @@ class ServerUnavailable(ClientError):
     """The server could not be reached or is not ready (after retries)."""
 
 
+class Overloaded(ClientError):
+    """The server rejected the request because its queue is full or the request waited too long.
+
+    Not retried: sending it again at once only adds load. Back off, shed
+    load, or scale out.
+    """
+
+
 class RequestTimeout(ClientError):
     """A request or the wait for readiness outlasted its timeout."""
 

@@ -66,7 +66,10 @@ def _cmd_tune(args) -> int:
     grid = candidates(args.instance_counts, args.queue_delays_us,
                       [tuple(int(b) for b in s.split("/") if b) for s in args.preferred], args.max_batch_sizes)
     model = args.model or f"{args.name}_classifier"
-    result = tune(args.repository, settings, model, grid, args.p99_budget_ms, write=args.write)
+    from builder.server import admin_key
+
+    key = args.admin_key or admin_key(args.server_workdir)
+    result = tune(args.repository, settings, model, grid, args.p99_budget_ms, write=args.write, admin_key=key)
     output = args.output or str(RESULTS / f"local-tune-{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_json(output, {"kind": "tune", "environment": describe(), **result})
     print(json.dumps(result["best"]))
@@ -117,5 +120,8 @@ def add_commands(sub, ints, words) -> None:
     t.add_argument("--max-batch-sizes", type=ints, default=[32])
     t.add_argument("--p99-budget-ms", type=float, default=100.0)
     t.add_argument("--write", action="store_true", help="write the winner into the repository config")
+    t.add_argument("--admin-key", default=None,
+                   help="the server's admin key (default: $TRITON_ADMIN_KEY, else <server-workdir>/admin-key)")
+    t.add_argument("--server-workdir", default=".server", help="where `make serve` keeps its admin key")
     # The tuned model is the classifier: measure it directly (tensor input, no photos needed).
     t.set_defaults(func=_cmd_tune, models=["classifier"])

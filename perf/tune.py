@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from google.protobuf import json_format
 
@@ -56,7 +56,7 @@ def candidates(instance_counts, queue_delays_us, preferred_sets, max_batch_sizes
 
 
 def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate], p99_budget_ms: float,
-         write: bool = False) -> Dict:
+         write: bool = False, admin_key: Optional[str] = None) -> Dict:
     """Measures each candidate for `model` (a model of the repository) and picks the best.
 
     Args:
@@ -66,6 +66,7 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
         grid: Candidates.
         p99_budget_ms: Latency budget; candidates above it cannot win.
         write: Write the winner into `<repository>/<model>/config.pbtxt`.
+        admin_key: The server's admin key (model loads are restricted to it).
 
     Returns:
         {"best": {...} or None, "results": [...]}
@@ -77,8 +78,11 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
         raise BuilderError(f"{path} does not exist; tune a model of the repository the server runs on")
     base = configs.read(path)
     ensemble_mbs = _ensemble_max_batch(Path(repository), model)
+    from builder.server import admin_headers
+
     client = httpclient.InferenceServerClient(sweep.http_url)
-    _require_explicit_mode(client, model, sweep.http_url)
+    headers = admin_headers(admin_key, "http")
+    _require_explicit_mode(client, model, sweep.http_url, headers)
     results = []
     try:
         for index, candidate in enumerate(grid, 1):
@@ -87,7 +91,7 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
                          candidate, ensemble_mbs)
                 continue
             override = json_format.MessageToJson(candidate.apply(base))
-            client.load_model(model, config=override)
+            client.load_model(model, config=override, headers=headers)
             rows = run_sweep(sweep, progress=False)
             ok = [r for r in rows if "error" not in r]
             best_row = max(ok, key=lambda r: r["throughput_img_per_s"]) if ok else None
@@ -103,7 +107,7 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
                      f"{entry.get('throughput_img_per_s', 0):.1f} img/s, p99 {entry.get('latency_p99_ms', 0):.1f} ms"
                      if best_row else entry["error"])
     finally:
-        client.load_model(model)  # back to the repository's own config
+        client.load_model(model, headers=headers)  # back to the repository's own config
     eligible = [r for r in results if r.get("within_budget")]
     best = max(eligible, key=lambda r: r["throughput_img_per_s"]) if eligible else None
     if best and write:
@@ -114,14 +118,18 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
     return {"best": best, "p99_budget_ms": p99_budget_ms, "model": model, "results": results}
 
 
-def _require_explicit_mode(client, model: str, url: str) -> None:
+def _require_explicit_mode(client, model: str, url: str, headers: Optional[Dict[str, str]]) -> None:
     """Tuning reloads the model with config overrides: only a server in explicit mode allows it."""
     from tritonclient.utils import InferenceServerException
 
     try:
-        client.load_model(model)  # a no-op reload of the repository's own config
+        client.load_model(model, headers=headers)  # a reload of the repository's own config
     except InferenceServerException as exc:
         text = exc.message() or str(exc)
+        if "restricted" in text.lower() or "admin" in text.lower():
+            raise BuilderError(f"the server at {url} restricts model loads to its admin key ({text.strip()}); "
+                               "set TRITON_ADMIN_KEY or pass --admin-key (make serve keeps it in "
+                               ".server/admin-key)") from None
         if "explicit model load / unload is not allowed" in text or "not allowed" in text:
             raise BuilderError(f"the server at {url} does not allow model loads ({text.strip()}); start it in "
                                "explicit model-control mode: `make serve MODEL_CONTROL=explicit`") from None

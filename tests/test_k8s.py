@@ -85,3 +85,14 @@ def test_hpa_metric_comes_from_the_adapter_rule_over_real_triton_metrics(server,
     with urllib.request.urlopen(f"http://localhost:{server.settings.metrics_port}/metrics", timeout=10) as reply:
         exported = set(re.findall(r"^(nv_[a-z_]+)\{", reply.read().decode(), flags=re.M))
     assert used <= exported, used - exported
+
+
+def test_model_control_is_locked_like_make_serve():
+    from builder.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
+
+    _, container = _container()
+    args = dict(a.split("=", 1) for a in container["args"] if a.startswith("--"))
+    expected = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}=$({ADMIN_KEY_ENV})"
+    assert args["--http-restricted-api"] == expected and args["--grpc-restricted-protocol"] == expected
+    env = {e["name"]: e for e in container["env"]}
+    assert env[ADMIN_KEY_ENV]["valueFrom"]["secretKeyRef"]["key"] == "admin-key"  # from a Secret, not the file
