@@ -18,6 +18,11 @@ QUEUE_DELAY_US ?= 100
 MAX_QUEUE ?= 256
 QUEUE_TIMEOUT_US ?= 0
 INSTANCES ?= 1
+# exact | gpu (batched GPU JPEG decode and resize, parity-gated)
+PREPROCESS ?= exact
+# onnxruntime | torch;  TORCH_COMPILE: none | default | reduce-overhead
+ENGINE ?= onnxruntime
+TORCH_COMPILE ?= none
 MODEL_KWARGS ?= {}
 REPO ?= model_repository
 VERSION_POLICY ?= latest
@@ -58,7 +63,7 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 repo: $(STAMP)
 	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) $(if $(FLAVOR),--flavor $(FLAVOR)) \
 	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
-	  --max-queue-delay-us $(QUEUE_DELAY_US) --max-queue-size $(MAX_QUEUE) --queue-timeout-us $(QUEUE_TIMEOUT_US) --instance-count $(INSTANCES) --model-kwargs '$(MODEL_KWARGS)' \
+	  --max-queue-delay-us $(QUEUE_DELAY_US) --max-queue-size $(MAX_QUEUE) --queue-timeout-us $(QUEUE_TIMEOUT_US) --instance-count $(INSTANCES) --preprocess $(PREPROCESS) --engine $(ENGINE) --torch-compile $(TORCH_COMPILE) --model-kwargs '$(MODEL_KWARGS)' \
 	  --version-policy $(VERSION_POLICY) $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
 
 check: $(STAMP)

@@ -58,7 +58,16 @@ def _add_repo(sub) -> None:
                    help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
     p.add_argument("--instance-count", type=int, default=1, help="classifier instances per device")
     p.add_argument("--gpus", type=_ints, default=(), help="GPU ids for KIND_GPU, e.g. 0,1")
-    p.add_argument("--preprocess-instances", type=int, default=1, help="preprocess model instances (CPU)")
+    p.add_argument("--preprocess-instances", type=int, default=1, help="preprocess model instances")
+    p.add_argument("--preprocess", choices=("exact", "gpu"), default="exact",
+                   help="exact: Pillow on the CPU, bit-identical to timm; gpu: batched GPU JPEG decode + resize "
+                        "(parity-gated against exact; other formats take the exact path)")
+    p.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
+                   help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
+    p.add_argument("--engine", choices=("onnxruntime", "torch"), default="onnxruntime",
+                   help="classifier engine: the ONNX file, or a torch.export program (FP16 on GPU, GPU input)")
+    p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default="none",
+                   help="torch engine: eager, TorchInductor, or TorchInductor with CUDA graphs per batch bucket")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--version", type=int, default=1, help="version directory to write")
@@ -92,7 +101,10 @@ def _cmd_repo(args) -> int:
                                        *queue),
         preprocess_batching=s.Batching(args.max_batch_size, (), args.max_queue_delay_us, *queue),
         classifier_instances=s.InstanceGroup(kind, args.instance_count, args.gpus),
-        preprocess_instances=s.InstanceGroup("KIND_CPU", args.preprocess_instances),
+        preprocess_instances=s.InstanceGroup(
+            args.preprocess_instance_kind or ("KIND_GPU" if args.preprocess == "gpu" else "KIND_CPU"),
+            args.preprocess_instances),
+        preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
         parity=s.Parity(args.max_abs, args.min_cosine),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
         plan=args.plan, cuda_graphs=args.cuda_graphs,

@@ -221,6 +221,7 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
         manifest = json.loads(path.read_text(encoding="utf-8"))
         flavor = manifest["flavor"]
         classifier = manifest["contract"]["models"][1]
+        torch_engine = manifest.get("settings", {}).get("engine") == "torch"  # a Python model in both flavors
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return  # not written by this tool: nothing to hold it to
     for entry in manifest.get("model_versions", []):
@@ -231,7 +232,7 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
         if config.platform == "ensemble":
             continue
         backend = config.backend or _PLATFORM_BACKEND.get(config.platform, config.platform)
-        native = name == classifier and flavor == "container" and backend == "python"
+        native = name == classifier and flavor == "container" and backend == "python" and not torch_engine
         if backend not in _FLAVOR_BACKENDS.get(flavor, {backend}) or native:
             problems.append(f"{name}: runs on the {backend} backend, but the repository is the {flavor} flavor "
                             f"(manifest.json); the models mix flavors: rebuild with --flavor {flavor}")

@@ -143,11 +143,12 @@ def tensorrt_classifier(
 
 
 def local_classifier(
-    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy
+    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy,
+    parameters: Optional[Mapping[str, str]] = None,
 ) -> mc.ModelConfig:
-    """The classifier on ONNX Runtime inside the Python backend (`local` flavor)."""
+    """The classifier inside the Python backend (ONNX Runtime, a TensorRT plan or the torch engine)."""
     return python_model(contract.classifier, [contract.pixels], [contract.logits],
-                        batching, instances, policy)
+                        batching, instances, policy, parameters)
 
 
 def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy) -> mc.ModelConfig:

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
-from builder import configs
+from builder import configs, torch_engine
 from builder.contract import Contract
 from builder.errors import BuilderError
 from builder.meta import package_versions
@@ -48,6 +48,17 @@ def _copy_python_model(source_name: str, version_dir: Path, extras=()) -> None:
     shutil.copy2(MODELS_DIR / source_name, version_dir / "model.py")
 
 
+def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, str]:
+    """Config parameters of the torch-engine classifier."""
+    batching = settings.classifier_batching
+    buckets = sorted({1, *batching.preferred_batch_sizes, batching.max_batch_size})
+    return {"precision": "fp16", "compile": settings.torch_compile,
+            "batch_buckets": ",".join(str(b) for b in buckets),
+            "input_dims": ",".join(str(d) for d in contract.pixels.dims),
+            # Inputs stay where the preprocess model left them (the GPU): no copy through the host.
+            "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+
+
 def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_file: Path,
                  preprocess_parameters: Dict[str, str], class_names: list) -> None:
     """Writes the four models of the contract into `root` (files first, configs last).
@@ -65,7 +76,11 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     batching = settings.classifier_batching
 
     pre_dir = root / contract.preprocess
-    _copy_python_model("preprocess.py", pre_dir / version, extras=("imaging.py",))
+    gpu_pipeline = settings.preprocess == "gpu"
+    _copy_python_model("preprocess.py", pre_dir / version,
+                       extras=("imaging.py", "gpu_imaging.py") if gpu_pipeline else ("imaging.py",))
+    if gpu_pipeline:
+        preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": "auto"}
     pre_config = configs.python_model(
         contract.preprocess, [contract.image], [contract.pixels], settings.preprocess_batching,
         settings.preprocess_instances, policy, preprocess_parameters)
@@ -79,7 +94,13 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         sidecar = Path(settings.plan).with_name("plan.json")
         if sidecar.is_file():
             shutil.copy2(sidecar, cls_dir / version / "plan.json")
-    if settings.flavor == "local":
+    if settings.engine == "torch":  # the same Python-backend model in both flavors: torch runs in the stub
+        for name in (torch_engine.FILE, torch_engine.SIDECAR):
+            shutil.move(str(onnx_file.with_name(name)), cls_dir / version / name)
+        _copy_python_model("classifier.py", cls_dir / version)
+        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy,
+                                              torch_parameters(settings, contract))
+    elif settings.flavor == "local":
         if settings.plan:  # the plan runs through builder.trt: copy it and its numpy-only imports
             package = cls_dir / version / "builder"
             package.mkdir()
@@ -114,6 +135,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 def _version_entry(settings: RepoSettings, model, parity: Dict[str, float]) -> Dict:
     return {"version": settings.version, "created_unix_s": int(time.time()), "weights": model.weights,
             "timm_name": settings.source.model_name, "flavor": settings.flavor, "plan": bool(settings.plan),
+            "engine": settings.engine, "preprocess": settings.preprocess,
             "parity": parity}
 
 
@@ -181,10 +203,11 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         export_onnx(model, contract, onnx_file, settings.opset)
         log.info("[3/5] validating ONNX Runtime against PyTorch")
         parity = validate_onnx(onnx_file, model, contract, settings.parity)
+        gates = _variant_gates(settings, model, contract, params, onnx_file.parent)
         log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
         write_models(staging, settings, contract, onnx_file, params.to_parameters(), model.class_names)
         versions = (previous or {}).get("model_versions", []) + [_version_entry(settings, model, parity)]
-        write_manifest(staging, settings, contract, model, params.to_parameters(), parity, versions)
+        write_manifest(staging, settings, contract, model, params.to_parameters(), parity, versions, gates)
         log.info("[5/5] checking the repository")
         problems = check_repository(staging)
         if problems:
@@ -196,6 +219,25 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
             swap_into_place(staging, output)
     log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
     return output
+
+
+def _variant_gates(settings: RepoSettings, model, contract: Contract, params, staging: Path) -> Dict:
+    """Parity gates of the non-exact variants (torch engine, gpu preprocessing); their figures."""
+    import json as json_module
+
+    gates = {}
+    if settings.engine == "torch":
+        program = torch_engine.export_program(model, contract, staging / torch_engine.FILE,
+                                              settings.classifier_batching.max_batch_size)
+        gates["torch_export_vs_pytorch"] = torch_engine.validate_program(program, model, contract, settings.parity)
+        sidecar = {"environment": torch_engine.environment(), "parity": gates["torch_export_vs_pytorch"],
+                   "precision": "fp16 on GPU, fp32 on CPU", "compile": settings.torch_compile}
+        (staging / torch_engine.SIDECAR).write_text(json_module.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    if settings.preprocess == "gpu":
+        from builder.preprocess_gate import preprocess_parity
+
+        gates["gpu_preprocess_vs_exact"] = preprocess_parity(model.module, params, settings.preprocess_parity)
+    return gates
 
 
 def _same_repository(settings: RepoSettings, previous: dict, output: Path) -> RepoSettings:
@@ -228,7 +270,7 @@ def _move_version_in(staging: Path, output: Path, contract: Contract, version: i
 
 
 def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model, preprocess: Dict[str, str],
-                   parity: Dict[str, float], versions: Optional[list] = None) -> Path:
+                   parity: Dict[str, float], versions: Optional[list] = None, gates: Optional[Dict] = None) -> Path:
     """Writes manifest.json: versions, model, weights, contract, parity and file hashes."""
     manifest = {
         "created_unix_s": int(time.time()),
@@ -249,7 +291,7 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
         "model_versions": versions or [_version_entry(settings, model, parity)],
         "settings": asdict(settings),
         "preprocess": preprocess,
-        "parity": {"onnxruntime_vs_pytorch": parity, **_plan_parity(settings)},
+        "parity": {"onnxruntime_vs_pytorch": parity, **_plan_parity(settings), **(gates or {})},
         "files": file_hashes(root),
     }
     path = root / MANIFEST

@@ -16,6 +16,9 @@ from builder.errors import BuilderError
 
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 FLAVORS = ("container", "local")
+PREPROCESS = ("exact", "gpu")
+ENGINES = ("onnxruntime", "torch")
+TORCH_COMPILE = ("none", "default", "reduce-overhead")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 # The tritonserver release the `container` flavor targets (NGC 24.10 ships
 # tritonserver 2.51.0, the same as the local pip-distributed server).
@@ -231,6 +234,17 @@ class RepoSettings:
             the Python backend in the local flavor; its `plan.json` sidecar is
             taken from beside it.
         cuda_graphs: Let the tensorrt_plan backend capture CUDA graphs.
+        preprocess: `exact` (numpy + Pillow on the CPU, bit-identical to
+            timm's eval transform) or `gpu` (batched GPU JPEG decode and
+            resize with torch, the exact path for what the GPU cannot take;
+            passes a parity gate against `exact`).
+        engine: The classifier engine: `onnxruntime` (the exported ONNX) or
+            `torch` (a torch.export program, FP16 on the GPU, in the Python
+            backend; takes GPU input by DLPack).
+        torch_compile: For the torch engine: `none` (eager), `default`
+            (TorchInductor) or `reduce-overhead` (TorchInductor + CUDA graphs).
+        preprocess_parity: Thresholds of the `gpu` preprocessing against
+            `exact` (logits of the built model on real photos).
     """
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -250,8 +264,23 @@ class RepoSettings:
     max_image_pixels: int = 64_000_000
     plan: Optional[str] = None
     cuda_graphs: bool = False
+    preprocess: str = "exact"
+    engine: str = "onnxruntime"
+    torch_compile: str = "none"
+    preprocess_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
 
     def __post_init__(self) -> None:
+        if self.preprocess not in PREPROCESS:
+            _fail("preprocess", f"{self.preprocess!r} is unknown", f"use one of {', '.join(PREPROCESS)}")
+        if self.engine not in ENGINES:
+            _fail("engine", f"{self.engine!r} is unknown", f"use one of {', '.join(ENGINES)}")
+        if self.torch_compile not in TORCH_COMPILE:
+            _fail("torch_compile", f"{self.torch_compile!r} is unknown", f"use one of {', '.join(TORCH_COMPILE)}")
+        if self.torch_compile != "none" and self.engine != "torch":
+            _fail("torch_compile", "applies to the torch engine", "pass --engine torch with it")
+        if self.engine == "torch" and self.plan:
+            _fail("engine", "torch and a TensorRT plan were both given", "serve one classifier: drop --plan "
+                  "or --engine torch")
         if self.plan is not None:
             if not os.path.isfile(self.plan):
                 _fail("plan", f"{self.plan!r} does not exist", "build it with `make plan-docker` first")

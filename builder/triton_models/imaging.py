@@ -248,6 +248,14 @@ def preprocess(data: bytes, params: PreprocessParams) -> np.ndarray:
     return transform(decode(data, params), params)
 
 
+def try_preprocess(data: bytes, params: PreprocessParams) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """(pixels, None), or (None, the error message) for an unusable image."""
+    try:
+        return preprocess(data, params), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
 def preprocess_many(
     items: Sequence[bytes], params: PreprocessParams
 ) -> Tuple[np.ndarray, List[Optional[str]]]:
@@ -264,11 +272,10 @@ def preprocess_many(
     batch = np.zeros((len(items), 3, *params.image_size), dtype=np.float32)
     errors: List[Optional[str]] = []
     for i, data in enumerate(items):
-        try:
-            batch[i] = preprocess(data, params)
-            errors.append(None)
-        except ImageError as exc:
-            errors.append(str(exc))
+        pixels, error = try_preprocess(data, params)
+        if pixels is not None:
+            batch[i] = pixels
+        errors.append(error)
     return batch, errors
 
 

@@ -7,6 +7,11 @@ read once in `initialize`. Requests that the dynamic batcher groups are decoded
 together on a thread pool (Pillow releases the GIL while decoding and
 resampling); an image that fails answers its own request with an error naming
 the item, and the other requests of the batch are served.
+
+With the config parameter `pipeline: gpu` the batch goes through
+`gpu_imaging.GpuPreprocessor` instead (copied beside this file for the `gpu`
+variant): one batched GPU decode and resize, the exact path for what the GPU
+cannot take, and the output handed to the classifier on the GPU by DLPack.
 """
 
 import json
@@ -37,17 +42,26 @@ class TritonPythonModel:
         self.output_dtype = pb_utils.triton_string_to_numpy(output["data_type"])
         threads = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
+        self.gpu = None
+        if params.get("pipeline") == "gpu":
+            try:
+                from . import gpu_imaging
+            except ImportError:
+                import gpu_imaging
+            on_gpu = args.get("model_instance_kind") == "GPU"
+            device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
+            self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
+            print(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}", flush=True)
 
     def _one(self, data):
-        try:
-            return imaging.preprocess(imaging.as_bytes(data), self.params), None
-        except imaging.ImageError as exc:
-            return None, str(exc)
+        return imaging.try_preprocess(imaging.as_bytes(data), self.params)
 
     def execute(self, requests):
         per_request = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy().reshape(-1)
                        for r in requests]
         flat = [item for items in per_request for item in items]
+        if self.gpu is not None:
+            return self._respond_gpu(per_request, flat)
         results = list(self.pool.map(self._one, flat))
         responses, start = [], 0
         for items in per_request:
@@ -55,15 +69,34 @@ class TritonPythonModel:
             start += len(items)
             failed = [f"{self.input_name}[{i}]: {err}" for i, (_, err) in enumerate(mine) if err]
             if failed:
-                # INVALID_ARG makes it a client error (HTTP 400), not a server fault.
-                code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-                error = (pb_utils.TritonError("; ".join(failed), code) if code is not None
-                         else pb_utils.TritonError("; ".join(failed)))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
+                responses.append(self._error("; ".join(failed)))
                 continue
             batch = np.stack([pixels for pixels, _ in mine]).astype(self.output_dtype, copy=False)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, batch)]))
         return responses
+
+    def _respond_gpu(self, per_request, flat):
+        from torch.utils.dlpack import to_dlpack
+
+        batch, errors = self.gpu([imaging.as_bytes(item) for item in flat])
+        responses, start = [], 0
+        for items in per_request:
+            end = start + len(items)
+            failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[start:end]) if err]
+            if failed:
+                responses.append(self._error("; ".join(failed)))
+            else:  # a contiguous slice of the batch: handed over on the device, no copy
+                responses.append(pb_utils.InferenceResponse(
+                    [pb_utils.Tensor.from_dlpack(self.output_name, to_dlpack(batch[start:end]))]))
+            start = end
+        return responses
+
+    @staticmethod
+    def _error(message):
+        # INVALID_ARG makes it a client error (HTTP 400), not a server fault.
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+        error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self):
         self.pool.shutdown(wait=False)

@@ -1,0 +1,220 @@
+"""Image bytes -> the eval-transform tensor on the GPU, batched; the exact CPU path for what the GPU can't take.
+
+Copied beside the `gpu` preprocess model's `model.py` (with `imaging.py`, the
+exact path it falls back to). Per batch:
+
+1. Each upload's header is read with Pillow (no pixels): baseline or progressive
+   8-bit JPEGs in RGB or grayscale within the pixel limit go to the GPU decoder,
+   with their EXIF orientation; everything else (PNG, WebP, GIF, TIFF, CMYK or
+   16-bit JPEG, broken or oversized uploads) takes `imaging.preprocess`, the
+   exact path, with its error messages. A JPEG the GPU decoder refuses falls
+   back the same way.
+2. One batched decode: nvImageCodec (hardware JPEG engines, then CUDA) when
+   installed, else torchvision's nvJPEG batch decode. On a CPU device
+   torchvision decodes with libjpeg-turbo, which is how the CPU tests run
+   this same code.
+3. Images of the same size are resized together: one antialiased interpolate
+   of the shorter edge (Pillow's filter: `bicubic`/`bilinear` with a = -0.5),
+   rounded and clipped to 8-bit values as Pillow's resize is, then the center
+   crop, scale and normalization.
+
+The result is a float32 (B, 3, H, W) tensor on the device, rows of failed
+items zero, plus one error message or None per item.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+try:  # imported as part of the project
+    from . import imaging
+except ImportError:  # inside tritonserver: imaging.py lies beside this file
+    import imaging
+
+log = logging.getLogger(__name__)
+# Pillow filter -> torch interpolate mode (antialiased); others are refused at build time.
+TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear"}
+_JPEG_SOI = b"\xff\xd8"
+
+
+def supported(params: "imaging.PreprocessParams") -> Optional[str]:
+    """None when these parameters can run on the GPU, else the reason they cannot."""
+    if params.interpolation not in TORCH_MODES:
+        return (f"interpolation {params.interpolation!r} has no antialiased GPU equivalent; "
+                f"use {' or '.join(TORCH_MODES)}, or --preprocess exact")
+    if params.crop_mode != "center":
+        return f"crop_mode {params.crop_mode!r}: the GPU path does the center crop only; use --preprocess exact"
+    return None
+
+
+def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Applies an EXIF orientation to a CHW tensor, as `PIL.ImageOps.exif_transpose` does."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
+
+
+def gpu_candidate(data: bytes, max_pixels: int) -> Optional[int]:
+    """The EXIF orientation of a JPEG the GPU path takes, or None to use the exact CPU path."""
+    if not data.startswith(_JPEG_SOI):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from PIL import Image
+
+            header = Image.open(io.BytesIO(data))  # reads the header only
+            if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+                return None  # CMYK, YCCK, 16-bit: the exact path converts them
+            width, height = header.size
+            if not 0 < width * height <= max_pixels:
+                return None  # the exact path refuses it with its message
+            return int(header.getexif().get(0x0112, 1) or 1)
+    except Exception:  # anything odd in the header: let the exact path decide
+        return None
+
+
+class Decoder:
+    """Batched JPEG decoding to HWC/CHW uint8 tensors on a device; None for what it cannot decode."""
+
+    def __init__(self, device: torch.device, backend: str = "auto"):
+        self.device = device
+        self.backend = "torchvision"
+        self._nvimgcodec = None
+        if device.type == "cuda" and backend in ("auto", "nvimgcodec"):
+            try:
+                from nvidia import nvimgcodec
+
+                kinds = (nvimgcodec.BackendKind.HW_GPU_ONLY, nvimgcodec.BackendKind.GPU_ONLY)
+                self._nvimgcodec = (nvimgcodec, nvimgcodec.Decoder(
+                    device_id=device.index or 0, backends=[nvimgcodec.Backend(k) for k in kinds]))
+                self.backend = "nvimgcodec"
+            except Exception as exc:  # not installed, or no decoder on this GPU
+                if backend == "nvimgcodec":
+                    raise RuntimeError(f"nvImageCodec is not usable here: {exc}") from None
+
+    def __call__(self, items: Sequence[bytes], orientations: Sequence[int]) -> List[Optional[torch.Tensor]]:
+        """Decodes JPEGs to CHW uint8 RGB tensors on the device (EXIF orientation applied)."""
+        if not items:
+            return []
+        if self._nvimgcodec is not None:
+            module, decoder = self._nvimgcodec
+            params = module.DecodeParams(apply_exif_orientation=True, color_spec=module.ColorSpec.RGB)
+            try:
+                images = decoder.decode(list(items), params=params)
+            except Exception:
+                images = [None] * len(items)
+            return [None if img is None else torch.as_tensor(img, device=self.device).permute(2, 0, 1)
+                    for img in images]
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec
+            encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in items]
+            try:
+                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # one bad JPEG fails the batch call: decode one by one to find it
+                decoded = []
+                for tensor in encoded:
+                    try:
+                        decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError:
+                        decoded.append(None)
+        # The CUDA batch decoder ignores EXIF orientation: applied here, as Pillow's exif_transpose does.
+        return [None if img is None else _orient(img, o) for img, o in zip(decoded, orientations)]
+
+
+class GpuPreprocessor:
+    """The eval transform for a batch of uploads on one device.
+
+    Args:
+        params: The transform's parameters (timm's data config).
+        device: Where the work and the output live ("cuda:0", or "cpu" for tests).
+        decoder: `auto` (nvImageCodec if installed, else torchvision), `nvimgcodec` or `torchvision`.
+        map_fn: How the exact-path items run (e.g. a thread pool's `map`: Pillow releases the GIL).
+    """
+
+    def __init__(self, params: "imaging.PreprocessParams", device="cuda", decoder: str = "auto", map_fn=map):
+        problem = supported(params)
+        if problem:
+            raise ValueError(problem)
+        self.params = params
+        self.device = torch.device(device)
+        self.decoder = Decoder(self.device, decoder)
+        self.mode = TORCH_MODES[params.interpolation]
+        self.mean = torch.tensor(params.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(params.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.counts = {"gpu": 0, "exact": 0}  # items per path, for logs and tests
+        self.map = map_fn
+
+    def _transform_group(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """Resize (shorter edge), center crop and normalize images of one size, in one call."""
+        crop_h, crop_w = self.params.image_size
+        _, height, width = images[0].shape
+        new_w, new_h = imaging._resized_size(width, height, self.params)
+        batch = torch.stack(images).float()
+        if (new_h, new_w) != (height, width):
+            batch = F.interpolate(batch, size=(new_h, new_w), mode=self.mode, antialias=True, align_corners=False)
+            batch = batch.round_().clamp_(0, 255)  # Pillow resizes 8-bit images to 8-bit values
+        if new_h >= crop_h and new_w >= crop_w:
+            top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+            batch = batch[:, :, top:top + crop_h, left:left + crop_w]
+        else:  # smaller than the crop: zero padding around it, as torchvision's CenterCrop pads
+            pad_h, pad_w = max(crop_h - new_h, 0), max(crop_w - new_w, 0)
+            batch = F.pad(batch, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+            ph, pw = batch.shape[-2:]
+            top, left = int(round((ph - crop_h) / 2.0)), int(round((pw - crop_w) / 2.0))
+            batch = batch[:, :, top:top + crop_h, left:left + crop_w]
+            # Padding is black (0) before normalization, as in the exact path.
+        return (batch - self.mean) / self.std
+
+    def __call__(self, items: Sequence[bytes]) -> Tuple[torch.Tensor, List[Optional[str]]]:
+        out = torch.zeros((len(items), 3, *self.params.image_size), dtype=torch.float32, device=self.device)
+        errors: List[Optional[str]] = [None] * len(items)
+        gpu, orientations, exact = [], [], []
+        for index, data in enumerate(items):
+            orientation = gpu_candidate(data, self.params.max_pixels)
+            if orientation is None:
+                exact.append(index)
+            else:
+                gpu.append(index)
+                orientations.append(orientation)
+        decoded = self.decoder([items[i] for i in gpu], orientations)
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        images: Dict[int, torch.Tensor] = {}
+        for index, image in zip(gpu, decoded):
+            if image is None:
+                exact.append(index)  # the GPU decoder refused it: the exact path decides
+            else:
+                images[index] = image
+                groups.setdefault(tuple(image.shape[-2:]), []).append(index)
+        for indices in groups.values():
+            out[indices] = self._transform_group([images[i] for i in indices])
+        exact.sort()
+        exact_results = self.map(lambda data: imaging.try_preprocess(data, self.params), [items[i] for i in exact])
+        for index, (pixels, error) in zip(exact, exact_results):
+            if error is None:
+                out[index] = torch.from_numpy(pixels).to(self.device)
+            errors[index] = error
+        self.counts["gpu"] += len(images)
+        self.counts["exact"] += len(exact)
+        return out, errors
+
