@@ -240,7 +240,9 @@ def _server(args):
         repository=args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
         model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2),
-        admin_key=key))
+        admin_key=key, extra_args=tuple(
+            [f"--cuda-memory-pool-byte-size=0:{args.cuda_memory_pool_mb << 20}"]
+            if getattr(args, "cuda_memory_pool_mb", 0) else [])))
 
 
 def _cmd_serve(args) -> int:
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
     s.add_argument("--poll-seconds", type=int, default=2)
     s.add_argument("--detach", action="store_true", help="run in the background (stop with `stop`)")
+    s.add_argument("--cuda-memory-pool-mb", type=int, default=0,
+                   help="CUDA memory pool of GPU 0 for tensors passed between models on the GPU (0: Triton's 64)")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     t = sub.add_parser("stop", help="stop a detached local tritonserver")
     _server_args(t)

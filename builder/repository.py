@@ -97,7 +97,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     if settings.engine == "torch":  # the same Python-backend model in both flavors: torch runs in the stub
         for name in (torch_engine.FILE, torch_engine.SIDECAR):
             shutil.move(str(onnx_file.with_name(name)), cls_dir / version / name)
-        _copy_python_model("classifier.py", cls_dir / version)
+        _copy_python_model("classifier.py", cls_dir / version, extras=("torch_runner.py",))
         cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy,
                                               torch_parameters(settings, contract))
     elif settings.flavor == "local":

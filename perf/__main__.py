@@ -6,6 +6,7 @@ Subcommands:
   compare  ratios between two sweeps
   tune     search instance count / queue delay / batch sizes by live model reloads
   bare     the classifier run directly (PyTorch, ONNX Runtime, TensorRT)
+  pipeline the gpu preprocessing pipeline run directly
 
 Heavy imports happen inside the subcommands so `--help` is instant.
 """
@@ -30,7 +31,7 @@ def _words(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-ENGINES = ("torch", "onnxruntime", "tensorrt")
+ENGINES = ("torch", "onnxruntime", "tensorrt", "program")
 
 
 def _bare_inputs(args):
@@ -73,6 +74,26 @@ def _bare_inputs(args):
     return model, kwargs, onnx
 
 
+def _served_program(repository: str, compile_mode):
+    """The repository's torch-engine classifier: version folder, config parameters, max batch."""
+    from pathlib import Path
+
+    from builder import configs
+    from builder.errors import BuilderError
+    from builder.repository import read_manifest
+
+    manifest = read_manifest(Path(repository))
+    classifier = Path(repository) / manifest["contract"]["models"][1]
+    version_dir = classifier / str(manifest["model_version"])
+    if not (version_dir / "model.pt2").is_file():
+        raise BuilderError(f"engines: {repository} has no torch-engine classifier; build it with --engine torch")
+    config = configs.read(classifier / "config.pbtxt")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    if compile_mode:
+        params["compile"] = compile_mode
+    return str(version_dir), params, config.max_batch_size
+
+
 def _cmd_bare(args) -> int:
     from perf import bare
     from perf.environment import describe, write_json
@@ -91,8 +112,40 @@ def _cmd_bare(args) -> int:
     if "tensorrt" in args.engines:
         for plan in args.plans:
             rows += bare.bench_tensorrt(plan, args.batches, args.warmup, args.iterations)
+    if "program" in args.engines:
+        version_dir, params, max_batch = _served_program(args.repository, args.compile_mode)
+        rows += bare.bench_program(version_dir, params, max_batch, args.batches, device, args.warmup,
+                                   args.iterations)
     payload = {"kind": "bare", "environment": describe({"model": model, "model_kwargs": kwargs, "onnx": onnx,
                                                         "device": device}),
+               "results": rows}
+    print(write_json(args.output, payload))
+    return 0
+
+
+def _cmd_pipeline(args) -> int:
+    from pathlib import Path
+
+    from builder.errors import BuilderError
+    from builder.triton_models.imaging import PreprocessParams
+    from clients.api import collect_images
+    from perf.environment import describe, write_json
+    from perf.pipeline import bench_pipeline
+
+    images = collect_images(args.images)
+    if not images:
+        raise BuilderError(f"images: no image files under {', '.join(args.images)}")
+    manifest = Path(args.repository) / "manifest.json"
+    if not manifest.is_file():
+        raise BuilderError(f"repository: {args.repository} has no manifest.json; run `make repo` or pass --repository")
+    params = PreprocessParams.from_parameters(json.loads(manifest.read_text())["preprocess"])
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = bench_pipeline(images, params, args.batches, device, args.decoders, args.warmup, args.iterations)
+    payload = {"kind": "pipeline", "environment": describe({"images": [str(p) for p in images], "device": device}),
                "results": rows}
     print(write_json(args.output, payload))
     return 0
@@ -105,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bare", help="time the classifier without a server")
-    b.add_argument("--engines", type=_words, default=["onnxruntime"], help="torch,onnxruntime,tensorrt")
+    b.add_argument("--engines", type=_words, default=["onnxruntime"], help="torch,onnxruntime,tensorrt,program (the repository's torch engine as served)")
     b.add_argument("--repository", default="model_repository",
                    help="where the ONNX file and timm model come from when --onnx/--model are not given")
     b.add_argument("--model", default=None, help="timm model for the torch engine (default: the repository's)")
@@ -114,11 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plans", type=_words, default=[])
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     b.add_argument("--compile", action="store_true", help="also torch.compile FP16")
+    b.add_argument("--compile-mode", default=None, choices=("none", "default", "reduce-overhead"),
+                   help="program engine: override the repository's torch compile mode")
     b.add_argument("--batches", type=_ints, default=[1, 8, 32])
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--iterations", type=int, default=50)
     b.add_argument("--output", default="perf/results/local-bare.json")
     b.set_defaults(func=_cmd_bare)
+    g = sub.add_parser("pipeline", help="time the gpu preprocessing pipeline alone (no server)")
+    g.add_argument("--images", type=_words, default=["builder/parity_images"], help="image files or folders")
+    g.add_argument("--repository", default="model_repository", help="its manifest gives the transform")
+    g.add_argument("--batches", type=_ints, default=[1, 64, 256])
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--decoders", type=_words, default=["auto"], help="auto,nvimgcodec,torchvision")
+    g.add_argument("--warmup", type=int, default=3)
+    g.add_argument("--iterations", type=int, default=10)
+    g.add_argument("--output", default="perf/results/local-pipeline.json")
+    g.set_defaults(func=_cmd_pipeline)
     cli_sweep.add_commands(sub, _ints, _words)
     return parser
 

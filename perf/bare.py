@@ -99,3 +99,35 @@ def bench_tensorrt(plan: str, batches: Sequence[int], warmup: int, iterations: i
         rows.append({"engine": "tensorrt", "variant": plan, "tensorrt_version": runner.trt.__version__, **timing})
         log.info("%s", json.dumps(rows[-1]))
     return rows
+
+
+def bench_program(version_dir: str, params: Dict[str, str], max_batch: int, batches: Sequence[int], device: str,
+                  warmup: int, iterations: int) -> List[Dict]:
+    """The torch engine exactly as served: the repository's model.pt2 through the classifier's TorchEngine.
+
+    Its load time (program load, compile with or without stored artifacts, warm-up of every batch bucket)
+    is reported as `load_s`; input already on the device, as the preprocess model hands it over.
+    """
+    import torch
+
+    from builder.triton_models.torch_runner import TorchEngine, params_shape
+
+    started = time.perf_counter()
+    engine = TorchEngine(version_dir, device, params, max_batch)
+    load_s = time.perf_counter() - started
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, *params_shape(params), device=device)
+        for _ in range(warmup):
+            engine(x)
+        samples = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            engine(x)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        rows.append({**_row("program", f"{engine.dtype} compile={params.get('compile', 'none')}", batch, samples),
+                     "load_s": round(load_s, 2)})
+        log.info("%s", json.dumps(rows[-1]))
+    return rows

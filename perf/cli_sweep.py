@@ -81,7 +81,7 @@ def _common(p, ints, words) -> None:
     p.add_argument("--name", default="swin_tiny_patch4_window7_224", help="ensemble name")
     p.add_argument("--http-url", default="localhost:8000")
     p.add_argument("--grpc-url", default="localhost:8001")
-    p.add_argument("--models", type=words, default=["ensemble"], help="ensemble,classifier")
+    p.add_argument("--models", type=words, default=["ensemble"], help="ensemble,classifier,preprocess")
     p.add_argument("--concurrency", type=ints, default=[1, 4, 16])
     p.add_argument("--batch-sizes", type=ints, default=[1])
     p.add_argument("--protocols", type=words, default=["grpc"], help="grpc,http")

@@ -69,6 +69,9 @@ def perf_analyzer_env() -> Dict[str, str]:
     return env
 
 
+MODELS = ("ensemble", "classifier", "preprocess")  # preprocess: encoded images in, pixels out
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     """One sweep's grid and measurement settings.
@@ -104,16 +107,16 @@ class SweepSettings:
         def fail(field: str, problem: str, fix: str) -> None:
             raise BuilderError(f"{field}: {problem}; {fix}")
 
-        if not set(self.models) <= {"ensemble", "classifier"} or not self.models:
-            fail("models", f"{self.models}", "use ensemble and/or classifier")
+        if not set(self.models) <= set(MODELS) or not self.models:
+            fail("models", f"{self.models}", f"use {', '.join(MODELS)}")
         if not set(self.protocols) <= {"grpc", "http"} or not self.protocols:
             fail("protocols", f"{self.protocols}", "use grpc and/or http")
         if not set(self.shared_memory) <= {"none", "system", "cuda"} or not self.shared_memory:
             fail("shared_memory", f"{self.shared_memory}", "use none, system and/or cuda")
         if not self.concurrency or min(self.concurrency) < 1 or not self.batch_sizes or min(self.batch_sizes) < 1:
             fail("concurrency", "concurrency and batch sizes must be >= 1", "e.g. --concurrency 1,4,16")
-        if "ensemble" in self.models and not self.images:
-            fail("images", "the ensemble needs real images", "pass --images with a folder of photos")
+        if {"ensemble", "preprocess"} & set(self.models) and not self.images:
+            fail("images", "the ensemble and preprocess models need real images", "pass --images with a folder of photos")
         if self.measurement_interval_ms < 100 or self.max_trials < 1 or self.stability_percent < 1:
             fail("measurement", "interval >= 100 ms, trials >= 1, stability >= 1%", "e.g. 3000 ms, 10, 10%")
 
@@ -152,7 +155,7 @@ def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch:
             input_data: Optional[Path], csv_path: Path) -> List[str]:
     """The perf_analyzer command line for one configuration."""
     names = C.Contract.named(settings.name)
-    target = names.ensemble if model == "ensemble" else names.classifier
+    target = {"ensemble": names.ensemble, "classifier": names.classifier, "preprocess": names.preprocess}[model]
     cmd = [perf_analyzer_path(), "-m", target, "-i", protocol,
            "-u", settings.grpc_url if protocol == "grpc" else settings.http_url,
            "-b", str(batch), "--concurrency-range", f"{concurrency}:{concurrency}",
@@ -161,7 +164,7 @@ def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch:
            "--shared-memory", shm, "-f", str(csv_path), "--verbose-csv"]
     if shm != "none":
         cmd += ["--output-shared-memory-size", str(max(1 << 20, batch * 64 * 1024))]
-    cmd += ["--input-data", str(input_data) if model == "ensemble" else "random"]
+    cmd += ["--input-data", str(input_data) if model in ("ensemble", "preprocess") else "random"]
     return cmd
 
 
@@ -175,15 +178,20 @@ def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
     grid = settings.grid()
     env = perf_analyzer_env()
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-        data = write_image_data(settings.images, Path(tmp) / "images.json") if "ensemble" in settings.models else None
+        data = (write_image_data(settings.images, Path(tmp) / "images.json")
+                if {"ensemble", "preprocess"} & set(settings.models) else None)
         for index, (model, protocol, shm, batch, concurrency) in enumerate(grid, 1):
             csv_path = Path(tmp) / f"run{index}.csv"
             cmd = command(settings, model, protocol, shm, batch, concurrency, data, csv_path)
             row = {"model": model, "protocol": protocol, "shared_memory": shm, "batch_size": batch,
                    "concurrency": concurrency, "command": " ".join(Path(cmd[0]).name if i == 0 else a
                                                                    for i, a in enumerate(cmd))}
+            before = model_statistics(settings.http_url)
             result = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                     timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000)
+            stages = stage_times(before, model_statistics(settings.http_url))
+            if stages:
+                row["stages"] = stages
             if result.returncode != 0 or not csv_path.is_file():
                 tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
                 row["error"] = " | ".join(tail) or f"exit code {result.returncode}"
@@ -197,6 +205,41 @@ def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
                 log.info("[%d/%d] %s %s shm=%s batch=%d concurrency=%d: %s", index, len(grid), model, protocol,
                          shm, batch, concurrency, outcome)
     return rows
+
+
+def model_statistics(http_url: str) -> Dict[str, Dict]:
+    """Triton's cumulative per-model statistics (`/v2/models/stats`), keyed by model; {} when unreachable."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as reply:
+            stats = json.load(reply)["model_stats"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {m["name"]: m for m in stats}
+
+
+def stage_times(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
+    """Per-model time per request between two statistics snapshots: where each millisecond went.
+
+    Returns:
+        {model: {"requests", "executions", "batch_avg", "queue_us", "compute_input_us",
+        "compute_infer_us", "compute_output_us"}} for every model that served requests.
+    """
+    stages = {}
+    for name, now in after.items():
+        old = before.get(name, {})
+        count = int(now["inference_stats"]["success"]["count"]) - int(
+            old.get("inference_stats", {}).get("success", {}).get("count", 0))
+        if count <= 0:
+            continue
+        executions = int(now.get("execution_count", 0)) - int(old.get("execution_count", 0))
+        row = {"requests": count, "executions": executions, "batch_avg": count / executions if executions else 0.0}
+        for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+            ns = int(now["inference_stats"][key]["ns"]) - int(old.get("inference_stats", {}).get(key, {}).get("ns", 0))
+            row[f"{key}_us"] = ns / count / 1000.0
+        stages[name] = row
+    return stages
 
 
 def sweep_payload(settings: SweepSettings, rows: List[Dict], extra: Optional[Dict] = None) -> Dict:

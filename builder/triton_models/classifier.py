@@ -15,7 +15,6 @@ so clients cannot tell them apart. Requests of a dynamic batch run as one call.
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -39,70 +38,6 @@ def _tensorrt(path, device):
     return lambda name, batch: next(iter(runner(batch).values())).astype(np.float32, copy=False)
 
 
-class TorchEngine:
-    """A torch.export program on one device, batches padded to a few bucket sizes.
-
-    Buckets bound what TorchInductor compiles and what CUDA graphs capture
-    (one graph per bucket in reduce-overhead mode); every bucket runs once at
-    load, so the first request is as fast as the tenth.
-    """
-
-    def __init__(self, version_dir, device, params, max_batch):
-        import torch
-
-        self.torch = torch
-        self.device = torch.device(device)
-        program = torch.export.load(os.path.join(version_dir, "model.pt2")).module().to(self.device)
-        fp16 = params.get("precision", "fp16") == "fp16" and self.device.type == "cuda"
-        self.dtype = torch.float16 if fp16 else torch.float32
-        module = program.half() if fp16 else program
-        mode = params.get("compile", "none")
-        if mode != "none":
-            self._load_artifacts(version_dir)
-            module = torch.compile(module, mode=None if mode == "default" else mode, dynamic=True)
-        self.module = module
-        self.copy_out = mode == "reduce-overhead"  # CUDA graph outputs are overwritten by the next replay
-        buckets = sorted({int(b) for b in params.get("batch_buckets", "").split(",") if b.strip()} | {max_batch})
-        self.buckets = [b for b in buckets if b <= max_batch]
-        started = time.perf_counter()
-        for bucket in self.buckets:  # warm-up: compile and capture now, not on a user's request
-            self(torch.zeros(bucket, *params_shape(params), device=self.device))
-        print(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode}, "
-              f"buckets {self.buckets} warmed in {time.perf_counter() - started:.1f} s", flush=True)
-
-    def _load_artifacts(self, version_dir):
-        """Inductor's stored compile artifacts, when made by this torch on this GPU."""
-        torch = self.torch
-        artifacts = os.path.join(version_dir, "inductor.bin")
-        sidecar = os.path.join(version_dir, "engine.json")
-        if not (os.path.isfile(artifacts) and os.path.isfile(sidecar)):
-            return
-        with open(sidecar) as f:
-            built = json.load(f).get("environment", {})
-        here = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(self.device)}
-        if any(built.get(k) != v for k, v in here.items()):
-            print(f"classifier: ignoring inductor.bin, made for {built} (here {here}); compiling from scratch",
-                  flush=True)
-            return
-        with open(artifacts, "rb") as f:
-            torch.compiler.load_cache_artifacts(f.read())
-
-    def __call__(self, batch):
-        torch = self.torch
-        rows = batch.shape[0]
-        bucket = next((b for b in self.buckets if b >= rows), rows)
-        with torch.inference_mode():
-            x = batch.to(self.device, self.dtype, non_blocking=True)
-            if bucket != rows:
-                x = torch.cat([x, x.new_zeros((bucket - rows, *x.shape[1:]))])
-            logits = self.module(x)[:rows].float()
-            return logits.clone() if self.copy_out else logits
-
-
-def params_shape(params):
-    return tuple(int(v) for v in params["input_dims"].split(","))
-
-
 class TritonPythonModel:
     """Runs model.pt2 (PyTorch 2), model.plan (TensorRT) or model.onnx (ONNX Runtime) from this version directory."""
 
@@ -117,6 +52,9 @@ class TritonPythonModel:
         if os.path.isfile(os.path.join(version_dir, "model.pt2")):
             gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if gpu else "cpu"
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from torch_runner import TorchEngine  # the copy beside this file
+
             self.engine = TorchEngine(version_dir, device, params, int(config.get("max_batch_size", 1)))
         elif os.path.isfile(plan):
             self.run = _tensorrt(plan, int(args.get("model_instance_device_id", 0) or 0))

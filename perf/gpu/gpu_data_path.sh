@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU data path on one GPU host: JPEG bytes in, labels out, on the GPU end to end.
+# Needs: an NVIDIA driver; PYTHON (default python3) with torch + torchvision, timm, onnx, onnxruntime,
+# tritonclient==2.51.0 and, optionally, nvidia-nvimgcodec-cu13 + nvidia-nvjpeg (hardware JPEG decoder);
+# SERVE_PYTHON: a Python whose `python3` the Python-backend stub may use: the same packages plus
+# nvidia-pytriton==0.7.0 and numpy<2 (tritonserver 2.51's Python backend breaks BYTES inputs under numpy 2).
+# perf_analyzer (tritonclient's wheel) on PATH. Run from the checkout root, one stage at a time:
+#   bash perf/gpu/gpu_data_path.sh repo       # local-flavor repository: --preprocess gpu --engine torch
+#   bash perf/gpu/gpu_data_path.sh bare       # pipeline alone (both decoders) and the torch engine alone
+#   bash perf/gpu/gpu_data_path.sh sweep      # serve it; perf_analyzer: preprocess, classifier, ensemble
+# Images: builder/parity_images (640x480 JPEGs about 60-100 KB; one 2048x1536 JPEG for large uploads).
+# TORCH_COMPILE=reduce-overhead builds and measures the TorchInductor + CUDA graphs variant.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
+OUT=${OUT:-build/gpu}
+REPO=${REPO:-/tmp/swin-gpu-repo}
+WORK=${WORK:-/tmp/swin-gpu-server}
+COMPILE=${TORCH_COMPILE:-none}
+MAX_BATCH=${MAX_BATCH:-128}
+IMAGES=${IMAGES:-/tmp/swin-gpu-images}
+mkdir -p "$OUT" "$IMAGES/typical" "$IMAGES/large"
+cp builder/parity_images/*_640x480.jpg "$IMAGES/typical/"
+cp builder/parity_images/astronaut_2048x1536.jpg "$IMAGES/large/"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+case "${1:?stage}" in
+  repo)
+    $PYTHON -m builder repo --flavor local --output "$REPO" --preprocess gpu --engine torch \
+      --torch-compile "$COMPILE" --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" \
+      --preprocess-instances "${PREPROCESS_INSTANCES:-2}" --max-batch-size "$MAX_BATCH" \
+      --preferred-batch-sizes "${PREFERRED:-32,64,128}" --max-queue-delay-us "${QUEUE_DELAY_US:-500}" \
+      --max-queue-size 4096 2>&1 | tail -6
+    cp "$REPO/manifest.json" "$OUT/manifest-$COMPILE.json"
+    ;;
+  bare)
+    $PYTHON -m perf pipeline --repository "$REPO" --images "$IMAGES/typical" --batches 1,64,256 \
+      --decoders "${DECODERS:-nvimgcodec,torchvision}" --output "$OUT/pipeline-typical.json" 2>&1 | grep img/s
+    $PYTHON -m perf pipeline --repository "$REPO" --images "$IMAGES/large" --batches 1,16 \
+      --decoders "${DECODERS:-nvimgcodec,torchvision}" --output "$OUT/pipeline-large.json" 2>&1 | grep img/s
+    $PYTHON -m perf bare --engines program --repository "$REPO" --batches 1,8,32,64,128 \
+      --output "$OUT/bare-program-$COMPILE.json" 2>&1 | grep -o '"batch_size.*throughput_img_per_s": [0-9.]*\|load_s.*' | head -12
+    ;;
+  sweep)
+    $SERVE_PYTHON -m builder serve --repository "$REPO" --workdir "$WORK" --detach --timeout 600 \
+      --cuda-memory-pool-mb 4096
+    trap '$SERVE_PYTHON -m builder stop --workdir "$WORK"; cp "$WORK/tritonserver.log" "$OUT/tritonserver-$COMPILE.log" || true' EXIT
+    common=(--protocols grpc --batch-sizes 1 --measurement-interval-ms "${INTERVAL_MS:-3000}" --stability-percent 15
+            --max-trials 5)
+    $PYTHON -m perf sweep --models ensemble --shared-memory none --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
+      --images "$IMAGES/typical" "${common[@]}" --label "ensemble, 640x480 JPEGs, compile=$COMPILE" \
+      --output "$OUT/sweep-ensemble-$COMPILE.json"
+    $PYTHON -m perf sweep --models preprocess --shared-memory cuda --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
+      --images "$IMAGES/typical" "${common[@]}" --label "preprocess alone, 640x480 JPEGs, output in CUDA shm" \
+      --output "$OUT/sweep-preprocess-$COMPILE.json"
+    $PYTHON -m perf sweep --models classifier --shared-memory cuda --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
+      "${common[@]}" --label "classifier alone, FP32 tensors in CUDA shm, compile=$COMPILE" \
+      --output "$OUT/sweep-classifier-$COMPILE.json"
+    $PYTHON -m perf sweep --models ensemble --shared-memory none --concurrency 1,16,64 \
+      --images "$IMAGES/large" "${common[@]}" --label "ensemble, 2048x1536 JPEG" \
+      --output "$OUT/sweep-ensemble-large-$COMPILE.json"
+    ;;
+  *) echo "stages: repo, bare, sweep" >&2; exit 2 ;;
+esac
