@@ -75,16 +75,21 @@ class TritonPythonModel:
         return responses
 
     def _execute_torch(self, requests):
-        """GPU tensors in and out by DLPack: no host copy between the preprocess model and the postprocess model."""
-        from torch.utils.dlpack import from_dlpack, to_dlpack
+        """Pixels in on the GPU by DLPack (no host copy); logits out with one device-to-host copy per batch.
+
+        The logits (4 KB per image) go to the CPU postprocess model anyway; one
+        copy of the whole batch is far cheaper than handing each request's
+        slice over as a GPU tensor, which the Python backend moves one by one
+        (measured on an H100: compute_output 30 ms -> see perf/results).
+        """
+        from torch.utils.dlpack import from_dlpack
 
         torch = self.engine.torch
         tensors = [from_dlpack(pb_utils.get_input_tensor_by_name(r, self.input_name).to_dlpack()) for r in requests]
-        logits = self.engine(torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+        logits = self.engine(torch.cat(tensors) if len(tensors) > 1 else tensors[0]).cpu().numpy()
         responses, start = [], 0
         for tensor in tensors:
-            part = logits[start:start + len(tensor)]
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(self.output_name, logits[start:start + len(tensor)])]))
             start += len(tensor)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack(self.output_name,
-                                                                                     to_dlpack(part))]))
         return responses

@@ -9,7 +9,8 @@
 #   bash perf/gpu/gpu_data_path.sh bare       # pipeline alone (both decoders) and the torch engine alone
 #   bash perf/gpu/gpu_data_path.sh sweep      # serve it; perf_analyzer: preprocess, classifier, ensemble
 # Images: builder/parity_images (640x480 JPEGs about 60-100 KB; one 2048x1536 JPEG for large uploads).
-# TORCH_COMPILE=reduce-overhead builds and measures the TorchInductor + CUDA graphs variant.
+# TORCH_COMPILE=reduce-overhead builds and measures the TorchInductor + CUDA graphs variant; SWEEPS picks
+# among "ensemble preprocess classifier large"; CONCURRENCY, INTERVAL_MS set the grid.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
@@ -44,20 +45,22 @@ case "${1:?stage}" in
     $SERVE_PYTHON -m builder serve --repository "$REPO" --workdir "$WORK" --detach --timeout 600 \
       --cuda-memory-pool-mb 4096
     trap '$SERVE_PYTHON -m builder stop --workdir "$WORK"; cp "$WORK/tritonserver.log" "$OUT/tritonserver-$COMPILE.log" || true' EXIT
-    common=(--protocols grpc --batch-sizes 1 --measurement-interval-ms "${INTERVAL_MS:-3000}" --stability-percent 15
+    sweeps=" ${SWEEPS:-ensemble preprocess classifier large} "
+    common=(--protocols grpc --batch-sizes "${BATCH_SIZES:-1}" --measurement-interval-ms "${INTERVAL_MS:-3000}" --stability-percent 15
             --max-trials 5)
-    $PYTHON -m perf sweep --models ensemble --shared-memory none --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
+    [[ $sweeps == *" ensemble "* ]] && $PYTHON -m perf sweep --models ensemble --shared-memory none --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
       --images "$IMAGES/typical" "${common[@]}" --label "ensemble, 640x480 JPEGs, compile=$COMPILE" \
       --output "$OUT/sweep-ensemble-$COMPILE.json"
-    $PYTHON -m perf sweep --models preprocess --shared-memory cuda --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
+    [[ $sweeps == *" preprocess "* ]] && $PYTHON -m perf sweep --models preprocess --shared-memory cuda --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
       --images "$IMAGES/typical" "${common[@]}" --label "preprocess alone, 640x480 JPEGs, output in CUDA shm" \
       --output "$OUT/sweep-preprocess-$COMPILE.json"
-    $PYTHON -m perf sweep --models classifier --shared-memory cuda --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
+    [[ $sweeps == *" classifier "* ]] && $PYTHON -m perf sweep --models classifier --shared-memory cuda --concurrency "${CONCURRENCY:-1,16,64,128,256}" \
       "${common[@]}" --label "classifier alone, FP32 tensors in CUDA shm, compile=$COMPILE" \
       --output "$OUT/sweep-classifier-$COMPILE.json"
-    $PYTHON -m perf sweep --models ensemble --shared-memory none --concurrency 1,16,64 \
+    [[ $sweeps == *" large "* ]] && $PYTHON -m perf sweep --models ensemble --shared-memory none --concurrency 1,16,64 \
       --images "$IMAGES/large" "${common[@]}" --label "ensemble, 2048x1536 JPEG" \
       --output "$OUT/sweep-ensemble-large-$COMPILE.json"
+    true
     ;;
   *) echo "stages: repo, bare, sweep" >&2; exit 2 ;;
 esac
