@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -155,6 +156,9 @@ def decode(data: bytes, params: PreprocessParams) -> Image.Image:
                          "send JPEG, PNG, WebP, GIF, BMP or TIFF bytes") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        # A header cut short or mangled (e.g. a JPEG marker with no segment): Pillow fails in open().
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
     width, height = image.size
     if width * height > params.max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, "

@@ -48,13 +48,20 @@ class TorchEngine:
             return
         with open(sidecar) as f:
             built = json.load(f).get("environment", {})
-        here = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(self.device)}
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
+        here = {"torch": torch.__version__, "gpu": gpu}
         if any(built.get(k) != v for k, v in here.items()):
             print(f"classifier: ignoring inductor.bin, made for {built} (here {here}); compiling from scratch",
                   flush=True)
             return
-        with open(artifacts, "rb") as f:
-            torch.compiler.load_cache_artifacts(f.read())
+        try:  # a damaged file must not stop the model: torch logs it and returns None, or raises
+            with open(artifacts, "rb") as f:
+                loaded = torch.compiler.load_cache_artifacts(f.read())
+            problem = None if loaded is not None else "unreadable"
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem:
+            print(f"classifier: ignoring inductor.bin ({problem}); compiling from scratch", flush=True)
 
     def __call__(self, batch):
         torch = self.torch
