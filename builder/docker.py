@@ -17,12 +17,15 @@ from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TR
 TEMPLATES = Path(__file__).parent / "templates"
 DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml")
 PILLOW_VERSION = "11.0.0"  # has wheels for the Python 3.10 in tritonserver 24.10
+# For --preprocess gpu / --engine torch in the container: the newest pair with cp310 CUDA 12.6 wheels.
+TORCH_VERSION, TORCHVISION_VERSION = "2.7.1", "0.22.1"
 
 
 def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16") -> Dict:
     """Values the templates use."""
     return {"release": TRITON_RELEASE, "triton_version": TRITON_VERSION, "tensorrt_version": TENSORRT_VERSION,
-            "pillow_version": PILLOW_VERSION, "http_port": 8000, "grpc_port": 8001, "metrics_port": 8002,
+            "pillow_version": PILLOW_VERSION, "torch_version": TORCH_VERSION,
+            "torchvision_version": TORCHVISION_VERSION, "http_port": 8000, "grpc_port": 8001, "metrics_port": 8002,
             "repository": "model_repository", "classifier": Contract.named(model_name).classifier,
             "precision": precision,
             # Model control locked as in `make serve`: the key comes from the environment, never the files.

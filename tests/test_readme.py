@@ -28,6 +28,7 @@ SKIPPED = {
     "docker run": "needs a Docker engine and a GPU",
     "make plan-docker": "needs a Docker engine and a GPU",
     "make serve-docker": "needs a Docker engine and a GPU",
+    "bash perf/gpu/": "needs a GPU",
 }
 # perf_analyzer measures briefly here: the grid is the README's, the windows are short.
 FAST_PERF = " --measurement-interval-ms 400 --max-trials 3 --stability-percent 50"
