@@ -1,7 +1,7 @@
 """TensorRT plans from the exported ONNX: build, validate, time, inspect.
 
 Plans must be built where the serving TensorRT lives (NVIDIA's TensorRT
-container of the tritonserver release, or the GPU kit's TensorRT 8.6 on
+container of the tritonserver release, or a TensorRT 8.6 wheel on
 Python 3.9), so this module imports only the standard library, numpy and
 tensorrt (plus the project's numpy-only `builder.compare`), and runs on
 Python >= 3.9. It supports TensorRT 8.6 through 10.x to 11.x by feature
@@ -45,7 +45,7 @@ def _trt():
         import tensorrt
     except ImportError:
         raise BuilderError("tensorrt is not importable here; build plans inside NVIDIA's TensorRT container "
-                           "(`make plan-docker`) or with the GPU kit") from None
+                           "(`make plan-docker`) or in a Python that has the tensorrt wheel") from None
     return tensorrt
 
 

@@ -31,6 +31,9 @@ class TorchEngine:
             module = torch.compile(module, mode=None if mode == "default" else mode, dynamic=True)
         self.module = module
         self.copy_out = mode == "reduce-overhead"  # CUDA graph outputs are overwritten by the next replay
+        # It runs on the default stream of its own process (each instance is a stub process with its own CUDA
+        # context). A dedicated side stream, synchronized per batch, was measured slower on an H100 with CUDA
+        # graphs (classifier 2.0 -> 2.9 ms at concurrency 1, perf/results/h100-gpu-data-path/README.md).
         buckets = sorted({int(b) for b in params.get("batch_buckets", "").split(",") if b.strip()} | {max_batch})
         self.buckets = [b for b in buckets if b <= max_batch]
         started = time.perf_counter()

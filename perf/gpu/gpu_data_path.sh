@@ -8,7 +8,8 @@
 #   bash perf/gpu/gpu_data_path.sh repo       # local-flavor repository: --preprocess gpu --engine torch
 #   bash perf/gpu/gpu_data_path.sh bare       # pipeline alone (both decoders) and the torch engine alone
 #   bash perf/gpu/gpu_data_path.sh sweep      # serve it; perf_analyzer: preprocess, classifier, ensemble
-# Images: builder/parity_images (640x480 JPEGs about 60-100 KB; one 2048x1536 JPEG for large uploads).
+# Images: builder/parity_images (640x480 JPEGs of 55-100 KB; a 2048x1536 JPEG and a 4032x3024 one made
+# from it for large uploads).
 # TORCH_COMPILE=reduce-overhead builds and measures the TorchInductor + CUDA graphs variant; SWEEPS picks
 # among "ensemble preprocess classifier large"; CONCURRENCY, INTERVAL_MS set the grid.
 set -euo pipefail
@@ -23,6 +24,8 @@ IMAGES=${IMAGES:-/tmp/swin-gpu-images}
 mkdir -p "$OUT" "$IMAGES/typical" "$IMAGES/large"
 cp builder/parity_images/*_640x480.jpg "$IMAGES/typical/"
 cp builder/parity_images/astronaut_2048x1536.jpg "$IMAGES/large/"
+# A 12 MP phone-camera-sized upload, made from the bundled 3 MP photo.
+[ -f "$IMAGES/large/astronaut_4032x3024.jpg" ] || $PYTHON -c "from PIL import Image; Image.open('$IMAGES/large/astronaut_2048x1536.jpg').resize((4032, 3024), Image.BICUBIC).save('$IMAGES/large/astronaut_4032x3024.jpg', quality=85)"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   repo)
