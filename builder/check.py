@@ -92,6 +92,15 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
     versions = _versions(model_dir, config)
     if not versions:
         problems.append(f"{name}: no version directory matches its version policy")
+    for tensor in config.output:
+        if tensor.label_filename and not (model_dir / tensor.label_filename).is_file():
+            problems.append(f"{name}: output {tensor.name!r} names labels file {tensor.label_filename!r}, "
+                            "which is not in the model directory")
+    for warmup in config.model_warmup:
+        for input_name, data in warmup.inputs.items():
+            if data.input_data_file and not (model_dir / "warmup" / data.input_data_file).is_file():
+                problems.append(f"{name}: warm-up {warmup.name!r} reads warmup/{data.input_data_file}, "
+                                "which does not exist")
     filename = config.default_model_filename or DEFAULT_FILES.get(backend)
     for version in versions:
         if filename and not (model_dir / str(version) / filename).is_file():

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.contract import CLASSIFIER_LOGITS, Contract, TensorSpec
+from builder.contract import CLASSIFIER_LOGITS, LABELS_FILE, WARMUP_IMAGE, Contract, TensorSpec
 from builder.settings import Batching, InstanceGroup, VersionPolicy
 
 ModelConfig = mc.ModelConfig
@@ -109,6 +109,36 @@ def python_model(
     return config
 
 
+def _classification(config: mc.ModelConfig, contract: Contract, batching: Batching) -> mc.ModelConfig:
+    """What makes the classifier a Triton image classifier for any client and tool.
+
+    The image input declares its layout (FORMAT_NCHW, which generic image
+    clients require), the logits carry the labels file, so Triton's
+    classification extension answers `class_count` requests with
+    "score:index:label" strings, and a zero-filled warm-up runs at every
+    preferred batch size, so the first real request is as fast as the tenth.
+    """
+    config.input[0].format = mc.ModelInput.FORMAT_NCHW
+    config.output[0].label_filename = LABELS_FILE
+    for size in sorted({1, *batching.preferred_batch_sizes}):
+        warmup = config.model_warmup.add(name=f"zeros_batch_{size}", batch_size=size)
+        tensor = warmup.inputs[contract.pixels.name]
+        tensor.data_type = mc.DataType.Value(contract.pixels.config_dtype)
+        tensor.dims.extend(contract.pixels.dims)
+        tensor.zero_data = True
+    return config
+
+
+def preprocess_warmup(config: mc.ModelConfig, contract: Contract) -> mc.ModelConfig:
+    """Warms the preprocess model up with the bundled photo (`warmup/` in its model directory)."""
+    warmup = config.model_warmup.add(name="photo", batch_size=1)
+    tensor = warmup.inputs[contract.image.name]
+    tensor.data_type = mc.DataType.Value(contract.image.config_dtype)
+    tensor.dims.extend(contract.image.dims)
+    tensor.input_data_file = WARMUP_IMAGE
+    return config
+
+
 def _native_classifier(contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy,
                        platform: str, backend: str) -> mc.ModelConfig:
     config = _base(contract.classifier, batching, policy)
@@ -117,7 +147,7 @@ def _native_classifier(contract: Contract, batching: Batching, instances: Instan
     _add_io(config, [contract.pixels], [contract.logits])
     _dynamic_batching(config, batching)
     _instances(config, instances)
-    return config
+    return _classification(config, contract, batching)
 
 
 def onnx_classifier(
@@ -147,8 +177,8 @@ def local_classifier(
     parameters: Optional[Mapping[str, str]] = None,
 ) -> mc.ModelConfig:
     """The classifier inside the Python backend (ONNX Runtime, a TensorRT plan or the torch engine)."""
-    return python_model(contract.classifier, [contract.pixels], [contract.logits],
-                        batching, instances, policy, parameters)
+    return _classification(python_model(contract.classifier, [contract.pixels], [contract.logits],
+                                        batching, instances, policy, parameters), contract, batching)
 
 
 def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy) -> mc.ModelConfig:

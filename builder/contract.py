@@ -79,6 +79,10 @@ LABELS = "labels"          # top-k human-readable class names
 # ("unexpected deadlock, at least one output is not set") when one tensor is
 # both an ensemble output and the input of a later step; distinct names avoid it.
 CLASSIFIER_LOGITS = "classifier_logits"
+# Files in model directories: the class names the classifier's outputs carry (Triton's classification
+# extension), and the photo the preprocess model warms up with (`<model>/warmup/`).
+LABELS_FILE = "labels.txt"
+WARMUP_IMAGE = "photo.bin"
 
 
 @dataclass(frozen=True)

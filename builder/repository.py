@@ -9,15 +9,14 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
+import struct
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
 
 from builder import configs, torch_engine
-from builder.contract import Contract
+from builder.contract import LABELS_FILE, WARMUP_IMAGE, Contract
 from builder.errors import BuilderError
 from builder.meta import package_versions
 from builder.output import MANIFEST, check_output, clean_stale, staging_dir, swap_into_place
@@ -81,12 +80,17 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
                        extras=("imaging.py", "gpu_imaging.py") if gpu_pipeline else ("imaging.py",))
     if gpu_pipeline:
         preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": "auto"}
-    pre_config = configs.python_model(
+    (pre_dir / "warmup").mkdir(parents=True, exist_ok=True)
+    photo = (Path(__file__).parent / "parity_images" / "astronaut_640x480.jpg").read_bytes()
+    # Triton reads a BYTES warm-up input as its wire form: a 4-byte little-endian length before the bytes.
+    (pre_dir / "warmup" / WARMUP_IMAGE).write_bytes(struct.pack("<I", len(photo)) + photo)
+    pre_config = configs.preprocess_warmup(configs.python_model(
         contract.preprocess, [contract.image], [contract.pixels], settings.preprocess_batching,
-        settings.preprocess_instances, policy, preprocess_parameters)
+        settings.preprocess_instances, policy, preprocess_parameters), contract)
 
     cls_dir = root / contract.classifier
     (cls_dir / version).mkdir(parents=True, exist_ok=True)
+    (cls_dir / LABELS_FILE).write_text("\n".join(class_names) + "\n", encoding="utf-8")
     shutil.move(str(onnx_file), cls_dir / version / "model.onnx")
     if settings.plan:
         # model.onnx stays beside the plan: it is what the plan is rebuilt from in the TensorRT container.
@@ -254,6 +258,16 @@ def _same_repository(settings: RepoSettings, previous: dict, output: Path) -> Re
     return dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
 
 
+def _move_model_files(source: Path, target: Path) -> None:
+    """Moves a model directory's unversioned files (labels, warm-up inputs) over the served ones, each atomically."""
+    for path in source.rglob("*"):
+        relative = path.relative_to(source)
+        if relative.parts[0].isdigit() or path.name == "config.pbtxt" or not path.is_file():
+            continue
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target / relative)
+
+
 def _move_version_in(staging: Path, output: Path, contract: Contract, version: int) -> None:
     """Moves the new version directories into the live repository, then configs and manifest."""
     names = (contract.preprocess, contract.classifier, contract.postprocess)
@@ -263,6 +277,7 @@ def _move_version_in(staging: Path, output: Path, contract: Contract, version: i
     for name in names:
         os.rename(staging / name / str(version), output / name / str(version))  # atomic for a poller
     for name in contract.model_names:
+        _move_model_files(staging / name, output / name)
         _replace_text(output / name / "config.pbtxt", (staging / name / "config.pbtxt").read_text(encoding="utf-8"))
     manifest = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
     manifest["files"] = file_hashes(output)

@@ -7,6 +7,7 @@ Subcommands:
   tune     search instance count / queue delay / batch sizes by live model reloads
   bare     the classifier run directly (PyTorch, ONNX Runtime, TensorRT)
   pipeline the gpu preprocessing pipeline run directly
+  first-request  first-request latency after a model load, with and without warm-up
 
 Heavy imports happen inside the subcommands so `--help` is instant.
 """
@@ -151,6 +152,29 @@ def _cmd_pipeline(args) -> int:
     return 0
 
 
+def _cmd_first_request(args) -> int:
+    from builder.errors import BuilderError
+    from builder.repository import read_manifest
+    from clients.api import collect_images
+    from perf.environment import describe, write_json
+    from perf.first_request import measure
+
+    from pathlib import Path
+
+    manifest = read_manifest(Path(args.repository))
+    images = [p.read_bytes() for p in collect_images(args.images)]
+    if not images:
+        raise BuilderError(f"images: no image files under {', '.join(args.images)}")
+    rows = [measure(args.repository, images, manifest["contract"]["ensemble"], warmup)
+            for warmup in (False, True) for _ in range(args.repeat)]
+    for row in rows:
+        print(json.dumps(row))
+    payload = {"kind": "first_request", "environment": describe({"repository": manifest["settings"]}),
+               "results": rows}
+    print(write_json(args.output, payload))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     from perf import cli_sweep
@@ -184,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=int, default=10)
     g.add_argument("--output", default="perf/results/local-pipeline.json")
     g.set_defaults(func=_cmd_pipeline)
+    f = sub.add_parser("first-request", help="first-request latency after a load, with and without warm-up")
+    f.add_argument("--repository", default="model_repository")
+    f.add_argument("--images", type=_words, default=["builder/parity_images"])
+    f.add_argument("--repeat", type=int, default=1)
+    f.add_argument("--output", default="perf/results/local-first-request.json")
+    f.set_defaults(func=_cmd_first_request)
     cli_sweep.add_commands(sub, _ints, _words)
     return parser
 

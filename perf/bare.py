@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -26,6 +26,26 @@ def _row(engine: str, variant: str, batch: int, seconds: Sequence[float]) -> Dic
             "latency_mean_ms": float(ms.mean()), "latency_p50_ms": float(np.percentile(ms, 50)),
             "latency_p99_ms": float(np.percentile(ms, 99)),
             "throughput_img_per_s": float(batch * 1000.0 / ms.mean()), "iterations": len(ms)}
+
+
+def _sync(device: str) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None], warmup: int, iterations: int) -> List[float]:
+    """Seconds per call of `fn` after `warmup` calls, each measured call synchronized with `sync`."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 def bench_torch(model_name: str, model_kwargs: Dict, batches: Sequence[int], device: str, warmup: int,
@@ -47,17 +67,7 @@ def bench_torch(model_name: str, model_kwargs: Dict, batches: Sequence[int], dev
         for batch in batches:
             x = torch.randn(batch, *shape, device=device, dtype=dtype)
             with torch.inference_mode():
-                for _ in range(warmup):
-                    module(x)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                samples = []
-                for _ in range(iterations):
-                    start = time.perf_counter()
-                    module(x)
-                    if device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    samples.append(time.perf_counter() - start)
+                samples = timed(lambda: module(x), _sync(device), warmup, iterations)
             rows.append(_row("torch", name, batch, samples))
             log.info("%s", json.dumps(rows[-1]))
     return rows
@@ -118,15 +128,7 @@ def bench_program(version_dir: str, params: Dict[str, str], max_batch: int, batc
     rows = []
     for batch in batches:
         x = torch.randn(batch, *params_shape(params), device=device)
-        for _ in range(warmup):
-            engine(x)
-        samples = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            engine(x)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
+        samples = timed(lambda: engine(x), _sync(device), warmup, iterations)
         rows.append({**_row("program", f"{engine.dtype} compile={params.get('compile', 'none')}", batch, samples),
                      "load_s": round(load_s, 2)})
         log.info("%s", json.dumps(rows[-1]))

@@ -8,7 +8,6 @@ reports how far the tensors are from the exact CPU path on the same images.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -17,25 +16,13 @@ import numpy as np
 log = logging.getLogger("perf")
 
 
-def _timed(fn, sync, warmup: int, iterations: int) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return np.array(samples) * 1000.0
-
-
 def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], device: str, decoders: Sequence[str],
                    warmup: int = 3, iterations: int = 10) -> List[Dict]:
     """Rows of {decoder, stage, batch_size, latency_*_ms, throughput_img_per_s} plus parity figures."""
     import torch
 
     from builder.triton_models import gpu_imaging, imaging
+    from perf.bare import timed
 
     data = [Path(p).read_bytes() for p in images]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -51,7 +38,7 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
             orientations = [gpu_imaging.gpu_candidate(d, params.max_pixels) or 1 for d in items]
             for stage, fn in (("decode", lambda: pipeline.decoder(items, orientations)),
                               ("decode+transform", lambda: pipeline(items))):
-                ms = _timed(fn, sync, warmup, iterations)
+                ms = np.array(timed(fn, sync, warmup, iterations)) * 1000.0
                 row = {"decoder": pipeline.decoder.backend, "stage": stage, "device": device, "batch_size": batch,
                        "latency_mean_ms": float(ms.mean()), "latency_p50_ms": float(np.percentile(ms, 50)),
                        "throughput_img_per_s": float(batch * 1000.0 / ms.mean()), "iterations": iterations,

@@ -36,6 +36,27 @@ def free_ports(count: int) -> list:
     return ports
 
 
+def ready_stub(host: str = "127.0.0.1", ssl_context=None):
+    """An HTTP(S) server that answers every GET with 200, as a healthy Triton's readiness probe does."""
+    import http.server
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer((host, 0), Ready)
+    if ssl_context is not None:
+        httpd.socket = ssl_context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
 def tiny_settings(output: Path, flavor: str = "local", **overrides) -> s.RepoSettings:
     """Repository settings for the tiny Swin."""
     kind = "KIND_CPU" if flavor == "local" else "KIND_GPU"

@@ -18,7 +18,7 @@ import pytest
 from builder.server import LocalServer, ServerSettings
 from clients import (AsyncClassifier, Classifier, ClientError, ClientSettings, ModelNotFound, RequestTimeout,
                      ServerUnavailable, SettingsError)
-from conftest import SERVED_LOGIT_ATOL, free_ports
+from conftest import SERVED_LOGIT_ATOL, free_ports, ready_stub
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,25 +189,12 @@ def test_tls_settings_are_checked(tmp_path):
 
 
 def _https_stub(cert, key):
-    """An HTTPS server that answers Triton's readiness endpoints (tritonserver's HTTP has no TLS of its own)."""
-    import http.server
+    """tritonserver's HTTP has no TLS of its own: an HTTPS readiness stub stands in for a TLS front."""
     import ssl
 
-    class Ready(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
+    return ready_stub(ssl_context=context)
 
 
 def _self_signed(tmp_path):

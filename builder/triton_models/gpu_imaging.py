@@ -25,7 +25,6 @@ items zero, plus one error message or None per item.
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
