@@ -56,7 +56,7 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 	    (apt-get update -qq >/dev/null && apt-get install -y -qq libb64-0d >/dev/null)) ; } || true
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[builder,dev]'
 	$(PY) -m pip install -q --no-deps -r requirements-modelopt.txt
 	touch $(STAMP)
 

@@ -76,6 +76,10 @@ def _add_repo(sub) -> None:
     p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
     p.add_argument("--plan", default=None, help="serve this TensorRT plan as the classifier (container flavor)")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
+    p.add_argument("--onnxruntime-tensorrt", action="store_true",
+                   help="container flavor without a plan: ONNX Runtime's TensorRT accelerator (FP16, engine cache)")
+    p.add_argument("--response-cache", action="store_true",
+                   help="cache ensemble responses (identical uploads); serve with --cache-mb")
     p.add_argument("--max-abs", type=float, default=1e-3, help="parity: largest allowed logit difference")
     p.add_argument("--min-cosine", type=float, default=0.9999, help="parity: smallest allowed cosine")
 
@@ -105,6 +109,7 @@ def _cmd_repo(args) -> int:
             args.preprocess_instance_kind or ("KIND_GPU" if args.preprocess == "gpu" else "KIND_CPU"),
             args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
+        onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=s.Parity(args.max_abs, args.min_cosine),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
         plan=args.plan, cuda_graphs=args.cuda_graphs,
@@ -241,8 +246,9 @@ def _server(args):
         metrics_port=args.metrics_port, workdir=args.workdir,
         model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2),
         admin_key=key, extra_args=tuple(
-            [f"--cuda-memory-pool-byte-size=0:{args.cuda_memory_pool_mb << 20}"]
-            if getattr(args, "cuda_memory_pool_mb", 0) else [])))
+            ([f"--cuda-memory-pool-byte-size=0:{args.cuda_memory_pool_mb << 20}"]
+             if getattr(args, "cuda_memory_pool_mb", 0) else [])
+            + ([f"--cache-config=local,size={args.cache_mb << 20}"] if getattr(args, "cache_mb", 0) else []))))
 
 
 def _cmd_serve(args) -> int:
@@ -314,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
     s.add_argument("--poll-seconds", type=int, default=2)
     s.add_argument("--detach", action="store_true", help="run in the background (stop with `stop`)")
+    s.add_argument("--cache-mb", type=int, default=0, help="response cache size for --response-cache models")
     s.add_argument("--cuda-memory-pool-mb", type=int, default=0,
                    help="CUDA memory pool of GPU 0 for tensors passed between models on the GPU (0: Triton's 64)")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")

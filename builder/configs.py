@@ -151,10 +151,22 @@ def _native_classifier(contract: Contract, batching: Batching, instances: Instan
 
 
 def onnx_classifier(
-    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy
+    contract: Contract, batching: Batching, instances: InstanceGroup, policy: VersionPolicy,
+    tensorrt_accelerator: bool = False,
 ) -> mc.ModelConfig:
-    """The classifier on Triton's native ONNX Runtime backend (`container` flavor)."""
-    return _native_classifier(contract, batching, instances, policy, "onnxruntime_onnx", "onnxruntime")
+    """The classifier on Triton's native ONNX Runtime backend (`container` flavor).
+
+    With `tensorrt_accelerator`, ONNX Runtime runs it through its TensorRT
+    execution provider in FP16, caching the built engines in the model
+    directory (`/models/<classifier>/trt_cache`, as the container mounts it).
+    """
+    config = _native_classifier(contract, batching, instances, policy, "onnxruntime_onnx", "onnxruntime")
+    if tensorrt_accelerator:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters.update({
+            "precision_mode": "FP16", "max_workspace_size_bytes": str(4 << 30),
+            "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"/models/{contract.classifier}/trt_cache"})
+    return config
 
 
 def tensorrt_classifier(
@@ -181,13 +193,16 @@ def local_classifier(
                                         batching, instances, policy, parameters), contract, batching)
 
 
-def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy) -> mc.ModelConfig:
+def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy,
+             response_cache: bool = False) -> mc.ModelConfig:
     """The ensemble: image bytes -> preprocess -> classifier -> postprocess.
 
     Its outputs are the top-k tensors plus the classifier's raw logits, all
     produced by the postprocess step (see `contract.CLASSIFIER_LOGITS`).
     """
     config = mc.ModelConfig(name=contract.ensemble, platform="ensemble", max_batch_size=max_batch_size)
+    if response_cache:  # assigning even False would write an empty `response_cache {}` block
+        config.response_cache.enable = True
     _version_policy(config, policy)
     _add_io(config, [contract.image], contract.ensemble_outputs)
     steps: Sequence[Tuple[str, Dict[str, str], Dict[str, str]]] = (

@@ -116,7 +116,8 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         cls_config = configs.tensorrt_classifier(contract, batching, settings.classifier_instances, policy,
                                                  settings.cuda_graphs)
     else:
-        cls_config = configs.onnx_classifier(contract, batching, settings.classifier_instances, policy)
+        cls_config = configs.onnx_classifier(contract, batching, settings.classifier_instances, policy,
+                                             settings.onnxruntime_tensorrt)
 
     post_dir = root / contract.postprocess
     _copy_python_model("postprocess.py", post_dir / version)
@@ -128,7 +129,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
     ens_dir = root / contract.ensemble
     (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
-    ens_config = configs.ensemble(contract, batching.max_batch_size, policy)
+    ens_config = configs.ensemble(contract, batching.max_batch_size, policy, settings.response_cache)
 
     # config.pbtxt last: a polling server never sees a config without its files.
     for model_dir, config in ((pre_dir, pre_config), (cls_dir, cls_config),

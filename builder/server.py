@@ -130,10 +130,10 @@ def server_dir(workdir: Path) -> Path:
         raise BuilderError(f"the pytriton wheel has no Python backend stub for Python {pyver}; "
                            "use Python 3.8 to 3.13 for the virtual environment")
     marker = target / ".prepared"
-    stamp = f"{source}:{pyver}:{(source / 'bin' / 'tritonserver').stat().st_mtime}"
+    stamp = f"{source}:{pyver}:{(source / 'bin' / 'tritonserver').stat().st_mtime}:with-caches"
     if not (marker.is_file() and marker.read_text() == stamp):
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("python_backend_stubs", "caches"))
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("python_backend_stubs"))
         shutil.copy2(stub, target / "backends" / "python" / "triton_python_backend_stub")
         marker.write_text(stamp)
     return target
@@ -179,6 +179,7 @@ class LocalServer:
         cmd = [str(root / "bin" / "tritonserver"),
                f"--model-repository={Path(s.repository).resolve()}",
                f"--backend-directory={root / 'backends'}",
+               f"--cache-directory={root / 'caches'}",  # the response cache's local implementation
                f"--http-port={s.http_port}", f"--grpc-port={s.grpc_port}", f"--metrics-port={s.metrics_port}",
                f"--model-control-mode={s.model_control}",
                # Room for a full batch of FP32 images per stub without growing in 1 MB steps.

@@ -245,6 +245,12 @@ class RepoSettings:
             (TorchInductor) or `reduce-overhead` (TorchInductor + CUDA graphs).
         preprocess_parity: Thresholds of the `gpu` preprocessing against
             `exact` (logits of the built model on real photos).
+        onnxruntime_tensorrt: Container flavor without a plan: ONNX Runtime's
+            TensorRT execution accelerator (FP16, engine cache in the model
+            directory, so the repository must be mounted writable).
+        response_cache: Triton's response cache on the ensemble: identical
+            uploads are answered from memory (the server needs a cache:
+            `builder serve --cache-mb N`).
     """
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -268,6 +274,8 @@ class RepoSettings:
     engine: str = "onnxruntime"
     torch_compile: str = "none"
     preprocess_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
+    onnxruntime_tensorrt: bool = False
+    response_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS:
@@ -278,6 +286,9 @@ class RepoSettings:
             _fail("torch_compile", f"{self.torch_compile!r} is unknown", f"use one of {', '.join(TORCH_COMPILE)}")
         if self.torch_compile != "none" and self.engine != "torch":
             _fail("torch_compile", "applies to the torch engine", "pass --engine torch with it")
+        if self.onnxruntime_tensorrt and (self.flavor != "container" or self.plan or self.engine != "onnxruntime"):
+            _fail("onnxruntime_tensorrt", "applies to the container flavor's ONNX Runtime classifier",
+                  "use it with --flavor container and no --plan or --engine torch")
         if self.engine == "torch" and self.plan:
             _fail("engine", "torch and a TensorRT plan were both given", "serve one classifier: drop --plan "
                   "or --engine torch")

@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NoProgress:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, count: int) -> None:
+        pass
+
+
 def _row(result, top_k: int) -> str:
     if not result.ok:
         return f"{result.source}\tERROR\t{result.error}"
@@ -73,8 +87,10 @@ def _classify(args) -> int:
             timeout_s=args.timeout, retries=args.retries, max_batch=args.max_batch, concurrency=args.concurrency,
             ssl=args.ssl, root_certificates=args.root_certificates, headers=tuple(args.header),
             shared_memory=args.shared_memory)
-        from tqdm import tqdm
-
+        try:
+            from tqdm import tqdm
+        except ImportError:  # the client install has no progress bars
+            tqdm = _NoProgress
         failed = []
         with Classifier(settings) as client, tqdm(total=len(files), unit="img", file=sys.stderr,
                                                   disable=len(files) < PROGRESS_FROM) as bar:

@@ -36,6 +36,18 @@ def free_ports(count: int) -> list:
     return ports
 
 
+def project_copy(tmp_path: Path) -> Path:
+    """The project's files (no venv, git or generated folders) in `tmp_path/project`, modification times kept."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "project"
+    shutil.copytree(root, work, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "model_repository*", ".model_repository*", ".server", "build", ".gpukit", ".gpurun",
+        "__pycache__", ".pytest_cache", "*.egg-info"))
+    return work
+
+
 def ready_stub(host: str = "127.0.0.1", ssl_context=None):
     """An HTTP(S) server that answers every GET with 200, as a healthy Triton's readiness probe does."""
     import http.server

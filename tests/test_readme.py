@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_KWARGS, free_ports
+from conftest import TINY_KWARGS, free_ports, project_copy
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,22 +53,13 @@ def _skip_reason(command: str):
     return next((why for prefix, why in SKIPPED.items() if command.startswith(prefix)), None)
 
 
-def _project_copy(tmp_path: Path) -> Path:
-    work = tmp_path / "project"
-    # copy2 keeps modification times, so the venv stamp stays newer than pyproject.toml.
-    shutil.copytree(ROOT, work, symlinks=True, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "model_repository*", ".model_repository*", ".server", "build", ".gpukit", "__pycache__",
-        ".pytest_cache"))
-    os.symlink(ROOT / ".venv", work / ".venv")
-    return work
-
-
 def test_readme_commands_run_as_written(tmp_path, photo_paths, tiny_model):
     from safetensors.torch import save_file
 
     commands = readme_commands()
     assert any(c.startswith("make repo FLAVOR=local") for _, c in commands)
-    work = _project_copy(tmp_path)
+    work = project_copy(tmp_path)
+    os.symlink(ROOT / ".venv", work / ".venv")
     photos = work / "photos"
     photos.mkdir()
     for path in photo_paths[:4]:

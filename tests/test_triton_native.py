@@ -86,3 +86,44 @@ def test_check_names_missing_labels_and_warmup_files(local_repo, contract, tmp_p
     problems = check_repository(repo)
     assert any("labels file 'labels.txt'" in p for p in problems), problems
     assert any("warm-up 'photo' reads warmup/photo.bin" in p for p in problems), problems
+
+
+def test_onnxruntime_tensorrt_accelerator_and_response_cache_configs(tmp_path):
+    from builder import settings as s
+    from builder.repository import build_repository
+    from conftest import tiny_settings
+
+    repo = build_repository(tiny_settings(tmp_path / "c", flavor="container", onnxruntime_tensorrt=True,
+                                          response_cache=True))
+    text = (repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").read_text()
+    for line in ('name: "tensorrt"', 'key: "precision_mode"', 'value: "FP16"',
+                 'value: "/models/swin_tiny_patch4_window7_224_classifier/trt_cache"'):
+        assert line in text, text
+    ensemble = (repo / "swin_tiny_patch4_window7_224" / "config.pbtxt").read_text()
+    assert "response_cache {\n  enable: true\n}" in ensemble
+    plain = build_repository(tiny_settings(tmp_path / "p", flavor="container"))
+    assert "response_cache" not in (plain / "swin_tiny_patch4_window7_224" / "config.pbtxt").read_text()
+    with pytest.raises(s.BuilderError, match="onnxruntime_tensorrt: applies to the container flavor"):
+        tiny_settings(tmp_path / "x", flavor="local", onnxruntime_tensorrt=True)
+
+
+def test_response_cache_serves_repeated_uploads(tmp_path, photos):
+    from builder.repository import build_repository
+    from builder.server import LocalServer, ServerSettings
+    from clients import Classifier, ClientSettings
+    from conftest import free_ports, tiny_settings
+
+    repo = build_repository(tiny_settings(tmp_path / "r", response_cache=True))
+    http, grpc, metrics = free_ports(3)
+    settings = ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"),
+                              extra_args=("--cache-config=local,size=16777216",))
+    with LocalServer(settings) as server:
+        with Classifier(ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224")) as client:
+            first = client.classify([photos[0]])[0]
+            again = client.classify([photos[0]])[0]
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/swin_tiny_patch4_window7_224/stats") as r:
+            stats = __import__("json").load(r)["model_stats"][0]["inference_stats"]
+    assert first.top1 == again.top1
+    assert int(stats["cache_hit"]["count"]) == 1 and int(stats["cache_miss"]["count"]) == 1
