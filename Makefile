@@ -42,12 +42,13 @@ else
 WEIGHT_ARGS := --checkpoint $(WEIGHTS)
 endif
 
-.PHONY: help venv repo check serve stop test clean
+.PHONY: help venv repo check serve stop test clean analyzer analyze
 help:
 	@echo "make repo     export $(MODEL) and write $(REPO)/ (FLAVOR=container|local, WEIGHTS=random|pretrained|PATH)"
 	@echo "make test     run the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer)"
 	@echo "make serve    start the local tritonserver on $(REPO)/ (use FLAVOR=local for it); make stop"
 	@echo "make check    report what tritonserver would reject in $(REPO)/"
+	@echo "make analyze  Triton's Model Analyzer on $(REPO)/ (ANALYZE_MODELS=classifier|preprocess|ensemble)"
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml requirements-modelopt.txt
@@ -81,6 +82,17 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(REPO) .server build
+
+# Triton's Model Analyzer, in its own environment (it needs a newer tritonclient than the pinned 2.51).
+ANALYZER_VENV ?= .venv-analyzer
+ANALYZE_MODELS ?= classifier
+analyzer: $(ANALYZER_VENV)/bin/model-analyzer
+$(ANALYZER_VENV)/bin/model-analyzer:
+	test -x $(ANALYZER_VENV)/bin/python || $(PYTHON) -m venv $(ANALYZER_VENV)
+	$(ANALYZER_VENV)/bin/python -m pip install -q "triton-model-analyzer==1.58.0"
+
+analyze: $(STAMP) analyzer
+	$(PY) -m perf analyze --repository $(REPO) --models $(ANALYZE_MODELS) --analyzer $(ANALYZER_VENV)/bin/model-analyzer
 
 # --- NVIDIA containers (a GPU host with Docker; release pinned in builder/settings.py) ---
 .PHONY: docker-files plan-docker serve-docker

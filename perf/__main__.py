@@ -8,6 +8,7 @@ Subcommands:
   bare     the classifier run directly (PyTorch, ONNX Runtime, TensorRT)
   pipeline the gpu preprocessing pipeline run directly
   first-request  first-request latency after a model load, with and without warm-up
+  analyze  Triton's Model Analyzer on the repository, with the local tritonserver
 
 Heavy imports happen inside the subcommands so `--help` is instant.
 """
@@ -175,6 +176,31 @@ def _cmd_first_request(args) -> int:
     return 0
 
 
+def _cmd_analyze(args) -> int:
+    from pathlib import Path
+
+    from builder.repository import read_manifest
+    from clients.api import collect_images
+    from perf.analyze import analyzer_config, best_configs, run_analyzer
+    from perf.environment import write_json
+
+    repository = Path(args.repository).resolve()
+    names = read_manifest(repository)["contract"]["models"]  # preprocess, classifier, postprocess, ensemble
+    chosen = {"classifier": names[1], "preprocess": names[0], "ensemble": names[3]}
+    models = [chosen.get(m, m) for m in args.models]
+    workdir = Path(args.output).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    images = [str(p) for p in collect_images(args.images)] if names[3] in models or names[0] in models else []
+    config = analyzer_config(repository, models, workdir, images, args.max_instances, args.max_concurrency,
+                             args.max_batch, "quick" if names[3] in models else args.search)
+    reports = run_analyzer(args.analyzer, config, workdir)
+    rows = best_configs(reports)
+    print(write_json(str(workdir / "best.json"), {"kind": "model_analyzer", "models": models, "results": rows}))
+    for row in rows[:5]:
+        print(json.dumps(row))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     from perf import cli_sweep
@@ -214,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--repeat", type=int, default=1)
     f.add_argument("--output", default="perf/results/local-first-request.json")
     f.set_defaults(func=_cmd_first_request)
+    a = sub.add_parser("analyze", help="Triton's Model Analyzer on the repository (local tritonserver)")
+    a.add_argument("--repository", default="model_repository")
+    a.add_argument("--models", type=_words, default=["classifier"], help="classifier,preprocess,ensemble or names")
+    a.add_argument("--analyzer", default=".venv-analyzer/bin/model-analyzer")
+    a.add_argument("--images", type=_words, default=["builder/parity_images"])
+    a.add_argument("--search", choices=("brute", "quick"), default="brute", help="(the ensemble always uses quick)")
+    a.add_argument("--max-instances", type=int, default=2)
+    a.add_argument("--max-concurrency", type=int, default=16)
+    a.add_argument("--max-batch", type=int, default=8)
+    a.add_argument("--output", default="perf/results/local-analyze")
+    a.set_defaults(func=_cmd_analyze)
     cli_sweep.add_commands(sub, _ints, _words)
     return parser
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 
-def _free_ports(count: int) -> List[int]:
+def free_ports(count: int) -> List[int]:
+    """Ports free on localhost right now."""
     sockets = [socket.socket() for _ in range(count)]
     for sock in sockets:
         sock.bind(("127.0.0.1", 0))
@@ -45,7 +46,7 @@ def measure(repository: str, images: Sequence[bytes], model: str, warmup: bool) 
         shutil.copytree(repository, copy)
         if not warmup:
             _strip_warmup(copy)
-        http, grpc, metrics = _free_ports(3)
+        http, grpc, metrics = free_ports(3)
         started = time.perf_counter()
         with LocalServer(ServerSettings(str(copy), http, grpc, metrics, workdir=str(Path(tmp) / "srv"))) as server:
             load_s = time.perf_counter() - started

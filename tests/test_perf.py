@@ -137,3 +137,25 @@ def test_settings_errors_name_the_field(contract):
         SweepSettings(name="x", models=("ensemble",))
     with pytest.raises(BuilderError, match="protocols"):
         SweepSettings(name="x", models=("classifier",), protocols=("ftp",))
+
+
+def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
+    """What Model Analyzer needs from the project to launch the pip tritonserver itself (run: `make analyze`)."""
+    from pathlib import Path
+
+    from perf.analyze import analyzer_config
+
+    config = analyzer_config(local_repo, ["swin_tiny_patch4_window7_224"], tmp_path,
+                             [str(p) for p in sorted(Path("builder/parity_images").glob("*.jpg"))[:2]], 2, 16, 8,
+                             "quick")
+    server = Path(config["triton_server_path"])
+    assert server.is_file() and server.name == "tritonserver"
+    backends = Path(config["triton_server_flags"]["backend-directory"])
+    assert (backends / "python" / "triton_python_backend_stub").is_file()
+    env = config["triton_server_environment"]
+    assert env["PATH"].split(":")[0].endswith(".venv/bin")  # the stub's python3: our environment
+    libdirs = env["LD_LIBRARY_PATH"].split(":")
+    assert any((Path(d) / "libcudart.so.12").exists() for d in libdirs)  # perf_analyzer runs with this env
+    assert config["triton_grpc_endpoint"].endswith(str(config["triton_server_flags"]["grpc-port"]))
+    assert Path(config["perf_analyzer_flags"]["input-data"]).is_file()
+    assert Path(config["perf_analyzer_path"]).is_file()
