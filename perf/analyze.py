@@ -10,12 +10,10 @@ with real photos as input data.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
