@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -82,12 +83,27 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log.info("model-analyzer profile -f %s (log: %s)", path, workdir / "model-analyzer.log")
     with (workdir / "model-analyzer.log").open("w") as out:
-        result = subprocess.run([analyzer, "profile", "-f", str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=workdir)
+        # Its own process group: an interrupted run takes the tritonserver it launched down with it.
+        process = subprocess.Popen([analyzer, "profile", "-f", str(path)], stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, cwd=workdir, start_new_session=True)
+        try:
+            process.wait()
+        finally:
+            if process.poll() is None or _group_alive(process.pid):
+                os.killpg(process.pid, signal.SIGKILL)
+    result = process
     if result.returncode != 0:
         tail = (workdir / "model-analyzer.log").read_text(errors="replace").splitlines()[-5:]
         raise BuilderError(f"model-analyzer failed (exit {result.returncode}): {' | '.join(tail)}")
     return workdir / "reports"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def best_configs(reports: Path) -> List[Dict]:
