@@ -63,18 +63,18 @@ class TritonPythonModel:
 
     def execute(self, requests):
         if self.engine is not None:
-            return self._execute_torch(requests)
-        arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-        batch = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-        logits = self.run(self.input_name, batch)
+            inputs, logits = self._run_torch(requests)
+        else:
+            inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+            logits = self.run(self.input_name, np.concatenate(inputs) if len(inputs) > 1 else inputs[0])
         responses, start = [], 0
-        for array in arrays:
+        for rows in (len(x) for x in inputs):  # requests of a dynamic batch ran as one call: split it back
             responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(self.output_name, logits[start:start + len(array)])]))
-            start += len(array)
+                [pb_utils.Tensor(self.output_name, logits[start:start + rows])]))
+            start += rows
         return responses
 
-    def _execute_torch(self, requests):
+    def _run_torch(self, requests):
         """Pixels in on the GPU by DLPack (no host copy); logits out with one device-to-host copy per batch.
 
         The logits (4 KB per image) go to the CPU postprocess model anyway; one
@@ -86,10 +86,4 @@ class TritonPythonModel:
 
         torch = self.engine.torch
         tensors = [from_dlpack(pb_utils.get_input_tensor_by_name(r, self.input_name).to_dlpack()) for r in requests]
-        logits = self.engine(torch.cat(tensors) if len(tensors) > 1 else tensors[0]).cpu().numpy()
-        responses, start = [], 0
-        for tensor in tensors:
-            responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(self.output_name, logits[start:start + len(tensor)])]))
-            start += len(tensor)
-        return responses
+        return tensors, self.engine(torch.cat(tensors) if len(tensors) > 1 else tensors[0]).cpu().numpy()
