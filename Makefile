@@ -20,9 +20,10 @@ QUEUE_TIMEOUT_US ?= 0
 INSTANCES ?= 1
 # exact | gpu (batched GPU JPEG decode and resize, parity-gated)
 PREPROCESS ?= exact
-# onnxruntime | torch;  TORCH_COMPILE: none | default | reduce-overhead
-ENGINE ?= onnxruntime
-TORCH_COMPILE ?= none
+# auto (on a GPU host: the fastest candidate by measurement; else onnxruntime) | onnxruntime | inductor |
+# tensorrt (with PLAN_ARGS="--plan ...");  TORCH_COMPILE (inductor): none | default | reduce-overhead (default)
+ENGINE ?= auto
+TORCH_COMPILE ?=
 MODEL_KWARGS ?= {}
 REPO ?= model_repository
 VERSION_POLICY ?= latest
@@ -64,7 +65,7 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 repo: $(STAMP)
 	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) $(if $(FLAVOR),--flavor $(FLAVOR)) \
 	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
-	  --max-queue-delay-us $(QUEUE_DELAY_US) --max-queue-size $(MAX_QUEUE) --queue-timeout-us $(QUEUE_TIMEOUT_US) --instance-count $(INSTANCES) --preprocess $(PREPROCESS) --engine $(ENGINE) --torch-compile $(TORCH_COMPILE) --model-kwargs '$(MODEL_KWARGS)' \
+	  --max-queue-delay-us $(QUEUE_DELAY_US) --max-queue-size $(MAX_QUEUE) --queue-timeout-us $(QUEUE_TIMEOUT_US) --instance-count $(INSTANCES) --preprocess $(PREPROCESS) --engine $(ENGINE) $(if $(TORCH_COMPILE),--torch-compile $(TORCH_COMPILE)) --model-kwargs '$(MODEL_KWARGS)' \
 	  --version-policy $(VERSION_POLICY) $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
 
 check: $(STAMP)
@@ -103,7 +104,7 @@ plan-docker: docker-files
 	mkdir -p build
 	test -f $(REPO)/manifest.json || $(MAKE) repo
 	docker compose -f docker/compose.yaml run --rm plan
-	$(MAKE) repo PLAN_ARGS="--plan build/model.plan"
+	$(MAKE) repo ENGINE=tensorrt PLAN_ARGS="--plan build/model.plan"
 
 serve-docker: docker-files
 	docker compose -f docker/compose.yaml up server

@@ -64,17 +64,21 @@ def _add_repo(sub) -> None:
                         "(parity-gated against exact; other formats take the exact path)")
     p.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
-    p.add_argument("--engine", choices=("onnxruntime", "torch"), default="onnxruntime",
-                   help="classifier engine: the ONNX file, or a torch.export program (FP16 on GPU, GPU input)")
-    p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default="none",
-                   help="torch engine: eager, TorchInductor, or TorchInductor with CUDA graphs per batch bucket")
+    p.add_argument("--engine", choices=("auto", "onnxruntime", "inductor", "tensorrt"), default="auto",
+                   help="classifier engine. auto (default): on a GPU host, build, gate and time the candidates "
+                        "and serve the fastest; without a GPU, onnxruntime (or tensorrt with --plan)")
+    p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default=None,
+                   help="inductor engine: the program eager, TorchInductor, or TorchInductor with CUDA graphs per "
+                        "batch bucket (default)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--version", type=int, default=1, help="version directory to write")
     p.add_argument("--add-version", action="store_true",
                    help="add the next version beside the served one(s) instead of replacing the repository")
     p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
-    p.add_argument("--plan", default=None, help="serve this TensorRT plan as the classifier (container flavor)")
+    p.add_argument("--plan", default=None,
+                   help="a TensorRT plan built where TensorRT lives (python -m builder.trt build): served with "
+                        "--engine tensorrt, a candidate with --engine auto")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
     p.add_argument("--onnxruntime-tensorrt", action="store_true",
                    help="container flavor without a plan: ONNX Runtime's TensorRT accelerator (FP16, engine cache)")

@@ -17,7 +17,7 @@ from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TR
 TEMPLATES = Path(__file__).parent / "templates"
 DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml")
 PILLOW_VERSION = "11.0.0"  # has wheels for the Python 3.10 in tritonserver 24.10
-# For --preprocess gpu / --engine torch in the container: the newest pair with cp310 CUDA 12.6 wheels.
+# For --preprocess gpu / --engine inductor in the container: the newest pair with cp310 CUDA 12.6 wheels.
 TORCH_VERSION, TORCHVISION_VERSION = "2.7.1", "0.22.1"
 
 

@@ -24,6 +24,18 @@ log = logging.getLogger("builder")
 PHOTOS = Path(__file__).parent / "parity_images"
 
 
+def photo_files(images_dir: Optional[Path] = None) -> list:
+    """The parity photos (default: the bundled set), sorted by name."""
+    return sorted(p for p in Path(images_dir or PHOTOS).iterdir() if p.is_file() and p.suffix != ".md")
+
+
+def photo_batch(params, images_dir: Optional[Path] = None) -> np.ndarray:
+    """The parity photos through the exact preprocessing: the inputs every engine gate runs on."""
+    from builder.triton_models import imaging
+
+    return np.stack([imaging.preprocess(p.read_bytes(), params) for p in photo_files(images_dir)])
+
+
 def preprocess_parity(module, params, parity: Parity, images_dir: Optional[Path] = None,
                       device: Optional[str] = None) -> Dict:
     """Compares the GPU pipeline with the exact one; raises outside the thresholds.
@@ -43,12 +55,12 @@ def preprocess_parity(module, params, parity: Parity, images_dir: Optional[Path]
     """
     import torch
 
-    from builder.triton_models import gpu_imaging, imaging
+    from builder.triton_models import gpu_imaging
 
     problem = gpu_imaging.supported(params)
     if problem:
         raise BuilderError(f"preprocess: {problem}")
-    files = sorted(p for p in Path(images_dir or PHOTOS).iterdir() if p.is_file() and p.suffix != ".md")
+    files = photo_files(images_dir)
     items = [p.read_bytes() for p in files]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = gpu_imaging.GpuPreprocessor(params, device)
@@ -56,7 +68,7 @@ def preprocess_parity(module, params, parity: Parity, images_dir: Optional[Path]
     failed = [f"{f.name}: {e}" for f, e in zip(files, errors) if e]
     if failed:
         raise BuilderError("preprocess: the GPU pipeline failed on parity photos: " + "; ".join(failed))
-    exact = np.stack([imaging.preprocess(data, params) for data in items])
+    exact = photo_batch(params, images_dir)
     gpu = gpu.cpu().numpy()
     diff = np.abs(gpu - exact)
     with torch.no_grad():

@@ -13,9 +13,10 @@ import struct
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from builder import configs, torch_engine
+from builder.repo_readme import README, write_readme
 from builder.contract import LABELS_FILE, WARMUP_IMAGE, Contract
 from builder.errors import BuilderError
 from builder.meta import package_versions
@@ -51,7 +52,7 @@ def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, st
     """Config parameters of the torch-engine classifier."""
     batching = settings.classifier_batching
     buckets = sorted({1, *batching.preferred_batch_sizes, batching.max_batch_size})
-    return {"precision": "fp16", "compile": settings.torch_compile,
+    return {"precision": "fp16", "compile": settings.compile_mode,
             "batch_buckets": ",".join(str(b) for b in buckets),
             "input_dims": ",".join(str(d) for d in contract.pixels.dims),
             # Inputs stay where the preprocess model left them (the GPU): no copy through the host.
@@ -98,9 +99,10 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         sidecar = Path(settings.plan).with_name("plan.json")
         if sidecar.is_file():
             shutil.copy2(sidecar, cls_dir / version / "plan.json")
-    if settings.engine == "torch":  # the same Python-backend model in both flavors: torch runs in the stub
-        for name in (torch_engine.FILE, torch_engine.SIDECAR):
-            shutil.move(str(onnx_file.with_name(name)), cls_dir / version / name)
+    if settings.engine == "inductor":  # the same Python-backend model in both flavors: torch runs in the stub
+        for name in (torch_engine.FILE, torch_engine.SIDECAR, torch_engine.ARTIFACTS):
+            if onnx_file.with_name(name).is_file():  # inductor.bin only when built on a GPU
+                shutil.move(str(onnx_file.with_name(name)), cls_dir / version / name)
         _copy_python_model("classifier.py", cls_dir / version, extras=("torch_runner.py",))
         cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy,
                                               torch_parameters(settings, contract))
@@ -208,11 +210,12 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         export_onnx(model, contract, onnx_file, settings.opset)
         log.info("[3/5] validating ONNX Runtime against PyTorch")
         parity = validate_onnx(onnx_file, model, contract, settings.parity)
-        gates = _variant_gates(settings, model, contract, params, onnx_file.parent)
+        settings, gates, choice = _build_engine(settings, model, contract, params, onnx_file, parity)
         log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
         write_models(staging, settings, contract, onnx_file, params.to_parameters(), model.class_names)
         versions = (previous or {}).get("model_versions", []) + [_version_entry(settings, model, parity)]
-        write_manifest(staging, settings, contract, model, params.to_parameters(), parity, versions, gates)
+        write_readme(staging, settings, contract, choice, {"onnxruntime_vs_pytorch": parity, **gates})
+        write_manifest(staging, settings, contract, model, params.to_parameters(), parity, versions, gates, choice)
         log.info("[5/5] checking the repository")
         problems = check_repository(staging)
         if problems:
@@ -226,23 +229,122 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
     return output
 
 
-def _variant_gates(settings: RepoSettings, model, contract: Contract, params, staging: Path) -> Dict:
-    """Parity gates of the non-exact variants (torch engine, gpu preprocessing); their figures."""
-    import json as json_module
+def _build_engine(settings: RepoSettings, model, contract: Contract, params, onnx_file: Path,
+                  onnx_parity: Dict) -> Tuple[RepoSettings, Dict, Dict]:
+    """Builds the classifier engine(s), runs the non-exact variants' gates, and settles `auto`.
 
-    gates = {}
-    if settings.engine == "torch":
-        program = torch_engine.export_program(model, contract, staging / torch_engine.FILE,
-                                              settings.classifier_batching.max_batch_size)
-        gates["torch_export_vs_pytorch"] = torch_engine.validate_program(program, model, contract, settings.parity)
-        sidecar = {"environment": torch_engine.environment(), "parity": gates["torch_export_vs_pytorch"],
-                   "precision": "fp16 on GPU, fp32 on CPU", "compile": settings.torch_compile}
-        (staging / torch_engine.SIDECAR).write_text(json_module.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    Returns:
+        The settings with the engine resolved (`auto` replaced by the chosen one, a losing plan dropped),
+        the gates' figures, and the engine choice record (manifest `engine`, README table).
+    """
+    from builder import engine_choice as ec
+
+    gates: Dict = {}
+    batching = settings.classifier_batching
+    batches = ec.timing_batches(batching.preferred_batch_sizes, batching.max_batch_size)
+    gpu = _gpu_name()
+    requested = settings.engine
+    if requested == "auto" and gpu is None:
+        names = ["tensorrt" if settings.plan else "onnxruntime"]
+        reason = "no GPU on the build host: nothing to time, so " + (
+            "the given plan is served" if settings.plan else "ONNX Runtime is served")
+    elif requested == "auto":
+        names = ["onnxruntime", "inductor"] + (["tensorrt"] if settings.plan else [])
+        reason = f"fastest measured on {gpu} at batch sizes {batches}"
+    else:
+        names, reason = [requested], "asked for"
+    candidates = []
+    for name in names:
+        started = time.perf_counter()
+        try:
+            candidate = _candidate(name, settings, model, contract, params, onnx_file, onnx_parity, gpu, batches,
+                                   gates)
+        except BuilderError as exc:
+            if requested != "auto":
+                raise
+            candidate = ec.Candidate(name, "failed", str(exc))
+            log.warning("engine candidate %s failed: %s", name, exc)
+        if candidate.build_s is None and candidate.status != "skipped":
+            candidate.build_s = round(time.perf_counter() - started, 1)
+        candidates.append(candidate)
+    if requested == "auto" and gpu is not None:
+        try:
+            chosen = ec.choose(candidates).engine
+        except ValueError:
+            raise BuilderError("engine: no candidate engine could be built and timed on this host: "
+                               + "; ".join(f"{c.engine}: {c.reason}" for c in candidates)) from None
+        log.info("engine auto: %s", ", ".join(
+            f"{c.engine} {c.best['throughput_img_per_s']:,.0f} img/s" if c.best else f"{c.engine} {c.status}"
+            for c in candidates))
+    else:
+        chosen = names[0]
+        candidates[0].chosen = True
+    if chosen != "inductor":  # a losing program does not ship
+        for name in (torch_engine.FILE, torch_engine.SIDECAR, torch_engine.ARTIFACTS):
+            onnx_file.with_name(name).unlink(missing_ok=True)
+        gates.pop("inductor_vs_pytorch", None)
+        gates.pop("inductor_served_vs_pytorch", None)
+    log.info("classifier engine: %s (%s)", chosen, reason)
+    settings = dataclasses.replace(settings, engine=chosen, plan=settings.plan if chosen == "tensorrt" else None,
+                                   torch_compile=settings.torch_compile if chosen == "inductor" else None)
     if settings.preprocess == "gpu":
         from builder.preprocess_gate import preprocess_parity
 
         gates["gpu_preprocess_vs_exact"] = preprocess_parity(model.module, params, settings.preprocess_parity)
-    return gates
+    choice = {"requested": requested, "chosen": chosen, "reason": reason, "gpu": gpu, "batch_sizes": batches,
+              "candidates": [c.to_dict() for c in candidates]}
+    return settings, gates, choice
+
+
+def _gpu_name() -> Optional[str]:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _candidate(name: str, settings: RepoSettings, model, contract: Contract, params, onnx_file: Path,
+               onnx_parity: Dict, gpu: Optional[str], batches, gates: Dict):
+    """Builds (and on a GPU, gates and times) one engine; its choice-table row."""
+    from builder import engine_choice as ec
+
+    if name == "onnxruntime":
+        if gpu is None:
+            return ec.Candidate(name, "built", "the exported ONNX (gated against PyTorch)", parity=onnx_parity)
+        return ec.measure_onnxruntime(str(onnx_file), batches, onnx_parity)
+    if name == "tensorrt":
+        sidecar_path = Path(settings.plan).with_name("plan.json")
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8")) if sidecar_path.is_file() else {}
+        if gpu is None:
+            return ec.Candidate(name, "built", f"the given plan ({settings.plan})", parity=sidecar.get("parity") or {},
+                                build_s=sidecar.get("build_s"))
+        return ec.recorded_tensorrt(sidecar, gpu, batches)
+    started = time.perf_counter()
+    staging = onnx_file.parent
+    program = torch_engine.export_program(model, contract, staging / torch_engine.FILE,
+                                          settings.classifier_batching.max_batch_size)
+    gates["inductor_vs_pytorch"] = torch_engine.validate_program(program, model, contract, settings.parity)
+    sidecar = {"environment": torch_engine.environment(), "parity": gates["inductor_vs_pytorch"],
+               "precision": "fp16 on GPU, fp32 on CPU", "compile": settings.compile_mode}
+    (staging / torch_engine.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    if gpu is None:
+        return ec.Candidate(name, "built", "torch.export program; compiled where it is served (no GPU here)",
+                            parity=gates["inductor_vs_pytorch"])
+    import torch
+
+    from builder.preprocess_gate import photo_batch
+
+    photos = photo_batch(params)
+    with torch.no_grad():
+        reference = model.module(torch.from_numpy(photos)).numpy()
+    built = torch_engine.build_inductor(staging, torch_parameters(settings, contract),
+                                        settings.classifier_batching.max_batch_size, batches, photos, reference,
+                                        settings.engine_parity)
+    gates["inductor_served_vs_pytorch"] = built["parity_served"]
+    sidecar.update({k: v for k, v in built.items() if k != "parity_served"}, parity_served=built["parity_served"])
+    (staging / torch_engine.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
+    return ec.Candidate(name, "measured", f"torch {torch.__version__} FP16, compile={settings.compile_mode}; {starts}",
+                        built["timings"], round(time.perf_counter() - started, 1), built["parity_served"])
 
 
 def _same_repository(settings: RepoSettings, previous: dict, output: Path) -> RepoSettings:
@@ -280,13 +382,15 @@ def _move_version_in(staging: Path, output: Path, contract: Contract, version: i
     for name in contract.model_names:
         _move_model_files(staging / name, output / name)
         _replace_text(output / name / "config.pbtxt", (staging / name / "config.pbtxt").read_text(encoding="utf-8"))
+    os.replace(staging / README, output / README)
     manifest = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
     manifest["files"] = file_hashes(output)
     _replace_text(output / MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
 def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model, preprocess: Dict[str, str],
-                   parity: Dict[str, float], versions: Optional[list] = None, gates: Optional[Dict] = None) -> Path:
+                   parity: Dict[str, float], versions: Optional[list] = None, gates: Optional[Dict] = None,
+                   choice: Optional[Dict] = None) -> Path:
     """Writes manifest.json: versions, model, weights, contract, parity and file hashes."""
     manifest = {
         "created_unix_s": int(time.time()),
@@ -308,6 +412,7 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
         "settings": asdict(settings),
         "preprocess": preprocess,
         "parity": {"onnxruntime_vs_pytorch": parity, **_plan_parity(settings), **(gates or {})},
+        "engine": choice or {"requested": settings.engine, "chosen": settings.engine},
         "files": file_hashes(root),
     }
     path = root / MANIFEST

@@ -17,7 +17,7 @@ from builder.errors import BuilderError
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "gpu")
-ENGINES = ("onnxruntime", "torch")
+ENGINES = ("auto", "onnxruntime", "inductor", "tensorrt")
 TORCH_COMPILE = ("none", "default", "reduce-overhead")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 # The tritonserver release the `container` flavor targets (NGC 24.10 ships
@@ -238,11 +238,16 @@ class RepoSettings:
             timm's eval transform) or `gpu` (batched GPU JPEG decode and
             resize with torch, the exact path for what the GPU cannot take;
             passes a parity gate against `exact`).
-        engine: The classifier engine: `onnxruntime` (the exported ONNX) or
-            `torch` (a torch.export program, FP16 on the GPU, in the Python
-            backend; takes GPU input by DLPack).
-        torch_compile: For the torch engine: `none` (eager), `default`
-            (TorchInductor) or `reduce-overhead` (TorchInductor + CUDA graphs).
+        engine: The classifier engine: `auto` (on a GPU host: the fastest of
+            the candidates the host can build, by measurement, see
+            `builder.engine_choice`; without a GPU: ONNX Runtime, or the
+            `plan` when one is given), `onnxruntime` (the exported ONNX),
+            `inductor` (a torch.export program compiled by TorchInductor, FP16
+            on the GPU, in the Python backend; takes GPU input by DLPack) or
+            `tensorrt` (the `plan`).
+        torch_compile: For the inductor engine: `none` (the exported program
+            eager), `default` (TorchInductor) or `reduce-overhead` (the
+            default: TorchInductor + CUDA graphs per batch bucket).
         preprocess_parity: Thresholds of the `gpu` preprocessing against
             `exact` (logits of the built model on real photos).
         onnxruntime_tensorrt: Container flavor without a plan: ONNX Runtime's
@@ -271,27 +276,33 @@ class RepoSettings:
     plan: Optional[str] = None
     cuda_graphs: bool = False
     preprocess: str = "exact"
-    engine: str = "onnxruntime"
-    torch_compile: str = "none"
+    engine: str = "auto"
+    torch_compile: Optional[str] = None
     preprocess_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
     onnxruntime_tensorrt: bool = False
     response_cache: bool = False
+    engine_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS:
             _fail("preprocess", f"{self.preprocess!r} is unknown", f"use one of {', '.join(PREPROCESS)}")
         if self.engine not in ENGINES:
             _fail("engine", f"{self.engine!r} is unknown", f"use one of {', '.join(ENGINES)}")
-        if self.torch_compile not in TORCH_COMPILE:
+        if self.torch_compile is not None and self.torch_compile not in TORCH_COMPILE:
             _fail("torch_compile", f"{self.torch_compile!r} is unknown", f"use one of {', '.join(TORCH_COMPILE)}")
-        if self.torch_compile != "none" and self.engine != "torch":
-            _fail("torch_compile", "applies to the torch engine", "pass --engine torch with it")
+        if self.torch_compile is not None and self.engine not in ("inductor", "auto"):
+            _fail("torch_compile", f"applies to the inductor engine, not {self.engine}",
+                  "pass --engine inductor (or auto) with it")
         if self.onnxruntime_tensorrt and (self.flavor != "container" or self.plan or self.engine != "onnxruntime"):
             _fail("onnxruntime_tensorrt", "applies to the container flavor's ONNX Runtime classifier",
-                  "use it with --flavor container and no --plan or --engine torch")
-        if self.engine == "torch" and self.plan:
-            _fail("engine", "torch and a TensorRT plan were both given", "serve one classifier: drop --plan "
-                  "or --engine torch")
+                  "use it with --flavor container, --engine onnxruntime and no --plan")
+        if self.plan and self.engine not in ("tensorrt", "auto"):
+            _fail("engine", f"{self.engine} and a TensorRT plan were both given",
+                  "serve one classifier: drop --plan, or pass --engine tensorrt (or auto: the plan competes)")
+        if self.engine == "tensorrt" and not self.plan:
+            _fail("plan", "the tensorrt engine serves a plan and none was given",
+                  "build one where TensorRT lives (`python -m builder.trt build`, `make plan-docker`) "
+                  "and pass --plan")
         if self.plan is not None:
             if not os.path.isfile(self.plan):
                 _fail("plan", f"{self.plan!r} does not exist", "build it with `make plan-docker` first")
@@ -313,6 +324,11 @@ class RepoSettings:
             _fail("version", f"is {self.version}", "Triton versions start at 1")
         if self.max_image_pixels < 1:
             _fail("max_image_pixels", "must be positive", "use e.g. 64000000")
+
+    @property
+    def compile_mode(self) -> str:
+        """The inductor engine's torch.compile mode (TorchInductor + CUDA graphs unless told otherwise)."""
+        return self.torch_compile or "reduce-overhead"
 
     @property
     def model_name(self) -> str:

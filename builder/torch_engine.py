@@ -14,11 +14,16 @@ on the same inputs (max abs, cosine, top-1), before anything is written.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -31,6 +36,7 @@ from builder.settings import Parity
 log = logging.getLogger("builder")
 FILE = "model.pt2"
 SIDECAR = "engine.json"
+ARTIFACTS = "inductor.bin"
 
 
 def export_program(model: LoadedModel, contract: Contract, path: Path, max_batch: int) -> Path:
@@ -83,3 +89,113 @@ def environment() -> Dict[str, str]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"torch": torch.__version__, "cuda": str(torch.version.cuda), "gpu": gpu,
             "python": platform.python_version()}
+
+
+def build_inductor(folder: Path, params: Dict[str, str], max_batch: int, batches: Sequence[int],
+                   photos: "np.ndarray", reference: "np.ndarray", parity: Parity) -> Dict:
+    """Compiles the program as served on this GPU, stores Inductor's artifacts, gates and times it.
+
+    Two fresh processes, each with an empty Inductor and Triton cache, so nothing
+    but the stored file can help the second: the first compiles every batch
+    bucket from scratch and saves `inductor.bin`; the second loads the engine
+    as the served model does (artifacts checked against `engine.json`), runs the
+    parity photos and times each batch size.
+
+    Args:
+        folder: Holds `model.pt2` and `engine.json`; `inductor.bin` is written there.
+        params: The classifier's config parameters (precision, compile, buckets, input dims).
+        max_batch: The config's max_batch_size.
+        batches: Batch sizes to time.
+        photos: Real photos through the exact preprocessing (N, C, H, W), float32.
+        reference: PyTorch FP32 logits of `photos`.
+        parity: Thresholds of the served engine (FP16) against `reference`.
+
+    Returns:
+        Start times (from scratch, from the stored artifacts), artifact size, parity figures and timings.
+
+    Raises:
+        BuilderError: A process failed, or the engine misses the parity thresholds.
+    """
+    with tempfile.TemporaryDirectory(prefix="inductor-") as tmp:
+        np.save(os.path.join(tmp, "photos.npy"), photos)
+        compiled = {"start_s": None}
+        if params.get("compile", "none") != "none":
+            log.info("compiling with TorchInductor (mode %s, buckets %s): minutes on the first build",
+                     params["compile"], params["batch_buckets"])
+            compiled = _child("compile", folder, params, max_batch, batches, tmp)
+        log.info("loading it again in a fresh process, as the served model will")
+        loaded = _child("load", folder, params, max_batch, batches, tmp)
+        logits = np.load(os.path.join(tmp, "logits.npy"))
+    figures = compare_logits(reference, logits)
+    figures["inputs"] = f"{len(photos)} bundled photos, exact preprocessing"
+    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
+    if problems:
+        raise BuilderError("the TorchInductor engine fails parity with PyTorch FP32: " + "; ".join(problems))
+    artifacts = folder / ARTIFACTS
+    result = {"start_from_scratch_s": compiled["start_s"], "start_with_artifacts_s": loaded["start_s"],
+              "artifacts_mb": round(artifacts.stat().st_size / 1e6, 1) if artifacts.is_file() else None,
+              "parity_served": figures, "timings": loaded["timings"], "device": loaded["device"]}
+    log.info("TorchInductor engine: start %s s from scratch, %.1f s with %s; FP16 vs FP32 max abs %.3g, top-1 %.3f",
+             compiled["start_s"], loaded["start_s"], ARTIFACTS, figures["max_abs"], figures["top1_agreement"])
+    return result
+
+
+def _child(mode: str, folder: Path, params: Dict[str, str], max_batch: int, batches: Sequence[int],
+           tmp: str) -> Dict:
+    cache = tempfile.mkdtemp(prefix=f"{mode}-", dir=tmp)
+    # Empty caches: the first start is a true cold start, the second sees only what inductor.bin holds.
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH")])))
+    out = os.path.join(tmp, f"{mode}.json")
+    command = [sys.executable, "-m", "builder.torch_engine", mode, str(folder), json.dumps(params), str(max_batch),
+               ",".join(str(b) for b in batches), tmp, out]
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in result.stdout.splitlines():
+        log.info("  %s", line)
+    if result.returncode != 0 or not os.path.isfile(out):
+        tail = " | ".join(result.stdout.strip().splitlines()[-3:])
+        raise BuilderError(f"the TorchInductor {mode} step failed (exit {result.returncode}): {tail}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def _child_main(mode: str, folder: str, params_json: str, max_batch: str, batches: str, tmp: str, out: str) -> None:
+    """One start of the served engine (see `build_inductor`); writes what it measured to `out`."""
+    import torch
+
+    from builder.engine_choice import timed, timing_row
+    from builder.triton_models.torch_runner import TorchEngine, params_shape
+
+    params = json.loads(params_json)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    engine = TorchEngine(folder, device, params, int(max_batch))
+    result: Dict = {"start_s": round(time.perf_counter() - started, 1), "device": str(engine.device)}
+    if mode == "compile":
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            raise SystemExit("TorchInductor saved no artifacts")
+        path = os.path.join(folder, ARTIFACTS)
+        with open(path + ".tmp", "wb") as f:
+            f.write(saved[0])
+        os.replace(path + ".tmp", path)
+    else:
+        photos = torch.from_numpy(np.load(os.path.join(tmp, "photos.npy"))).to(engine.device)
+        logits = [engine(photos[i:i + max(engine.buckets)]).float().cpu() for i in range(0, len(photos),
+                                                                                          max(engine.buckets))]
+        np.save(os.path.join(tmp, "logits.npy"), torch.cat(logits).numpy())
+        sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+        rows: List[Dict] = []
+        for batch in (int(b) for b in batches.split(",")):
+            x = torch.randn(batch, *params_shape(params), device=engine.device)
+            rows.append(timing_row(batch, timed(lambda: engine(x), sync, 5, 200, budget_s=2.0)))
+            print(f"batch {batch}: p50 {rows[-1]['latency_p50_ms']:.2f} ms, "
+                  f"{rows[-1]['throughput_img_per_s']:,.0f} img/s", flush=True)
+        result["timings"] = rows
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    _child_main(*sys.argv[1:])

@@ -149,6 +149,8 @@ class PlanOptions:
         reference: .npz of inputs and PyTorch logits; the new plan must meet
             the parity thresholds before it replaces an existing plan.
         max_abs, min_cosine, min_top1: Parity thresholds for `reference`.
+        timing_batches: Batch sizes the new plan is timed at, recorded in the
+            sidecar for `builder repo --engine auto` (empty: min, opt, max).
     """
 
     onnx: str
@@ -168,6 +170,7 @@ class PlanOptions:
     max_abs: float = 0.5
     min_cosine: float = 0.99
     min_top1: float = 0.9
+    timing_batches: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -181,6 +184,9 @@ class PlanOptions:
             raise BuilderError("opt_level: use 0..5")
         if self.workspace_gib <= 0:
             raise BuilderError("workspace_gib: must be positive")
+        if any(not self.min_batch <= b <= self.max_batch for b in self.timing_batches):
+            raise BuilderError(f"timing_batches: {list(self.timing_batches)} must lie in the profile "
+                               f"{self.min_batch}..{self.max_batch}")
 
 
 def profile_from_config(path: str) -> Tuple[int, int]:
@@ -201,6 +207,15 @@ def profile_from_config(path: str) -> Tuple[int, int]:
     largest = int(found.group(1))
     preferred = [int(v) for v in re.findall(r"preferred_batch_size:\s*(\d+)", text)]
     return (max(preferred) if preferred else largest), largest
+
+
+def batches_from_config(path: str) -> Tuple[int, ...]:
+    """The batch sizes a Triton config makes the server form: 1, each preferred size and max_batch_size."""
+    import re
+
+    _, largest = profile_from_config(path)
+    text = open(path, encoding="utf-8").read()
+    return tuple(sorted({1, largest, *(int(v) for v in re.findall(r"preferred_batch_size:\s*(\d+)", text))}))
 
 
 def _sha256(path: str) -> str:
@@ -382,6 +397,11 @@ def build_plan(options: PlanOptions) -> Dict:
     log.info("built %s (%.1f MB) in %.0f s", options.plan, os.path.getsize(options.plan) / 1e6, build_s)
 
     layers = inspect_plan(options.plan) if options.inspect else {}
+    # Timed here, where the plan was built for this GPU, so `--engine auto` can compare it with engines
+    # built in another Python (TensorRT and torch rarely share one).
+    runner = PlanRunner(options.plan)
+    timings = [runner.time(b, warmup=10, iterations=50)
+               for b in (options.timing_batches or sorted({options.min_batch, opt, options.max_batch}))]
     sidecar = {
         "tensorrt_version": trt.__version__,
         **gpu_info(),
@@ -396,6 +416,7 @@ def build_plan(options: PlanOptions) -> Dict:
         "plan_sha256": _sha256(options.plan),
         "layer_precisions": layers.get("precisions", {}),
         "parity": parity,
+        "timings": timings,
         "calibration_source": _calibration_source(options.calibration),
         "options": asdict(options),
     }
@@ -581,6 +602,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--timing-cache", default=None)
     b.add_argument("--calibration", default=None, help=".npy of preprocessed images (implicit INT8)")
     b.add_argument("--tactic-sources", default="", help="e.g. edge_mask_convolutions,jit_convolutions")
+    b.add_argument("--timing-batches", type=_ints, default=[],
+                   help="batch sizes to time the plan at, recorded in plan.json (default: 1, each preferred "
+                        "size and max from --triton-config, else min/opt/max)")
     v = sub.add_parser("validate", help="compare a plan with reference logits")
     v.add_argument("--plan", required=True)
     v.add_argument("--reference", required=True, help=".npz with inputs and logits")
@@ -598,18 +622,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "build":
-            opt_batch, max_batch = args.opt_batch, args.max_batch
+            opt_batch, max_batch, timing = args.opt_batch, args.max_batch, tuple(args.timing_batches)
             if args.triton_config:
                 opt_batch, max_batch = profile_from_config(args.triton_config)
                 opt_batch = args.opt_batch or opt_batch
+                timing = timing or batches_from_config(args.triton_config)
             sidecar = build_plan(PlanOptions(
                 onnx=args.onnx, plan=args.plan, precision=args.precision, min_batch=args.min_batch,
                 opt_batch=opt_batch, max_batch=max_batch, workspace_gib=args.workspace_gib,
                 opt_level=args.opt_level, timing_cache=args.timing_cache, calibration=args.calibration,
                 tactic_sources=tuple(s for s in args.tactic_sources.split(",") if s), reference=args.reference,
-                max_abs=args.max_abs, min_cosine=args.min_cosine, min_top1=args.min_top1))
+                max_abs=args.max_abs, min_cosine=args.min_cosine, min_top1=args.min_top1, timing_batches=timing))
             print(json.dumps({k: sidecar[k] for k in ("tensorrt_version", "gpu", "precision", "build_s",
-                                                      "layer_precisions", "parity")}))
+                                                      "layer_precisions", "parity", "timings")}))
         elif args.command == "validate":
             figures = validate_plan(args.plan, args.reference, args.max_abs, args.min_cosine, args.min_top1)
             print(json.dumps(figures))

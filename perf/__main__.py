@@ -88,7 +88,7 @@ def _served_program(repository: str, compile_mode):
     classifier = Path(repository) / manifest["contract"]["models"][1]
     version_dir = classifier / str(manifest["model_version"])
     if not (version_dir / "model.pt2").is_file():
-        raise BuilderError(f"engines: {repository} has no torch-engine classifier; build it with --engine torch")
+        raise BuilderError(f"engines: {repository} has no inductor-engine classifier; build it with --engine inductor")
     config = configs.read(classifier / "config.pbtxt")
     params = {k: v.string_value for k, v in config.parameters.items()}
     if compile_mode:
@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bare", help="time the classifier without a server")
-    b.add_argument("--engines", type=_words, default=["onnxruntime"], help="torch,onnxruntime,tensorrt,program (the repository's torch engine as served)")
+    b.add_argument("--engines", type=_words, default=["onnxruntime"], help="torch,onnxruntime,tensorrt,program (the repository's inductor engine as served)")
     b.add_argument("--repository", default="model_repository",
                    help="where the ONNX file and timm model come from when --onnx/--model are not given")
     b.add_argument("--model", default=None, help="timm model for the torch engine (default: the repository's)")

@@ -10,6 +10,7 @@ with real photos as input data.
 
 from __future__ import annotations
 
+import ctypes.util
 import logging
 import os
 import shutil
@@ -58,6 +59,10 @@ def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, imag
         "run_config_search_max_concurrency": max_concurrency,
         "run_config_search_max_model_batch_size": max_batch,
         "perf_analyzer_timeout": 300,
+        # Model Analyzer reads GPU metrics through DCGM, which pip installs do not have; with DCGM off it still
+        # sees the GPUs (numba) and searches KIND_GPU configs, measuring throughput and latency with
+        # perf_analyzer. Without a GPU it searches KIND_CPU configs either way.
+        "dcgm_disable": ctypes.util.find_library("dcgm") is None,
         "profile_models": list(models),
     }
     # Time windows instead of Model Analyzer's growing request counts: bounded runs on a slow (CPU) host.
@@ -75,6 +80,8 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
     if not shutil.which(analyzer) and not Path(analyzer).is_file():
         raise BuilderError(f"model-analyzer not found at {analyzer}; run `make analyzer` (it installs "
                            "triton-model-analyzer into .venv-analyzer)")
+    if Path(analyzer).is_file():
+        analyzer = str(Path(analyzer).resolve())  # it runs in `workdir`
     # Model Analyzer starts its first server with its own environment: give it the server's (our python3 first
     # on PATH for the stub, the bundled libraries, libcudart.so.12 for perf_analyzer).
     env = dict(os.environ, **config["triton_server_environment"])
@@ -86,9 +93,12 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
         # Its own process group: an interrupted run takes the tritonserver it launched down with it.
         process = subprocess.Popen([analyzer, "profile", "-f", str(path)], stdout=out, stderr=subprocess.STDOUT,
                                    env=env, cwd=workdir, start_new_session=True)
+        # A SIGTERM (kill, a CI timeout) must unwind like Ctrl-C does, so the group below is taken down too.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             process.wait()
         finally:
+            signal.signal(signal.SIGTERM, previous)
             if process.poll() is None or _group_alive(process.pid):
                 os.killpg(process.pid, signal.SIGKILL)
     result = process
@@ -96,6 +106,10 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
         tail = (workdir / "model-analyzer.log").read_text(errors="replace").splitlines()[-5:]
         raise BuilderError(f"model-analyzer failed (exit {result.returncode}): {' | '.join(tail)}")
     return workdir / "reports"
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _group_alive(pgid: int) -> bool:

@@ -17,35 +17,19 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
+from builder.engine_choice import timed, timing_row
+
 log = logging.getLogger("perf")
 
 
 def _row(engine: str, variant: str, batch: int, seconds: Sequence[float]) -> Dict:
-    ms = np.array(seconds) * 1000.0
-    return {"engine": engine, "variant": variant, "batch_size": batch,
-            "latency_mean_ms": float(ms.mean()), "latency_p50_ms": float(np.percentile(ms, 50)),
-            "latency_p99_ms": float(np.percentile(ms, 99)),
-            "throughput_img_per_s": float(batch * 1000.0 / ms.mean()), "iterations": len(ms)}
+    return {"engine": engine, "variant": variant, **timing_row(batch, seconds)}
 
 
 def _sync(device: str) -> Callable[[], None]:
     import torch
 
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None], warmup: int, iterations: int) -> List[float]:
-    """Seconds per call of `fn` after `warmup` calls, each measured call synchronized with `sync`."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def bench_torch(model_name: str, model_kwargs: Dict, batches: Sequence[int], device: str, warmup: int,
@@ -113,7 +97,7 @@ def bench_tensorrt(plan: str, batches: Sequence[int], warmup: int, iterations: i
 
 def bench_program(version_dir: str, params: Dict[str, str], max_batch: int, batches: Sequence[int], device: str,
                   warmup: int, iterations: int) -> List[Dict]:
-    """The torch engine exactly as served: the repository's model.pt2 through the classifier's TorchEngine.
+    """The inductor engine exactly as served: the repository's model.pt2 through the classifier's TorchEngine.
 
     Its load time (program load, compile with or without stored artifacts, warm-up of every batch bucket)
     is reported as `load_s`; input already on the device, as the preprocess model hands it over.

@@ -22,7 +22,7 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
     import torch
 
     from builder.triton_models import gpu_imaging, imaging
-    from perf.bare import timed
+    from builder.engine_choice import timed
 
     data = [Path(p).read_bytes() for p in images]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -1,5 +1,5 @@
 """The GPU data path's code on the CPU: the same pipeline (libjpeg-turbo decode instead of nvJPEG), its
-fallback and error isolation, the parity gate, the torch engine, and both served by the real tritonserver."""
+fallback and error isolation, the parity gate, the inductor engine, and both served by the real tritonserver."""
 
 from __future__ import annotations
 
@@ -120,8 +120,11 @@ def test_parity_gate_figures_and_refusal(params, tiny_model):
 
 
 def test_settings_of_the_variants():
-    with pytest.raises(BuilderError, match="torch_compile: applies to the torch engine"):
-        s.RepoSettings(torch_compile="reduce-overhead")
+    with pytest.raises(BuilderError, match="torch_compile: applies to the inductor engine, not onnxruntime"):
+        s.RepoSettings(engine="onnxruntime", torch_compile="reduce-overhead")
+    with pytest.raises(BuilderError, match="plan: the tensorrt engine serves a plan and none was given"):
+        s.RepoSettings(engine="tensorrt")
+    assert s.RepoSettings(engine="inductor").compile_mode == "reduce-overhead"
     with pytest.raises(BuilderError, match="preprocess: 'fast' is unknown"):
         s.RepoSettings(preprocess="fast")
     with pytest.raises(BuilderError, match="engine: 'tvm' is unknown"):
@@ -130,18 +133,18 @@ def test_settings_of_the_variants():
 
 @pytest.fixture(scope="module")
 def gpu_repo(tmp_path_factory):
-    """The `gpu` preprocessing and the torch engine, on CPU instances (same code as on a GPU host)."""
+    """The `gpu` preprocessing and the inductor engine, on CPU instances (same code as on a GPU host)."""
     return build_repository(tiny_settings(
-        tmp_path_factory.mktemp("gpu") / "repo", preprocess="gpu", engine="torch",
+        tmp_path_factory.mktemp("gpu") / "repo", preprocess="gpu", engine="inductor", torch_compile="none",
         preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
 
 
 def test_variant_repository(gpu_repo, tmp_path):
     manifest = read_manifest(gpu_repo)
     gates = manifest["parity"]
-    assert gates["torch_export_vs_pytorch"]["max_abs"] < 1e-4
+    assert gates["inductor_vs_pytorch"]["max_abs"] < 1e-4
     assert gates["gpu_preprocess_vs_exact"]["top1_agreement"] == 1.0
-    assert manifest["model_versions"][0]["engine"] == "torch" and manifest["model_versions"][0]["preprocess"] == "gpu"
+    assert manifest["model_versions"][0]["engine"] == "inductor" and manifest["model_versions"][0]["preprocess"] == "gpu"
     pre = (gpu_repo / "swin_tiny_patch4_window7_224_preprocess")
     cls = (gpu_repo / "swin_tiny_patch4_window7_224_classifier")
     assert {p.name for p in (pre / "1").iterdir()} >= {"model.py", "imaging.py", "gpu_imaging.py"}

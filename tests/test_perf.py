@@ -159,3 +159,41 @@ def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
     assert config["triton_grpc_endpoint"].endswith(str(config["triton_server_flags"]["grpc-port"]))
     assert Path(config["perf_analyzer_flags"]["input-data"]).is_file()
     assert Path(config["perf_analyzer_path"]).is_file()
+    assert config["dcgm_disable"] is True  # no DCGM here: GPU metrics off, the search still runs
+
+
+def test_model_analyzer_terminated_leaves_nothing_running(local_repo, tmp_path):
+    """SIGTERM (a kill, a CI timeout) of `perf analyze` takes down what the analyzer started, like Ctrl-C."""
+    import signal
+
+    marker = tmp_path / "started"
+    analyzer = tmp_path / "model-analyzer"  # stands in for the analyzer process tree: it starts a child and waits
+    analyzer.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {marker}\nwait\n")
+    analyzer.chmod(0o755)
+    process = subprocess.Popen([sys.executable, "-m", "perf", "analyze", "--repository", str(local_repo),
+                                "--analyzer", str(analyzer), "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not marker.exists() or not marker.read_text().strip():
+        assert time.time() < deadline and process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    child = int(marker.read_text())
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert _gone(child), "the analyzer's child outlived perf analyze"
+
+
+def _gone(pid: int, wait_s: float = 5.0) -> bool:
+    """The process has exited (or is a zombie waiting for its reaper)."""
+    from pathlib import Path
+
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        stat = Path(f"/proc/{pid}/stat")
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False

@@ -1,6 +1,6 @@
-"""The torch engine's runner: a torch.export program on one device (used by the classifier model and `perf bare`).
+"""The inductor engine's runner: a torch.export program on one device (used by the classifier model and `perf bare`).
 
-Copied beside the classifier's `model.py` when the repository uses `--engine torch`.
+Copied beside the classifier's `model.py` when the repository uses `--engine inductor`.
 """
 
 import json
@@ -26,6 +26,12 @@ class TorchEngine:
         self.dtype = torch.float16 if fp16 else torch.float32
         module = program.half() if fp16 else program
         mode = params.get("compile", "none")
+        if mode != "none" and self.device.type != "cuda":
+            # Inductor's CPU code generation needs a C++ compiler where the model is served and minutes per
+            # load for a few percent; CPU instances run the program as exported.
+            print(f"classifier: compile={mode} applies on CUDA devices; running the program eager on {device}",
+                  flush=True)
+            mode = "none"
         if mode != "none":
             self._load_artifacts(version_dir)
             module = torch.compile(module, mode=None if mode == "default" else mode, dynamic=True)

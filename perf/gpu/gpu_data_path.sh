@@ -5,8 +5,8 @@
 # SERVE_PYTHON: a Python whose `python3` the Python-backend stub may use: the same packages plus
 # nvidia-pytriton==0.7.0 and numpy<2 (tritonserver 2.51's Python backend breaks BYTES inputs under numpy 2).
 # perf_analyzer (tritonclient's wheel) on PATH. Run from the checkout root, one stage at a time:
-#   bash perf/gpu/gpu_data_path.sh repo       # local-flavor repository: --preprocess gpu --engine torch
-#   bash perf/gpu/gpu_data_path.sh bare       # pipeline alone (both decoders) and the torch engine alone
+#   bash perf/gpu/gpu_data_path.sh repo       # local-flavor repository: --preprocess gpu --engine inductor
+#   bash perf/gpu/gpu_data_path.sh bare       # pipeline alone (both decoders) and the inductor engine alone
 #   bash perf/gpu/gpu_data_path.sh sweep      # serve it; perf_analyzer: preprocess, classifier, ensemble
 # Images: builder/parity_images (640x480 JPEGs of 55-100 KB; a 2048x1536 JPEG and a 4032x3024 one made
 # from it for large uploads).
@@ -29,7 +29,7 @@ cp builder/parity_images/astronaut_2048x1536.jpg "$IMAGES/large/"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   repo)
-    $PYTHON -m builder repo --flavor local --output "$REPO" --preprocess gpu --engine torch \
+    $PYTHON -m builder repo --flavor local --output "$REPO" --preprocess gpu --engine inductor \
       --torch-compile "$COMPILE" --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" \
       --preprocess-instances "${PREPROCESS_INSTANCES:-2}" --max-batch-size "$MAX_BATCH" \
       --preferred-batch-sizes "${PREFERRED:-32,64,128}" --max-queue-delay-us "${QUEUE_DELAY_US:-500}" \
