@@ -181,8 +181,10 @@ def _cmd_analyze(args) -> int:
 
     from builder.repository import read_manifest
     from clients.api import collect_images
-    from perf.analyze import analyzer_config, best_configs, run_analyzer
+    from builder.server import LocalServer, ServerSettings
+    from perf.analyze import analyzer_config, best_configs, has_gpu, run_analyzer
     from perf.environment import write_json
+    from perf.first_request import free_ports
 
     repository = Path(args.repository).resolve()
     names = read_manifest(repository)["contract"]["models"]  # preprocess, classifier, postprocess, ensemble
@@ -191,11 +193,20 @@ def _cmd_analyze(args) -> int:
     workdir = Path(args.output).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     images = [str(p) for p in collect_images(args.images)] if names[3] in models or names[0] in models else []
+    gpu = has_gpu()
+    ports = free_ports(3)  # not the defaults a running server may hold
     config = analyzer_config(repository, models, workdir, images, args.max_instances, args.max_concurrency,
-                             args.max_batch, "quick" if names[3] in models else args.search)
-    reports = run_analyzer(args.analyzer, config, workdir)
+                             args.max_batch, "quick" if names[3] in models else args.search, ports, gpu,
+                             composing=[names[0], names[1], names[2]] if names[3] in models else ())
+    # The server the analyzer works against: ours, explicit model control, every model loaded, no admin key
+    # (its ports are private to this run and only the analyzer talks to it).
+    server = ServerSettings(str(repository), *ports, workdir=str(workdir / "server"), model_control="explicit")
+    logging.getLogger("perf").info("starting tritonserver for Model Analyzer (%s instances)", "KIND_GPU" if gpu else "KIND_CPU")
+    with LocalServer(server):
+        reports = run_analyzer(args.analyzer, config, workdir)
     rows = best_configs(reports)
-    print(write_json(str(workdir / "best.json"), {"kind": "model_analyzer", "models": models, "results": rows}))
+    print(write_json(str(workdir / "best.json"), {"kind": "model_analyzer", "models": models, "gpu": gpu,
+                                                  "results": rows}))
     for row in rows[:5]:
         print(json.dumps(row))
     return 0

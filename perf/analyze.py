@@ -1,57 +1,62 @@
-"""Triton's Model Analyzer on this project's repository: one command, the local server, its reports kept.
+"""Triton's Model Analyzer on this project's repository: one command, this project's server, its reports kept.
 
 Model Analyzer (`pip install triton-model-analyzer`, in its own environment: it needs a newer tritonclient
-than the pinned 2.51) launches tritonserver itself in `local` mode. What it needs from this project, and
-what this module passes it: the pip tritonserver prepared with our Python-backend stub
-(`--backend-directory`), the environment the stub needs (our venv's `python3` first on PATH, the bundled
-libraries), and perf_analyzer 2.51 with libcudart.so.12 on LD_LIBRARY_PATH. The ensemble is profiled
-with real photos as input data.
+than the pinned 2.51) runs in its `remote` launch mode against a tritonserver this module starts on free
+ports in explicit model-control mode: the same server `make serve` runs (our Python-backend stub and its
+environment), with no admin key, since only the analyzer talks to it. Remote mode loads each candidate
+config with a config override (as `perf tune` does) and needs no DCGM, which Model Analyzer's `local`
+mode requires on GPU hosts and pip installs lack. perf_analyzer 2.51 gets libcudart.so.12 on
+LD_LIBRARY_PATH. Candidates run on the GPU where there is one (KIND_GPU), else on the CPU. The ensemble
+is profiled with real photos as input data.
 """
 
 from __future__ import annotations
 
-import ctypes.util
 import logging
 import os
 import shutil
 import signal
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from builder.errors import BuilderError
 
 log = logging.getLogger("perf")
 
 
+def has_gpu() -> bool:
+    """Whether the host has an NVIDIA GPU the server can use (nvidia-smi lists one)."""
+    if not shutil.which("nvidia-smi"):
+        return False
+    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return result.returncode == 0 and "GPU" in result.stdout
+
+
 def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, images: Sequence[str],
-                    max_instances: int, max_concurrency: int, max_batch: int, search: str) -> Dict:
-    """The Model Analyzer `profile` config for `models` of `repository`."""
-    from builder.server import server_dir, server_env
-    from perf.sweep import perf_analyzer_env, perf_analyzer_path, write_image_data
+                    max_instances: int, max_concurrency: int, max_batch: int, search: str,
+                    ports: Tuple[int, int, int], gpu: bool, composing: Sequence[str] = ()) -> Dict:
+    """The Model Analyzer `profile` config for `models`, served by a server on `ports` (http, grpc, metrics).
 
-    from perf.first_request import free_ports
+    Args:
+        composing: The ensemble's composing models (searched with it in quick mode).
+        gpu: Search KIND_GPU configs (else KIND_CPU: `cpu_only`).
+    """
+    from perf.sweep import perf_analyzer_path, write_image_data
 
-    http, grpc, metrics = free_ports(3)  # not the defaults a running server may hold
-    root = server_dir(workdir / "server")
-    # Model Analyzer gives perf_analyzer the server's environment too: libcudart.so.12 must be in it.
-    env = server_env(perf_analyzer_env().get("LD_LIBRARY_PATH", "").split(os.pathsep))
+    http, grpc, metrics = ports
     config = {
         "model_repository": str(repository),
         "output_model_repository_path": str(workdir / "output_models"),
         "override_output_model_repository": True,
         "export_path": str(workdir / "reports"),
         "checkpoint_directory": str(workdir / "checkpoints"),
-        "triton_launch_mode": "local",
-        "triton_server_path": str(root / "bin" / "tritonserver"),
-        "triton_server_flags": {"backend-directory": str(root / "backends"), "cache-directory": str(root / "caches"),
-                                "http-port": http, "grpc-port": grpc, "metrics-port": metrics},
+        "triton_launch_mode": "remote",
         "triton_http_endpoint": f"localhost:{http}",
         "triton_grpc_endpoint": f"localhost:{grpc}",
         "triton_metrics_url": f"http://localhost:{metrics}/metrics",
-        "triton_server_environment": {"PATH": env["PATH"], "LD_LIBRARY_PATH": env["LD_LIBRARY_PATH"],
-                                      "PYTHONDONTWRITEBYTECODE": "1"},
-        "triton_output_path": str(workdir / "tritonserver.log"),
+        # GPU metrics come from the server's /metrics in remote mode; DCGM (not in pip installs) stays off.
+        "dcgm_disable": True,
         "perf_analyzer_path": perf_analyzer_path(),
         "client_protocol": "grpc",
         "run_config_search_mode": search,
@@ -59,12 +64,10 @@ def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, imag
         "run_config_search_max_concurrency": max_concurrency,
         "run_config_search_max_model_batch_size": max_batch,
         "perf_analyzer_timeout": 300,
-        # Model Analyzer reads GPU metrics through DCGM, which pip installs do not have; with DCGM off it still
-        # sees the GPUs (numba) and searches KIND_GPU configs, measuring throughput and latency with
-        # perf_analyzer. Without a GPU it searches KIND_CPU configs either way.
-        "dcgm_disable": ctypes.util.find_library("dcgm") is None,
-        "profile_models": list(models),
+        "profile_models": {name: {"cpu_only": not gpu} for name in models},
     }
+    if composing and not gpu:
+        config["cpu_only_composing_models"] = list(composing)
     # Time windows instead of Model Analyzer's growing request counts: bounded runs on a slow (CPU) host.
     config["perf_analyzer_flags"] = {"measurement-mode": "time_windows", "measurement-interval": 2000,
                                      "stability-percentage": 25}
@@ -73,8 +76,18 @@ def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, imag
     return config
 
 
+def analyzer_env() -> Dict[str, str]:
+    """The analyzer's environment: perf_analyzer 2.51 finds libcudart.so.12; no PYTHONPATH of ours leaks in."""
+    from perf.sweep import perf_analyzer_env
+
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = perf_analyzer_env().get("LD_LIBRARY_PATH", env.get("LD_LIBRARY_PATH", ""))
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
-    """Runs `model-analyzer profile` with `config`; returns the reports folder."""
+    """Runs `model-analyzer profile` with `config` (its server already up); returns the reports folder."""
     import yaml
 
     if not shutil.which(analyzer) and not Path(analyzer).is_file():
@@ -82,17 +95,13 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
                            "triton-model-analyzer into .venv-analyzer)")
     if Path(analyzer).is_file():
         analyzer = str(Path(analyzer).resolve())  # it runs in `workdir`
-    # Model Analyzer starts its first server with its own environment: give it the server's (our python3 first
-    # on PATH for the stub, the bundled libraries, libcudart.so.12 for perf_analyzer).
-    env = dict(os.environ, **config["triton_server_environment"])
-    env.pop("PYTHONPATH", None)
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log.info("model-analyzer profile -f %s (log: %s)", path, workdir / "model-analyzer.log")
     with (workdir / "model-analyzer.log").open("w") as out:
-        # Its own process group: an interrupted run takes the tritonserver it launched down with it.
+        # Its own process group: an interrupted run takes perf_analyzer and the rest down with it.
         process = subprocess.Popen([analyzer, "profile", "-f", str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, cwd=workdir, start_new_session=True)
+                                   env=analyzer_env(), cwd=workdir, start_new_session=True)
         # A SIGTERM (kill, a CI timeout) must unwind like Ctrl-C does, so the group below is taken down too.
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -101,10 +110,9 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
             signal.signal(signal.SIGTERM, previous)
             if process.poll() is None or _group_alive(process.pid):
                 os.killpg(process.pid, signal.SIGKILL)
-    result = process
-    if result.returncode != 0:
+    if process.returncode != 0:
         tail = (workdir / "model-analyzer.log").read_text(errors="replace").splitlines()[-5:]
-        raise BuilderError(f"model-analyzer failed (exit {result.returncode}): {' | '.join(tail)}")
+        raise BuilderError(f"model-analyzer failed (exit {process.returncode}): {' | '.join(tail)}")
     return workdir / "reports"
 
 

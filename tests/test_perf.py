@@ -140,26 +140,27 @@ def test_settings_errors_name_the_field(contract):
 
 
 def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
-    """What Model Analyzer needs from the project to launch the pip tritonserver itself (run: `make analyze`)."""
+    """What Model Analyzer needs to search configs against the server `perf analyze` starts (run: `make analyze`)."""
     from pathlib import Path
 
-    from perf.analyze import analyzer_config
+    from perf.analyze import analyzer_config, analyzer_env
 
+    ports = (18000, 18001, 18002)
     config = analyzer_config(local_repo, ["swin_tiny_patch4_window7_224"], tmp_path,
                              [str(p) for p in sorted(Path("builder/parity_images").glob("*.jpg"))[:2]], 2, 16, 8,
-                             "quick")
-    server = Path(config["triton_server_path"])
-    assert server.is_file() and server.name == "tritonserver"
-    backends = Path(config["triton_server_flags"]["backend-directory"])
-    assert (backends / "python" / "triton_python_backend_stub").is_file()
-    env = config["triton_server_environment"]
-    assert env["PATH"].split(":")[0].endswith(".venv/bin")  # the stub's python3: our environment
-    libdirs = env["LD_LIBRARY_PATH"].split(":")
-    assert any((Path(d) / "libcudart.so.12").exists() for d in libdirs)  # perf_analyzer runs with this env
-    assert config["triton_grpc_endpoint"].endswith(str(config["triton_server_flags"]["grpc-port"]))
+                             "quick", ports, gpu=False, composing=["pre", "cls", "post"])
+    assert config["triton_launch_mode"] == "remote" and config["dcgm_disable"] is True
+    assert config["triton_grpc_endpoint"] == "localhost:18001"
+    assert config["triton_metrics_url"] == "http://localhost:18002/metrics"
+    # No GPU: every candidate and composing model on the CPU.
+    assert config["profile_models"] == {"swin_tiny_patch4_window7_224": {"cpu_only": True}}
+    assert config["cpu_only_composing_models"] == ["pre", "cls", "post"]
     assert Path(config["perf_analyzer_flags"]["input-data"]).is_file()
     assert Path(config["perf_analyzer_path"]).is_file()
-    assert config["dcgm_disable"] is True  # no DCGM here: GPU metrics off, the search still runs
+    libdirs = analyzer_env()["LD_LIBRARY_PATH"].split(":")
+    assert any((Path(d) / "libcudart.so.12").exists() for d in libdirs)  # perf_analyzer 2.51 runs with this env
+    gpu = analyzer_config(local_repo, ["m"], tmp_path, [], 2, 16, 8, "brute", ports, gpu=True)
+    assert gpu["profile_models"] == {"m": {"cpu_only": False}} and "cpu_only_composing_models" not in gpu
 
 
 def test_model_analyzer_terminated_leaves_nothing_running(local_repo, tmp_path):
