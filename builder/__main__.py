@@ -77,7 +77,7 @@ def _add_repo(sub) -> None:
                    help="add the next version beside the served one(s) instead of replacing the repository")
     p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
     p.add_argument("--plan", default=None,
-                   help="a TensorRT plan built where TensorRT lives (python -m builder.trt build): served with "
+                   help="a TensorRT plan built where TensorRT lives (python -m builder.engines.trt build): served with "
                         "--engine tensorrt, a candidate with --engine auto")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
     p.add_argument("--onnxruntime-tensorrt", action="store_true",
@@ -90,13 +90,13 @@ def _add_repo(sub) -> None:
 
 def _cmd_repo(args) -> int:
     from builder import settings as s
-    from builder.repository import build_repository
+    from builder.repository.writer import build_repository
 
     flavor = args.flavor or "container"
     if args.add_version and args.flavor is None:  # a new version keeps the served repository's flavor
         from pathlib import Path
 
-        from builder.repository import read_manifest
+        from builder.repository.writer import read_manifest
 
         flavor = read_manifest(Path(args.output)).get("flavor", flavor)
     kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
@@ -126,9 +126,9 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from builder import settings as s
-    from builder.export import export_onnx, reference_data, validate_onnx
-    from builder.model import load_model
-    from builder.contract import Contract
+    from builder.export.onnx_export import export_onnx, reference_data, validate_onnx
+    from builder.export.model import load_model
+    from builder.repository.contract import Contract
 
     if (args.reference or args.calibration) and not (args.images or args.noise):
         raise BuilderError("images: --reference and --calibration need --images DIR (real photos), or --noise "
@@ -187,7 +187,7 @@ def _cmd_quantize(args) -> int:
     _writable("output", args.output)
     import numpy as np
 
-    from builder.quantize import count_qdq, quantize_int8, validate_quantized
+    from builder.engines.quantize import count_qdq, quantize_int8, validate_quantized
 
     try:
         calibration = np.load(args.calibration)
@@ -212,7 +212,7 @@ def _cmd_quantize(args) -> int:
 def _cmd_docker(args) -> int:
     from pathlib import Path
 
-    from builder import docker
+    from builder.serving import docker
 
     for path in docker.write(Path(args.output), docker.context(args.model, args.precision)):
         print(path)
@@ -220,7 +220,7 @@ def _cmd_docker(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from builder.check import check_repository
+    from builder.repository.check import check_repository
 
     problems = check_repository(args.repository)
     for problem in problems:
@@ -241,7 +241,7 @@ def _server_args(p) -> None:
 
 
 def _server(args):
-    from builder.server import LocalServer, ServerSettings, admin_key
+    from builder.serving.server import LocalServer, ServerSettings, admin_key
 
     # Model control is always locked behind the admin key ($TRITON_ADMIN_KEY or one made in the workdir).
     key = admin_key(args.workdir, create=True) if args.command == "serve" else None

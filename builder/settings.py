@@ -228,7 +228,7 @@ class RepoSettings:
         version: Model version directory to write.
         version_policy: Version policy of every model.
         max_image_pixels: Largest decoded image the preprocess model accepts.
-        plan: A TensorRT plan (built by `builder.trt` where the serving
+        plan: A TensorRT plan (built by `builder.engines.trt` where the serving
             TensorRT lives) to serve as the classifier instead of ONNX Runtime:
             on the native `tensorrt_plan` backend in the container flavor, in
             the Python backend in the local flavor; its `plan.json` sidecar is
@@ -240,7 +240,7 @@ class RepoSettings:
             passes a parity gate against `exact`).
         engine: The classifier engine: `auto` (on a GPU host: the fastest of
             the candidates the host can build, by measurement, see
-            `builder.engine_choice`; without a GPU: ONNX Runtime, or the
+            `builder.engines.choice`; without a GPU: ONNX Runtime, or the
             `plan` when one is given), `onnxruntime` (the exported ONNX),
             `inductor` (a torch.export program compiled by TorchInductor, FP16
             on the GPU, in the Python backend; takes GPU input by DLPack) or
@@ -301,7 +301,7 @@ class RepoSettings:
                   "serve one classifier: drop --plan, or pass --engine tensorrt (or auto: the plan competes)")
         if self.engine == "tensorrt" and not self.plan:
             _fail("plan", "the tensorrt engine serves a plan and none was given",
-                  "build one where TensorRT lives (`python -m builder.trt build`, `make plan-docker`) "
+                  "build one where TensorRT lives (`python -m builder.engines.trt build`, `make plan-docker`) "
                   "and pass --plan")
         if self.plan is not None:
             if not os.path.isfile(self.plan):

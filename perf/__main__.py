@@ -49,11 +49,11 @@ def _bare_inputs(args):
         raise BuilderError("plans: the tensorrt engine needs --plans model.plan[,other.plan]")
     for plan in args.plans:
         if not Path(plan).is_file():
-            raise BuilderError(f"plans: {plan} does not exist; build one with `python -m builder.trt build`")
+            raise BuilderError(f"plans: {plan} does not exist; build one with `python -m builder.engines.trt build`")
     manifest = {}
     repository = Path(args.repository)
     if (repository / "manifest.json").is_file():
-        from builder.repository import read_manifest
+        from builder.repository.writer import read_manifest
 
         manifest = read_manifest(repository)
     model, kwargs = args.model, args.model_kwargs
@@ -80,9 +80,9 @@ def _served_program(repository: str, compile_mode):
     """The repository's torch-engine classifier: version folder, config parameters, max batch."""
     from pathlib import Path
 
-    from builder import configs
+    from builder.repository import configs
     from builder.errors import BuilderError
-    from builder.repository import read_manifest
+    from builder.repository.writer import read_manifest
 
     manifest = read_manifest(Path(repository))
     classifier = Path(repository) / manifest["contract"]["models"][1]
@@ -129,7 +129,7 @@ def _cmd_pipeline(args) -> int:
     from pathlib import Path
 
     from builder.errors import BuilderError
-    from builder.triton_models.imaging import PreprocessParams
+    from builder.repository.triton_models.imaging import PreprocessParams
     from clients.api import collect_images
     from perf.environment import describe, write_json
     from perf.pipeline import bench_pipeline
@@ -155,7 +155,7 @@ def _cmd_pipeline(args) -> int:
 
 def _cmd_first_request(args) -> int:
     from builder.errors import BuilderError
-    from builder.repository import read_manifest
+    from builder.repository.writer import read_manifest
     from clients.api import collect_images
     from perf.environment import describe, write_json
     from perf.first_request import measure
@@ -179,9 +179,9 @@ def _cmd_first_request(args) -> int:
 def _cmd_analyze(args) -> int:
     from pathlib import Path
 
-    from builder.repository import read_manifest
+    from builder.repository.writer import read_manifest
     from clients.api import collect_images
-    from builder.server import LocalServer, ServerSettings
+    from builder.serving.server import LocalServer, ServerSettings
     from perf.analyze import analyzer_config, best_configs, has_gpu, run_analyzer
     from perf.environment import write_json
     from perf.first_request import free_ports

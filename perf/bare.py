@@ -2,7 +2,7 @@
 
 Engines: `torch` (eager FP32, eager FP16, optionally torch.compile) on the
 timm model, `onnxruntime` on the exported ONNX, `tensorrt` on a plan (through
-`builder.trt`). Warm-up is separate from measurement; GPU work is timed with
+`builder.engines.trt`). Warm-up is separate from measurement; GPU work is timed with
 synchronization around each measured window. Results are flat JSON rows with
 units in the keys, the reference for "serving efficiency" (served throughput /
 bare throughput at the same batch) in `perf report`.
@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-from builder.engine_choice import timed, timing_row
+from builder.engines.choice import timed, timing_row
 
 log = logging.getLogger("perf")
 
@@ -84,7 +84,7 @@ def bench_onnxruntime(onnx_path: str, batches: Sequence[int], warmup: int, itera
 
 def bench_tensorrt(plan: str, batches: Sequence[int], warmup: int, iterations: int) -> List[Dict]:
     """A TensorRT plan timed with CUDA events (input resident on the GPU)."""
-    from builder.trt import PlanRunner
+    from builder.engines.trt import PlanRunner
 
     runner = PlanRunner(plan)
     rows = []
@@ -104,7 +104,7 @@ def bench_program(version_dir: str, params: Dict[str, str], max_batch: int, batc
     """
     import torch
 
-    from builder.triton_models.torch_runner import TorchEngine, params_shape
+    from builder.repository.triton_models.torch_runner import TorchEngine, params_shape
 
     started = time.perf_counter()
     engine = TorchEngine(version_dir, device, params, max_batch)

@@ -66,7 +66,7 @@ def _cmd_tune(args) -> int:
     grid = candidates(args.instance_counts, args.queue_delays_us,
                       [tuple(int(b) for b in s.split("/") if b) for s in args.preferred], args.max_batch_sizes)
     model = args.model or f"{args.name}_classifier"
-    from builder.server import admin_key
+    from builder.serving.server import admin_key
 
     key = args.admin_key or admin_key(args.server_workdir)
     result = tune(args.repository, settings, model, grid, args.p99_budget_ms, write=args.write, admin_key=key)

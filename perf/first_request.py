@@ -28,7 +28,7 @@ def free_ports(count: int) -> List[int]:
 
 
 def _strip_warmup(repository: Path) -> None:
-    from builder import configs
+    from builder.repository import configs
 
     for path in repository.glob("*/config.pbtxt"):
         config = configs.read(path)
@@ -38,7 +38,7 @@ def _strip_warmup(repository: Path) -> None:
 
 def measure(repository: str, images: Sequence[bytes], model: str, warmup: bool) -> Dict:
     """Times one server start on a copy of `repository` (warm-up kept or removed)."""
-    from builder.server import LocalServer, ServerSettings
+    from builder.serving.server import LocalServer, ServerSettings
     from clients import Classifier, ClientSettings
 
     with tempfile.TemporaryDirectory(prefix="first-request-") as tmp:

@@ -21,8 +21,8 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
     """Rows of {decoder, stage, batch_size, latency_*_ms, throughput_img_per_s} plus parity figures."""
     import torch
 
-    from builder.triton_models import gpu_imaging, imaging
-    from builder.engine_choice import timed
+    from builder.repository.triton_models import gpu_imaging, imaging
+    from builder.engines.choice import timed
 
     data = [Path(p).read_bytes() for p in images]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

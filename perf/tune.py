@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 from google.protobuf import json_format
 
-from builder import configs
+from builder.repository import configs
 from builder.errors import BuilderError
 from perf.sweep import SweepSettings, run_sweep
 
@@ -78,7 +78,7 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
         raise BuilderError(f"{path} does not exist; tune a model of the repository the server runs on")
     base = configs.read(path)
     ensemble_mbs = _ensemble_max_batch(Path(repository), model)
-    from builder.server import admin_headers
+    from builder.serving.server import admin_headers
 
     client = httpclient.InferenceServerClient(sweep.http_url)
     headers = admin_headers(admin_key, "http")

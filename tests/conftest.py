@@ -102,7 +102,7 @@ def photos(photo_paths) -> list:
 @pytest.fixture(scope="session")
 def tiny_model():
     """The tiny Swin with the same seed the repositories are built with."""
-    from builder.model import load_model
+    from builder.export.model import load_model
 
     return load_model(TINY_SOURCE)
 
@@ -130,15 +130,15 @@ def timm_reference(tiny_model):
 @pytest.fixture(scope="session")
 def local_repo(tmp_path_factory) -> Path:
     """A real local-flavor repository of the tiny Swin."""
-    from builder.repository import build_repository
+    from builder.repository.writer import build_repository
 
     return build_repository(tiny_settings(tmp_path_factory.mktemp("repo") / "model_repository"))
 
 
 @pytest.fixture(scope="session")
 def contract(local_repo):
-    from builder.contract import Contract
-    from builder.repository import read_manifest
+    from builder.repository.contract import Contract
+    from builder.repository.writer import read_manifest
 
     manifest = read_manifest(local_repo)
     return Contract(manifest["contract"]["ensemble"], (224, 224), manifest["model"]["num_classes"])
@@ -147,7 +147,7 @@ def contract(local_repo):
 @pytest.fixture(scope="session")
 def server(local_repo, tmp_path_factory):
     """A real tritonserver serving the local-flavor repository."""
-    from builder.server import LocalServer, ServerSettings
+    from builder.serving.server import LocalServer, ServerSettings
 
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(repository=str(local_repo), http_port=http, grpc_port=grpc, metrics_port=metrics,

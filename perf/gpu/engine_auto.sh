@@ -25,7 +25,7 @@ case "${1:?stage}" in
     $PYTHON -m builder export --output "$W/model.onnx" --images builder/parity_images \
       --reference "$W/reference.npz" --reference-batch 256 2>&1 | tail -2
     # The profile and the timed batch sizes are the repository's: opt at the middle preferred size, max = max batch.
-    $TRT -m builder.trt build --onnx "$W/model.onnx" --plan "$W/plan/model.plan" --precision fp16 \
+    $TRT -m builder.engines.trt build --onnx "$W/model.onnx" --plan "$W/plan/model.plan" --precision fp16 \
       --min-batch 1 --opt-batch 64 --max-batch "$MAX_BATCH" --timing-batches "1,$PREFERRED" --workspace-gib 8 \
       --tactic-sources "$TACTICS" --reference "$W/reference.npz" --max-abs 1.0 --min-cosine 0.99 --min-top1 0.9 \
       2>&1 | tail -2

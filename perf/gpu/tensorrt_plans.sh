@@ -30,7 +30,7 @@ case "$stage" in
     extra=()
     [ "$precision" = int8 ] && extra=(--calibration "$W/calibration.npy")
     mkdir -p "$W/$precision"
-    PYTHONPATH=$PWD $TRT -m builder.trt build --onnx "$W/model.onnx" --plan "$W/$precision/model.plan" \
+    PYTHONPATH=$PWD $TRT -m builder.engines.trt build --onnx "$W/model.onnx" --plan "$W/$precision/model.plan" \
       --precision "$precision" --min-batch 1 --opt-batch 64 --max-batch 256 --workspace-gib 8 \
       --timing-cache "$W/timing.cache" --tactic-sources $TACTICS --reference "$W/reference.npz" --max-abs 1.0 \
       --min-cosine 0.99 --min-top1 0.9 "${extra[@]}"
@@ -40,7 +40,7 @@ case "$stage" in
     for precision in ${2:-fp32 fp16 int8}; do
       plan=$W/$precision/model.plan
       [ -f "$plan" ] || continue
-      PYTHONPATH=$PWD $TRT -m builder.trt validate --plan "$plan" --reference "$W/reference.npz" \
+      PYTHONPATH=$PWD $TRT -m builder.engines.trt validate --plan "$plan" --reference "$W/reference.npz" \
         --max-abs 1.0 --min-cosine 0.99 --min-top1 0.9 > "$OUT/parity-$precision.json" || true
       cat "$OUT/parity-$precision.json"
       PYTHONPATH=$PWD $TRT -m perf bare --engines tensorrt --plans "$plan" --batches $BATCHES \

@@ -1,0 +1,185 @@
+"""`--engine auto`: the classifier engine chosen by measurement on the build host.
+
+On a host with a GPU the builder builds the candidates it can build, gates
+each against PyTorch, times each at the batch sizes the classifier's config
+makes the server form, and serves the one with the best throughput (batch-1
+latency breaks ties within 3%). Every candidate, served or not, goes into the
+manifest and the repository README as one table row with its reason.
+
+- `onnxruntime`: the exported ONNX in ONNX Runtime (CUDA provider when the
+  build host's onnxruntime has it, else the CPU one; the row says which).
+- `inductor`: the torch.export program compiled by TorchInductor as served
+  (`builder.engines.inductor.build_inductor`), timed from its stored artifacts.
+- `tensorrt`: a plan passed with `--plan`. TensorRT and torch rarely share a
+  Python, so the plan is timed where it was built (`python -m builder.engines.trt
+  build` records `timings` in `plan.json`); those timings count when they
+  were taken on this host's GPU model, otherwise the plan is timed here if
+  TensorRT imports, otherwise it is skipped with the reason.
+
+Without a GPU, `auto` is ONNX Runtime, as before this option existed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+log = logging.getLogger("builder")
+CANDIDATES = ("onnxruntime", "inductor", "tensorrt")
+TIE = 0.03  # throughputs this close count as equal; the lower batch-1 latency wins
+
+
+@dataclass
+class Candidate:
+    """One engine's row in the choice table.
+
+    Attributes:
+        engine: `onnxruntime`, `inductor` or `tensorrt`.
+        status: `measured`, `skipped` (the host cannot build or time it) or
+            `failed` (it did not build or failed its parity gate).
+        reason: Why it was skipped or failed, or where it ran.
+        timings: Rows of `batch_size`, `latency_p50_ms`, `throughput_img_per_s`.
+        build_s: Seconds to build it (export, compile, plan build).
+        parity: Its gate's figures (max abs, cosine, top-1 against PyTorch).
+        chosen: Whether it is the served engine.
+    """
+
+    engine: str
+    status: str
+    reason: str = ""
+    timings: List[Dict] = field(default_factory=list)
+    build_s: Optional[float] = None
+    parity: Dict = field(default_factory=dict)
+    chosen: bool = False
+
+    @property
+    def latency_b1_ms(self) -> Optional[float]:
+        return next((r["latency_p50_ms"] for r in self.timings if r["batch_size"] == 1), None)
+
+    @property
+    def best(self) -> Optional[Dict]:
+        return max(self.timings, key=lambda r: r["throughput_img_per_s"]) if self.timings else None
+
+    def to_dict(self) -> Dict:
+        best = self.best
+        return {**asdict(self), "latency_b1_ms": self.latency_b1_ms,
+                "best_throughput_img_per_s": best["throughput_img_per_s"] if best else None,
+                "best_batch": best["batch_size"] if best else None}
+
+
+def choose(candidates: Sequence[Candidate]) -> Candidate:
+    """The measured candidate with the best throughput; within 3%, the lower batch-1 latency.
+
+    Raises:
+        ValueError: No candidate was measured.
+    """
+    measured = [c for c in candidates if c.status == "measured" and c.timings]
+    if not measured:
+        raise ValueError("no engine was measured")
+    top = max(c.best["throughput_img_per_s"] for c in measured)
+    close = [c for c in measured if c.best["throughput_img_per_s"] >= top * (1 - TIE)]
+    winner = min(close, key=lambda c: (c.latency_b1_ms if c.latency_b1_ms is not None else float("inf"),
+                                       -c.best["throughput_img_per_s"]))
+    for c in candidates:
+        c.chosen = c is winner
+    return winner
+
+
+def timing_batches(preferred: Sequence[int], max_batch: int) -> List[int]:
+    """The batch sizes the server forms with this config: 1, each preferred size, and the maximum."""
+    return sorted({1, *preferred, max_batch})
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None], warmup: int, iterations: int,
+          budget_s: Optional[float] = None) -> List[float]:
+    """Seconds per call of `fn` after `warmup` calls, each call synchronized with `sync`.
+
+    With `budget_s`, measurement stops after that many seconds (at least 3 calls), so a slow engine at a
+    large batch (ONNX Runtime on a CPU) costs seconds, not minutes.
+    """
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples: List[float] = []
+    deadline = time.perf_counter() + budget_s if budget_s else None
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+        if deadline and len(samples) >= 3 and time.perf_counter() > deadline:
+            break
+    return samples
+
+
+def timing_row(batch: int, seconds: Sequence[float]) -> Dict:
+    """A timing row from per-call seconds: median and p99 latency, throughput from the mean."""
+    import numpy as np
+
+    ms = np.array(seconds) * 1000.0
+    return {"batch_size": batch, "latency_mean_ms": float(ms.mean()), "latency_p50_ms": float(np.percentile(ms, 50)),
+            "latency_p99_ms": float(np.percentile(ms, 99)),
+            "throughput_img_per_s": float(batch * 1000.0 / ms.mean()), "iterations": len(ms)}
+
+
+def measure_onnxruntime(onnx_file: str, batches: Sequence[int], parity: Dict, budget_s: float = 2.0) -> Candidate:
+    """ONNX Runtime on the exported model (already gated against PyTorch by the export)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    session = ort.InferenceSession(onnx_file, providers=providers)
+    inp = session.get_inputs()[0]
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
+        rows.append(timing_row(batch, timed(lambda: session.run(None, {inp.name: x}), lambda: None, 2, 50, budget_s)))
+    return Candidate("onnxruntime", "measured", f"ONNX Runtime {ort.__version__}, {session.get_providers()[0]}",
+                     rows, parity=parity)
+
+
+def recorded_tensorrt(plan_sidecar: Dict, gpu: str, batches: Sequence[int]) -> Candidate:
+    """The given plan, from the timings `python -m builder.engines.trt build` recorded beside it.
+
+    Args:
+        plan_sidecar: The plan's `plan.json`.
+        gpu: This host's GPU name (torch.cuda.get_device_name).
+        batches: The batch sizes the config forms; recorded rows at other sizes are left out.
+    """
+    built_on = plan_sidecar.get("gpu", "")
+    rows = [r for r in plan_sidecar.get("timings", []) if r.get("batch_size") in set(batches)]
+    parity = plan_sidecar.get("parity") or {}
+    version = plan_sidecar.get("tensorrt_version", "?")
+    if not plan_sidecar.get("timings"):
+        return Candidate("tensorrt", "skipped", "plan.json has no timings: rebuild the plan with this "
+                         "project's `python -m builder.engines.trt build` (it times the plan where it is built)")
+    if built_on != gpu:
+        return Candidate("tensorrt", "skipped", f"the plan was built and timed on {built_on or 'an unnamed GPU'}, "
+                         f"not this host's {gpu}: build it on this GPU model")
+    if not rows:
+        return Candidate("tensorrt", "skipped", f"plan.json has no timings at batch sizes {list(batches)}: rebuild "
+                         "it with --triton-config (or --timing-batches) so they match the classifier's config")
+    if not parity:
+        return Candidate("tensorrt", "failed", "the plan has no parity figures: build it with --reference",
+                         rows, plan_sidecar.get("build_s"))
+    return Candidate("tensorrt", "measured", f"TensorRT {version} {plan_sidecar.get('precision', '')}, timed "
+                     f"where it was built", rows, plan_sidecar.get("build_s"), parity)
+
+
+def markdown_table(candidates: Sequence[Candidate]) -> str:
+    """The choice as a markdown table (repository README)."""
+    lines = ["| engine | status | batch 1 p50 (ms) | best img/s (batch) | build (s) | max abs | top-1 | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in candidates:
+        best = c.best
+        latency = f"{c.latency_b1_ms:.2f}" if c.latency_b1_ms is not None else "—"
+        throughput = f"{best['throughput_img_per_s']:,.0f} ({best['batch_size']})" if best else "—"
+        build = f"{c.build_s:.0f}" if c.build_s is not None else "—"
+        max_abs = f"{c.parity['max_abs']:.3g}" if "max_abs" in c.parity else "—"
+        top1 = f"{c.parity['top1_agreement']:.3f}" if "top1_agreement" in c.parity else "—"
+        status = "**served**" if c.chosen else c.status
+        lines.append(f"| {c.engine} | {status} | {latency} | {throughput} | {build} | {max_abs} | {top1} | "
+                     f"{c.reason} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,201 @@
+"""The PyTorch 2 engine: `torch.export` of the timm model with a dynamic batch, served by torch (+ TorchInductor).
+
+Why this route: an ExportedProgram (`model.pt2`) is one file that loads without
+timm or the model's Python code, keeps a symbolic batch dimension, and can be
+compiled by TorchInductor where it is served. AOTInductor packages would skip
+the compile, but on the serving GPU host (torch 2.11) `aoti_load_package`
+segfaults at load, so the served model compiles with `torch.compile` and
+reuses Inductor's stored artifacts when they were made by the same torch on the
+same GPU (`engine.json` says which; others are ignored with a log line).
+
+The parity gate is the ONNX one: the exported program against the eager model
+on the same inputs (max abs, cosine, top-1), before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from builder.compare import check_parity, compare_logits
+from builder.repository.contract import Contract
+from builder.errors import BuilderError
+from builder.export.model import LoadedModel
+from builder.settings import Parity
+
+log = logging.getLogger("builder")
+FILE = "model.pt2"
+SIDECAR = "engine.json"
+ARTIFACTS = "inductor.bin"
+
+
+def export_program(model: LoadedModel, contract: Contract, path: Path, max_batch: int) -> Path:
+    """Exports the classifier with `torch.export` (batch 1..max_batch symbolic) and saves it.
+
+    Raises:
+        BuilderError: torch.export cannot capture the model.
+    """
+    import torch
+    from torch.export import Dim
+
+    started = time.perf_counter()
+    sample = torch.zeros(2, *contract.pixels.dims)
+    # timm's Swin checks the batch in Python only through shapes, so one symbolic batch dimension covers 1..max.
+    batch = Dim("batch", min=1, max=max(max_batch, 2))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(model.module, (sample,), dynamic_shapes=({0: batch},))
+    except Exception as exc:
+        raise BuilderError(f"torch.export could not capture {contract.name} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200]}); use --engine onnxruntime") from None
+    torch.export.save(program, str(path))
+    log.info("exported %s (%.1f MB) with torch.export in %.1f s", Path(path).name, Path(path).stat().st_size / 1e6,
+             time.perf_counter() - started)
+    return Path(path)
+
+
+def validate_program(path: Path, model: LoadedModel, contract: Contract, parity: Parity) -> Dict[str, float]:
+    """The saved program, loaded back, against the eager model (same inputs as the ONNX gate)."""
+    import torch
+
+    program = torch.export.load(str(path)).module()
+    batch = np.random.default_rng(0).standard_normal((parity.batch, *contract.pixels.dims), dtype=np.float32)
+    with torch.no_grad():
+        candidate = program(torch.from_numpy(batch)).numpy()
+        reference = model.module(torch.from_numpy(batch)).numpy()
+    figures = compare_logits(reference, candidate)
+    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
+    if problems:
+        raise BuilderError("the exported program fails parity with PyTorch: " + "; ".join(problems))
+    log.info("torch.export program vs PyTorch: max abs %.3g, min cosine %.7f", figures["max_abs"],
+             figures["min_cosine"])
+    return figures
+
+
+def environment() -> Dict[str, str]:
+    """What compiled artifacts are tied to: torch, CUDA and the GPU."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"torch": torch.__version__, "cuda": str(torch.version.cuda), "gpu": gpu,
+            "python": platform.python_version()}
+
+
+def build_inductor(folder: Path, params: Dict[str, str], max_batch: int, batches: Sequence[int],
+                   photos: "np.ndarray", reference: "np.ndarray", parity: Parity) -> Dict:
+    """Compiles the program as served on this GPU, stores Inductor's artifacts, gates and times it.
+
+    Two fresh processes, each with an empty Inductor and Triton cache, so nothing
+    but the stored file can help the second: the first compiles every batch
+    bucket from scratch and saves `inductor.bin`; the second loads the engine
+    as the served model does (artifacts checked against `engine.json`), runs the
+    parity photos and times each batch size.
+
+    Args:
+        folder: Holds `model.pt2` and `engine.json`; `inductor.bin` is written there.
+        params: The classifier's config parameters (precision, compile, buckets, input dims).
+        max_batch: The config's max_batch_size.
+        batches: Batch sizes to time.
+        photos: Real photos through the exact preprocessing (N, C, H, W), float32.
+        reference: PyTorch FP32 logits of `photos`.
+        parity: Thresholds of the served engine (FP16) against `reference`.
+
+    Returns:
+        Start times (from scratch, from the stored artifacts), artifact size, parity figures and timings.
+
+    Raises:
+        BuilderError: A process failed, or the engine misses the parity thresholds.
+    """
+    with tempfile.TemporaryDirectory(prefix="inductor-") as tmp:
+        np.save(os.path.join(tmp, "photos.npy"), photos)
+        compiled = {"start_s": None}
+        if params.get("compile", "none") != "none":
+            log.info("compiling with TorchInductor (mode %s, buckets %s): minutes on the first build",
+                     params["compile"], params["batch_buckets"])
+            compiled = _child("compile", folder, params, max_batch, batches, tmp)
+        log.info("loading it again in a fresh process, as the served model will")
+        loaded = _child("load", folder, params, max_batch, batches, tmp)
+        logits = np.load(os.path.join(tmp, "logits.npy"))
+    figures = compare_logits(reference, logits)
+    figures["inputs"] = f"{len(photos)} bundled photos, exact preprocessing"
+    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
+    if problems:
+        raise BuilderError("the TorchInductor engine fails parity with PyTorch FP32: " + "; ".join(problems))
+    artifacts = folder / ARTIFACTS
+    result = {"start_from_scratch_s": compiled["start_s"], "start_with_artifacts_s": loaded["start_s"],
+              "artifacts_mb": round(artifacts.stat().st_size / 1e6, 1) if artifacts.is_file() else None,
+              "parity_served": figures, "timings": loaded["timings"], "device": loaded["device"]}
+    log.info("TorchInductor engine: start %s s from scratch, %.1f s with %s; FP16 vs FP32 max abs %.3g, top-1 %.3f",
+             compiled["start_s"], loaded["start_s"], ARTIFACTS, figures["max_abs"], figures["top1_agreement"])
+    return result
+
+
+def _child(mode: str, folder: Path, params: Dict[str, str], max_batch: int, batches: Sequence[int],
+           tmp: str) -> Dict:
+    cache = tempfile.mkdtemp(prefix=f"{mode}-", dir=tmp)
+    # Empty caches: the first start is a true cold start, the second sees only what inductor.bin holds.
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                       os.environ.get("PYTHONPATH")])))
+    out = os.path.join(tmp, f"{mode}.json")
+    command = [sys.executable, "-m", "builder.engines.inductor", mode, str(folder), json.dumps(params), str(max_batch),
+               ",".join(str(b) for b in batches), tmp, out]
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in result.stdout.splitlines():
+        log.info("  %s", line)
+    if result.returncode != 0 or not os.path.isfile(out):
+        tail = " | ".join(result.stdout.strip().splitlines()[-3:])
+        raise BuilderError(f"the TorchInductor {mode} step failed (exit {result.returncode}): {tail}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def _child_main(mode: str, folder: str, params_json: str, max_batch: str, batches: str, tmp: str, out: str) -> None:
+    """One start of the served engine (see `build_inductor`); writes what it measured to `out`."""
+    import torch
+
+    from builder.engines.choice import timed, timing_row
+    from builder.repository.triton_models.torch_runner import TorchEngine, params_shape
+
+    params = json.loads(params_json)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    engine = TorchEngine(folder, device, params, int(max_batch))
+    result: Dict = {"start_s": round(time.perf_counter() - started, 1), "device": str(engine.device)}
+    if mode == "compile":
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            raise SystemExit("TorchInductor saved no artifacts")
+        path = os.path.join(folder, ARTIFACTS)
+        with open(path + ".tmp", "wb") as f:
+            f.write(saved[0])
+        os.replace(path + ".tmp", path)
+    else:
+        photos = torch.from_numpy(np.load(os.path.join(tmp, "photos.npy"))).to(engine.device)
+        logits = [engine(photos[i:i + max(engine.buckets)]).float().cpu() for i in range(0, len(photos),
+                                                                                          max(engine.buckets))]
+        np.save(os.path.join(tmp, "logits.npy"), torch.cat(logits).numpy())
+        sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+        rows: List[Dict] = []
+        for batch in (int(b) for b in batches.split(",")):
+            x = torch.randn(batch, *params_shape(params), device=engine.device)
+            rows.append(timing_row(batch, timed(lambda: engine(x), sync, 5, 200, budget_s=2.0)))
+            print(f"batch {batch}: p50 {rows[-1]['latency_p50_ms']:.2f} ms, "
+                  f"{rows[-1]['throughput_img_per_s']:,.0f} img/s", flush=True)
+        result["timings"] = rows
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    _child_main(*sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Stage 1, export: the timm model loaded (weights, data config) and exported to ONNX, gated against PyTorch."""

@@ -1,0 +1,291 @@
+"""Static checks of a model repository: what tritonserver would reject.
+
+`check_repository` returns human-readable problems (empty when the repository
+is fine). It parses every config.pbtxt with the ModelConfig schema and checks
+batching, files, version directories, ONNX tensors against the config, and
+ensemble wiring (models, tensor names, dtypes and shapes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from builder.repository import configs
+
+DEFAULT_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+_PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+_ONNX_DTYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8",
+                9: "TYPE_BOOL", 8: "TYPE_STRING", 11: "TYPE_FP64"}
+
+
+def _dtype(value: int) -> str:
+    return mc.DataType.Name(value)
+
+
+def _load_configs(root: Path, problems: List[str]) -> Dict[str, Tuple[Path, mc.ModelConfig]]:
+    models = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        path = model_dir / "config.pbtxt"
+        if not path.is_file():
+            problems.append(f"{model_dir.name}: no config.pbtxt")
+            continue
+        try:
+            config = configs.read(path)
+        except text_format.ParseError as exc:
+            problems.append(f"{model_dir.name}/config.pbtxt: {exc}")
+            continue
+        except UnicodeDecodeError as exc:
+            problems.append(f"{model_dir.name}/config.pbtxt: not UTF-8 text (byte {exc.start}); "
+                            "rewrite it as UTF-8 or rebuild the repository")
+            continue
+        except OSError as exc:
+            problems.append(f"{model_dir.name}/config.pbtxt: cannot read it ({exc.strerror or exc})")
+            continue
+        if config.name and config.name != model_dir.name:
+            problems.append(f"{model_dir.name}/config.pbtxt: name {config.name!r} differs from its folder")
+        models[model_dir.name] = (model_dir, config)
+    return models
+
+
+def _versions(model_dir: Path, config: mc.ModelConfig) -> List[int]:
+    present = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    policy = config.version_policy
+    if policy.HasField("specific"):
+        return [v for v in present if v in policy.specific.versions]
+    if policy.HasField("all"):
+        return present
+    keep = policy.latest.num_versions if policy.HasField("latest") else 1
+    return present[-keep:]
+
+
+def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:
+    mbs = config.max_batch_size
+    if mbs < 0:
+        problems.append(f"{name}: max_batch_size {mbs} is negative")
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        if not tensors:
+            problems.append(f"{name}: has no {kind}s")
+        for tensor in tensors:
+            if not tensor.dims:
+                problems.append(f"{name}: {kind} {tensor.name!r} has no dims")
+            if any(d == 0 or d < -1 for d in tensor.dims):
+                problems.append(f"{name}: {kind} {tensor.name!r} has invalid dims {list(tensor.dims)}")
+    if config.HasField("dynamic_batching"):
+        if mbs == 0:
+            problems.append(f"{name}: dynamic_batching needs max_batch_size > 0")
+        for size in config.dynamic_batching.preferred_batch_size:
+            if size > mbs:
+                problems.append(f"{name}: preferred batch size {size} is above max_batch_size {mbs}")
+    if config.platform == "ensemble":
+        if not _versions(model_dir, config):
+            problems.append(f"{name}: no version directory (an ensemble needs an empty one, e.g. {name}/1/)")
+        return
+    backend = config.backend or _PLATFORM_BACKEND.get(config.platform, "")
+    if not backend:
+        problems.append(f"{name}: neither backend nor platform is set")
+        return
+    versions = _versions(model_dir, config)
+    if not versions:
+        problems.append(f"{name}: no version directory matches its version policy")
+    for tensor in config.output:
+        if tensor.label_filename and not (model_dir / tensor.label_filename).is_file():
+            problems.append(f"{name}: output {tensor.name!r} names labels file {tensor.label_filename!r}, "
+                            "which is not in the model directory")
+    for warmup in config.model_warmup:
+        for input_name, data in warmup.inputs.items():
+            if data.input_data_file and not (model_dir / "warmup" / data.input_data_file).is_file():
+                problems.append(f"{name}: warm-up {warmup.name!r} reads warmup/{data.input_data_file}, "
+                                "which does not exist")
+    filename = config.default_model_filename or DEFAULT_FILES.get(backend)
+    for version in versions:
+        if filename and not (model_dir / str(version) / filename).is_file():
+            problems.append(f"{name}: version {version} lacks {filename}")
+        onnx_file = model_dir / str(version) / "model.onnx"
+        if backend == "onnxruntime" and onnx_file.is_file():
+            _check_onnx(name, onnx_file, config, problems)
+        if backend == "tensorrt":
+            _check_plan_sidecar(name, model_dir / str(version), config, problems)
+
+
+def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[str]) -> None:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # protobuf's DecodeError and friends: a truncated or foreign file
+        problems.append(f"{name}: {path.parent.name}/{path.name} is not a readable ONNX model "
+                        f"({type(exc).__name__}); rebuild the repository")
+        return
+    initializers = {i.name for i in graph.initializer}
+    declared = {"input": {t.name: t for t in config.input}, "output": {t.name: t for t in config.output}}
+    for kind, values in (("input", [v for v in graph.input if v.name not in initializers]),
+                         ("output", list(graph.output))):
+        found = {v.name: v for v in values}
+        for tensor_name, tensor in declared[kind].items():
+            value = found.get(tensor_name)
+            if value is None:
+                problems.append(f"{name}: config {kind} {tensor_name!r} is not in the ONNX file "
+                                f"(it has {sorted(found)})")
+                continue
+            ttype = value.type.tensor_type
+            onnx_dtype = _ONNX_DTYPES.get(ttype.elem_type, f"onnx:{ttype.elem_type}")
+            if onnx_dtype != _dtype(tensor.data_type):
+                problems.append(f"{name}: {kind} {tensor_name!r} is {onnx_dtype} in ONNX, "
+                                f"{_dtype(tensor.data_type)} in the config")
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+            expect = ([-1] if config.max_batch_size > 0 else []) + list(tensor.dims)
+            if len(dims) != len(expect) or any(e != -1 and d not in (e, -1) for d, e in zip(dims, expect)):
+                problems.append(f"{name}: {kind} {tensor_name!r} has ONNX shape {dims}, the config "
+                                f"implies {expect} (max_batch_size {config.max_batch_size} adds the batch axis)")
+            elif config.max_batch_size > 0 and dims and dims[0] != -1:
+                problems.append(f"{name}: ONNX {kind} {tensor_name!r} has a fixed batch {dims[0]}, "
+                                "but max_batch_size > 0 needs a dynamic batch axis")
+
+
+def _check_plan_sidecar(name: str, version_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:
+    sidecar = version_dir / "plan.json"
+    if not sidecar.is_file():
+        return
+    info = json.loads(sidecar.read_text(encoding="utf-8"))
+    from builder.settings import TENSORRT_VERSION
+
+    target = TENSORRT_VERSION
+    built = str(info.get("tensorrt_version", ""))
+    if built.split(".")[:2] != target.split(".")[:2]:
+        problems.append(f"{name}: plan in {version_dir.name}/ was built with TensorRT {built or '?'}, "
+                        f"the target serving container has {target}; rebuild it with `make plan-docker`")
+    profile_max = info.get("profile", {}).get("max")
+    if profile_max and config.max_batch_size > profile_max:
+        problems.append(f"{name}: max_batch_size {config.max_batch_size} is above the plan's "
+                        f"optimization profile max {profile_max}")
+
+
+def _check_ensemble(name: str, config: mc.ModelConfig, models: Dict[str, Tuple[Path, mc.ModelConfig]],
+                    problems: List[str]) -> None:
+    # Tensor name -> (dtype, dims) known so far: ensemble inputs, then step outputs.
+    available = {t.name: (t.data_type, list(t.dims)) for t in config.input}
+    ensemble_outputs = {t.name for t in config.output}
+    for index, step in enumerate(config.ensemble_scheduling.step):
+        where = f"{name}: step {index + 1} ({step.model_name})"
+        if step.model_name not in models:
+            problems.append(f"{where}: model {step.model_name!r} is not in the repository")
+            continue
+        step_config = models[step.model_name][1]
+        if config.max_batch_size > step_config.max_batch_size:
+            problems.append(f"{where}: ensemble max_batch_size {config.max_batch_size} is above the "
+                            f"model's {step_config.max_batch_size}")
+        inputs = {t.name: t for t in step_config.input}
+        outputs = {t.name: t for t in step_config.output}
+        for model_tensor, ensemble_tensor in step.input_map.items():
+            if model_tensor not in inputs:
+                problems.append(f"{where}: input_map key {model_tensor!r} is not an input of the model "
+                                f"(inputs: {sorted(inputs)})")
+                continue
+            if ensemble_tensor not in available:
+                problems.append(f"{where}: input_map value {ensemble_tensor!r} is neither an ensemble input "
+                                "nor an output of an earlier step")
+                continue
+            _match(where, ensemble_tensor, available[ensemble_tensor], inputs[model_tensor], problems)
+            if ensemble_tensor in ensemble_outputs:
+                problems.append(f"{where}: {ensemble_tensor!r} is both an ensemble output and a step input; "
+                                "tritonserver 2.51 then fails requests for a subset of the outputs "
+                                "('unexpected deadlock'): give the intermediate tensor its own name")
+        for missing in sorted(set(inputs) - set(step.input_map)):
+            problems.append(f"{where}: model input {missing!r} is not mapped")
+        for model_tensor, ensemble_tensor in step.output_map.items():
+            if model_tensor not in outputs:
+                problems.append(f"{where}: output_map key {model_tensor!r} is not an output of the model "
+                                f"(outputs: {sorted(outputs)})")
+                continue
+            available[ensemble_tensor] = (outputs[model_tensor].data_type, list(outputs[model_tensor].dims))
+    for tensor in config.output:
+        if tensor.name not in available:
+            problems.append(f"{name}: ensemble output {tensor.name!r} is produced by no step")
+        else:
+            _match(f"{name}: output", tensor.name, available[tensor.name], tensor, problems)
+
+
+def _match(where: str, tensor_name: str, produced: Tuple[int, list], consumer, problems: List[str]) -> None:
+    dtype, dims = produced
+    if dtype != consumer.data_type:
+        problems.append(f"{where}: {tensor_name!r} is {_dtype(dtype)} but {_dtype(consumer.data_type)} is expected")
+    want = list(consumer.dims)
+    if len(dims) != len(want) or any(a != b and -1 not in (a, b) for a, b in zip(dims, want)):
+        problems.append(f"{where}: {tensor_name!r} has dims {dims} but {want} are expected")
+
+
+# Backends each flavor's models run on (ensembles aside).
+_FLAVOR_BACKENDS = {"local": {"python"}, "container": {"python", "onnxruntime", "tensorrt"}}
+
+
+def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], problems: List[str]) -> None:
+    """A repository serves one flavor: the manifest's, in every model and every version."""
+    path = root / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        flavor = manifest["flavor"]
+        classifier = manifest["contract"]["models"][1]
+        torch_engine = manifest.get("settings", {}).get("engine") == "torch"  # a Python model in both flavors
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return  # not written by this tool: nothing to hold it to
+    for entry in manifest.get("model_versions", []):
+        if entry.get("flavor", flavor) != flavor:
+            problems.append(f"manifest.json: version {entry.get('version')} was built for the {entry['flavor']} "
+                            f"flavor in a {flavor} repository; rebuild it with --flavor {flavor}")
+    for name, (_, config) in models.items():
+        if config.platform == "ensemble":
+            continue
+        backend = config.backend or _PLATFORM_BACKEND.get(config.platform, config.platform)
+        native = name == classifier and flavor == "container" and backend == "python" and not torch_engine
+        if backend not in _FLAVOR_BACKENDS.get(flavor, {backend}) or native:
+            problems.append(f"{name}: runs on the {backend} backend, but the repository is the {flavor} flavor "
+                            f"(manifest.json); the models mix flavors: rebuild with --flavor {flavor}")
+
+
+def missing_backends(root: Path, available) -> List[Tuple[str, str]]:
+    """(model, backend) pairs of the repository whose backend is not in `available`."""
+    missing = []
+    for config_path in sorted(Path(root).glob("*/config.pbtxt")):
+        try:
+            config = configs.read(config_path)
+        except (text_format.ParseError, UnicodeDecodeError):
+            continue  # the server reports unparsable configs itself
+        if config.platform == "ensemble":
+            continue
+        backend = config.backend or _PLATFORM_BACKEND.get(config.platform, config.platform)
+        if backend not in available:
+            missing.append((config_path.parent.name, backend))
+    return missing
+
+
+def check_repository(root: Path) -> List[str]:
+    """Lists what tritonserver would reject in a model repository.
+
+    Args:
+        root: The repository folder.
+
+    Returns:
+        One message per problem; empty when none was found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return [f"{root} is not a folder; build it with `make repo`"]
+    problems: List[str] = []
+    models = _load_configs(root, problems)
+    if not models and not problems:
+        problems.append(f"{root} holds no models")
+    _check_flavor(root, models, problems)
+    for name, (model_dir, config) in models.items():
+        _check_model(name, model_dir, config, problems)
+        if config.platform == "ensemble":
+            # dynamic_batching cannot appear here: it shares a oneof with ensemble_scheduling, and
+            # text_format refuses a config that sets both (reported as a parse error above).
+            if not config.ensemble_scheduling.step:
+                problems.append(f"{name}: ensemble has no steps")
+            _check_ensemble(name, config, models, problems)
+    return problems

@@ -1,0 +1,86 @@
+"""The parity gate of the `gpu` preprocessing: the same photos through it and through the exact path.
+
+Figures: the input tensors (max and mean absolute difference), and the logits
+the built model gives for each (max abs, cosine, top-1 agreement), on real
+photos in the formats uploads come in (640x480 and 2048x1536 JPEGs, baseline
+and progressive, grayscale, EXIF-rotated, CMYK, PNG): the ones the GPU takes
+and the ones it hands back to the exact path. Runs on the GPU when there is
+one, else on the CPU (same code, libjpeg-turbo decode), which is what CI runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from builder.compare import check_parity, compare_logits
+from builder.errors import BuilderError
+from builder.settings import Parity
+
+log = logging.getLogger("builder")
+PHOTOS = Path(__file__).parents[1] / "parity_images"
+
+
+def photo_files(images_dir: Optional[Path] = None) -> list:
+    """The parity photos (default: the bundled set), sorted by name."""
+    return sorted(p for p in Path(images_dir or PHOTOS).iterdir() if p.is_file() and p.suffix != ".md")
+
+
+def photo_batch(params, images_dir: Optional[Path] = None) -> np.ndarray:
+    """The parity photos through the exact preprocessing: the inputs every engine gate runs on."""
+    from builder.repository.triton_models import imaging
+
+    return np.stack([imaging.preprocess(p.read_bytes(), params) for p in photo_files(images_dir)])
+
+
+def preprocess_parity(module, params, parity: Parity, images_dir: Optional[Path] = None,
+                      device: Optional[str] = None) -> Dict:
+    """Compares the GPU pipeline with the exact one; raises outside the thresholds.
+
+    Args:
+        module: The classifier (torch, eval mode, CPU).
+        params: `imaging.PreprocessParams` of the repository.
+        parity: Thresholds on the logits (max_abs, min_cosine, min_top1).
+        images_dir: Photos to compare on (default: the bundled set).
+        device: Where the GPU pipeline runs (default: cuda if available, else cpu).
+
+    Returns:
+        The figures, with the device, decoder and the number of images on each path.
+
+    Raises:
+        BuilderError: A threshold is missed, or the parameters cannot run on the GPU.
+    """
+    import torch
+
+    from builder.repository.triton_models import gpu_imaging
+
+    problem = gpu_imaging.supported(params)
+    if problem:
+        raise BuilderError(f"preprocess: {problem}")
+    files = photo_files(images_dir)
+    items = [p.read_bytes() for p in files]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = gpu_imaging.GpuPreprocessor(params, device)
+    gpu, errors = pipeline(items)
+    failed = [f"{f.name}: {e}" for f, e in zip(files, errors) if e]
+    if failed:
+        raise BuilderError("preprocess: the GPU pipeline failed on parity photos: " + "; ".join(failed))
+    exact = photo_batch(params, images_dir)
+    gpu = gpu.cpu().numpy()
+    diff = np.abs(gpu - exact)
+    with torch.no_grad():
+        figures = compare_logits(module(torch.from_numpy(exact)).numpy(), module(torch.from_numpy(gpu)).numpy())
+    figures.update(tensor_max_abs=float(diff.max()), tensor_mean_abs=float(diff.mean()), images=len(items),
+                   on_gpu_path=pipeline.counts["gpu"], on_exact_path=pipeline.counts["exact"], device=device,
+                   decoder=pipeline.decoder.backend)
+    log.info("gpu preprocessing vs exact on %d photos (%s, %s): tensor max abs %.3g, logits cosine %.6f, top-1 %.3f",
+             len(items), device, pipeline.decoder.backend, figures["tensor_max_abs"], figures["min_cosine"],
+             figures["top1_agreement"])
+    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
+    if problems:
+        raise BuilderError("preprocess: the gpu pipeline fails parity with the exact one: " + "; ".join(problems)
+                           + "; the previous repository is left in place")
+    return figures

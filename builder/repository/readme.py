@@ -1,0 +1,51 @@
+"""The generated repository's README.md: what is served, which engine and why, and the parity figures.
+
+A person who finds the folder on a server (or in a container image) reads
+there what `manifest.json` holds for machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+from builder.repository.contract import Contract
+from builder.engines.choice import Candidate, markdown_table
+from builder.settings import RepoSettings
+
+README = "README.md"
+
+
+def render(settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict) -> str:
+    """The README text."""
+    lines = [f"# {contract.ensemble}: Triton model repository", "",
+             f"Written by `python -m builder repo` ({settings.flavor} flavor, timm `{settings.source.model_name}`). "
+             f"Clients call the ensemble `{contract.ensemble}`: encoded images in (`{contract.image.name}`, BYTES), "
+             f"top-{settings.top_k} labels and scores out. `manifest.json` holds the same facts for machines.", "",
+             "| model | role |", "| --- | --- |",
+             f"| {contract.preprocess} | encoded image -> `{contract.pixels.name}` ({settings.preprocess} "
+             "preprocessing) |",
+             f"| {contract.classifier} | `{contract.pixels.name}` -> `{contract.logits.name}` "
+             f"(engine: {choice['chosen']}) |",
+             f"| {contract.postprocess} | logits -> top-k labels and scores |",
+             f"| {contract.ensemble} | the three in one request |", "",
+             "## Classifier engine", "",
+             f"Asked for `{choice['requested']}`; serving `{choice['chosen']}`: {choice['reason']}.", ""]
+    rows = [Candidate(**{k: v for k, v in c.items() if k in Candidate.__dataclass_fields__})
+            for c in choice.get("candidates", [])]
+    if rows:
+        lines += [markdown_table(rows)]
+    lines += ["## Parity gates", "", "| gate | max abs | min cosine | top-1 agreement | inputs |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, figures in gates.items():
+        if isinstance(figures, dict) and "max_abs" in figures:
+            lines.append(f"| {name} | {figures['max_abs']:.3g} | {figures.get('min_cosine', float('nan')):.6f} | "
+                         f"{figures.get('top1_agreement', float('nan')):.3f} | {figures.get('inputs', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(root: Path, settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict) -> Path:
+    """Writes README.md into the repository folder `root`."""
+    path = Path(root) / README
+    path.write_text(render(settings, contract, choice, gates), encoding="utf-8")
+    return path

@@ -1,0 +1,339 @@
+"""A real tritonserver without Docker: the binary inside `nvidia-pytriton==0.7.0`.
+
+That wheel bundles tritonserver 2.51.0 (NGC 24.10) with only the Python
+backend. Its binary runs directly once it has three things: a writable copy of
+its folder with the Python backend stub of our Python version placed in
+`backends/python/`, its bundled libraries on LD_LIBRARY_PATH, and our virtual
+environment's `bin` first on PATH (the stub takes its Python environment from
+`python3` on PATH and ignores PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from builder.errors import BuilderError
+
+log = logging.getLogger("builder")
+MODEL_CONTROL = ("none", "poll", "explicit")
+# Triton's admin APIs that only requests with the admin key may use: loading, unloading and reconfiguring
+# models (model-repository), tracing and log settings. Inference, health, metadata, model configs (read only;
+# generic Triton clients read them) and statistics stay open.
+RESTRICTED = ("model-repository", "trace", "logging")
+ADMIN_HEADER = "triton-admin-key"
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"
+
+
+def admin_headers(key: Optional[str], protocol: str = "http") -> Optional[dict]:
+    """Request headers that carry the admin key (Triton's gRPC server expects its own prefix)."""
+    if not key:
+        return None
+    return {(ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}"): key}
+
+
+def admin_key(workdir: str = ".server", create: bool = False) -> Optional[str]:
+    """The admin key: $TRITON_ADMIN_KEY, else `<workdir>/admin-key` (made, mode 0600, when `create`)."""
+    key = os.environ.get(ADMIN_KEY_ENV)
+    if key:
+        return key
+    path = Path(workdir) / "admin-key"
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        return None
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How to run the local tritonserver.
+
+    Attributes:
+        repository: Model repository folder.
+        http_port: KServe v2 HTTP port.
+        grpc_port: KServe v2 gRPC port.
+        metrics_port: Prometheus metrics port.
+        workdir: Where the server copy, its log and pid file live.
+        model_control: `none`, `poll` (rescan every `poll_seconds`) or `explicit`.
+        poll_seconds: Repository poll interval for `poll`.
+        load_models: Models to load at start with `explicit` (empty: all).
+        admin_key: When set, the RESTRICTED APIs answer only requests with
+            the header `triton-admin-key: <admin_key>` (HTTP and gRPC).
+        extra_args: More tritonserver flags, passed as they are.
+    """
+
+    repository: str = "model_repository"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    workdir: str = ".server"
+    model_control: str = "none"
+    poll_seconds: int = 2
+    load_models: Tuple[str, ...] = ()
+    admin_key: Optional[str] = None
+    extra_args: Tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        if any(not 0 < p < 65536 for p in ports) or len(set(ports)) != 3:
+            raise BuilderError(f"ports: {ports} must be three different numbers in 1..65535")
+        if self.model_control not in MODEL_CONTROL:
+            raise BuilderError(f"model_control: {self.model_control!r} is unknown; use one of {MODEL_CONTROL}")
+        if self.poll_seconds < 1:
+            raise BuilderError("poll_seconds: use 1 or more")
+
+
+def _pytriton_root() -> Path:
+    import importlib.util
+
+    # Locate without importing: only the bundled binaries are used, not PyTriton's Python API.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise BuilderError("nvidia-pytriton is not installed; run `make venv` (it ships tritonserver)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def server_dir(workdir: Path) -> Path:
+    """Prepares (once) a writable tritonserver folder with our Python's backend stub.
+
+    Args:
+        workdir: Folder that holds the copy.
+
+    Returns:
+        The tritonserver folder (with bin/ and backends/).
+    """
+    root = _pytriton_root()
+    source = root / "tritonserver"
+    target = Path(workdir) / "tritonserver"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise BuilderError(f"the pytriton wheel has no Python backend stub for Python {pyver}; "
+                           "use Python 3.8 to 3.13 for the virtual environment")
+    marker = target / ".prepared"
+    stamp = f"{source}:{pyver}:{(source / 'bin' / 'tritonserver').stat().st_mtime}:with-caches"
+    if not (marker.is_file() and marker.read_text() == stamp):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        shutil.copy2(stub, target / "backends" / "python" / "triton_python_backend_stub")
+        marker.write_text(stamp)
+    return target
+
+
+def server_env(extra_lib_dirs: Sequence[str] = ()) -> dict:
+    """Environment for tritonserver: bundled libraries and our venv's python3 first on PATH."""
+    libs = _pytriton_root().parent / "nvidia_pytriton.libs"
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([str(libs), *extra_lib_dirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("PYTHONPATH", None)  # the stub ignores it; keep the two environments identical
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # serving must not write __pycache__ into the repository
+    return env
+
+
+class LocalServer:
+    """Starts, awaits and stops one tritonserver process.
+
+    Usable as a context manager (start + wait on enter, stop on exit), or
+    detached for `make serve` with a pid file that `stop` reads.
+    """
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.workdir = Path(settings.workdir).resolve()
+        self.log_path = self.workdir / "tritonserver.log"
+        self.pid_path = self.workdir / "tritonserver.pid"
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.settings.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.settings.grpc_port}"
+
+    def command(self) -> list:
+        """The tritonserver command line."""
+        s = self.settings
+        root = server_dir(self.workdir)
+        cmd = [str(root / "bin" / "tritonserver"),
+               f"--model-repository={Path(s.repository).resolve()}",
+               f"--backend-directory={root / 'backends'}",
+               f"--cache-directory={root / 'caches'}",  # the response cache's local implementation
+               f"--http-port={s.http_port}", f"--grpc-port={s.grpc_port}", f"--metrics-port={s.metrics_port}",
+               f"--model-control-mode={s.model_control}",
+               # Room for a full batch of FP32 images per stub without growing in 1 MB steps.
+               "--backend-config=python,shm-default-byte-size=16777216",
+               "--backend-config=python,shm-growth-byte-size=16777216",
+               "--log-verbose=0"]
+        if s.admin_key:
+            restricted = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}={s.admin_key}"
+            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
+        if s.model_control == "poll":
+            cmd.append(f"--repository-poll-secs={s.poll_seconds}")
+        if s.model_control == "explicit":
+            cmd += [f"--load-model={m}" for m in s.load_models] or ["--load-model=*"]
+        return cmd + list(s.extra_args)
+
+    def start(self, wait: bool = True, timeout: float = 180.0, detach: bool = False) -> "LocalServer":
+        """Starts tritonserver, logging to `<workdir>/tritonserver.log`.
+
+        Args:
+            wait: Block until the server is ready.
+            timeout: Seconds to wait for readiness.
+            detach: Run in its own session so it outlives this process.
+
+        Raises:
+            BuilderError: Repository missing, ports taken, server exited or not ready in time.
+        """
+        if not Path(self.settings.repository).is_dir():
+            raise BuilderError(f"repository {self.settings.repository!r} does not exist; run `make repo` first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._check_backends()
+        if self.running_pid():
+            raise BuilderError(f"a tritonserver started from {self.workdir} is already running "
+                               f"(pid {self.running_pid()}); stop it with `make stop`")
+        self._check_ports()
+        cmd = self.command()
+        log.info("starting tritonserver: %s", " ".join(cmd))
+        with self.log_path.open("wb") as logfile:
+            self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=server_env(),
+                                            cwd=self.workdir, start_new_session=detach)
+        self.pid_path.write_text(str(self.process.pid))
+        if wait:
+            try:
+                self.wait_ready(timeout)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def _check_backends(self) -> None:
+        """Refuses a repository that needs backends this server lacks (before starting it)."""
+        from builder.repository.check import missing_backends
+
+        available = {p.name for p in (server_dir(self.workdir) / "backends").iterdir() if p.is_dir()}
+        missing = missing_backends(Path(self.settings.repository), available)
+        if missing:
+            raise BuilderError(
+                f"the local tritonserver has only the {', '.join(sorted(available))} backend, but "
+                f"{', '.join(f'{m} needs {b}' for m, b in missing)}; this is the `container` flavor: build "
+                "`make repo FLAVOR=local` to serve here, or serve this one in NVIDIA's tritonserver container")
+
+    def _check_ports(self) -> None:
+        """Refuses ports another process holds: its answers would look like ours."""
+        s = self.settings
+        for flag, port in (("--http-port", s.http_port), ("--grpc-port", s.grpc_port),
+                           ("--metrics-port", s.metrics_port)):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # like tritonserver: TIME_WAIT is free
+                try:
+                    sock.bind(("0.0.0.0", port))
+                except OSError:
+                    raise BuilderError(f"port {port} is in use by another process; stop it, or pass another "
+                                       f"{flag} (make serve {flag[2:].replace('-', '_').upper()}=...)") from None
+
+    def _started_services(self) -> bool:
+        """True once our own server's log says its HTTP service listens on our port."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return f"Started HTTPService at 0.0.0.0:{self.settings.http_port}" in text
+
+    def running_pid(self) -> Optional[int]:
+        """The pid in the pid file if that process is alive, else None."""
+        try:
+            pid = int(self.pid_path.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The last lines of the server log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def is_ready(self) -> bool:
+        """True when /v2/health/ready answers 200."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as reply:
+                return reply.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Polls readiness; a server that exits or times out raises with its log tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise BuilderError(f"tritonserver exited with code {self.process.returncode} while starting; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            # Readiness counts only from the process we started, once its own log shows it listening:
+            # another server on the port would answer the probe too.
+            if self._started_services() and self.is_ready() and (self.process is None or self.process.poll() is None):
+                log.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
+                return
+            time.sleep(0.5)
+        raise BuilderError(f"tritonserver was not ready after {timeout:.0f} s; log {self.log_path}:\n"
+                           f"{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> Optional[int]:
+        """Stops the server (SIGTERM, then SIGKILL) and returns its exit code if known."""
+        pid = self.process.pid if self.process is not None else self.running_pid()
+        code = None
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pid = None
+        if pid:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.process is not None:
+                    if self.process.poll() is not None:
+                        code = self.process.returncode
+                        break
+                else:
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        break
+                time.sleep(0.2)
+            else:
+                log.warning("tritonserver did not stop in %.0f s; killing it", timeout)
+                os.kill(pid, signal.SIGKILL)
+                if self.process is not None:
+                    code = self.process.wait()
+        self.pid_path.unlink(missing_ok=True)
+        self.process = None
+        return code
+
+    def __enter__(self) -> "LocalServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

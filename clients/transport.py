@@ -1,0 +1,276 @@
+"""Transport under both clients: error mapping and retries, tritonclient connections (TLS, headers),
+shared memory, and the ensemble/classifier request and response tensors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import uuid
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from builder.repository import contract as C
+from clients.errors import (ClientError, InferenceFailed, InvalidImage, ModelNotFound, Overloaded, RequestTimeout,
+                            ServerUnavailable)
+from clients.settings import Classification, ClientSettings, ImageLike, Prediction, load_image
+
+
+# -- errors and retries ---------------------------------------------------------
+
+# Also the transient states of a server that is starting, stopping or
+# reloading a model: it answers, but the model has no ready version for a moment.
+_UNAVAILABLE = ("has no available versions", "not at ready state", "is not ready", "UNAVAILABLE", "Connection refused", "connection refused", "Failed to connect", "failed to connect",
+                "Connection reset", "Broken pipe", "Server disconnected", "Cannot connect", "503", "502")
+
+
+# The dynamic batcher's queue policy: queue full, or queued past the timeout (REJECT).
+_OVERLOADED = ("Exceeds maximum queue size", "Request timeout expired")
+
+
+def _status(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    return str(status() if callable(status) else status or "")
+
+
+def to_client_error(exc: BaseException) -> ClientError:
+    """Maps a tritonclient / transport exception to a typed :class:`ClientError`."""
+    if isinstance(exc, ClientError):
+        return exc
+    # tritonclient's InferenceServerException carries the server's text in message().
+    message = (exc.message() if callable(getattr(exc, "message", None)) else None) or str(exc)
+    status = _status(exc)
+    text = f"{status} {message} {type(exc).__name__}"
+    if any(s in message for s in _OVERLOADED):  # Triton says UNAVAILABLE; retrying would add to the flood
+        return Overloaded(f"server overloaded: {message}", status)
+    if "DEADLINE_EXCEEDED" in text or "Deadline" in text or isinstance(exc, (TimeoutError, asyncio.TimeoutError)) \
+            or "timed out" in text or "Timeout" in text:
+        return RequestTimeout(f"request timed out: {message}", status)
+    if "INVALID_ARG" in text or status == "400":
+        if "image[" in message:
+            return InvalidImage(message, status)
+        return InferenceFailed(message, status)
+    if isinstance(exc, (ConnectionError, OSError)) or any(s in text for s in _UNAVAILABLE):
+        return ServerUnavailable(f"server unavailable: {message}", status)
+    if "NOT_FOUND" in text or "unknown model" in message or "not found" in message or status == "404":
+        return ModelNotFound(message, status)
+    return InferenceFailed(message, status)
+
+
+def _retryable(error: ClientError) -> bool:
+    # Inference has no side effects, but only "not reachable / not ready yet"
+    # is retried: retrying timeouts or rejected inputs only adds load.
+    return isinstance(error, ServerUnavailable)
+
+
+def _delay(settings: ClientSettings, attempt: int) -> float:
+    return min(settings.max_backoff_s, settings.backoff_s * (2 ** attempt)) * (0.5 + random.random() / 2)
+
+
+def _with_retries(settings: ClientSettings, call: Callable[[], Any]) -> Any:
+    for attempt in range(settings.retries + 1):
+        try:
+            return call()
+        except Exception as exc:  # tritonclient raises several unrelated types
+            error = to_client_error(exc)
+            if not _retryable(error) or attempt == settings.retries:
+                raise error from None
+            time.sleep(_delay(settings, attempt))
+
+
+async def _with_retries_async(settings: ClientSettings, call: Callable[[], Any]) -> Any:
+    for attempt in range(settings.retries + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            error = to_client_error(exc)
+            if not _retryable(error) or attempt == settings.retries:
+                raise error from None
+            await asyncio.sleep(_delay(settings, attempt))
+
+
+# -- requests -------------------------------------------------------------------
+
+def _module(protocol: str, aio: bool = False):
+    if protocol == "grpc":
+        if aio:
+            import tritonclient.grpc.aio as module
+        else:
+            import tritonclient.grpc as module
+    else:
+        if aio:
+            import tritonclient.http.aio as module
+        else:
+            import tritonclient.http as module
+    return module
+
+
+def _channel_args(settings: ClientSettings) -> list:
+    # gRPC's own reconnect backoff grows to 120 s: a channel that saw the
+    # server down would keep failing fast long after a restart. Cap it near
+    # our retry delays; the user's arguments win.
+    defaults = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.min_reconnect_backoff_ms": 100,
+                "grpc.max_reconnect_backoff_ms": int(max(settings.max_backoff_s, 0.1) * 1000)}
+    defaults.update(dict(settings.grpc_channel_args))
+    return list(defaults.items())
+
+
+def _make_client(settings: ClientSettings, aio: bool = False):
+    module = _module(settings.protocol, aio)
+    if settings.protocol == "grpc":
+        # tritonclient reads the certificate files itself: pass paths.
+        return module.InferenceServerClient(
+            settings.url, ssl=settings.ssl, root_certificates=settings.root_certificates,
+            private_key=settings.private_key, certificate_chain=settings.certificate_chain,
+            channel_args=_channel_args(settings))
+    if aio:
+        return module.InferenceServerClient(settings.url, conn_timeout=settings.connect_timeout_s,
+                                            ssl=settings.ssl, ssl_context=_ssl_context(settings, "ssl"))
+    factory = (lambda: _ssl_context(settings, "gevent.ssl")) if settings.ssl else None
+    return module.InferenceServerClient(settings.url, connection_timeout=settings.connect_timeout_s,
+                                        network_timeout=settings.timeout_s, ssl=settings.ssl,
+                                        ssl_context_factory=factory, insecure=settings.insecure)
+
+
+def _ssl_context(settings: ClientSettings, module_name: str):
+    """The HTTP clients' TLS context: the CA bundle, the client certificate, verification unless insecure."""
+    if not settings.ssl:
+        return None
+    import importlib
+
+    ssl_module = importlib.import_module(module_name)  # gevent.ssl for the gevent-based sync client
+    context = ssl_module.create_default_context(cafile=settings.root_certificates)
+    if settings.certificate_chain:
+        context.load_cert_chain(settings.certificate_chain, settings.private_key)
+    if settings.insecure:
+        context.check_hostname, context.verify_mode = False, ssl_module.CERT_NONE
+    return context
+
+
+def _infer_kwargs(settings: ClientSettings) -> Dict[str, Any]:
+    kwargs: Dict[str, Any] = {"model_version": settings.model_version, "headers": dict(settings.headers) or None}
+    if settings.protocol == "grpc":
+        kwargs["client_timeout"] = settings.timeout_s
+    return kwargs
+
+
+class _SharedMemory:
+    """One reusable input region per worker (system or CUDA), grown on demand."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.name = f"swin-client-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.handle = None
+        self.size = 0
+
+    def _lib(self):
+        if self.kind == "cuda":
+            import tritonclient.utils.cuda_shared_memory as lib
+        else:
+            import tritonclient.utils.shared_memory as lib
+        return lib
+
+    def place(self, client, array: np.ndarray, tensor) -> None:
+        """Writes `array` into the region (re-registering it larger if needed) and points `tensor` at it."""
+        from tritonclient.utils import serialize_byte_tensor
+
+        data = serialize_byte_tensor(array) if array.dtype == object else np.ascontiguousarray(array)
+        nbytes = data.nbytes if data.dtype != object else len(data.item())
+        if nbytes > self.size:
+            self.release(client)
+            self.size = max(nbytes, 1 << 20)
+            lib = self._lib()
+            if self.kind == "cuda":
+                self.handle = lib.create_shared_memory_region(self.name, self.size, 0)
+                client.register_cuda_shared_memory(self.name, lib.get_raw_handle(self.handle), 0, self.size)
+            else:
+                self.handle = lib.create_shared_memory_region(self.name, f"/{self.name}", self.size)
+                client.register_system_shared_memory(self.name, f"/{self.name}", self.size)
+        self._lib().set_shared_memory_region(self.handle, [data])
+        tensor.set_shared_memory(self.name, nbytes)
+
+    def release(self, client) -> None:
+        if self.handle is None:
+            return
+        try:
+            if self.kind == "cuda":
+                client.unregister_cuda_shared_memory(self.name)
+            else:
+                client.unregister_system_shared_memory(self.name)
+        except Exception:  # the server may be gone; the local region is freed regardless
+            pass
+        self._lib().destroy_shared_memory_region(self.handle)
+        self.handle, self.size = None, 0
+
+
+def _ensemble_outputs(module, want_logits: bool) -> list:
+    names = [C.SCORES, C.CLASSES, C.LABELS] + ([C.LOGITS] if want_logits else [])
+    return [module.InferRequestedOutput(n) for n in names]
+
+
+def _image_input(module, images: Sequence[bytes]):
+    array = np.array(list(images), dtype=object).reshape(-1, 1)
+    tensor = module.InferInput(C.IMAGE, list(array.shape), "BYTES")
+    return tensor, array
+
+
+def _source_name(image: ImageLike, position: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"#{position}"
+
+
+def _load_all(images: Sequence[ImageLike], positions: Optional[Sequence[int]] = None
+              ) -> Tuple[List[Tuple[int, Tuple[str, bytes]]], Dict[int, Classification]]:
+    """Loads every input; unreadable ones become failed Classifications at their position.
+
+    Args:
+        images: The inputs.
+        positions: Their positions in the caller's list (default 0..n-1).
+    """
+    loaded, failed = [], {}
+    for position, image in zip(positions if positions is not None else range(len(images)), images):
+        try:
+            loaded.append((position, load_image(image, position)))
+        except ClientError as exc:
+            failed[position] = Classification(_source_name(image, position), error=str(exc))
+    return loaded, failed
+
+
+def _parse_topk(scores, classes, labels, top_k: int) -> List[Tuple[Prediction, ...]]:
+    rows = []
+    for s_row, c_row, l_row in zip(scores, classes, labels):
+        rows.append(tuple(Prediction(int(c), (l.decode("utf-8") if isinstance(l, bytes) else str(l)), float(s))
+                          for s, c, l in list(zip(s_row, c_row, l_row))[:top_k]))
+    return rows
+
+
+def _params_from_config(config: dict):
+    from builder.repository.triton_models.imaging import PreprocessParams
+
+    config = config.get("config", config)  # gRPC wraps it, HTTP does not
+    return PreprocessParams.from_parameters({k: v["string_value"] for k, v in config["parameters"].items()})
+
+
+class _Engine:
+    """Protocol-independent request logic shared by the sync and asyncio clients."""
+
+    def __init__(self, settings: ClientSettings):
+        self.settings = settings
+        self.names = C.Contract.named(settings.model)
+        self.module = _module(settings.protocol)
+
+    def chunks(self, items: Sequence[Tuple[str, bytes]]) -> List[List[int]]:
+        size = self.settings.max_batch
+        return [list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size)]
+
+    def ensemble_request(self, images: Sequence[bytes], want_logits: bool):
+        tensor, array = _image_input(self.module, images)
+        return tensor, array, _ensemble_outputs(self.module, want_logits)
+
+    def results(self, sources, response, top_k: int, want_logits: bool) -> List[Classification]:
+        rows = _parse_topk(response.as_numpy(C.SCORES), response.as_numpy(C.CLASSES),
+                           response.as_numpy(C.LABELS), top_k)
+        logits = response.as_numpy(C.LOGITS) if want_logits else None
+        return [Classification(src, row, None if logits is None else logits[i], None)
+                for i, (src, row) in enumerate(zip(sources, rows))]

@@ -1,0 +1,200 @@
+"""perf_analyzer sweeps, reports, comparison, the tuner and the bare benchmark, against the real local server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from builder.repository import configs
+from builder.repository.check import check_repository
+from builder.serving.server import LocalServer, ServerSettings
+from conftest import free_ports
+from perf import report
+from perf.sweep import SweepSettings, run_sweep, sweep_payload
+from perf.tune import candidates, tune
+
+pytestmark = pytest.mark.server
+# Short windows and a loose stability bound: this checks the machinery, not the numbers (2 shared CPU cores).
+QUICK = dict(measurement_interval_ms=500, stability_percent=99, max_trials=4)
+
+
+def sweep_settings(server, contract, photo_paths, **kwargs) -> SweepSettings:
+    values = dict(name=contract.ensemble, http_url=server.http_url, grpc_url=server.grpc_url,
+                  images=tuple(str(p) for p in photo_paths[:4]), **QUICK)
+    values.update(kwargs)
+    return SweepSettings(**values)
+
+
+def test_sweep_report_and_compare(server, contract, photo_paths, tmp_path):
+    first = sweep_settings(server, contract, photo_paths, models=("ensemble", "classifier"), concurrency=(1, 2))
+    rows = run_sweep(first)
+    assert len(rows) == 4 and all("error" not in r for r in rows), [r.get("error") for r in rows]
+    for row in rows:
+        assert row["throughput_img_per_s"] > 0 and row["latency_p99_us"] >= row["latency_p50_us"] > 0
+        assert row["command"].startswith("perf_analyzer -m ")
+    second = sweep_settings(server, contract, photo_paths, models=("classifier",), protocols=("http",),
+                            shared_memory=("system",), concurrency=(2,), batch_sizes=(2,))
+    rows2 = run_sweep(second)
+    assert "error" not in rows2[0], rows2
+    doc1, doc2 = sweep_payload(first, rows), sweep_payload(second, rows2)
+    assert doc1["environment"]["versions"]["tritonclient"] == "2.51.0" and doc1["environment"]["cpu"]
+
+    text = report.markdown(doc1, {"results": [{"batch_size": 1, "throughput_img_per_s": 100.0}]})
+    assert text.count("| ensemble |") == 2 and "efficiency" in text and "%" in text
+    paths = report.plot(doc1, tmp_path / "report")
+    assert [p.name for p in paths] == ["throughput_latency.png", "latency_breakdown.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000 for p in paths)
+    # The same configuration measured twice compares; disjoint runs say so.
+    doc3 = sweep_payload(first, run_sweep(sweep_settings(server, contract, photo_paths, models=("classifier",),
+                                                         concurrency=(2,))))
+    table = report.compare(doc1, doc3)
+    assert "| classifier | grpc | none | 1 | 2 |" in table and "x |" in table
+    with pytest.raises(Exception, match="share no configuration"):
+        report.compare(doc1, doc2)
+
+
+def test_sweep_reports_failures_per_row(server, contract, photo_paths):
+    settings = sweep_settings(server, contract, photo_paths, name="no_such_model", models=("classifier",),
+                              concurrency=(1,))
+    (row,) = run_sweep(settings, progress=False)
+    assert "error" in row and "throughput_img_per_s" not in row
+
+
+def test_sweep_cli_writes_results_and_report(server, contract, photo_paths, tmp_path):
+    out = tmp_path / "sweep.json"
+    photos_dir = tmp_path / "photos"
+    photos_dir.mkdir()
+    for path in photo_paths[:3]:
+        shutil.copy(path, photos_dir / path.name)
+    (photos_dir / "README.txt").write_text("not an image: skipped by suffix")
+    cmd = [sys.executable, "-m", "perf", "sweep", "--name", contract.ensemble, "--http-url", server.http_url,
+           "--grpc-url", server.grpc_url, "--images", str(photos_dir), "--concurrency", "1",
+           "--measurement-interval-ms", "500", "--stability-percent", "99", "--max-trials", "4", "--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[1/1] ensemble grpc" in result.stderr  # progress
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "sweep" and doc["results"][0]["throughput_img_per_s"] > 0
+    rep = subprocess.run([sys.executable, "-m", "perf", "report", str(out), "--output", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    assert (tmp_path / "r" / "report.md").is_file() and (tmp_path / "r" / "throughput_latency.png").is_file()
+
+
+def test_tuner_reloads_live_and_writes_back(local_repo, contract, photo_paths, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    http, grpc, metrics = free_ports(3)
+    server = LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"),
+                                        model_control="explicit")).start()
+    try:
+        sweep = SweepSettings(name=contract.ensemble, http_url=server.http_url, grpc_url=server.grpc_url,
+                              models=("classifier",), concurrency=(2,), **QUICK)
+        grid = candidates([1, 2], [500], [(), (4,)], [8])
+        result = tune(str(repo), sweep, contract.classifier, grid, p99_budget_ms=10_000, write=True)
+        assert len(result["results"]) == 4 and all("throughput_img_per_s" in r for r in result["results"])
+        best = result["best"]
+        assert best == max(result["results"], key=lambda r: r["throughput_img_per_s"])
+        written = configs.read(repo / contract.classifier / "config.pbtxt")
+        assert written.instance_group[0].count == best["instance_count"]
+        assert list(written.dynamic_batching.preferred_batch_size) == best["preferred_batch_sizes"]
+        assert check_repository(repo) == []
+        assert server.is_ready()  # never restarted
+        none = tune(str(repo), sweep, contract.classifier, grid[:1], p99_budget_ms=0.001)
+        assert none["best"] is None  # nothing meets an impossible budget
+    finally:
+        server.stop()
+
+
+def test_bare_onnxruntime(local_repo, contract, tmp_path):
+    out = tmp_path / "bare.json"
+    onnx = local_repo / contract.classifier / "1" / "model.onnx"
+    result = subprocess.run([sys.executable, "-m", "perf", "bare", "--engines", "onnxruntime", "--onnx", str(onnx),
+                             "--batches", "1,4", "--iterations", "3", "--warmup", "1", "--output", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    assert all(r["engine"] == "onnxruntime" and r["throughput_img_per_s"] > 0 for r in rows)
+
+
+def test_help_is_fast():
+    start = time.perf_counter()
+    for args in (["--help"], ["sweep", "--help"], ["tune", "--help"]):
+        assert subprocess.run([sys.executable, "-m", "perf", *args], capture_output=True).returncode == 0
+    assert time.perf_counter() - start < 6
+
+
+def test_settings_errors_name_the_field(contract):
+    from builder.errors import BuilderError
+
+    with pytest.raises(BuilderError, match="images"):
+        SweepSettings(name="x", models=("ensemble",))
+    with pytest.raises(BuilderError, match="protocols"):
+        SweepSettings(name="x", models=("classifier",), protocols=("ftp",))
+
+
+def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
+    """What Model Analyzer needs to search configs against the server `perf analyze` starts (run: `make analyze`)."""
+    from pathlib import Path
+
+    from perf.analyze import analyzer_config, analyzer_env
+
+    ports = (18000, 18001, 18002)
+    config = analyzer_config(local_repo, ["swin_tiny_patch4_window7_224"], tmp_path,
+                             [str(p) for p in sorted(Path("builder/parity_images").glob("*.jpg"))[:2]], 2, 16, 8,
+                             "quick", ports, gpu=False, composing=["pre", "cls", "post"])
+    assert config["triton_launch_mode"] == "remote" and config["dcgm_disable"] is True
+    assert config["triton_grpc_endpoint"] == "localhost:18001"
+    assert config["triton_metrics_url"] == "http://localhost:18002/metrics"
+    # No GPU: every candidate and composing model on the CPU.
+    assert config["profile_models"] == {"swin_tiny_patch4_window7_224": {"cpu_only": True}}
+    assert config["cpu_only_composing_models"] == ["pre", "cls", "post"]
+    assert Path(config["perf_analyzer_flags"]["input-data"]).is_file()
+    assert Path(config["perf_analyzer_path"]).is_file()
+    libdirs = analyzer_env()["LD_LIBRARY_PATH"].split(":")
+    assert any((Path(d) / "libcudart.so.12").exists() for d in libdirs)  # perf_analyzer 2.51 runs with this env
+    gpu = analyzer_config(local_repo, ["m"], tmp_path, [], 2, 16, 8, "brute", ports, gpu=True)
+    assert gpu["profile_models"] == {"m": {"cpu_only": False}} and "cpu_only_composing_models" not in gpu
+
+
+def test_model_analyzer_terminated_leaves_nothing_running(local_repo, tmp_path):
+    """SIGTERM (a kill, a CI timeout) of `perf analyze` takes down what the analyzer started, like Ctrl-C."""
+    import signal
+
+    marker = tmp_path / "started"
+    analyzer = tmp_path / "model-analyzer"  # stands in for the analyzer process tree: it starts a child and waits
+    analyzer.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {marker}\nwait\n")
+    analyzer.chmod(0o755)
+    process = subprocess.Popen([sys.executable, "-m", "perf", "analyze", "--repository", str(local_repo),
+                                "--analyzer", str(analyzer), "--output", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not marker.exists() or not marker.read_text().strip():
+        assert time.time() < deadline and process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    child = int(marker.read_text())
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert _gone(child), "the analyzer's child outlived perf analyze"
+
+
+def _gone(pid: int, wait_s: float = 5.0) -> bool:
+    """The process has exited (or is a zombie waiting for its reaper)."""
+    from pathlib import Path
+
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        stat = Path(f"/proc/{pid}/stat")
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False

@@ -1,0 +1,229 @@
+"""The GPU data path's code on the CPU: the same pipeline (libjpeg-turbo decode instead of nvJPEG), its
+fallback and error isolation, the parity gate, the inductor engine, and both served by the real tritonserver."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from builder import settings as s
+from builder.errors import BuilderError
+from builder.repository.preprocess_gate import PHOTOS, preprocess_parity
+from builder.repository.writer import build_repository, file_hashes, read_manifest
+from builder.repository.triton_models import gpu_imaging, imaging
+from conftest import MAX_BATCH, free_ports, tiny_settings
+
+LEVEL = 1.0 / 255 / min(0.229, 0.224, 0.225)  # one 8-bit step after normalization
+
+
+@pytest.fixture(scope="module")
+def params(tiny_model):
+    return imaging.PreprocessParams.from_timm(tiny_model.data_config)
+
+
+def _jpeg(image: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def uploads(photos) -> dict:
+    """Uploads in the shapes services get them, named."""
+    base = Image.open(io.BytesIO(photos[0])).convert("RGB")
+    items = {f"photo{i}": data for i, data in enumerate(photos)}
+    items.update({p.name: p.read_bytes() for p in sorted(PHOTOS.iterdir()) if p.suffix != ".md"})
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        items[f"exif{orientation}"] = _jpeg(base.resize((320, 200)), exif=exif)
+    items["gray"] = _jpeg(base.convert("L").resize((300, 400)))
+    items["cmyk"] = _jpeg(base.convert("CMYK").resize((300, 200)))
+    items["progressive"] = _jpeg(base.resize((400, 300)), progressive=True)
+    items["tiny"] = _jpeg(base.resize((60, 40)))  # smaller than the crop: padded, as torchvision pads
+    items["strip"] = _jpeg(base.resize((2000, 40)))
+    return items
+
+
+def _pillow_orientation(data: bytes):
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return None
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return None
+
+
+def test_header_routing_agrees_with_pillow(uploads):
+    broken = {"empty": b"", "soi only": b"\xff\xd8", "garbage": b"\xff\xd8garbage", "png": b"\x89PNG\r\n"}
+    for name, data in {**uploads, **broken}.items():
+        assert gpu_imaging.gpu_candidate(data, 64_000_000) == _pillow_orientation(data), name
+    assert gpu_imaging.gpu_candidate(uploads["photo3"], 100) is None  # above the pixel limit: exact path
+
+
+def test_pipeline_matches_the_exact_path(uploads, params):
+    names = list(uploads)
+    pipeline = gpu_imaging.GpuPreprocessor(params, "cpu")
+    batch, errors = pipeline([uploads[n] for n in names])
+    assert errors == [None] * len(names)
+    exact_path = [n for n in names if gpu_imaging.gpu_candidate(uploads[n], params.max_pixels) is None]
+    assert "cmyk" in exact_path and "chelsea.png" in exact_path and "exif6" not in exact_path
+    assert pipeline.counts == {"gpu": len(names) - len(exact_path), "exact": len(exact_path)}
+    for row, name in zip(batch.numpy(), names):
+        diff = np.abs(row - imaging.preprocess(uploads[name], params))
+        # Pillow's weights, Pillow's rounding: at most one 8-bit step, on a few pixels.
+        assert diff.max() <= LEVEL + 1e-5 and (diff > 1e-5).mean() < 1e-3, (name, diff.max())
+
+
+def test_resample_weights_are_normalized():
+    for in_size, out_size in ((640, 331), (480, 248), (100, 248), (37, 37)):
+        for name in gpu_imaging.FILTERS:
+            weights = gpu_imaging.resample_weights(in_size, out_size, name)
+            assert weights.shape == (out_size, in_size)
+            assert np.abs(weights.sum(1) - 1).max() < 1e-5
+
+
+def test_broken_uploads_fail_alone_with_the_exact_messages(uploads, params):
+    bomb = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(bomb, "PNG")
+    items = [uploads["photo3"], b"", b"\xff\xd8\xff\xe0broken", bomb.getvalue(), uploads["gray"]]
+    batch, errors = gpu_imaging.GpuPreprocessor(params, "cpu")(items)
+    assert errors[0] is None and errors[4] is None
+    for index in (1, 2, 3):
+        with pytest.raises(imaging.ImageError) as exact:
+            imaging.preprocess(items[index], params)
+        assert errors[index] == str(exact.value)
+        assert not batch[index].any()
+    assert "above the limit" in errors[3] and "0 bytes" in errors[1]
+
+
+def test_gpu_path_refuses_filters_it_cannot_reproduce(params, tiny_model):
+    lanczos = imaging.PreprocessParams(**{**params.__dict__, "interpolation": "lanczos"})
+    assert "lanczos" in gpu_imaging.supported(lanczos)
+    with pytest.raises(BuilderError, match="preprocess: interpolation 'lanczos'"):
+        preprocess_parity(tiny_model.module, lanczos, s.Parity())
+
+
+def test_parity_gate_figures_and_refusal(params, tiny_model):
+    figures = preprocess_parity(tiny_model.module, params, s.Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
+    assert figures["device"] == "cpu" and figures["images"] == 12
+    assert figures["on_gpu_path"] == 10 and figures["on_exact_path"] == 2
+    assert figures["tensor_max_abs"] <= LEVEL + 1e-5 and figures["min_cosine"] > 0.99999
+    with pytest.raises(BuilderError, match="fails parity with the exact one"):
+        preprocess_parity(tiny_model.module, params, s.Parity(max_abs=1e-9, min_cosine=0.5, min_top1=0.0))
+
+
+def test_settings_of_the_variants():
+    with pytest.raises(BuilderError, match="torch_compile: applies to the inductor engine, not onnxruntime"):
+        s.RepoSettings(engine="onnxruntime", torch_compile="reduce-overhead")
+    with pytest.raises(BuilderError, match="plan: the tensorrt engine serves a plan and none was given"):
+        s.RepoSettings(engine="tensorrt")
+    assert s.RepoSettings(engine="inductor").compile_mode == "reduce-overhead"
+    with pytest.raises(BuilderError, match="preprocess: 'fast' is unknown"):
+        s.RepoSettings(preprocess="fast")
+    with pytest.raises(BuilderError, match="engine: 'tvm' is unknown"):
+        s.RepoSettings(engine="tvm")
+
+
+@pytest.fixture(scope="module")
+def gpu_repo(tmp_path_factory):
+    """The `gpu` preprocessing and the inductor engine, on CPU instances (same code as on a GPU host)."""
+    return build_repository(tiny_settings(
+        tmp_path_factory.mktemp("gpu") / "repo", preprocess="gpu", engine="inductor", torch_compile="none",
+        preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
+
+
+def test_variant_repository(gpu_repo, tmp_path):
+    manifest = read_manifest(gpu_repo)
+    gates = manifest["parity"]
+    assert gates["inductor_vs_pytorch"]["max_abs"] < 1e-4
+    assert gates["gpu_preprocess_vs_exact"]["top1_agreement"] == 1.0
+    assert manifest["model_versions"][0]["engine"] == "inductor" and manifest["model_versions"][0]["preprocess"] == "gpu"
+    pre = (gpu_repo / "swin_tiny_patch4_window7_224_preprocess")
+    cls = (gpu_repo / "swin_tiny_patch4_window7_224_classifier")
+    assert {p.name for p in (pre / "1").iterdir()} >= {"model.py", "imaging.py", "gpu_imaging.py"}
+    assert {p.name for p in (cls / "1").iterdir()} >= {"model.py", "torch_runner.py", "model.pt2", "engine.json"}
+    text = (cls / "config.pbtxt").read_text()
+    assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in text and 'string_value: "no"' in text
+    assert 'string_value: "1,4,8"' in text  # batch buckets: 1, the preferred sizes, max
+    assert 'string_value: "gpu"' in (pre / "config.pbtxt").read_text()
+    sidecar = json.loads((cls / "1" / "engine.json").read_text())
+    assert sidecar["environment"]["torch"] == torch.__version__
+    # A stricter gate refuses the build and leaves the repository as it was.
+    before = file_hashes(gpu_repo)
+    strict = tiny_settings(gpu_repo, preprocess="gpu", preprocess_parity=s.Parity(max_abs=1e-9))
+    with pytest.raises(BuilderError, match="previous repository is left in place"):
+        build_repository(strict)
+    assert file_hashes(gpu_repo) == before
+
+
+def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, capsys):
+    from builder.repository.triton_models.torch_runner import TorchEngine
+
+    version_dir = gpu_repo / "swin_tiny_patch4_window7_224_classifier" / "1"
+    params = {"precision": "fp16", "compile": "none", "batch_buckets": "1,4,8", "input_dims": "3,224,224"}
+    engine = TorchEngine(str(version_dir), "cpu", params, MAX_BATCH)
+    assert engine.dtype == torch.float32 and engine.buckets == [1, 4, 8]  # FP16 only on a GPU
+    x = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        reference = tiny_model.module(x)
+    assert torch.allclose(engine(x), reference, atol=1e-4)  # padded to bucket 4, cut back to 3 rows
+    sidecar = version_dir / "engine.json"
+    original = sidecar.read_text()
+    (version_dir / "inductor.bin").write_bytes(b"stale")
+    try:
+        engine._load_artifacts(str(version_dir))  # same torch and "GPU": loaded, found damaged
+        assert "ignoring inductor.bin (" in capsys.readouterr().out
+        info = json.loads(original)
+        info["environment"]["torch"] = "2.0.0"
+        sidecar.write_text(json.dumps(info))
+        engine._load_artifacts(str(version_dir))  # made by another torch: refused with what it was made for
+        out = capsys.readouterr().out
+        assert "ignoring inductor.bin, made for {'torch': '2.0.0'" in out and "compiling from scratch" in out
+    finally:
+        sidecar.write_text(original)
+        (version_dir / "inductor.bin").unlink()
+
+
+@pytest.mark.server
+def test_served_gpu_variant_isolates_failures_and_matches_exact(gpu_repo, local_repo, uploads, tmp_path):
+    from builder.serving.server import LocalServer, ServerSettings
+    from clients import Classifier, ClientSettings
+
+    names = ["photo3", "exif6", "gray", "cmyk", "chelsea.png", "tiny"]
+    http, grpc, metrics = free_ports(3)
+    with LocalServer(ServerSettings(str(gpu_repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))) as server:
+        settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224", max_batch=MAX_BATCH)
+        with Classifier(settings) as client:
+            results = client.classify([uploads[n] for n in names] + [b"\xff\xd8broken"], return_logits=True)
+    assert [r.ok for r in results] == [True] * len(names) + [False]
+    assert "not a decodable image" in results[-1].error or "corrupt" in results[-1].error
+    http, grpc, metrics = free_ports(3)
+    with LocalServer(ServerSettings(str(local_repo), http, grpc, metrics, workdir=str(tmp_path / "x"))) as server:
+        with Classifier(ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224")) as client:
+            exact = client.classify([uploads[n] for n in names], return_logits=True)
+    for got, want in zip(results, exact):
+        assert got.top1.index == want.top1.index
+        assert np.abs(got.logits - want.logits).max() < 1e-3
+
+
+def test_stage_times_from_statistics():
+    from perf.sweep import stage_times
+
+    def stats(count, executions, ns):
+        return {"execution_count": executions, "inference_stats": {
+            "success": {"count": count}, **{k: {"ns": ns} for k in ("queue", "compute_input", "compute_infer",
+                                                                    "compute_output")}}}
+
+    before = {"m": stats(10, 5, 1_000_000), "idle": stats(3, 3, 0)}
+    after = {"m": stats(30, 10, 5_000_000), "idle": stats(3, 3, 0)}
+    stages = stage_times(before, after)
+    assert list(stages) == ["m"]
+    assert stages["m"]["requests"] == 20 and stages["m"]["batch_avg"] == 4.0
+    assert stages["m"]["compute_infer_us"] == pytest.approx(200.0)

@@ -1,0 +1,109 @@
+"""Model versions: a new version lands beside the served one while requests keep flowing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from builder import settings as s
+from builder.repository.check import check_repository
+from builder.errors import BuilderError
+from builder.repository.writer import build_repository, file_hashes, read_manifest
+from builder.serving.server import LocalServer, ServerSettings
+from conftest import TINY_KWARGS, free_ports, tiny_settings
+
+pytestmark = pytest.mark.server
+
+
+def new_version_settings(repo, seed):
+    return tiny_settings(repo, source=s.ModelSource(s.DEFAULT_MODEL, model_kwargs=TINY_KWARGS, seed=seed))
+
+
+def test_add_version_keeps_the_served_one(local_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    before = file_hashes(repo)
+    build_repository(new_version_settings(repo, seed=11), add_version=True)
+    classifier = repo / "swin_tiny_patch4_window7_224_classifier"
+    assert sorted(p.name for p in classifier.iterdir() if p.is_dir()) == ["1", "2"]
+    after = file_hashes(repo)
+    assert all(after[k] == v for k, v in before.items() if "/1/" in k)  # version 1 untouched
+    manifest = read_manifest(repo)
+    assert [v["version"] for v in manifest["model_versions"]] == [1, 2]
+    assert manifest["model_versions"][1]["weights"] == "random:seed=11"
+    assert manifest["files"] == after
+    assert check_repository(repo) == []
+    with pytest.raises(BuilderError, match="serves 'swin_tiny_patch4_window7_224', not 'other'"):
+        build_repository(tiny_settings(repo, name="other"), add_version=True)
+
+
+def test_version_policy_latest_two(local_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    build_repository(tiny_settings(repo, source=s.ModelSource(s.DEFAULT_MODEL, model_kwargs=TINY_KWARGS, seed=12),
+                                   version_policy=s.VersionPolicy("latest", 2)), add_version=True)
+    text = (repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").read_text()
+    assert "num_versions: 2" in text
+
+
+def _logits(client, ensemble, image):
+    array = np.array([[image]], dtype=object)
+    tensor = grpcclient.InferInput("image", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(array)
+    return client.infer(ensemble, [tensor], outputs=[grpcclient.InferRequestedOutput("logits")]).as_numpy("logits")
+
+
+def test_hot_update_with_no_failed_request(local_repo, contract, photos, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    http, grpc, metrics = free_ports(3)
+    server = LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"),
+                                        model_control="poll", poll_seconds=1)).start()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    old = _logits(client, contract.ensemble, photos[0])
+    seen, failures, stop = [], [], threading.Event()
+
+    def traffic():
+        # Plain tritonclient, no retries: any failed request counts.
+        own = grpcclient.InferenceServerClient(server.grpc_url)
+        while not stop.is_set():
+            try:
+                seen.append(_logits(own, contract.ensemble, photos[0]))
+            except Exception as exc:
+                failures.append(str(exc))
+
+    workers = [threading.Thread(target=traffic) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(1.0)
+        build_repository(new_version_settings(repo, seed=21), add_version=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if client.is_model_ready(contract.classifier, "2") and not client.is_model_ready(contract.classifier, "1"):
+                break
+            time.sleep(0.5)
+        time.sleep(1.5)  # keep traffic on the new version for a while
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    try:
+        assert client.is_model_ready(contract.classifier, "2")
+        assert not client.is_model_ready(contract.classifier, "1")  # retired by latest:1
+        new = _logits(client, contract.ensemble, photos[0])
+        index = json.loads(json.dumps(client.get_model_repository_index(as_json=True)))
+        assert any(m.get("version") == "2" and m.get("state") == "READY" for m in index["models"]
+                   if m["name"] == contract.classifier)
+    finally:
+        server.stop()
+    assert not failures, failures[:3]
+    assert not np.allclose(old, new)  # the new weights really serve now
+    assert any(np.array_equal(x, old) for x in seen) and any(np.array_equal(x, new) for x in seen)
+    assert len(seen) > 20

@@ -1,0 +1,93 @@
+"""Production safety on the real server: bounded queues fail fast, model control needs the admin key."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from builder.repository import configs
+from builder import settings as s
+from builder.repository.writer import build_repository
+from builder.serving.server import LocalServer, ServerSettings, admin_headers
+from clients import Classifier, ClientSettings, Overloaded
+from conftest import MAX_BATCH, free_ports, tiny_settings
+
+pytestmark = pytest.mark.server
+
+
+def _server(repo, workdir, **kwargs) -> LocalServer:
+    http, grpc, metrics = free_ports(3)
+    return LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(workdir), **kwargs))
+
+
+def test_queue_policy_is_written():
+    config = configs.python_model("m", [], [], s.Batching(8, (), 100, max_queue_size=4, queue_timeout_us=50_000,
+                                                          priority_levels=2), s.InstanceGroup("KIND_CPU"),
+                                  s.VersionPolicy())
+    text = configs.to_text(config)
+    # REJECT is the enum's zero: proto3 leaves it out of the text, and Triton reads the default back.
+    assert "DELAY" not in text
+    policy = configs.read_text(text).dynamic_batching.default_queue_policy
+    assert policy.timeout_action == configs.mc.ModelQueuePolicy.TimeoutAction.REJECT
+    for line in ("default_timeout_microseconds: 50000", "allow_timeout_override: true",
+                 "max_queue_size: 4", "priority_levels: 2", "default_priority_level: 2"):
+        assert line in text, text
+    plain = configs.to_text(configs.python_model("m", [], [], s.Batching(8), s.InstanceGroup("KIND_CPU"),
+                                                 s.VersionPolicy()))
+    assert "default_queue_policy" not in plain and "priority" not in plain
+    with pytest.raises(s.BuilderError, match="max_queue_size: is negative"):
+        s.Batching(8, max_queue_size=-1)
+
+
+def test_flood_past_the_queue_bound_fails_fast(tmp_path, photos):
+    bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=2)
+    repo = build_repository(tiny_settings(tmp_path / "repo", classifier_batching=bounded,
+                                          preprocess_batching=bounded))
+    with _server(repo, tmp_path / "srv") as server:
+        settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224", retries=0,
+                                  max_batch=MAX_BATCH, concurrency=1, timeout_s=120)
+
+        def one(_):
+            start = time.perf_counter()
+            with Classifier(settings) as client:
+                try:
+                    results = client.classify(photos[:MAX_BATCH])
+                    return "ok" if all(r.ok for r in results) else "bad", time.perf_counter() - start
+                except Overloaded as exc:
+                    assert "Exceeds maximum queue size" in str(exc)
+                    return "overloaded", time.perf_counter() - start
+
+        with ThreadPoolExecutor(48) as pool:
+            outcomes = list(pool.map(one, range(48)))
+        kinds = [k for k, _ in outcomes]
+        assert kinds.count("overloaded") >= 10 and kinds.count("ok") >= 2 and "bad" not in kinds, kinds
+        slowest_ok = max(t for k, t in outcomes if k == "ok")
+        rejected = sorted(t for k, t in outcomes if k == "overloaded")
+        assert rejected[len(rejected) // 2] < slowest_ok  # rejections come back without waiting their turn
+        assert server.is_ready()
+        with Classifier(settings) as client:  # and the server serves normally afterwards
+            assert all(r.ok for r in client.classify(photos[:2]))
+
+
+def test_model_control_needs_the_admin_key(local_repo, tmp_path, photos):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    name = "swin_tiny_patch4_window7_224_postprocess"
+    with _server(local_repo, tmp_path / "srv", model_control="explicit", admin_key="s3cret") as server:
+        for protocol, client in (("http", httpclient.InferenceServerClient(server.http_url)),
+                                 ("grpc", grpcclient.InferenceServerClient(server.grpc_url))):
+            for call in (lambda h: client.load_model(name, headers=h), lambda h: client.unload_model(name, headers=h)):
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    call(None)
+                with pytest.raises(InferenceServerException, match="restricted"):
+                    call(admin_headers("wrong", protocol))
+            client.load_model(name, headers=admin_headers("s3cret", protocol))
+            assert client.is_model_ready(name)
+            assert client.get_model_config(name)  # read-only config stays open for generic clients
+        settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224")
+        with Classifier(settings) as client:  # inference needs no key
+            assert client.classify(photos[:1])[0].ok
