@@ -197,7 +197,8 @@ def _cmd_analyze(args) -> int:
     ports = free_ports(3)  # not the defaults a running server may hold
     config = analyzer_config(repository, models, workdir, images, args.max_instances, args.max_concurrency,
                              args.max_batch, "quick" if names[3] in models else args.search, ports, gpu,
-                             composing=[names[0], names[1], names[2]] if names[3] in models else ())
+                             composing=[names[0], names[1], names[2]] if names[3] in models else (),
+                             min_batch=args.min_batch)
     # The server the analyzer works against: ours, explicit model control, every model loaded, no admin key
     # (its ports are private to this run and only the analyzer talks to it).
     server = ServerSettings(str(repository), *ports, workdir=str(workdir / "server"), model_control="explicit")
@@ -259,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--search", choices=("brute", "quick"), default="brute", help="(the ensemble always uses quick)")
     a.add_argument("--max-instances", type=int, default=2)
     a.add_argument("--max-concurrency", type=int, default=16)
-    a.add_argument("--max-batch", type=int, default=8)
+    a.add_argument("--min-batch", type=int, default=1, help="smallest max_batch_size searched")
+    a.add_argument("--max-batch", type=int, default=8, help="largest max_batch_size searched")
     a.add_argument("--output", default="perf/results/local-analyze")
     a.set_defaults(func=_cmd_analyze)
     cli_sweep.add_commands(sub, _ints, _words)

@@ -35,7 +35,7 @@ def has_gpu() -> bool:
 
 def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, images: Sequence[str],
                     max_instances: int, max_concurrency: int, max_batch: int, search: str,
-                    ports: Tuple[int, int, int], gpu: bool, composing: Sequence[str] = ()) -> Dict:
+                    ports: Tuple[int, int, int], gpu: bool, composing: Sequence[str] = (), min_batch: int = 1) -> Dict:
     """The Model Analyzer `profile` config for `models`, served by a server on `ports` (http, grpc, metrics).
 
     Args:
@@ -62,6 +62,7 @@ def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, imag
         "run_config_search_mode": search,
         "run_config_search_max_instance_count": max_instances,
         "run_config_search_max_concurrency": max_concurrency,
+        "run_config_search_min_model_batch_size": min_batch,
         "run_config_search_max_model_batch_size": max_batch,
         "perf_analyzer_timeout": 300,
         "profile_models": {name: {"cpu_only": not gpu} for name in models},

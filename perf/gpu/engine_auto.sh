@@ -6,7 +6,7 @@
 # one: the plan is timed where it is built and the timings travel in plan.json); SERVE_PYTHON as in
 # gpu_data_path.sh; perf_analyzer on PATH. Run from the checkout root, one stage at a time:
 #   bash perf/gpu/engine_auto.sh plan     # ONNX + reference logits (photos), FP16 plan gated and timed
-#   bash perf/gpu/engine_auto.sh auto     # builder repo --engine auto --plan ...: the choice table
+#   bash perf/gpu/engine_auto.sh auto     # builder repo --engine auto [--plan ...]: the choice table
 #   bash perf/gpu/engine_auto.sh sweep    # serve it: classifier and ensemble sweeps (gpu_data_path.sh sweep)
 # Images: builder/parity_images (the reference logits and every parity gate).
 set -euo pipefail
@@ -32,7 +32,8 @@ case "${1:?stage}" in
     cp "$W/plan/plan.json" "$OUT/plan-fp16.json"
     ;;
   auto)
-    $PYTHON -m builder repo --flavor local --output "$REPO" --engine auto --plan "$W/plan/model.plan" \
+    plan=(); [ -f "$W/plan/model.plan" ] && plan=(--plan "$W/plan/model.plan")  # the plan competes when built
+    $PYTHON -m builder repo --flavor local --output "$REPO" --engine auto "${plan[@]}" \
       --preprocess gpu --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" \
       --preprocess-instances "${PREPROCESS_INSTANCES:-2}" --max-batch-size "$MAX_BATCH" \
       --preferred-batch-sizes "$PREFERRED" --max-queue-delay-us "${QUEUE_DELAY_US:-500}" \

@@ -151,7 +151,7 @@ def test_variant_repository(gpu_repo, tmp_path):
     assert {p.name for p in (cls / "1").iterdir()} >= {"model.py", "torch_runner.py", "model.pt2", "engine.json"}
     text = (cls / "config.pbtxt").read_text()
     assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in text and 'string_value: "no"' in text
-    assert 'string_value: "1,4,8"' in text  # batch buckets: 1, the preferred sizes, max
+    assert 'string_value: "1,2,4,8"' in text  # batch buckets: powers of two, the preferred sizes, max
     assert 'string_value: "gpu"' in (pre / "config.pbtxt").read_text()
     sidecar = json.loads((cls / "1" / "engine.json").read_text())
     assert sidecar["environment"]["torch"] == torch.__version__
