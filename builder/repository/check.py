@@ -230,7 +230,8 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
         manifest = json.loads(path.read_text(encoding="utf-8"))
         flavor = manifest["flavor"]
         classifier = manifest["contract"]["models"][1]
-        torch_engine = manifest.get("settings", {}).get("engine") == "torch"  # a Python model in both flavors
+        # The inductor classifier is a Python model in both flavors ("torch": its name before 2026-11-25).
+        torch_engine = manifest.get("settings", {}).get("engine") in ("inductor", "torch")
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return  # not written by this tool: nothing to hold it to
     for entry in manifest.get("model_versions", []):

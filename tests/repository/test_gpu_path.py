@@ -163,6 +163,19 @@ def test_variant_repository(gpu_repo, tmp_path):
     assert file_hashes(gpu_repo) == before
 
 
+def test_inductor_engine_in_the_container_flavor(tmp_path):
+    """The same Python-backend classifier in the container flavor (an image built WITH_TORCH=1 runs it)."""
+    from builder.repository.check import check_repository
+
+    repo = build_repository(tiny_settings(tmp_path / "repo", flavor="container", engine="inductor",
+                                          torch_compile="none"))
+    classifier = repo / "swin_tiny_patch4_window7_224_classifier"
+    assert 'backend: "python"' in (classifier / "config.pbtxt").read_text()
+    assert (classifier / "1" / "model.pt2").is_file() and check_repository(repo) == []
+    assert read_manifest(repo)["engine"] == {**read_manifest(repo)["engine"], "requested": "inductor",
+                                             "chosen": "inductor"}
+
+
 def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, capsys):
     from builder.repository.triton_models.torch_runner import TorchEngine
 
