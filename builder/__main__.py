@@ -70,6 +70,8 @@ def _add_repo(sub) -> None:
     p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default=None,
                    help="inductor engine: the program eager, TorchInductor, or TorchInductor with CUDA graphs per "
                         "batch bucket (default)")
+    p.add_argument("--inductor-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="inductor engine precision on a GPU")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--version", type=int, default=1, help="version directory to write")
@@ -113,6 +115,7 @@ def _cmd_repo(args) -> int:
             args.preprocess_instance_kind or ("KIND_GPU" if args.preprocess == "gpu" else "KIND_CPU"),
             args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
+        inductor_precision=args.inductor_precision,
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=s.Parity(args.max_abs, args.min_cosine),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),

@@ -248,6 +248,8 @@ class RepoSettings:
         torch_compile: For the inductor engine: `none` (the exported program
             eager), `default` (TorchInductor) or `reduce-overhead` (the
             default: TorchInductor + CUDA graphs per batch bucket).
+        inductor_precision: The inductor engine's precision on a GPU: `fp16`
+            (default) or `fp32` (CPU instances always run FP32).
         preprocess_parity: Thresholds of the `gpu` preprocessing against
             `exact` (logits of the built model on real photos).
         onnxruntime_tensorrt: Container flavor without a plan: ONNX Runtime's
@@ -278,6 +280,7 @@ class RepoSettings:
     preprocess: str = "exact"
     engine: str = "auto"
     torch_compile: Optional[str] = None
+    inductor_precision: str = "fp16"
     preprocess_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
     onnxruntime_tensorrt: bool = False
     response_cache: bool = False
@@ -290,10 +293,13 @@ class RepoSettings:
             _fail("engine", f"{self.engine!r} is unknown", f"use one of {', '.join(ENGINES)}")
         if self.torch_compile is not None and self.torch_compile not in TORCH_COMPILE:
             _fail("torch_compile", f"{self.torch_compile!r} is unknown", f"use one of {', '.join(TORCH_COMPILE)}")
+        if self.inductor_precision not in ("fp16", "fp32"):
+            _fail("inductor_precision", f"{self.inductor_precision!r} is unknown", "use fp16 or fp32")
         if self.torch_compile is not None and self.engine not in ("inductor", "auto"):
             _fail("torch_compile", f"applies to the inductor engine, not {self.engine}",
                   "pass --engine inductor (or auto) with it")
-        if self.onnxruntime_tensorrt and (self.flavor != "container" or self.plan or self.engine != "onnxruntime"):
+        if self.onnxruntime_tensorrt and (self.flavor != "container" or self.plan
+                                          or self.engine not in ("onnxruntime", "auto")):
             _fail("onnxruntime_tensorrt", "applies to the container flavor's ONNX Runtime classifier",
                   "use it with --flavor container, --engine onnxruntime and no --plan")
         if self.plan and self.engine not in ("tensorrt", "auto"):

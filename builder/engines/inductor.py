@@ -108,7 +108,7 @@ def build_inductor(folder: Path, params: Dict[str, str], max_batch: int, batches
         batches: Batch sizes to time.
         photos: Real photos through the exact preprocessing (N, C, H, W), float32.
         reference: PyTorch FP32 logits of `photos`.
-        parity: Thresholds of the served engine (FP16) against `reference`.
+        parity: Thresholds of the served engine (its precision) against `reference`.
 
     Returns:
         Start times (from scratch, from the stored artifacts), artifact size, parity figures and timings.
@@ -135,8 +135,9 @@ def build_inductor(folder: Path, params: Dict[str, str], max_batch: int, batches
     result = {"start_from_scratch_s": compiled["start_s"], "start_with_artifacts_s": loaded["start_s"],
               "artifacts_mb": round(artifacts.stat().st_size / 1e6, 1) if artifacts.is_file() else None,
               "parity_served": figures, "timings": loaded["timings"], "device": loaded["device"]}
-    log.info("TorchInductor engine: start %s s from scratch, %.1f s with %s; FP16 vs FP32 max abs %.3g, top-1 %.3f",
-             compiled["start_s"], loaded["start_s"], ARTIFACTS, figures["max_abs"], figures["top1_agreement"])
+    log.info("TorchInductor engine: start %s s from scratch, %.1f s with %s; %s vs FP32 max abs %.3g, top-1 %.3f",
+             compiled["start_s"], loaded["start_s"], ARTIFACTS, params.get("precision", "fp16").upper(),
+             figures["max_abs"], figures["top1_agreement"])
     return result
 
 

@@ -61,7 +61,7 @@ def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, st
     # throughput fell from concurrency 1 to 8). Each bucket is one CUDA graph, captured at load.
     powers = {1 << i for i in range(batching.max_batch_size.bit_length()) if 1 << i <= batching.max_batch_size}
     buckets = sorted(powers | {*batching.preferred_batch_sizes, batching.max_batch_size})
-    return {"precision": "fp16", "compile": settings.compile_mode,
+    return {"precision": settings.inductor_precision, "compile": settings.compile_mode,
             "batch_buckets": ",".join(str(b) for b in buckets),
             "input_dims": ",".join(str(d) for d in contract.pixels.dims),
             # Inputs stay where the preprocess model left them (the GPU): no copy through the host.
@@ -252,6 +252,8 @@ def _build_engine(settings: RepoSettings, model, contract: Contract, params, onn
     batches = ec.timing_batches(batching.preferred_batch_sizes, batching.max_batch_size)
     gpu = _gpu_name()
     requested = settings.engine
+    if requested == "auto" and settings.onnxruntime_tensorrt:  # the accelerator is ONNX Runtime's: no race
+        requested = "onnxruntime"
     if requested == "auto" and gpu is None:
         names = ["tensorrt" if settings.plan else "onnxruntime"]
         reason = "no GPU on the build host: nothing to time, so " + (
@@ -332,7 +334,7 @@ def _candidate(name: str, settings: RepoSettings, model, contract: Contract, par
                                           settings.classifier_batching.max_batch_size)
     gates["inductor_vs_pytorch"] = inductor.validate_program(program, model, contract, settings.parity)
     sidecar = {"environment": inductor.environment(), "parity": gates["inductor_vs_pytorch"],
-               "precision": "fp16 on GPU, fp32 on CPU", "compile": settings.compile_mode}
+               "precision": f"{settings.inductor_precision} on GPU, fp32 on CPU", "compile": settings.compile_mode}
     (staging / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     if gpu is None:
         return ec.Candidate(name, "built", "torch.export program; compiled where it is served (no GPU here)",
@@ -351,7 +353,8 @@ def _candidate(name: str, settings: RepoSettings, model, contract: Contract, par
     sidecar.update({k: v for k, v in built.items() if k != "parity_served"}, parity_served=built["parity_served"])
     (staging / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
-    return ec.Candidate(name, "measured", f"torch {torch.__version__} FP16, compile={settings.compile_mode}; {starts}",
+    return ec.Candidate(name, "measured", f"torch {torch.__version__} {settings.inductor_precision.upper()}, "
+                        f"compile={settings.compile_mode}; {starts}",
                         built["timings"], round(time.perf_counter() - started, 1), built["parity_served"])
 
 

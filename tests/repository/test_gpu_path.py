@@ -125,6 +125,15 @@ def test_settings_of_the_variants():
     with pytest.raises(BuilderError, match="plan: the tensorrt engine serves a plan and none was given"):
         s.RepoSettings(engine="tensorrt")
     assert s.RepoSettings(engine="inductor").compile_mode == "reduce-overhead"
+    with pytest.raises(BuilderError, match="inductor_precision: 'bf16' is unknown"):
+        s.RepoSettings(engine="inductor", inductor_precision="bf16")
+    from builder.repository.contract import Contract
+    from builder.repository.writer import torch_parameters
+
+    params = torch_parameters(s.RepoSettings(engine="inductor", inductor_precision="fp32",
+                                             classifier_batching=s.Batching(48, (24,), 100)),
+                              Contract("x", (224, 224), 1000, 5))
+    assert params["precision"] == "fp32" and params["batch_buckets"] == "1,2,4,8,16,24,32,48"
     with pytest.raises(BuilderError, match="preprocess: 'fast' is unknown"):
         s.RepoSettings(preprocess="fast")
     with pytest.raises(BuilderError, match="engine: 'tvm' is unknown"):

@@ -95,6 +95,10 @@ def test_onnxruntime_tensorrt_accelerator_and_response_cache_configs(tmp_path):
 
     repo = build_repository(tiny_settings(tmp_path / "c", flavor="container", onnxruntime_tensorrt=True,
                                           response_cache=True))
+    from builder.repository.writer import read_manifest
+
+    # The accelerator is ONNX Runtime's: with the default engine (auto) it asks for ONNX Runtime, no race.
+    assert read_manifest(repo)["engine"]["chosen"] == "onnxruntime"
     text = (repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").read_text()
     for line in ('name: "tensorrt"', 'key: "precision_mode"', 'value: "FP16"',
                  'value: "/models/swin_tiny_patch4_window7_224_classifier/trt_cache"'):

@@ -58,7 +58,7 @@ class TorchEngine:
         with open(sidecar) as f:
             built = json.load(f).get("environment", {})
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
-        here = {"torch": torch.__version__, "gpu": gpu}
+        here = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "gpu": gpu}
         if any(built.get(k) != v for k, v in here.items()):
             print(f"classifier: ignoring inductor.bin, made for {built} (here {here}); compiling from scratch",
                   flush=True)
