@@ -90,7 +90,9 @@ ANALYZE_MODELS ?= classifier
 analyzer: $(ANALYZER_VENV)/bin/model-analyzer
 $(ANALYZER_VENV)/bin/model-analyzer:
 	test -x $(ANALYZER_VENV)/bin/python || $(PYTHON) -m venv $(ANALYZER_VENV)
-	$(ANALYZER_VENV)/bin/python -m pip install -q "triton-model-analyzer==1.58.0"
+	# protobuf <= 6.33.6 (works): Model Analyzer 1.58 reads FieldDescriptor.label, which the newer protobuf of a
+	# GPU host's torch environment no longer had.
+	$(ANALYZER_VENV)/bin/python -m pip install -q "triton-model-analyzer==1.58.0" "protobuf>=5,<=6.33.6"
 
 analyze: $(STAMP) analyzer
 	$(PY) -m perf analyze --repository $(REPO) --models $(ANALYZE_MODELS) --analyzer $(ANALYZER_VENV)/bin/model-analyzer

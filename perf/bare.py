@@ -15,9 +15,7 @@ import logging
 import time
 from typing import Callable, Dict, List, Sequence
 
-import numpy as np
-
-from builder.engines.choice import timed, timing_row
+from builder.engines.choice import onnxruntime_timings, timed, timing_row
 
 log = logging.getLogger("perf")
 
@@ -60,26 +58,8 @@ def bench_torch(model_name: str, model_kwargs: Dict, batches: Sequence[int], dev
 def bench_onnxruntime(onnx_path: str, batches: Sequence[int], warmup: int, iterations: int,
                       threads: int = 0) -> List[Dict]:
     """ONNX Runtime (CUDA provider when present, else CPU) on the exported model."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    session = ort.InferenceSession(onnx_path, options, providers=providers)
-    inp = session.get_inputs()[0]
-    rows = []
-    for batch in batches:
-        x = np.random.default_rng(0).standard_normal((batch, *inp.shape[1:]), dtype=np.float32)
-        for _ in range(warmup):
-            session.run(None, {inp.name: x})
-        samples = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            session.run(None, {inp.name: x})
-            samples.append(time.perf_counter() - start)
-        rows.append(_row("onnxruntime", session.get_providers()[0], batch, samples))
-        log.info("%s", json.dumps(rows[-1]))
-    return rows
+    provider, rows = onnxruntime_timings(onnx_path, batches, warmup, iterations, budget_s=None, threads=threads)
+    return [{"engine": "onnxruntime", "variant": provider, **row} for row in rows]
 
 
 def bench_tensorrt(plan: str, batches: Sequence[int], warmup: int, iterations: int) -> List[Dict]:

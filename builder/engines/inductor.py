@@ -74,6 +74,7 @@ def validate_program(path: Path, model: LoadedModel, contract: Contract, parity:
         candidate = program(torch.from_numpy(batch)).numpy()
         reference = model.module(torch.from_numpy(batch)).numpy()
     figures = compare_logits(reference, candidate)
+    figures["inputs"] = f"{parity.batch} seeded Gaussian tensors, FP32 on the CPU"
     problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
     if problems:
         raise BuilderError("the exported program fails parity with PyTorch: " + "; ".join(problems))

@@ -91,6 +91,7 @@ def validate_onnx(path: Path, model: LoadedModel, contract: Contract, parity: Pa
     with torch.no_grad():
         reference = model.module(torch.from_numpy(batch)).numpy()
     figures = compare_logits(reference, candidate)
+    figures["inputs"] = f"{parity.batch} seeded Gaussian tensors"
     log.info("ONNX Runtime vs PyTorch on batch %d: max abs %.3g, min cosine %.7f, top-1 %.3f",
              parity.batch, figures["max_abs"], figures["min_cosine"], figures["top1_agreement"])
     problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)

@@ -75,7 +75,7 @@ def preprocess_parity(module, params, parity: Parity, images_dir: Optional[Path]
         figures = compare_logits(module(torch.from_numpy(exact)).numpy(), module(torch.from_numpy(gpu)).numpy())
     figures.update(tensor_max_abs=float(diff.max()), tensor_mean_abs=float(diff.mean()), images=len(items),
                    on_gpu_path=pipeline.counts["gpu"], on_exact_path=pipeline.counts["exact"], device=device,
-                   decoder=pipeline.decoder.backend)
+                   decoder=pipeline.decoder.backend, inputs=f"{len(items)} bundled photos, both pipelines")
     log.info("gpu preprocessing vs exact on %d photos (%s, %s): tensor max abs %.3g, logits cosine %.6f, top-1 %.3f",
              len(items), device, pipeline.decoder.backend, figures["tensor_max_abs"], figures["min_cosine"],
              figures["top1_agreement"])
