@@ -108,5 +108,6 @@ plan-docker: docker-files
 	docker compose -f docker/compose.yaml run --rm plan
 	$(MAKE) repo ENGINE=tensorrt PLAN_ARGS="--plan build/model.plan"
 
+# The server image gets torch when the repository needs it (inductor engine, gpu preprocessing).
 serve-docker: docker-files
-	docker compose -f docker/compose.yaml up server
+	WITH_TORCH=$$($(PY) -m builder check $(REPO) --needs-torch) docker compose -f docker/compose.yaml up --build server

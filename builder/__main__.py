@@ -223,8 +223,11 @@ def _cmd_docker(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from builder.repository.check import check_repository
+    from builder.repository.check import check_repository, needs_torch
 
+    if args.needs_torch:
+        print(int(needs_torch(args.repository)))
+        return 0
     problems = check_repository(args.repository)
     for problem in problems:
         print(f"error: {problem}")
@@ -322,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precision", default="fp16")
     c = sub.add_parser("check", help="check a model repository")
     c.add_argument("repository", nargs="?", default="model_repository")
+    c.add_argument("--needs-torch", action="store_true",
+                   help="print 1 if the repository runs torch in the Python backend (the container image then "
+                        "needs --build-arg WITH_TORCH=1), else 0")
     s = sub.add_parser("serve", help="run the local tritonserver on a repository")
     _server_args(s)
     s.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")

@@ -248,6 +248,18 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
                             f"(manifest.json); the models mix flavors: rebuild with --flavor {flavor}")
 
 
+def needs_torch(root) -> bool:
+    """Whether the repository's Python models run torch (the inductor engine or the gpu preprocessing).
+
+    Raises:
+        BuilderError: No manifest (not a repository written by this tool).
+    """
+    from builder.repository.writer import read_manifest
+
+    settings = read_manifest(Path(root)).get("settings", {})
+    return settings.get("engine") in ("inductor", "torch") or settings.get("preprocess") == "gpu"
+
+
 def missing_backends(root: Path, available) -> List[Tuple[str, str]]:
     """(model, backend) pairs of the repository whose backend is not in `available`."""
     missing = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,6 +184,21 @@ def test_inductor_engine_in_the_container_flavor(tmp_path):
     assert (classifier / "1" / "model.pt2").is_file() and check_repository(repo) == []
     assert read_manifest(repo)["engine"] == {**read_manifest(repo)["engine"], "requested": "inductor",
                                              "chosen": "inductor"}
+
+
+def test_needs_torch_tells_the_container_image(gpu_repo, local_repo):
+    """`make serve-docker` builds the server image WITH_TORCH=1 exactly when the repository runs torch."""
+    import subprocess
+    import sys
+
+    from builder.repository.check import needs_torch
+
+    assert needs_torch(gpu_repo) and not needs_torch(local_repo)
+    out = subprocess.run([sys.executable, "-m", "builder", "check", str(gpu_repo), "--needs-torch"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"
+    compose = (Path(__file__).resolve().parents[2] / "docker" / "compose.yaml").read_text()
+    assert 'WITH_TORCH: "${WITH_TORCH:-0}"' in compose
 
 
 def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, capsys):
