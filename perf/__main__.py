@@ -182,7 +182,7 @@ def _cmd_analyze(args) -> int:
     from builder.repository.writer import read_manifest
     from clients.api import collect_images
     from builder.serving.server import LocalServer, ServerSettings
-    from perf.analyze import analyzer_config, best_configs, has_gpu, run_analyzer
+    from perf.analyze import SearchSettings, analyzer_config, best_configs, has_gpu, run_analyzer
     from perf.environment import write_json
     from perf.first_request import free_ports
 
@@ -195,10 +195,10 @@ def _cmd_analyze(args) -> int:
     images = [str(p) for p in collect_images(args.images)] if names[3] in models or names[0] in models else []
     gpu = has_gpu()
     ports = free_ports(3)  # not the defaults a running server may hold
-    config = analyzer_config(repository, models, workdir, images, args.max_instances, args.max_concurrency,
-                             args.max_batch, "quick" if names[3] in models else args.search, ports, gpu,
-                             composing=[names[0], names[1], names[2]] if names[3] in models else (),
-                             min_batch=args.min_batch)
+    search = SearchSettings(args.search, args.max_instances, args.min_concurrency, args.max_concurrency,
+                            args.min_batch, args.max_batch, args.measurement_interval_ms)
+    config = analyzer_config(repository, models, workdir, images, search, ports, gpu,
+                             composing=[names[0], names[1], names[2]] if names[3] in models else ())
     # The server the analyzer works against: ours, explicit model control, every model loaded, no admin key
     # (its ports are private to this run and only the analyzer talks to it).
     server = ServerSettings(str(repository), *ports, workdir=str(workdir / "server"), model_control="explicit")
@@ -259,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--images", type=_words, default=["builder/parity_images"])
     a.add_argument("--search", choices=("brute", "quick"), default="brute", help="(the ensemble always uses quick)")
     a.add_argument("--max-instances", type=int, default=2)
+    a.add_argument("--min-concurrency", type=int, default=1)
     a.add_argument("--max-concurrency", type=int, default=16)
+    a.add_argument("--measurement-interval-ms", type=int, default=2000, help="perf_analyzer's time window")
     a.add_argument("--min-batch", type=int, default=1, help="smallest max_batch_size searched")
     a.add_argument("--max-batch", type=int, default=8, help="largest max_batch_size searched")
     a.add_argument("--output", default="perf/results/local-analyze")

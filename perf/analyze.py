@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -33,12 +34,45 @@ def has_gpu() -> bool:
     return result.returncode == 0 and "GPU" in result.stdout
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """What Model Analyzer searches and how long it measures each point.
+
+    Attributes:
+        search: `brute` or `quick` (the ensemble is always searched quick).
+        max_instances: Largest instance count tried.
+        min_concurrency, max_concurrency: The client concurrency range (powers of two in between).
+        min_batch, max_batch: The max_batch_size range; a config keeps its preferred batch sizes, so sizes
+            below the largest preferred one are refused by Model Analyzer as illegal.
+        measurement_interval_ms: perf_analyzer's time window.
+    """
+
+    search: str = "brute"
+    max_instances: int = 2
+    min_concurrency: int = 1
+    max_concurrency: int = 16
+    min_batch: int = 1
+    max_batch: int = 8
+    measurement_interval_ms: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.search not in ("brute", "quick"):
+            raise BuilderError(f"search: {self.search!r} is unknown; use brute or quick")
+        for low, high, name in ((self.min_concurrency, self.max_concurrency, "concurrency"),
+                                (self.min_batch, self.max_batch, "batch")):
+            if not 1 <= low <= high:
+                raise BuilderError(f"{name}: need 1 <= min ({low}) <= max ({high})")
+        if self.max_instances < 1 or self.measurement_interval_ms < 100:
+            raise BuilderError("max_instances: use 1 or more; measurement_interval_ms: use 100 or more")
+
+
 def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, images: Sequence[str],
-                    max_instances: int, max_concurrency: int, max_batch: int, search: str,
-                    ports: Tuple[int, int, int], gpu: bool, composing: Sequence[str] = (), min_batch: int = 1) -> Dict:
+                    search: SearchSettings, ports: Tuple[int, int, int], gpu: bool,
+                    composing: Sequence[str] = ()) -> Dict:
     """The Model Analyzer `profile` config for `models`, served by a server on `ports` (http, grpc, metrics).
 
     Args:
+        search: What to search.
         composing: The ensemble's composing models (searched with it in quick mode).
         gpu: Search KIND_GPU configs (else KIND_CPU: `cpu_only`).
     """
@@ -59,18 +93,20 @@ def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, imag
         "dcgm_disable": True,
         "perf_analyzer_path": perf_analyzer_path(),
         "client_protocol": "grpc",
-        "run_config_search_mode": search,
-        "run_config_search_max_instance_count": max_instances,
-        "run_config_search_max_concurrency": max_concurrency,
-        "run_config_search_min_model_batch_size": min_batch,
-        "run_config_search_max_model_batch_size": max_batch,
+        "run_config_search_mode": "quick" if composing else search.search,
+        "run_config_search_max_instance_count": search.max_instances,
+        "run_config_search_min_concurrency": search.min_concurrency,
+        "run_config_search_max_concurrency": search.max_concurrency,
+        "run_config_search_min_model_batch_size": search.min_batch,
+        "run_config_search_max_model_batch_size": search.max_batch,
         "perf_analyzer_timeout": 300,
         "profile_models": {name: {"cpu_only": not gpu} for name in models},
     }
     if composing and not gpu:
         config["cpu_only_composing_models"] = list(composing)
     # Time windows instead of Model Analyzer's growing request counts: bounded runs on a slow (CPU) host.
-    config["perf_analyzer_flags"] = {"measurement-mode": "time_windows", "measurement-interval": 2000,
+    config["perf_analyzer_flags"] = {"measurement-mode": "time_windows",
+                                     "measurement-interval": search.measurement_interval_ms,
                                      "stability-percentage": 25}
     if images:
         config["perf_analyzer_flags"]["input-data"] = str(write_image_data(images, workdir / "images.json"))

@@ -215,7 +215,10 @@ class LocalServer:
                                f"(pid {self.running_pid()}); stop it with `make stop`")
         self._check_ports()
         cmd = self.command()
-        log.info("starting tritonserver: %s", " ".join(cmd))
+        shown = " ".join(cmd)
+        if self.settings.admin_key:  # logs end up in CI output and tickets: never the key itself
+            shown = shown.replace(self.settings.admin_key, "<admin key>")
+        log.info("starting tritonserver: %s", shown)
         with self.log_path.open("wb") as logfile:
             self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=server_env(),
                                             cwd=self.workdir, start_new_session=detach)

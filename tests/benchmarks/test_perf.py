@@ -143,12 +143,21 @@ def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
     """What Model Analyzer needs to search configs against the server `perf analyze` starts (run: `make analyze`)."""
     from pathlib import Path
 
-    from perf.analyze import analyzer_config, analyzer_env
+    from builder.errors import BuilderError
+    from perf.analyze import SearchSettings, analyzer_config, analyzer_env
 
     ports = (18000, 18001, 18002)
+    search = SearchSettings(min_concurrency=4, max_concurrency=64, min_batch=8, max_batch=8,
+                            measurement_interval_ms=5000)
     config = analyzer_config(local_repo, ["swin_tiny_patch4_window7_224"], tmp_path,
-                             [str(p) for p in sorted(Path("builder/parity_images").glob("*.jpg"))[:2]], 2, 16, 8,
-                             "quick", ports, gpu=False, composing=["pre", "cls", "post"])
+                             [str(p) for p in sorted(Path("builder/parity_images").glob("*.jpg"))[:2]], search,
+                             ports, gpu=False, composing=["pre", "cls", "post"])
+    assert config["run_config_search_mode"] == "quick"  # an ensemble with its composing models
+    assert (config["run_config_search_min_concurrency"], config["run_config_search_max_concurrency"]) == (4, 64)
+    assert config["run_config_search_min_model_batch_size"] == config["run_config_search_max_model_batch_size"] == 8
+    assert config["perf_analyzer_flags"]["measurement-interval"] == 5000
+    with pytest.raises(BuilderError, match="concurrency: need 1 <= min"):
+        SearchSettings(min_concurrency=32, max_concurrency=16)
     assert config["triton_launch_mode"] == "remote" and config["dcgm_disable"] is True
     assert config["triton_grpc_endpoint"] == "localhost:18001"
     assert config["triton_metrics_url"] == "http://localhost:18002/metrics"
@@ -159,7 +168,8 @@ def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
     assert Path(config["perf_analyzer_path"]).is_file()
     libdirs = analyzer_env()["LD_LIBRARY_PATH"].split(":")
     assert any((Path(d) / "libcudart.so.12").exists() for d in libdirs)  # perf_analyzer 2.51 runs with this env
-    gpu = analyzer_config(local_repo, ["m"], tmp_path, [], 2, 16, 8, "brute", ports, gpu=True)
+    gpu = analyzer_config(local_repo, ["m"], tmp_path, [], SearchSettings(), ports, gpu=True)
+    assert gpu["run_config_search_mode"] == "brute"
     assert gpu["profile_models"] == {"m": {"cpu_only": False}} and "cpu_only_composing_models" not in gpu
 
 

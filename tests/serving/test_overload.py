@@ -71,13 +71,18 @@ def test_flood_past_the_queue_bound_fails_fast(tmp_path, photos):
             assert all(r.ok for r in client.classify(photos[:2]))
 
 
-def test_model_control_needs_the_admin_key(local_repo, tmp_path, photos):
+def test_model_control_needs_the_admin_key(local_repo, tmp_path, photos, caplog):
+    import logging
+
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
     name = "swin_tiny_patch4_window7_224_postprocess"
+    caplog.set_level(logging.INFO, logger="builder")
     with _server(local_repo, tmp_path / "srv", model_control="explicit", admin_key="s3cret") as server:
+        started = [r.getMessage() for r in caplog.records if "starting tritonserver" in r.getMessage()]
+        assert started and "s3cret" not in started[0] and "triton-admin-key=<admin key>" in started[0]
         for protocol, client in (("http", httpclient.InferenceServerClient(server.http_url)),
                                  ("grpc", grpcclient.InferenceServerClient(server.grpc_url))):
             for call in (lambda h: client.load_model(name, headers=h), lambda h: client.unload_model(name, headers=h)):
