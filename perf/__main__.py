@@ -181,10 +181,9 @@ def _cmd_analyze(args) -> int:
 
     from builder.repository.writer import read_manifest
     from clients.api import collect_images
-    from builder.serving.server import LocalServer, ServerSettings
+    from builder.serving.server import LocalServer, ServerSettings, free_ports
     from perf.analyze import SearchSettings, analyzer_config, best_configs, has_gpu, run_analyzer
     from perf.environment import write_json
-    from perf.first_request import free_ports
 
     repository = Path(args.repository).resolve()
     names = read_manifest(repository)["contract"]["models"]  # preprocess, classifier, postprocess, ensemble

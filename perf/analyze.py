@@ -27,11 +27,10 @@ log = logging.getLogger("perf")
 
 
 def has_gpu() -> bool:
-    """Whether the host has an NVIDIA GPU the server can use (nvidia-smi lists one)."""
-    if not shutil.which("nvidia-smi"):
-        return False
-    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
-    return result.returncode == 0 and "GPU" in result.stdout
+    """Whether the host has an NVIDIA GPU the server can use (nvidia-smi names one)."""
+    from builder.engines.trt import gpu_info
+
+    return bool(gpu_info()["gpu"])
 
 
 @dataclass(frozen=True)

@@ -82,18 +82,12 @@ def bench_program(version_dir: str, params: Dict[str, str], max_batch: int, batc
     Its load time (program load, compile with or without stored artifacts, warm-up of every batch bucket)
     is reported as `load_s`; input already on the device, as the preprocess model hands it over.
     """
-    import torch
-
-    from builder.repository.triton_models.torch_runner import TorchEngine, params_shape
+    from builder.engines.inductor import time_engine
+    from builder.repository.triton_models.torch_runner import TorchEngine
 
     started = time.perf_counter()
     engine = TorchEngine(version_dir, device, params, max_batch)
     load_s = time.perf_counter() - started
-    rows = []
-    for batch in batches:
-        x = torch.randn(batch, *params_shape(params), device=device)
-        samples = timed(lambda: engine(x), _sync(device), warmup, iterations)
-        rows.append({**_row("program", f"{engine.dtype} compile={params.get('compile', 'none')}", batch, samples),
-                     "load_s": round(load_s, 2)})
-        log.info("%s", json.dumps(rows[-1]))
-    return rows
+    variant = f"{engine.dtype} compile={params.get('compile', 'none')}"
+    return [{"engine": "program", "variant": variant, **row, "load_s": round(load_s, 2)}
+            for row in time_engine(engine, params, batches, warmup, iterations, budget_s=None)]

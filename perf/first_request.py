@@ -8,23 +8,11 @@ first ensemble request, and the median of the next ten.
 from __future__ import annotations
 
 import shutil
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
-
-
-def free_ports(count: int) -> List[int]:
-    """Ports free on localhost right now."""
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
+from typing import Dict, Sequence
 
 
 def _strip_warmup(repository: Path) -> None:
@@ -38,7 +26,7 @@ def _strip_warmup(repository: Path) -> None:
 
 def measure(repository: str, images: Sequence[bytes], model: str, warmup: bool) -> Dict:
     """Times one server start on a copy of `repository` (warm-up kept or removed)."""
-    from builder.serving.server import LocalServer, ServerSettings
+    from builder.serving.server import LocalServer, ServerSettings, free_ports
     from clients import Classifier, ClientSettings
 
     with tempfile.TemporaryDirectory(prefix="first-request-") as tmp:

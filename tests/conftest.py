@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import glob
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from builder import settings as s
+from builder.serving.server import free_ports  # noqa: F401  (the tests take it from here)
 
 # A Swin with timm's swin_tiny_patch4_window7_224 config (224 input, bicubic,
 # crop_pct 0.9, ImageNet mean/std, 1000 classes) but tiny width and depth, so
@@ -21,19 +21,6 @@ MAX_BATCH = 8
 # Logits through the served ensemble vs timm + PyTorch on the same photo. The
 # preprocessing is bit-exact; the rest is ONNX Runtime vs PyTorch float32.
 SERVED_LOGIT_ATOL = 1e-4
-
-
-def free_ports(count: int) -> list:
-    """Ports free right now on localhost (bound to port 0, then released)."""
-    sockets, ports = [], []
-    for _ in range(count):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sockets.append(sock)
-        ports.append(sock.getsockname()[1])
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def project_copy(tmp_path: Path) -> Path:

@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 log = logging.getLogger("builder")
-CANDIDATES = ("onnxruntime", "inductor", "tensorrt")
 TIE = 0.03  # throughputs this close count as equal; the lower batch-1 latency wins
 
 

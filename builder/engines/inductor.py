@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -162,12 +162,29 @@ def _child(mode: str, folder: Path, params: Dict[str, str], max_batch: int, batc
         return json.load(f)
 
 
+def time_engine(engine, params: Dict[str, str], batches: Sequence[int], warmup: int = 5, iterations: int = 200,
+                budget_s: Optional[float] = 2.0) -> List[Dict]:
+    """Times a `TorchEngine` at each batch size, input already on its device (as the preprocess hands it over)."""
+    import torch
+
+    from builder.engines.choice import timed, timing_row
+    from builder.repository.triton_models.torch_runner import params_shape
+
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    rows: List[Dict] = []
+    for batch in batches:
+        x = torch.randn(batch, *params_shape(params), device=engine.device)
+        rows.append(timing_row(batch, timed(lambda: engine(x), sync, warmup, iterations, budget_s)))
+        log.info("batch %d: p50 %.2f ms, %s img/s", batch, rows[-1]["latency_p50_ms"],
+                 f"{rows[-1]['throughput_img_per_s']:,.0f}")
+    return rows
+
+
 def _child_main(mode: str, folder: str, params_json: str, max_batch: str, batches: str, tmp: str, out: str) -> None:
     """One start of the served engine (see `build_inductor`); writes what it measured to `out`."""
     import torch
 
-    from builder.engines.choice import timed, timing_row
-    from builder.repository.triton_models.torch_runner import TorchEngine, params_shape
+    from builder.repository.triton_models.torch_runner import TorchEngine
 
     params = json.loads(params_json)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,17 +204,11 @@ def _child_main(mode: str, folder: str, params_json: str, max_batch: str, batche
         logits = [engine(photos[i:i + max(engine.buckets)]).float().cpu() for i in range(0, len(photos),
                                                                                           max(engine.buckets))]
         np.save(os.path.join(tmp, "logits.npy"), torch.cat(logits).numpy())
-        sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-        rows: List[Dict] = []
-        for batch in (int(b) for b in batches.split(",")):
-            x = torch.randn(batch, *params_shape(params), device=engine.device)
-            rows.append(timing_row(batch, timed(lambda: engine(x), sync, 5, 200, budget_s=2.0)))
-            print(f"batch {batch}: p50 {rows[-1]['latency_p50_ms']:.2f} ms, "
-                  f"{rows[-1]['throughput_img_per_s']:,.0f} img/s", flush=True)
-        result["timings"] = rows
+        result["timings"] = time_engine(engine, params, [int(b) for b in batches.split(",")])
     with open(out, "w") as f:
         json.dump(result, f)
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)  # the parent relays it
     _child_main(*sys.argv[1:])

@@ -189,8 +189,8 @@ class PlanOptions:
                                f"{self.min_batch}..{self.max_batch}")
 
 
-def profile_from_config(path: str) -> Tuple[int, int]:
-    """(opt, max) batch from a Triton config.pbtxt: max = max_batch_size, opt = the largest preferred size.
+def _config_batching(path: str) -> Tuple[int, List[int]]:
+    """(max_batch_size, preferred batch sizes) of a Triton config.pbtxt.
 
     A regular expression, not protobuf: this module must run where only numpy
     and tensorrt are installed. The configs it reads are written by `builder`.
@@ -204,18 +204,19 @@ def profile_from_config(path: str) -> Tuple[int, int]:
     found = re.search(r"^max_batch_size:\s*(\d+)", text, flags=re.M)
     if not found or int(found.group(1)) < 1:
         raise BuilderError(f"triton_config: {path} has no max_batch_size >= 1; plans need a batching config")
-    largest = int(found.group(1))
-    preferred = [int(v) for v in re.findall(r"preferred_batch_size:\s*(\d+)", text)]
+    return int(found.group(1)), [int(v) for v in re.findall(r"preferred_batch_size:\s*(\d+)", text)]
+
+
+def profile_from_config(path: str) -> Tuple[int, int]:
+    """(opt, max) batch from a Triton config.pbtxt: max = max_batch_size, opt = the largest preferred size."""
+    largest, preferred = _config_batching(path)
     return (max(preferred) if preferred else largest), largest
 
 
 def batches_from_config(path: str) -> Tuple[int, ...]:
     """The batch sizes a Triton config makes the server form: 1, each preferred size and max_batch_size."""
-    import re
-
-    _, largest = profile_from_config(path)
-    text = open(path, encoding="utf-8").read()
-    return tuple(sorted({1, largest, *(int(v) for v in re.findall(r"preferred_batch_size:\s*(\d+)", text))}))
+    largest, preferred = _config_batching(path)
+    return tuple(sorted({1, largest, *preferred}))
 
 
 def _sha256(path: str) -> str:

@@ -18,6 +18,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from builder.repository import configs
 
 DEFAULT_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+# Manifest `settings.engine` values of the inductor classifier ("torch": its name before 2026-11-25).
+_TORCH_ENGINES = ("inductor", "torch")
 _PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
 _ONNX_DTYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 2: "TYPE_UINT8",
                 9: "TYPE_BOOL", 8: "TYPE_STRING", 11: "TYPE_FP64"}
@@ -230,8 +232,8 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
         manifest = json.loads(path.read_text(encoding="utf-8"))
         flavor = manifest["flavor"]
         classifier = manifest["contract"]["models"][1]
-        # The inductor classifier is a Python model in both flavors ("torch": its name before 2026-11-25).
-        torch_engine = manifest.get("settings", {}).get("engine") in ("inductor", "torch")
+        # The inductor classifier is a Python model in both flavors.
+        torch_engine = manifest.get("settings", {}).get("engine") in _TORCH_ENGINES
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return  # not written by this tool: nothing to hold it to
     for entry in manifest.get("model_versions", []):
@@ -257,7 +259,7 @@ def needs_torch(root) -> bool:
     from builder.repository.writer import read_manifest
 
     settings = read_manifest(Path(root)).get("settings", {})
-    return settings.get("engine") in ("inductor", "torch") or settings.get("preprocess") == "gpu"
+    return settings.get("engine") in _TORCH_ENGINES or settings.get("preprocess") == "gpu"
 
 
 def missing_backends(root: Path, available) -> List[Tuple[str, str]]:

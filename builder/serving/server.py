@@ -102,6 +102,17 @@ class ServerSettings:
             raise BuilderError("poll_seconds: use 1 or more")
 
 
+def free_ports(count: int) -> list:
+    """Ports free on localhost right now (bound to port 0, then released): for servers nobody else should reach."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
 def _pytriton_root() -> Path:
     import importlib.util
 

@@ -3,9 +3,10 @@
 Copied beside the `gpu` preprocess model's `model.py` (with `imaging.py`, the
 exact path it falls back to). Per batch:
 
-1. Each upload's header is read with Pillow (no pixels): baseline or progressive
-   8-bit JPEGs in RGB or grayscale within the pixel limit go to the GPU decoder,
-   with their EXIF orientation; everything else (PNG, WebP, GIF, TIFF, CMYK or
+1. Each upload's JPEG markers are read up to the frame header (`gpu_candidate`,
+   no pixels): baseline or progressive 8-bit Huffman JPEGs in YCbCr or grayscale
+   within the pixel limit go to the GPU decoder, with their EXIF orientation;
+   everything else (PNG, WebP, GIF, TIFF, CMYK or
    16-bit JPEG, broken or oversized uploads) takes `imaging.preprocess`, the
    exact path, with its error messages. A JPEG the GPU decoder refuses falls
    back the same way.
@@ -76,6 +77,8 @@ def resample_weights(in_size: int, out_size: int, filter_name: str) -> np.ndarra
                          np.trunc(0.5 + taps * (1 << _PRECISION_BITS)))
         matrix[out, first:last] = fixed / (1 << _PRECISION_BITS)
     return matrix.astype(np.float32)
+
+
 _JPEG_SOI = b"\xff\xd8"
 
 
