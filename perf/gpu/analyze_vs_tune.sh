@@ -26,7 +26,9 @@ case "${1:?stage}" in
     $SERVE_PYTHON -m perf analyze --repository "$REPO" --models classifier --analyzer "$ANALYZER" \
       --max-instances "${INSTANCES##*,}" --min-batch "$MAX_BATCH" --max-batch "$MAX_BATCH" \
       --min-concurrency "$MIN_CONCURRENCY" --max-concurrency "$MAX_CONCURRENCY" \
-      --measurement-interval-ms "$WINDOW_MS" --output "$OUT/model-analyzer" 2>&1 | tail -4
+      --measurement-interval-ms "$WINDOW_MS" --output "$OUT/model-analyzer" > "$OUT/analyze.log" 2>&1 \
+      || { tail -20 "$OUT/analyze.log"; exit 1; }  # on failure, the end of the log (the error)
+    tail -4 "$OUT/analyze.log"
     rm -rf "$OUT/model-analyzer/server" "$OUT/model-analyzer/output_models" "$OUT/model-analyzer/checkpoints"
     ;;
   tune)
@@ -38,7 +40,8 @@ print(','.join(str(c) for c in (1 << i for i in range(12)) if lo <= c <= hi))" "
     $SERVE_PYTHON -m perf tune --repository "$REPO" --instance-counts "$INSTANCES" \
       --queue-delays-us "${QUEUE_DELAY_US:-500}" --max-batch-sizes "$MAX_BATCH" --server-workdir /tmp/tune-server \
       --concurrency "$concurrency" --measurement-interval-ms "$WINDOW_MS" --stability-percent 15 \
-      --output "$OUT/tune.json" 2>&1 | grep -E "\] |best" | tail -6
+      --output "$OUT/tune.json" > "$OUT/tune.log" 2>&1 || { tail -20 "$OUT/tune.log"; exit 1; }
+    grep -E "\] |best" "$OUT/tune.log" | tail -6
     ;;
   *) echo "stages: analyze, tune" >&2; exit 2 ;;
 esac
