@@ -64,14 +64,15 @@ def bench_onnxruntime(onnx_path: str, batches: Sequence[int], warmup: int, itera
 
 def bench_tensorrt(plan: str, batches: Sequence[int], warmup: int, iterations: int) -> List[Dict]:
     """A TensorRT plan timed with CUDA events (input resident on the GPU)."""
-    from builder.engines.trt import PlanRunner
+    from builder.engines.plan_runner import PlanRunner, tensorrt_module
 
-    runner = PlanRunner(plan)
     rows = []
-    for batch in batches:
-        timing = runner.time(batch, warmup=warmup, iterations=iterations)
-        rows.append({"engine": "tensorrt", "variant": plan, "tensorrt_version": runner.trt.__version__, **timing})
-        log.info("%s", json.dumps(rows[-1]))
+    with PlanRunner(plan) as runner:
+        for batch in batches:
+            timing = runner.time(batch, warmup=warmup, iterations=iterations)
+            rows.append({"engine": "tensorrt", "variant": plan, "tensorrt_version": tensorrt_module().__version__,
+                         **timing})
+            log.info("%s", json.dumps(rows[-1]))
     return rows
 
 

@@ -1,26 +1,28 @@
-"""TensorRT plans from the exported ONNX: build, validate, time, inspect.
+"""TensorRT plans from the exported ONNX: build, validate, time, inspect, on NVIDIA's Polygraphy.
 
 Plans must be built where the serving TensorRT lives (NVIDIA's TensorRT
-container of the tritonserver release, or a TensorRT 8.6 wheel on
-Python 3.9), so this module imports only the standard library, numpy and
-tensorrt (plus the project's numpy-only `builder.compare`), and runs on
-Python >= 3.9. It supports TensorRT 8.6 through 10.x to 11.x by feature
-detection: flags and enums are looked up by name and used only when the
-running TensorRT has them (EXPLICIT_BATCH is gone in 11; weakly-typed
-FP16/INT8 builder flags and implicit INT8 calibrators are deprecated in 10 and
-removed in 11).
+container of the tritonserver release, which ships Polygraphy, or a TensorRT
+8.6 wheel with polygraphy on Python 3.9), so this module imports only the
+standard library, numpy, tensorrt and polygraphy (plus the project's
+numpy-only `builder.compare`), and runs on Python >= 3.9. Polygraphy's
+TensorRT backend does the version-dependent work: the network from ONNX
+(explicit batch before TensorRT 10, strongly typed for Q/DQ models in 10+),
+the builder config (precisions, profile, workspace, optimization level,
+timing cache, tactic sources, INT8 calibration), engine building and loading,
+device memory, and the runner. The few flags that TensorRT 11 removes
+(weakly-typed FP16/INT8, implicit calibration) are detected here by name so
+that the error says what to do instead. Running and timing plans is in
+`builder.engines.plan_runner`.
 
     python -m builder.engines.trt build --onnx model.onnx --plan model.plan --precision fp16 --max-batch 32
     python -m builder.engines.trt validate --plan model.plan --reference reference.npz
     python -m builder.engines.trt time --plan model.plan --batches 1,8,32 --json timings.json
-
-Device memory and timing use the CUDA runtime through ctypes (no pycuda).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,86 +36,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from builder.compare import check_parity, compare_logits
+from builder.engines.plan_runner import PlanRunner, load_engine, polygraphy_errors, tensorrt_module
 from builder.errors import BuilderError
 
 log = logging.getLogger("builder.engines.trt")
 PRECISIONS = ("fp32", "tf32", "fp16", "int8", "fp8")
 
 
-def _trt():
-    try:
-        import tensorrt
-    except ImportError:
-        raise BuilderError("tensorrt is not importable here; build plans inside NVIDIA's TensorRT container "
-                           "(`make plan-docker`) or in a Python that has the tensorrt wheel") from None
-    return tensorrt
-
-
 def trt_major() -> int:
     """Major version of the installed TensorRT."""
-    return int(_trt().__version__.split(".")[0])
-
-
-# -- CUDA runtime through ctypes -------------------------------------------------
-
-class _Cuda:
-    """The few CUDA runtime calls needed to run and time an engine."""
-
-    def __init__(self) -> None:
-        for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0"):
-            try:
-                self.lib = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        else:
-            raise BuilderError("libcudart (the CUDA runtime) was not found; put its folder on LD_LIBRARY_PATH")
-        self.lib.cudaGetErrorString.restype = ctypes.c_char_p
-        self.lib.cudaEventElapsedTime.argtypes = [ctypes.POINTER(ctypes.c_float), ctypes.c_void_p, ctypes.c_void_p]
-
-    def check(self, code: int, what: str) -> None:
-        if code != 0:
-            raise BuilderError(f"CUDA {what} failed: {self.lib.cudaGetErrorString(code).decode()}")
-
-    def malloc(self, nbytes: int) -> int:
-        ptr = ctypes.c_void_p()
-        self.check(self.lib.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1))), "cudaMalloc")
-        return ptr.value
-
-    def free(self, ptr: int) -> None:
-        self.lib.cudaFree(ctypes.c_void_p(ptr))
-
-    def htod(self, ptr: int, array: np.ndarray) -> None:
-        array = np.ascontiguousarray(array)
-        self.check(self.lib.cudaMemcpy(ctypes.c_void_p(ptr), array.ctypes.data_as(ctypes.c_void_p),
-                                       ctypes.c_size_t(array.nbytes), 1), "cudaMemcpy H2D")
-
-    def dtoh(self, array: np.ndarray, ptr: int) -> None:
-        self.check(self.lib.cudaMemcpy(array.ctypes.data_as(ctypes.c_void_p), ctypes.c_void_p(ptr),
-                                       ctypes.c_size_t(array.nbytes), 2), "cudaMemcpy D2H")
-
-    def stream(self) -> int:
-        s = ctypes.c_void_p()
-        self.check(self.lib.cudaStreamCreate(ctypes.byref(s)), "cudaStreamCreate")
-        return s.value
-
-    def sync(self, stream: int) -> None:
-        self.check(self.lib.cudaStreamSynchronize(ctypes.c_void_p(stream)), "cudaStreamSynchronize")
-
-    def event(self) -> int:
-        e = ctypes.c_void_p()
-        self.check(self.lib.cudaEventCreate(ctypes.byref(e)), "cudaEventCreate")
-        return e.value
-
-    def record(self, event: int, stream: int) -> None:
-        self.check(self.lib.cudaEventRecord(ctypes.c_void_p(event), ctypes.c_void_p(stream)), "cudaEventRecord")
-
-    def elapsed_ms(self, start: int, end: int) -> float:
-        self.lib.cudaEventSynchronize(ctypes.c_void_p(end))
-        ms = ctypes.c_float()
-        self.check(self.lib.cudaEventElapsedTime(ctypes.byref(ms), ctypes.c_void_p(start), ctypes.c_void_p(end)),
-                   "cudaEventElapsedTime")
-        return float(ms.value)
+    return int(tensorrt_module().__version__.split(".")[0])
 
 
 def gpu_info() -> Dict[str, str]:
@@ -233,52 +165,55 @@ def _onnx_has_qdq(path: str) -> bool:
         return b"QuantizeLinear" in f.read()
 
 
-def _flag(trt, name: str):
-    return getattr(trt.BuilderFlag, name, None)
+def _precision_flags(trt, precision: str, qdq: bool, calibration: Optional[str]) -> Dict[str, bool]:
+    """CreateConfig's precision arguments, or an error saying what this TensorRT needs instead.
 
-
-def _set_flag(config, trt, name: str, required_for: str = "") -> None:
-    flag = _flag(trt, name)
-    if flag is None:
-        if required_for:
-            raise BuilderError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}, needed for {required_for}")
-        return
-    config.set_flag(flag)
-
-
-class _Calibrator:
-    """Implicit INT8 entropy calibration over preprocessed images (TensorRT < 11)."""
-
-    def __new__(cls, trt, cuda: _Cuda, batches: np.ndarray, cache_path: str, batch: int):
-        base = getattr(trt, "IInt8EntropyCalibrator2", None)
-        if base is None:
+    Polygraphy would only warn and build something else where TensorRT lacks a
+    flag; here a missing flag is an error that names the way out.
+    """
+    weakly_typed = hasattr(trt.BuilderFlag, "FP16")  # gone in TensorRT 11: precision comes from the ONNX types
+    if precision == "fp32":
+        return {"tf32": False}  # strict FP32: Polygraphy clears TF32, which TensorRT enables by default
+    if precision == "tf32":
+        return {"tf32": True}
+    if not weakly_typed:
+        raise BuilderError(f"TensorRT {trt.__version__} removed weakly-typed {precision.upper()}; export an FP16 "
+                           "ONNX (or a ModelOpt-quantized one) and build it strongly typed")
+    if precision == "fp16":
+        return {"fp16": True}
+    if precision == "fp8" and (trt_major() < 10 or not hasattr(trt.BuilderFlag, "FP8")):
+        raise BuilderError(f"fp8 needs TensorRT >= 10 (this is {trt.__version__}) and an FP8 Q/DQ ONNX")
+    if not qdq:
+        if precision == "fp8" or not calibration:
+            raise BuilderError(f"{precision}: the ONNX has no Q/DQ nodes; quantize it with ModelOpt "
+                               "(explicit, preferred) or pass --calibration images.npy (implicit INT8, TensorRT < 11)")
+        if not hasattr(trt, "IInt8EntropyCalibrator2"):
             raise BuilderError(f"TensorRT {trt.__version__} has no implicit INT8 calibration; quantize the ONNX "
                                "with NVIDIA ModelOpt (explicit Q/DQ) and build that instead")
+    return {"fp16": True, precision: True}  # layers left unquantized may run in FP16
 
-        class Calibrator(base):
-            def __init__(self):
-                base.__init__(self)
-                self.data, self.batch, self.index = batches.astype(np.float32), batch, 0
-                self.device = cuda.malloc(self.data[:batch].nbytes)
 
-            def get_batch_size(self):
-                return self.batch
+def _calibration(options: PlanOptions, shape: Tuple[int, ...]):
+    """Polygraphy's entropy calibrator over the images, and a config step that sets its fixed-batch profile.
 
-            def get_batch(self, names):
-                if self.index + self.batch > len(self.data):
-                    return None
-                cuda.htod(self.device, self.data[self.index:self.index + self.batch])
-                self.index += self.batch
-                return [self.device]
+    Polygraphy calibrates at the serving profile's opt batch; a profile of its
+    own lets a short image file (fewer images than opt) still calibrate.
+    """
+    from polygraphy.backend.trt import Calibrator, PostprocessConfig, Profile
+    from polygraphy.backend.trt import util as trt_util
 
-            def read_calibration_cache(self):
-                return open(cache_path, "rb").read() if os.path.isfile(cache_path) else None
+    images = np.load(options.calibration).astype(np.float32)
+    batch = min(len(images), options.opt_batch or options.max_batch, 32)
+    batches = [{options.input_name: images[i:i + batch]} for i in range(0, len(images) - batch + 1, batch)]
+    calibrator = Calibrator(batches, cache=options.plan + ".calib")
+    fixed = (batch, *shape)
 
-            def write_calibration_cache(self, cache):
-                with open(cache_path, "wb") as f:
-                    f.write(cache)
+    def set_profile(builder, network, config):
+        profile = Profile().add(options.input_name, min=fixed, opt=fixed, max=fixed)
+        config.set_calibration_profile(profile.to_trt(builder, network))
+        trt_util.try_setup_polygraphy_calibrator(config, network)  # the calibrator checks batches against it
 
-        return Calibrator()
+    return calibrator, lambda config: PostprocessConfig(config, set_profile)
 
 
 def build_plan(options: PlanOptions) -> Dict:
@@ -293,92 +228,47 @@ def build_plan(options: PlanOptions) -> Dict:
     Raises:
         BuilderError: Parse failure, unsupported precision, failed build.
     """
-    trt = _trt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and trt_major() < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    trt = tensorrt_module()
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
     qdq = _onnx_has_qdq(options.onnx)
-    weakly_typed_flags = _flag(trt, "FP16") is not None
-    if qdq and not weakly_typed_flags and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(options.onnx):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuilderError(f"TensorRT could not parse {options.onnx}: {errors}")
-    config = builder.create_builder_config()
-    workspace = int(options.workspace_gib * (1 << 30))
-    if hasattr(config, "set_memory_pool_limit"):
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    else:
-        config.max_workspace_size = workspace
-    if hasattr(config, "builder_optimization_level"):
-        config.builder_optimization_level = options.opt_level
-    if options.tactic_sources:
-        mask = 0
-        for name in options.tactic_sources:
-            source = getattr(trt.TacticSource, name.upper(), None)
-            if source is None:
-                raise BuilderError(f"tactic_sources: TensorRT {trt.__version__} has no TacticSource.{name.upper()}")
-            mask |= 1 << int(source)
-        config.set_tactic_sources(mask)
-    if options.inspect and hasattr(trt, "ProfilingVerbosity"):
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-
-    cuda = None
-    precision = options.precision
-    if precision == "fp32":
-        tf32 = _flag(trt, "TF32")
-        if tf32 is not None:
-            config.clear_flag(tf32)  # strict FP32: TF32 is on by default
-    elif precision == "tf32":
-        _set_flag(config, trt, "TF32", "tf32")
-    elif precision == "fp16":
-        if not weakly_typed_flags:
-            raise BuilderError(f"TensorRT {trt.__version__} removed weakly-typed FP16; export an FP16 ONNX "
-                               "(or a ModelOpt-quantized one) and build it strongly typed")
-        _set_flag(config, trt, "FP16")
-    elif precision in ("int8", "fp8"):
-        if precision == "fp8" and (trt_major() < 10 or _flag(trt, "FP8") is None):
-            raise BuilderError(f"fp8 needs TensorRT >= 10 (this is {trt.__version__}) and an FP8 Q/DQ ONNX")
-        if weakly_typed_flags:
-            _set_flag(config, trt, "FP16")  # layers left unquantized may run in FP16
-            _set_flag(config, trt, precision.upper(), precision)
-        if not qdq:
-            if precision == "fp8" or not options.calibration:
-                raise BuilderError(f"{precision}: the ONNX has no Q/DQ nodes; quantize it with ModelOpt "
-                                   "(explicit, preferred) or pass --calibration images.npy (implicit INT8, TensorRT < 11)")
-            cuda = _Cuda()
-            images = np.load(options.calibration)
-            batch = min(len(images), options.opt_batch or options.max_batch, 32)
-            calib_profile = builder.create_optimization_profile()
-            shape = tuple(network.get_input(0).shape)[1:]
-            calib_profile.set_shape(options.input_name, (batch, *shape), (batch, *shape), (batch, *shape))
-            config.set_calibration_profile(calib_profile)
-            config.int8_calibrator = _Calibrator(trt, cuda, images, options.plan + ".calib", batch)
-
-    shape = tuple(network.get_input(0).shape)[1:]
+    flags = _precision_flags(trt, options.precision, qdq, options.calibration)
+    # A Q/DQ model on a TensorRT without weakly-typed flags must be built strongly typed.
+    strongly_typed = qdq and not hasattr(trt.BuilderFlag, "FP16")
+    try:
+        network = NetworkFromOnnxPath(options.onnx, strongly_typed=strongly_typed)()  # (builder, network, parser)
+    except polygraphy_errors() as exc:
+        raise BuilderError(f"TensorRT could not parse {options.onnx}: {exc}") from None
+    shape = tuple(network[1].get_input(0).shape)[1:]
     if any(d < 0 for d in shape):
         raise BuilderError(f"input {options.input_name!r} has dynamic non-batch dims {shape}; export with a fixed size")
     opt = options.opt_batch or options.max_batch
-    profile = builder.create_optimization_profile()
-    profile.set_shape(options.input_name, (options.min_batch, *shape), (opt, *shape), (options.max_batch, *shape))
-    config.add_optimization_profile(profile)
+    tactics = []
+    for name in options.tactic_sources:
+        source = getattr(trt.TacticSource, name.upper(), None)
+        if source is None:
+            raise BuilderError(f"tactic_sources: TensorRT {trt.__version__} has no TacticSource.{name.upper()}")
+        tactics.append(source)
+    calibrator, with_calibration_profile = (_calibration(options, shape) if flags.get("int8") and not qdq
+                                            else (None, lambda config: config))
+    config = with_calibration_profile(CreateConfig(
+        **flags,
+        profiles=[Profile().add(options.input_name, min=(options.min_batch, *shape), opt=(opt, *shape),
+                                max=(options.max_batch, *shape))],
+        calibrator=calibrator,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(options.workspace_gib * (1 << 30))},
+        builder_optimization_level=options.opt_level,
+        load_timing_cache=options.timing_cache,
+        tactic_sources=tactics or None,
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED if options.inspect else None))
 
-    cache = None
-    if options.timing_cache and hasattr(config, "create_timing_cache"):
-        blob = open(options.timing_cache, "rb").read() if os.path.isfile(options.timing_cache) else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
-
-    log.info("building %s plan from %s (profile %d/%d/%d) with TensorRT %s ...", precision, options.onnx,
+    log.info("building %s plan from %s (profile %d/%d/%d) with TensorRT %s ...", options.precision, options.onnx,
              options.min_batch, opt, options.max_batch, trt.__version__)
     start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BuilderError("TensorRT failed to build the plan (see its log above)")
+    try:
+        serialized = EngineBytesFromNetwork(network, config, save_timing_cache=options.timing_cache)()
+    except polygraphy_errors() as exc:
+        raise BuilderError(f"TensorRT failed to build the plan: {exc}") from None
     build_s = time.perf_counter() - start
     os.makedirs(os.path.dirname(os.path.abspath(options.plan)), exist_ok=True)
     tmp = options.plan + ".tmp"
@@ -392,21 +282,18 @@ def build_plan(options: PlanOptions) -> Dict:
             os.remove(tmp)  # a plan outside the thresholds never replaces the previous one
             raise
     os.replace(tmp, options.plan)  # never a half-written or unvalidated plan under the real name
-    if cache is not None:
-        with open(options.timing_cache, "wb") as f:
-            f.write(cache.serialize())
     log.info("built %s (%.1f MB) in %.0f s", options.plan, os.path.getsize(options.plan) / 1e6, build_s)
 
     layers = inspect_plan(options.plan) if options.inspect else {}
     # Timed here, where the plan was built for this GPU, so `--engine auto` can compare it with engines
     # built in another Python (TensorRT and torch rarely share one).
-    runner = PlanRunner(options.plan)
-    timings = [runner.time(b, warmup=10, iterations=50)
-               for b in (options.timing_batches or sorted({options.min_batch, opt, options.max_batch}))]
+    with PlanRunner(options.plan) as runner:
+        timings = [runner.time(b, warmup=10, iterations=50)
+                   for b in (options.timing_batches or sorted({options.min_batch, opt, options.max_batch}))]
     sidecar = {
         "tensorrt_version": trt.__version__,
         **gpu_info(),
-        "precision": precision,
+        "precision": options.precision,
         "explicit_quantization": qdq,
         "profile": {"input": options.input_name, "min": options.min_batch, "opt": opt, "max": options.max_batch,
                     "shape": list(shape)},
@@ -426,20 +313,14 @@ def build_plan(options: PlanOptions) -> Dict:
     return sidecar
 
 
-def _load_engine(plan: str):
-    trt = _trt()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    with open(plan, "rb") as f:
-        engine = runtime.deserialize_cuda_engine(f.read())
-    if engine is None:
-        raise BuilderError(f"{plan} could not be deserialized: built by another TensorRT version or for another GPU")
-    return engine
-
-
 def inspect_plan(plan: str) -> Dict:
-    """Writes `<plan>.layers.json` (TensorRT's engine inspector) and counts layer output precisions."""
-    trt = _trt()
-    engine = _load_engine(plan)
+    """Writes `<plan>.layers.json` (TensorRT's engine inspector) and counts layer output precisions.
+
+    TensorRT's inspector directly: Polygraphy's `inspect model` prints the same
+    information as text, and the sidecar needs it as JSON.
+    """
+    trt = tensorrt_module()
+    engine = load_engine(plan)
     if not hasattr(engine, "create_engine_inspector"):
         return {}
     inspector = engine.create_engine_inspector()
@@ -462,80 +343,6 @@ def inspect_plan(plan: str) -> Dict:
     return {"precisions": precisions}
 
 
-class PlanRunner:
-    """Runs a plan on the GPU: numpy in, numpy out (TensorRT >= 8.5 tensor API)."""
-
-    def __init__(self, plan: str, device: int = 0):
-        self.trt = _trt()
-        self.cuda = _Cuda()
-        self.cuda.check(self.cuda.lib.cudaSetDevice(device), "cudaSetDevice")
-        self.engine = _load_engine(plan)
-        self.context = self.engine.create_execution_context()
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in self.names if n not in self.inputs]
-        self.stream = self.cuda.stream()
-        self.buffers: Dict[str, Tuple[int, int]] = {}
-
-    def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, size = self.buffers.get(name, (0, 0))
-        if size < nbytes:
-            if ptr:
-                self.cuda.free(ptr)
-            ptr, size = self.cuda.malloc(nbytes), nbytes
-            self.buffers[name] = (ptr, size)
-            self.context.set_tensor_address(name, ptr)
-        return ptr
-
-    def prepare(self, batch: np.ndarray) -> None:
-        """Copies the input to the device and sets shapes (done once before timing)."""
-        name = self.inputs[0]
-        dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-        batch = np.ascontiguousarray(batch.astype(dtype, copy=False))
-        self.context.set_input_shape(name, batch.shape)
-        self.cuda.htod(self._buffer(name, batch.nbytes), batch)
-        for out in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(out))
-            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(out)))
-            self._buffer(out, int(np.prod(shape)) * dtype.itemsize)
-
-    def enqueue(self) -> None:
-        if not self.context.execute_async_v3(self.stream):
-            raise BuilderError("TensorRT execution failed")
-
-    def __call__(self, batch: np.ndarray) -> Dict[str, np.ndarray]:
-        self.prepare(batch)
-        self.enqueue()
-        self.cuda.sync(self.stream)
-        results = {}
-        for out in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(out))
-            array = np.empty(shape, dtype=np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(out))))
-            self.cuda.dtoh(array, self.buffers[out][0])
-            results[out] = array
-        return results
-
-    def time(self, batch: int, warmup: int = 20, iterations: int = 200) -> Dict[str, float]:
-        """Times GPU execution at one batch size with CUDA events (input already on the device)."""
-        shape = tuple(self.engine.get_tensor_shape(self.inputs[0]))[1:]
-        self.prepare(np.zeros((batch, *shape), dtype=np.float32))
-        for _ in range(warmup):
-            self.enqueue()
-        self.cuda.sync(self.stream)
-        start, end = self.cuda.event(), self.cuda.event()
-        samples = []
-        for _ in range(iterations):
-            self.cuda.record(start, self.stream)
-            self.enqueue()
-            self.cuda.record(end, self.stream)
-            samples.append(self.cuda.elapsed_ms(start, end))
-        samples_ms = np.array(samples)
-        return {"batch_size": batch, "latency_mean_ms": float(samples_ms.mean()),
-                "latency_p50_ms": float(np.percentile(samples_ms, 50)),
-                "latency_p99_ms": float(np.percentile(samples_ms, 99)),
-                "throughput_img_per_s": float(batch * 1000.0 / samples_ms.mean()), "iterations": iterations}
-
-
 def _calibration_source(path: Optional[str]) -> Optional[str]:
     """What a calibration .npy holds, from the `<path>.json` that `builder export` writes beside it."""
     if not path:
@@ -550,6 +357,10 @@ def _calibration_source(path: Optional[str]) -> Optional[str]:
 def validate_plan(plan: str, reference: str, max_abs: float, min_cosine: float, min_top1: float) -> Dict[str, float]:
     """Runs the plan on the reference inputs and compares with the reference logits.
 
+    Polygraphy's comparator gives the elementwise error statistics (max, mean
+    and median absolute and relative error); it has no row-wise cosine or
+    top-1 agreement rate, which come from `builder.compare`.
+
     Args:
         plan: The plan.
         reference: .npz with `inputs` (N,3,H,W) and `logits` (N,C) from PyTorch or ONNX Runtime.
@@ -561,14 +372,21 @@ def validate_plan(plan: str, reference: str, max_abs: float, min_cosine: float, 
     Raises:
         BuilderError: A threshold is missed.
     """
+    from polygraphy.comparator import CompareFunc, IterationResult
+
     data = np.load(reference)
-    runner = PlanRunner(plan)
-    profile_max = runner.engine.get_tensor_profile_shape(runner.inputs[0], 0)[2][0]
-    outputs = []
-    for start in range(0, len(data["inputs"]), profile_max):
-        result = runner(data["inputs"][start:start + profile_max])
-        outputs.append(result[runner.outputs[0]].astype(np.float32))
-    figures = compare_logits(data["logits"], np.concatenate(outputs))
+    with PlanRunner(plan) as runner:
+        profile_max = runner.engine.get_tensor_profile_shape(runner.inputs[0], 0)[2][0]
+        outputs = [runner(data["inputs"][start:start + profile_max])[runner.outputs[0]].astype(np.float32)
+                   for start in range(0, len(data["inputs"]), profile_max)]
+    candidate, expected = np.concatenate(outputs), data["logits"].astype(np.float32)
+    name = runner.outputs[0]
+    stats = CompareFunc.simple(atol=max_abs, rtol=0.0, check_error_stat="max")(
+        IterationResult({name: expected}, runner_name="reference"),
+        IterationResult({name: candidate}, runner_name="tensorrt"))[name]
+    figures = compare_logits(expected, candidate)
+    figures.update(max_abs=float(stats.max_absdiff), mean_abs=float(stats.mean_absdiff),
+                   median_abs=float(stats.median_absdiff), max_rel=float(stats.max_reldiff))
     problems = check_parity(figures, max_abs, min_cosine, min_top1)
     # What the inputs were (real photos or noise asked for on purpose), carried into the sidecar and manifest.
     figures["inputs"] = str(data["source"]) if "source" in data.files else "unrecorded"
@@ -622,39 +440,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        if args.command == "build":
-            opt_batch, max_batch, timing = args.opt_batch, args.max_batch, tuple(args.timing_batches)
-            if args.triton_config:
-                opt_batch, max_batch = profile_from_config(args.triton_config)
-                opt_batch = args.opt_batch or opt_batch
-                timing = timing or batches_from_config(args.triton_config)
-            sidecar = build_plan(PlanOptions(
-                onnx=args.onnx, plan=args.plan, precision=args.precision, min_batch=args.min_batch,
-                opt_batch=opt_batch, max_batch=max_batch, workspace_gib=args.workspace_gib,
-                opt_level=args.opt_level, timing_cache=args.timing_cache, calibration=args.calibration,
-                tactic_sources=tuple(s for s in args.tactic_sources.split(",") if s), reference=args.reference,
-                max_abs=args.max_abs, min_cosine=args.min_cosine, min_top1=args.min_top1, timing_batches=timing))
-            print(json.dumps({k: sidecar[k] for k in ("tensorrt_version", "gpu", "precision", "build_s",
-                                                      "layer_precisions", "parity", "timings")}))
-        elif args.command == "validate":
-            figures = validate_plan(args.plan, args.reference, args.max_abs, args.min_cosine, args.min_top1)
-            print(json.dumps(figures))
-        elif args.command == "time":
-            runner = PlanRunner(args.plan)
-            rows = []
-            for batch in args.batches:
-                row = runner.time(batch, iterations=args.iterations)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(rows, f, indent=2)
-        else:
-            print(json.dumps(inspect_plan(args.plan)))
+        # Polygraphy prints its warnings on stdout; this CLI's stdout is JSON only.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = _run_command(args)
     except BuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print(json.dumps(result))
     return 0
+
+
+def _run_command(args: argparse.Namespace):
+    """Runs one CLI command; returns what it prints as JSON."""
+    if args.command == "build":
+        opt_batch, max_batch, timing = args.opt_batch, args.max_batch, tuple(args.timing_batches)
+        if args.triton_config:
+            opt_batch, max_batch = profile_from_config(args.triton_config)
+            opt_batch = args.opt_batch or opt_batch
+            timing = timing or batches_from_config(args.triton_config)
+        sidecar = build_plan(PlanOptions(
+            onnx=args.onnx, plan=args.plan, precision=args.precision, min_batch=args.min_batch,
+            opt_batch=opt_batch, max_batch=max_batch, workspace_gib=args.workspace_gib,
+            opt_level=args.opt_level, timing_cache=args.timing_cache, calibration=args.calibration,
+            tactic_sources=tuple(s for s in args.tactic_sources.split(",") if s), reference=args.reference,
+            max_abs=args.max_abs, min_cosine=args.min_cosine, min_top1=args.min_top1, timing_batches=timing))
+        return {k: sidecar[k] for k in ("tensorrt_version", "gpu", "precision", "build_s", "layer_precisions",
+                                        "parity", "timings")}
+    if args.command == "validate":
+        return validate_plan(args.plan, args.reference, args.max_abs, args.min_cosine, args.min_top1)
+    if args.command == "time":
+        with PlanRunner(args.plan) as runner:
+            rows = []
+            for batch in args.batches:
+                rows.append(runner.time(batch, iterations=args.iterations))
+                log.info("%s", json.dumps(rows[-1]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return rows
+    return inspect_plan(args.plan)
 
 
 if __name__ == "__main__":

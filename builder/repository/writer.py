@@ -28,9 +28,10 @@ log = logging.getLogger("builder")
 
 MODELS_DIR = Path(__file__).parent / "triton_models"
 BUILDER_DIR = Path(__file__).resolve().parents[1]
-# builder.engines.trt and what it imports: stdlib, numpy and tensorrt only, so it runs in a TensorRT-only Python.
+# builder.engines.trt, its runner and what they import: stdlib, numpy, tensorrt and polygraphy only, so they run
+# in a TensorRT-only Python (NVIDIA's TensorRT container, a Python-backend stub with the tensorrt wheel).
 TRT_MODULES = ("builder/__init__.py", "builder/errors.py", "builder/compare.py", "builder/engines/__init__.py",
-               "builder/engines/trt.py")
+               "builder/engines/plan_runner.py", "builder/engines/trt.py")
 
 
 def file_hashes(root: Path) -> Dict[str, str]:
@@ -116,12 +117,15 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy,
                                               torch_parameters(settings, contract))
     elif settings.flavor == "local":
-        if settings.plan:  # the plan runs through builder.engines.trt: copy it and its numpy-only imports
+        parameters = None
+        if settings.plan:  # the plan runs through builder.engines.plan_runner: copy it and its numpy-only imports
             for module in TRT_MODULES:
                 (cls_dir / version / module).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(BUILDER_DIR.parent / module, cls_dir / version / module)
+            # The GPU preprocessing's output stays on the GPU: the runner wraps it by DLPack.
+            parameters = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
         _copy_python_model("classifier.py", cls_dir / version)
-        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy)
+        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy, parameters)
     elif settings.plan:
         cls_config = configs.tensorrt_classifier(contract, batching, settings.classifier_instances, policy,
                                                  settings.cuda_graphs)

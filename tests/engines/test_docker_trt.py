@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -91,8 +92,9 @@ def _imports(path: Path) -> set:
     return names
 
 
-def test_trt_module_needs_only_stdlib_numpy_tensorrt():
-    allowed = STDLIB | {"numpy", "tensorrt", "__future__", "builder.compare", "builder.errors"}
+def test_trt_module_needs_only_stdlib_numpy_tensorrt_polygraphy():
+    allowed = STDLIB | {"numpy", "tensorrt", "polygraphy", "__future__", "builder.compare", "builder.errors",
+                        "builder.engines.plan_runner"}
     from builder.repository.writer import TRT_MODULES
 
     for module in TRT_MODULES:  # what the local flavor copies beside a plan, and the TensorRT image gets
@@ -185,8 +187,22 @@ def test_local_flavor_runs_a_plan_in_the_python_backend(tmp_path):
     version = repo / "swin_tiny_patch4_window7_224_classifier" / "1"
     assert (version / "model.py").read_text() == (ROOT / "builder/repository/triton_models/classifier.py").read_text()
     assert sorted(p.relative_to(version).as_posix() for p in (version / "builder").rglob("*.py")) == [
-        "builder/__init__.py", "builder/compare.py", "builder/engines/__init__.py", "builder/engines/trt.py",
-        "builder/errors.py"]
-    assert 'backend: "python"' in (version.parent / "config.pbtxt").read_text()
+        "builder/__init__.py", "builder/compare.py", "builder/engines/__init__.py", "builder/engines/plan_runner.py",
+        "builder/engines/trt.py", "builder/errors.py"]
+    config = (version.parent / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config
+    # The GPU preprocessing's output reaches the plan on the GPU (wrapped by DLPack), not copied to the host.
+    assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in config and 'string_value: "no"' in config
     with pytest.raises(BuilderError, match="cuda_graphs"):
         tiny_settings(tmp_path / "repo", flavor="local", plan=str(plan), cuda_graphs=True)
+
+
+@pytest.mark.parametrize("make", [lambda: np.arange(12, dtype=np.float32).reshape(3, 4).__dlpack__(),
+                                  lambda: np.arange(12, dtype=np.float32).reshape(3, 4)])
+def test_dlpack_wrapper_refuses_host_memory(make):
+    """The plan runner wraps device memory only; a real DLPack producer's host tensor gets a clear error."""
+    pytest.importorskip("polygraphy")
+    from builder.engines.plan_runner import device_view_from_dlpack
+
+    with pytest.raises(BuilderError, match="not CUDA memory"):
+        device_view_from_dlpack(make())

@@ -5,8 +5,10 @@ flavor runs the classifier here, by what the version directory holds:
 `model.pt2` (the PyTorch 2 engine: a torch.export program, FP16 on the GPU,
 optionally compiled by TorchInductor with CUDA graphs per batch bucket; it
 takes its input on the GPU by DLPack and returns logits there), `model.plan`
-(TensorRT, through `builder.engines.trt.PlanRunner`, copied beside this file with the
-two numpy-only modules it needs), else `model.onnx` on ONNX Runtime.
+(TensorRT, through `builder.engines.plan_runner.PlanRunner` on Polygraphy, copied
+beside this file with the numpy-only modules it needs; it takes host arrays, or the
+GPU preprocessing's device memory by DLPack without a copy), else `model.onnx` on
+ONNX Runtime.
 Its config has the same name, tensors, batching and instance groups as the
 native `onnxruntime_onnx` / `tensorrt_plan` models of the `container` flavor,
 so clients cannot tell them apart. Requests of a dynamic batch run as one call.
@@ -27,15 +29,27 @@ def _onnxruntime(path, params):
     options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     session = ort.InferenceSession(path, options, providers=providers)
-    return lambda name, batch: session.run(None, {name: batch})[0]
+
+    def run(name, tensors):
+        arrays = [t.as_numpy() for t in tensors]
+        return arrays, session.run(None, {name: np.concatenate(arrays) if len(arrays) > 1 else arrays[0]})[0]
+
+    return run
 
 
 def _tensorrt(path, device):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from builder.engines.trt import PlanRunner  # the copy beside this file
+    from builder.engines.plan_runner import PlanRunner, device_view_from_dlpack  # the copies beside this file
 
     runner = PlanRunner(path, device=device)
-    return lambda name, batch: next(iter(runner(batch).values())).astype(np.float32, copy=False)
+
+    def run(name, tensors):
+        # Host tensors (clients) as numpy; device tensors (the GPU preprocessing) wrapped where they lie.
+        parts = [t.as_numpy() if t.is_cpu() else device_view_from_dlpack(t) for t in tensors]
+        return parts, next(iter(runner(runner.gather(parts)).values())).astype(np.float32, copy=False)
+
+    run.close = runner.close
+    return run
 
 
 class TritonPythonModel:
@@ -65,14 +79,20 @@ class TritonPythonModel:
         if self.engine is not None:
             inputs, logits = self._run_torch(requests)
         else:
-            inputs = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
-            logits = self.run(self.input_name, np.concatenate(inputs) if len(inputs) > 1 else inputs[0])
+            inputs, logits = self.run(self.input_name,
+                                      [pb_utils.get_input_tensor_by_name(r, self.input_name) for r in requests])
         responses, start = [], 0
-        for rows in (len(x) for x in inputs):  # requests of a dynamic batch ran as one call: split it back
+        for rows in (x.shape[0] for x in inputs):  # requests of a dynamic batch ran as one call: split it back
             responses.append(pb_utils.InferenceResponse(
                 [pb_utils.Tensor(self.output_name, logits[start:start + rows])]))
             start += rows
         return responses
+
+    def finalize(self):
+        """Releases the TensorRT runner's context and buffers when Triton unloads the model."""
+        close = getattr(getattr(self, "run", None), "close", None)
+        if close is not None:
+            close()
 
     def _run_torch(self, requests):
         """Pixels in on the GPU by DLPack (no host copy); logits out with one device-to-host copy per batch.
