@@ -62,9 +62,14 @@ def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, st
     # throughput fell from concurrency 1 to 8). Each bucket is one CUDA graph, captured at load.
     powers = {1 << i for i in range(batching.max_batch_size.bit_length()) if 1 << i <= batching.max_batch_size}
     buckets = sorted(powers | {*batching.preferred_batch_sizes, batching.max_batch_size})
+    # A GPU instance only stacks and copies batches on the CPU. torch's default pool, one thread per core in
+    # every instance's process, oversubscribed the cores: 2 instances on an H100 served 187 img/s with it and
+    # 2,312 with one thread each (perf/results/h100-analyze/threads/). CPU instances compute there: torch decides.
+    gpu = settings.classifier_instances.kind == "KIND_GPU"
     return {"precision": settings.inductor_precision, "compile": settings.compile_mode,
             "batch_buckets": ",".join(str(b) for b in buckets),
             "input_dims": ",".join(str(d) for d in contract.pixels.dims),
+            "intra_op_threads": "1" if gpu else "0",
             # Inputs stay where the preprocess model left them (the GPU): no copy through the host.
             "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
 

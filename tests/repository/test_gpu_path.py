@@ -132,9 +132,14 @@ def test_settings_of_the_variants():
     from builder.repository.writer import torch_parameters
 
     params = torch_parameters(s.RepoSettings(engine="inductor", inductor_precision="fp32",
-                                             classifier_batching=s.Batching(48, (24,), 100)),
+                                             classifier_batching=s.Batching(48, (24,), 100),
+                                             classifier_instances=s.InstanceGroup("KIND_CPU", 1)),
                               Contract("x", (224, 224), 1000, 5))
     assert params["precision"] == "fp32" and params["batch_buckets"] == "1,2,4,8,16,24,32,48"
+    assert params["intra_op_threads"] == "0"  # CPU instances compute on the CPU: torch's own pool
+    gpu = torch_parameters(s.RepoSettings(engine="inductor", classifier_instances=s.InstanceGroup("KIND_GPU", 2)),
+                           Contract("x", (224, 224), 1000, 5))
+    assert gpu["intra_op_threads"] == "1"  # GPU instances only stack and copy: one thread each (H100-measured)
     with pytest.raises(BuilderError, match="preprocess: 'fast' is unknown"):
         s.RepoSettings(preprocess="fast")
     with pytest.raises(BuilderError, match="engine: 'tvm' is unknown"):
@@ -212,6 +217,12 @@ def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, capsys):
     with torch.no_grad():
         reference = tiny_model.module(x)
     assert torch.allclose(engine(x), reference, atol=1e-4)  # padded to bucket 4, cut back to 3 rows
+    threads = torch.get_num_threads()
+    try:  # the instance's CPU pool follows intra_op_threads (GPU instances get 1 from the builder)
+        TorchEngine(str(version_dir), "cpu", {**params, "intra_op_threads": "1"}, MAX_BATCH)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     sidecar = version_dir / "engine.json"
     original = sidecar.read_text()
     (version_dir / "inductor.bin").write_bytes(b"stale")

@@ -21,6 +21,11 @@ class TorchEngine:
 
         self.torch = torch
         self.device = torch.device(device)
+        threads = int(params.get("intra_op_threads", "0"))
+        if threads > 0:
+            # Each instance is a stub process; torch's default pool has one thread per core in every one of
+            # them, while a GPU instance only stacks and copies batches on the CPU.
+            torch.set_num_threads(threads)
         program = torch.export.load(os.path.join(version_dir, "model.pt2")).module().to(self.device)
         fp16 = params.get("precision", "fp16") == "fp16" and self.device.type == "cuda"
         self.dtype = torch.float16 if fp16 else torch.float32
