@@ -28,9 +28,9 @@ log = logging.getLogger("perf")
 
 def has_gpu() -> bool:
     """Whether the host has an NVIDIA GPU the server can use (nvidia-smi names one)."""
-    from builder.engines.trt import gpu_info
+    from perf.environment import gpu
 
-    return bool(gpu_info()["gpu"])
+    return bool(gpu())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import logging
 import time
 from typing import Callable, Dict, List, Sequence
 
-from builder.engines.choice import onnxruntime_timings, timed, timing_row
+from builder.engines.choice import onnxruntime_timings
+from builder.timing import timed, timing_row
 
 log = logging.getLogger("perf")
 

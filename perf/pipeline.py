@@ -22,7 +22,7 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
     import torch
 
     from builder.repository.triton_models import gpu_imaging, imaging
-    from builder.engines.choice import timed
+    from builder.timing import timed, timing_row
 
     data = [Path(p).read_bytes() for p in images]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -38,11 +38,8 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
             orientations = [gpu_imaging.gpu_candidate(d, params.max_pixels) or 1 for d in items]
             for stage, fn in (("decode", lambda: pipeline.decoder(items, orientations)),
                               ("decode+transform", lambda: pipeline(items))):
-                ms = np.array(timed(fn, sync, warmup, iterations)) * 1000.0
-                row = {"decoder": pipeline.decoder.backend, "stage": stage, "device": device, "batch_size": batch,
-                       "latency_mean_ms": float(ms.mean()), "latency_p50_ms": float(np.percentile(ms, 50)),
-                       "throughput_img_per_s": float(batch * 1000.0 / ms.mean()), "iterations": iterations,
-                       **parity}
+                row = {"decoder": pipeline.decoder.backend, "stage": stage, "device": device,
+                       **timing_row(batch, timed(fn, sync, warmup, iterations)), **parity}
                 rows.append(row)
                 log.info("%s %s batch %d: %.0f img/s (%.2f ms)", row["decoder"], stage, batch,
                          row["throughput_img_per_s"], row["latency_mean_ms"])

@@ -167,7 +167,7 @@ def time_engine(engine, params: Dict[str, str], batches: Sequence[int], warmup: 
     """Times a `TorchEngine` at each batch size, input already on its device (as the preprocess hands it over)."""
     import torch
 
-    from builder.engines.choice import timed, timing_row
+    from builder.timing import timed, timing_row
     from builder.repository.triton_models.torch_runner import params_shape
 
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)

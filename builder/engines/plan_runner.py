@@ -14,6 +14,7 @@ from typing import Dict, Sequence, Union
 import numpy as np
 
 from builder.errors import BuilderError
+from builder.timing import timing_row
 
 
 def tensorrt_module():
@@ -248,11 +249,7 @@ class PlanRunner:
             if not context.execute_async_v3(stream):
                 raise BuilderError("TensorRT execution failed")
             events.record(events.end, stream)
-            samples.append(events.elapsed_ms())
-        samples_ms = np.array(samples)
-        return {"batch_size": batch, "latency_mean_ms": float(samples_ms.mean()),
-                "latency_p50_ms": float(np.percentile(samples_ms, 50)),
-                "latency_p99_ms": float(np.percentile(samples_ms, 99)),
-                "throughput_img_per_s": float(batch * 1000.0 / samples_ms.mean()), "iterations": iterations}
+            samples.append(events.elapsed_ms() / 1000.0)
+        return timing_row(batch, samples)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from builder.compare import check_parity, compare_logits
 from builder.engines.plan_runner import PlanRunner, load_engine, polygraphy_errors, tensorrt_module
 from builder.errors import BuilderError
+from builder.timing import timing_batches
 
 log = logging.getLogger("builder.engines.trt")
 PRECISIONS = ("fp32", "tf32", "fp16", "int8", "fp8")
@@ -148,7 +149,7 @@ def profile_from_config(path: str) -> Tuple[int, int]:
 def batches_from_config(path: str) -> Tuple[int, ...]:
     """The batch sizes a Triton config makes the server form: 1, each preferred size and max_batch_size."""
     largest, preferred = _config_batching(path)
-    return tuple(sorted({1, largest, *preferred}))
+    return tuple(timing_batches(preferred, largest))
 
 
 def _sha256(path: str) -> str:

@@ -23,6 +23,7 @@ from builder.errors import BuilderError
 from builder.meta import package_versions
 from builder.repository.output import MANIFEST, check_output, clean_stale, staging_dir, swap_into_place
 from builder.settings import TRITON_RELEASE, TRITON_VERSION, Batching, RepoSettings
+from builder.timing import timing_batches
 
 log = logging.getLogger("builder")
 
@@ -30,8 +31,8 @@ MODELS_DIR = Path(__file__).parent / "triton_models"
 BUILDER_DIR = Path(__file__).resolve().parents[1]
 # builder.engines.trt, its runner and what they import: stdlib, numpy, tensorrt and polygraphy only, so they run
 # in a TensorRT-only Python (NVIDIA's TensorRT container, a Python-backend stub with the tensorrt wheel).
-TRT_MODULES = ("builder/__init__.py", "builder/errors.py", "builder/compare.py", "builder/engines/__init__.py",
-               "builder/engines/plan_runner.py", "builder/engines/trt.py")
+TRT_MODULES = ("builder/__init__.py", "builder/errors.py", "builder/compare.py", "builder/timing.py",
+               "builder/engines/__init__.py", "builder/engines/plan_runner.py", "builder/engines/trt.py")
 
 
 def file_hashes(root: Path) -> Dict[str, str]:
@@ -258,7 +259,7 @@ def _build_engine(settings: RepoSettings, model, contract: Contract, params, onn
 
     gates: Dict = {}
     batching = settings.classifier_batching
-    batches = ec.timing_batches(batching.preferred_batch_sizes, batching.max_batch_size)
+    batches = timing_batches(batching.preferred_batch_sizes, batching.max_batch_size)
     gpu = _gpu_name()
     requested = settings.engine
     if requested == "auto" and settings.onnxruntime_tensorrt:  # the accelerator is ONNX Runtime's: no race

@@ -14,6 +14,7 @@ from builder.engines import choice as ec
 from builder import settings as s
 from builder.repository.contract import Contract
 from builder.errors import BuilderError
+from builder.timing import timing_batches
 from builder.repository.writer import read_manifest
 
 
@@ -34,7 +35,7 @@ def test_choose_best_throughput_ties_by_latency_skips_the_unmeasured():
     assert ec.choose([inductor, close]) is close
     with pytest.raises(ValueError):
         ec.choose([ec.Candidate("inductor", "skipped", "no GPU")])
-    assert ec.timing_batches((32, 64), 128) == [1, 32, 64, 128]
+    assert timing_batches((32, 64), 128) == [1, 32, 64, 128]
 
 
 def test_recorded_tensorrt_counts_only_on_the_same_gpu_and_batches():
