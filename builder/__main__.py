@@ -59,9 +59,10 @@ def _add_repo(sub) -> None:
     p.add_argument("--instance-count", type=int, default=1, help="classifier instances per device")
     p.add_argument("--gpus", type=_ints, default=(), help="GPU ids for KIND_GPU, e.g. 0,1")
     p.add_argument("--preprocess-instances", type=int, default=1, help="preprocess model instances")
-    p.add_argument("--preprocess", choices=("exact", "gpu"), default="exact",
-                   help="exact: Pillow on the CPU, bit-identical to timm; gpu: batched GPU JPEG decode + resize "
-                        "(parity-gated against exact; other formats take the exact path)")
+    p.add_argument("--preprocess", choices=("exact", "draft", "gpu"), default="exact",
+                   help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
+                        "decoded at 1/2, 1/4 or 1/8 scale (parity-gated against exact); gpu: batched GPU JPEG "
+                        "decode + resize (parity-gated against exact; other formats take the exact path)")
     p.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
     p.add_argument("--engine", choices=("auto", "onnxruntime", "inductor", "tensorrt"), default="auto",

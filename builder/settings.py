@@ -16,7 +16,7 @@ from builder.errors import BuilderError
 
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 FLAVORS = ("container", "local")
-PREPROCESS = ("exact", "gpu")
+PREPROCESS = ("exact", "draft", "gpu")
 ENGINES = ("auto", "onnxruntime", "inductor", "tensorrt")
 TORCH_COMPILE = ("none", "default", "reduce-overhead")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
@@ -235,9 +235,11 @@ class RepoSettings:
             taken from beside it.
         cuda_graphs: Let the tensorrt_plan backend capture CUDA graphs.
         preprocess: `exact` (numpy + Pillow on the CPU, bit-identical to
-            timm's eval transform) or `gpu` (batched GPU JPEG decode and
-            resize with torch, the exact path for what the GPU cannot take;
-            passes a parity gate against `exact`).
+            timm's eval transform), `draft` (the same, with JPEGs larger
+            than the resize decoded at a reduced DCT scale by libjpeg) or
+            `gpu` (batched GPU JPEG decode and resize with torch, the exact
+            path for what the GPU cannot take); `draft` and `gpu` pass a
+            parity gate against `exact`.
         engine: The classifier engine: `auto` (on a GPU host: the fastest of
             the candidates the host can build, by measurement, see
             `builder.engines.choice`; without a GPU: ONNX Runtime, or the
@@ -250,8 +252,8 @@ class RepoSettings:
             default: TorchInductor + CUDA graphs per batch bucket).
         inductor_precision: The inductor engine's precision on a GPU: `fp16`
             (default) or `fp32` (CPU instances always run FP32).
-        preprocess_parity: Thresholds of the `gpu` preprocessing against
-            `exact` (logits of the built model on real photos).
+        preprocess_parity: Thresholds of the `draft` or `gpu` preprocessing
+            against `exact` (logits of the built model on real photos).
         onnxruntime_tensorrt: Container flavor without a plan: ONNX Runtime's
             TensorRT execution accelerator (FP16, engine cache in the model
             directory, so the repository must be mounted writable).

@@ -6,7 +6,7 @@ Subcommands:
   compare  ratios between two sweeps
   tune     search instance count / queue delay / batch sizes by live model reloads
   bare     the classifier run directly (PyTorch, ONNX Runtime, TensorRT)
-  pipeline the gpu preprocessing pipeline run directly
+  pipeline the preprocessings run directly (gpu; exact and draft on the CPU)
   first-request  first-request latency after a model load, with and without warm-up
   analyze  Triton's Model Analyzer on the repository, with the local tritonserver
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -146,7 +147,12 @@ def _cmd_pipeline(args) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = bench_pipeline(images, params, args.batches, device, args.decoders, args.warmup, args.iterations)
+    decoders = [d for d in args.decoders if d != "none"]
+    rows = bench_pipeline(images, params, args.batches, device, decoders, args.warmup, args.iterations)
+    if args.cpu:
+        from perf.pipeline import bench_cpu
+
+        rows += bench_cpu(images, params, args.batches, args.cpu, args.threads, args.warmup, args.iterations)
     payload = {"kind": "pipeline", "environment": describe({"images": [str(p) for p in images], "device": device}),
                "results": rows}
     print(write_json(args.output, payload))
@@ -235,12 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=50)
     b.add_argument("--output", default="perf/results/local-bare.json")
     b.set_defaults(func=_cmd_bare)
-    g = sub.add_parser("pipeline", help="time the gpu preprocessing pipeline alone (no server)")
+    g = sub.add_parser("pipeline", help="time the preprocessings alone (no server): gpu, and exact/draft on the CPU")
     g.add_argument("--images", type=_words, default=["builder/parity_images"], help="image files or folders")
     g.add_argument("--repository", default="model_repository", help="its manifest gives the transform")
     g.add_argument("--batches", type=_ints, default=[1, 64, 256])
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--decoders", type=_words, default=["auto"], help="auto,nvimgcodec,torchvision")
+    g.add_argument("--decoders", type=_words, default=["auto"],
+                   help="the gpu pipeline's decoders: auto,nvimgcodec,torchvision, or none")
+    g.add_argument("--cpu", type=_words, default=[], help="CPU preprocessings to time too: exact,draft")
+    g.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
+                   help="threads of the CPU preprocessings (the preprocess model's default: min(8, cores))")
     g.add_argument("--warmup", type=int, default=3)
     g.add_argument("--iterations", type=int, default=10)
     g.add_argument("--output", default="perf/results/local-pipeline.json")

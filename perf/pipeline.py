@@ -1,8 +1,11 @@
-"""Bare benchmark of the `gpu` preprocessing pipeline (no server): decode alone, and decode + transform.
+"""Bare benchmarks of the preprocessings (no server).
 
-Each image set is repeated to the batch size; every batch is timed end to end
-(host bytes in, normalized tensor on the device out, synchronized). Also
-reports how far the tensors are from the exact CPU path on the same images.
+The `gpu` pipeline: decode alone, and decode + transform. Each image set is
+repeated to the batch size; every batch is timed end to end (host bytes in,
+normalized tensor on the device out, synchronized). The CPU ones (`exact`,
+`draft`): each batch through a thread pool, as the preprocess model runs it.
+Every row also says how far its tensors are from the exact path on the same
+images.
 """
 
 from __future__ import annotations
@@ -42,5 +45,38 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
                        **timing_row(batch, timed(fn, sync, warmup, iterations)), **parity}
                 rows.append(row)
                 log.info("%s %s batch %d: %.0f img/s (%.2f ms)", row["decoder"], stage, batch,
+                         row["throughput_img_per_s"], row["latency_mean_ms"])
+    return rows
+
+
+def bench_cpu(images: Sequence[Path], params, batches: Sequence[int], variants: Sequence[str], threads: int,
+              warmup: int = 1, iterations: int = 5) -> List[Dict]:
+    """Rows of the CPU preprocessings (`exact`, `draft`), each batch mapped over `threads` threads.
+
+    Pillow releases the GIL while it decodes and resamples, which is how the preprocess model uses a
+    thread pool; this times the same map.
+    """
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    from builder.repository.triton_models import imaging
+    from builder.timing import timed, timing_row
+
+    data = [Path(p).read_bytes() for p in images]
+    exact = np.stack([imaging.preprocess(d, params) for d in data])
+    rows = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for variant in variants:
+            chosen = dataclasses.replace(params, jpeg_draft=variant == "draft")
+            diff = np.abs(np.stack([imaging.preprocess(d, chosen) for d in data]) - exact)
+            parity = {"tensor_max_abs": float(diff.max()), "tensor_mean_abs": float(diff.mean())}
+            for batch in batches:
+                items = [data[i % len(data)] for i in range(batch)]
+                seconds = timed(lambda: list(pool.map(lambda d: imaging.preprocess(d, chosen), items)),
+                                lambda: None, warmup, iterations)
+                row = {"decoder": "pillow", "stage": variant, "device": "cpu", "threads": threads,
+                       **timing_row(batch, seconds), **parity}
+                rows.append(row)
+                log.info("pillow %s batch %d, %d threads: %.0f img/s (%.2f ms)", variant, batch, threads,
                          row["throughput_img_per_s"], row["latency_mean_ms"])
     return rows

@@ -1,15 +1,17 @@
-"""The parity gate of the `gpu` preprocessing: the same photos through it and through the exact path.
+"""The parity gate of the non-exact preprocessings (`gpu`, `draft`): the same photos through each and the exact path.
 
 Figures: the input tensors (max and mean absolute difference), and the logits
 the built model gives for each (max abs, cosine, top-1 agreement), on real
 photos in the formats uploads come in (640x480 and 2048x1536 JPEGs, baseline
-and progressive, grayscale, EXIF-rotated, CMYK, PNG): the ones the GPU takes
-and the ones it hands back to the exact path. Runs on the GPU when there is
-one, else on the CPU (same code, libjpeg-turbo decode), which is what CI runs.
+and progressive, grayscale, EXIF-rotated, CMYK, PNG). The `gpu` pipeline runs
+on the GPU when there is one, else on the CPU (same code, libjpeg-turbo
+decode), which is what CI runs; `draft` is the exact path with JPEGs decoded
+at a reduced scale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Dict, Optional
@@ -36,51 +38,67 @@ def photo_batch(params, images_dir: Optional[Path] = None) -> np.ndarray:
     return np.stack([imaging.preprocess(p.read_bytes(), params) for p in photo_files(images_dir)])
 
 
-def preprocess_parity(module, params, parity: Parity, images_dir: Optional[Path] = None,
+def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", images_dir: Optional[Path] = None,
                       device: Optional[str] = None) -> Dict:
-    """Compares the GPU pipeline with the exact one; raises outside the thresholds.
+    """Compares a preprocessing variant with the exact one; raises outside the thresholds.
 
     Args:
         module: The classifier (torch, eval mode, CPU).
-        params: `imaging.PreprocessParams` of the repository.
+        params: `imaging.PreprocessParams` of the exact path.
         parity: Thresholds on the logits (max_abs, min_cosine, min_top1).
+        variant: `gpu` (the batched GPU pipeline) or `draft` (JPEGs decoded at a reduced scale).
         images_dir: Photos to compare on (default: the bundled set).
         device: Where the GPU pipeline runs (default: cuda if available, else cpu).
 
     Returns:
-        The figures, with the device, decoder and the number of images on each path.
+        The figures, with what each variant did: for `gpu` the device, decoder and the number of images
+        on each path; for `draft` the number of photos decoded at a reduced scale.
 
     Raises:
         BuilderError: A threshold is missed, or the parameters cannot run on the GPU.
     """
     import torch
 
-    from builder.repository.triton_models import gpu_imaging
+    from builder.repository.triton_models import imaging
 
-    problem = gpu_imaging.supported(params)
-    if problem:
-        raise BuilderError(f"preprocess: {problem}")
     files = photo_files(images_dir)
     items = [p.read_bytes() for p in files]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = gpu_imaging.GpuPreprocessor(params, device)
-    gpu, errors = pipeline(items)
+    if variant == "gpu":
+        from builder.repository.triton_models import gpu_imaging
+
+        problem = gpu_imaging.supported(params)
+        if problem:
+            raise BuilderError(f"preprocess: {problem}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipeline = gpu_imaging.GpuPreprocessor(params, device)
+        tensors, errors = pipeline(items)
+        candidate = tensors.cpu().numpy()
+        details = dict(on_gpu_path=pipeline.counts["gpu"], on_exact_path=pipeline.counts["exact"], device=device,
+                       decoder=pipeline.decoder.backend)
+        how = f"{device}, {pipeline.decoder.backend}"
+    else:
+        drafted_params = dataclasses.replace(params, jpeg_draft=True)
+        results = [imaging.try_preprocess(data, drafted_params) for data in items]
+        errors = [error for _, error in results]
+        candidate = np.stack([pixels for pixels, _ in results]) if not any(errors) else None
+        drafted = sum(imaging.decode(data, drafted_params).size != imaging.decode(data, params).size
+                      for data, error in zip(items, errors) if error is None)
+        details = dict(decoded_at_reduced_scale=drafted)
+        how = f"{drafted} decoded at a reduced scale"
     failed = [f"{f.name}: {e}" for f, e in zip(files, errors) if e]
     if failed:
-        raise BuilderError("preprocess: the GPU pipeline failed on parity photos: " + "; ".join(failed))
+        raise BuilderError(f"preprocess: the {variant} preprocessing failed on parity photos: " + "; ".join(failed))
     exact = photo_batch(params, images_dir)
-    gpu = gpu.cpu().numpy()
-    diff = np.abs(gpu - exact)
+    diff = np.abs(candidate - exact)
     with torch.no_grad():
-        figures = compare_logits(module(torch.from_numpy(exact)).numpy(), module(torch.from_numpy(gpu)).numpy())
+        figures = compare_logits(module(torch.from_numpy(exact)).numpy(),
+                                 module(torch.from_numpy(candidate)).numpy())
     figures.update(tensor_max_abs=float(diff.max()), tensor_mean_abs=float(diff.mean()), images=len(items),
-                   on_gpu_path=pipeline.counts["gpu"], on_exact_path=pipeline.counts["exact"], device=device,
-                   decoder=pipeline.decoder.backend, inputs=f"{len(items)} bundled photos, both pipelines")
-    log.info("gpu preprocessing vs exact on %d photos (%s, %s): tensor max abs %.3g, logits cosine %.6f, top-1 %.3f",
-             len(items), device, pipeline.decoder.backend, figures["tensor_max_abs"], figures["min_cosine"],
-             figures["top1_agreement"])
+                   **details, inputs=f"{len(items)} bundled photos, both preprocessings")
+    log.info("%s preprocessing vs exact on %d photos (%s): tensor max abs %.3g, logits cosine %.6f, top-1 %.3f",
+             variant, len(items), how, figures["tensor_max_abs"], figures["min_cosine"], figures["top1_agreement"])
     problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
     if problems:
-        raise BuilderError("preprocess: the gpu pipeline fails parity with the exact one: " + "; ".join(problems)
-                           + "; the previous repository is left in place")
+        raise BuilderError(f"preprocess: the {variant} preprocessing fails parity with the exact one: "
+                           + "; ".join(problems) + "; the previous repository is left in place")
     return figures

@@ -230,10 +230,12 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         parity = validate_onnx(onnx_file, model, contract, settings.parity)
         settings, gates, choice = _build_engine(settings, model, contract, params, onnx_file, parity)
         log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
-        write_models(staging, settings, contract, onnx_file, params.to_parameters(), model.class_names)
+        # The engine gates ran on the exact preprocessing; the served one may decode JPEGs at a reduced scale.
+        served = dataclasses.replace(params, jpeg_draft=settings.preprocess == "draft").to_parameters()
+        write_models(staging, settings, contract, onnx_file, served, model.class_names)
         versions = (previous or {}).get("model_versions", []) + [_version_entry(settings, model, parity)]
         write_readme(staging, settings, contract, choice, {"onnxruntime_vs_pytorch": parity, **gates})
-        write_manifest(staging, settings, contract, model, params.to_parameters(), parity, versions, gates, choice)
+        write_manifest(staging, settings, contract, model, served, parity, versions, gates, choice)
         log.info("[5/5] checking the repository")
         problems = check_repository(staging)
         if problems:
@@ -307,10 +309,11 @@ def _build_engine(settings: RepoSettings, model, contract: Contract, params, onn
     log.info("classifier engine: %s (%s)", chosen, reason)
     settings = dataclasses.replace(settings, engine=chosen, plan=settings.plan if chosen == "tensorrt" else None,
                                    torch_compile=settings.torch_compile if chosen == "inductor" else None)
-    if settings.preprocess == "gpu":
+    if settings.preprocess != "exact":
         from builder.repository.preprocess_gate import preprocess_parity
 
-        gates["gpu_preprocess_vs_exact"] = preprocess_parity(model.module, params, settings.preprocess_parity)
+        gates[f"{settings.preprocess}_preprocess_vs_exact"] = preprocess_parity(
+            model.module, params, settings.preprocess_parity, settings.preprocess)
     choice = {"requested": requested, "chosen": chosen, "reason": reason, "gpu": gpu, "batch_sizes": batches,
               "candidates": [c.to_dict() for c in candidates]}
     return settings, gates, choice

@@ -13,6 +13,12 @@ way real services need: EXIF orientation applied, first frame of animations,
 palette/grayscale/CMYK converted to RGB, 16-bit samples scaled (not clipped)
 to 8 bits, transparency composited over a background color, decompression
 bombs refused before their pixels are decoded.
+
+With `jpeg_draft` (the `draft` preprocessing) a large JPEG is decoded by
+libjpeg at a reduced scale (1/2, 1/4 or 1/8, Pillow's `Image.draft`), the
+smallest that still covers the resize size, then resized as usual: not
+bit-identical to timm's transform, so the builder gates it against the exact
+path and records the figures.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class PreprocessParams:
         std: Per-channel standard deviation, RGB.
         max_pixels: Largest width*height accepted before decoding.
         background: RGB color transparent pixels are composited over.
+        jpeg_draft: Decode JPEGs at the smallest DCT scale that still covers
+            the resize size (not exact; see the module docstring).
     """
 
     image_size: Tuple[int, int]
@@ -71,6 +79,7 @@ class PreprocessParams:
     std: Tuple[float, float, float]
     max_pixels: int = 64_000_000
     background: Tuple[int, int, int] = (255, 255, 255)
+    jpeg_draft: bool = False
 
     def __post_init__(self) -> None:
         if self.crop_mode not in CROP_MODES:
@@ -128,6 +137,7 @@ class PreprocessParams:
             std=floats("std"),
             max_pixels=int(params["max_pixels"]),
             background=ints("background"),
+            jpeg_draft=params.get("jpeg_draft", "False") == "True",  # absent in repositories built before it
         )
 
 
@@ -165,6 +175,12 @@ def decode(data: bytes, params: PreprocessParams) -> Image.Image:
                          f"above the limit of {params.max_pixels}; downscale it before sending")
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
+    if params.jpeg_draft and image.format == "JPEG":
+        # Both sides at least the largest resize side: the shorter edge still covers the resize whichever way
+        # EXIF turns the image. libjpeg then scales in the IDCT (8x8 blocks to 4x4, 2x2 or 1x1): a 12 MP photo
+        # decoded about 10x faster on a CPU (perf/results/cpu-draft).
+        side = max(params.scale_size)
+        image.draft(image.mode, (side, side))
     try:
         image.load()  # truncated or corrupt data fails here, not at open()
         image = ImageOps.exif_transpose(image)
