@@ -58,7 +58,8 @@ def _add_repo(sub) -> None:
                    help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
     p.add_argument("--instance-count", type=int, default=1, help="classifier instances per device")
     p.add_argument("--gpus", type=_ints, default=(), help="GPU ids for KIND_GPU, e.g. 0,1")
-    p.add_argument("--preprocess-instances", type=int, default=1, help="preprocess model instances")
+    p.add_argument("--preprocess-instances", type=int, default=2,
+                   help="preprocess model instances (2: one is free when the batcher looks, see the README)")
     p.add_argument("--preprocess", choices=("exact", "draft", "gpu"), default="exact",
                    help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
                         "decoded at 1/2, 1/4 or 1/8 scale (parity-gated against exact); gpu: batched GPU JPEG "

@@ -20,7 +20,7 @@ def _sweep_settings(args):
         concurrency=tuple(args.concurrency), batch_sizes=tuple(args.batch_sizes), protocols=tuple(args.protocols),
         shared_memory=tuple(args.shared_memory), images=tuple(images),
         measurement_interval_ms=args.measurement_interval_ms, stability_percent=args.stability_percent,
-        max_trials=args.max_trials)
+        max_trials=args.max_trials, request_count=args.request_count)
 
 
 def _cmd_sweep(args) -> int:
@@ -90,6 +90,9 @@ def _common(p, ints, words) -> None:
     p.add_argument("--measurement-interval-ms", type=int, default=3000)
     p.add_argument("--stability-percent", type=int, default=10)
     p.add_argument("--max-trials", type=int, default=10)
+    p.add_argument("--request-count", type=int, default=0,
+                   help="measure over this many requests instead of time windows, and report each row's tail "
+                        "(p99.9, max, requests slower than 10x the median) from perf_analyzer's profile export")
     p.add_argument("--output", default=None)
 
 

@@ -102,6 +102,7 @@ class SweepSettings:
     measurement_interval_ms: int = 3000
     stability_percent: int = 10
     max_trials: int = 10
+    request_count: int = 0
 
     def __post_init__(self) -> None:
         def fail(field: str, problem: str, fix: str) -> None:
@@ -119,6 +120,8 @@ class SweepSettings:
             fail("images", "the ensemble and preprocess models need real images", "pass --images with a folder of photos")
         if self.measurement_interval_ms < 100 or self.max_trials < 1 or self.stability_percent < 1:
             fail("measurement", "interval >= 100 ms, trials >= 1, stability >= 1%", "e.g. 3000 ms, 10, 10%")
+        if self.request_count < 0:
+            fail("request_count", f"{self.request_count} is negative", "pass 0 (time windows) or a count, e.g. 3000")
 
     def grid(self) -> List[Tuple[str, str, str, int, int]]:
         """(model, protocol, shared memory, batch, concurrency) combinations, in run order."""
@@ -165,7 +168,31 @@ def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch:
     if shm != "none":
         cmd += ["--output-shared-memory-size", str(max(1 << 20, batch * 64 * 1024))]
     cmd += ["--input-data", str(input_data) if model in ("ensemble", "preprocess") else "random"]
+    if settings.request_count:  # one measurement over that many requests, each one's timestamps exported
+        cmd += ["--request-count", str(settings.request_count),
+                "--profile-export-file", str(csv_path.with_suffix(".profile.json"))]
     return cmd
+
+
+def tail_figures(profile_export: Path) -> Dict:
+    """Every request's latency from a perf_analyzer profile export: the tail its report leaves out.
+
+    perf_analyzer reports up to p99; a stall that hits one request in a thousand shows only in p99.9, the
+    maximum and the count of requests slower than ten times the median (`slow_requests`).
+    """
+    import numpy as np
+
+    # BYTES outputs are stored raw in the export: latin-1 reads any byte.
+    export = json.loads(Path(profile_export).read_text(encoding="latin-1"))
+    requests = export["experiments"][0]["requests"]
+    ms = np.array([(r["response_timestamps"][-1] - r["timestamp"]) / 1e6 for r in requests if r["response_timestamps"]])
+    if not len(ms):
+        return {}
+    median = float(np.median(ms))
+    slow = np.sort(ms[ms > 10 * median])[::-1]
+    return {"requests": int(len(ms)), "latency_p999_ms": float(np.percentile(ms, 99.9)),
+            "latency_max_ms": float(ms.max()), "slow_requests": int(len(slow)),
+            "slowest_ms": [round(float(v), 1) for v in slow[:10]]}
 
 
 def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
@@ -188,7 +215,8 @@ def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
                                                                    for i, a in enumerate(cmd))}
             before = model_statistics(settings.http_url)
             result = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                    timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000)
+                                    timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000
+                                    + settings.request_count / 2)
             stages = stage_times(before, model_statistics(settings.http_url))
             if stages:
                 row["stages"] = stages
@@ -198,10 +226,15 @@ def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
             else:
                 row.update(parse_csv(csv_path))
                 row["throughput_img_per_s"] = row["throughput_infer_per_s"]  # one inference = one image
+                if settings.request_count:
+                    row.update(tail_figures(csv_path.with_suffix(".profile.json")))
             rows.append(row)
             if progress:
                 outcome = (f"{row['throughput_img_per_s']:.1f} img/s, p99 {row['latency_p99_us'] / 1000:.1f} ms"
                            if "error" not in row else f"FAILED: {row['error'][:120]}")
+                if "latency_max_ms" in row:
+                    outcome += (f", p99.9 {row['latency_p999_ms']:.1f} ms, max {row['latency_max_ms']:.1f} ms, "
+                                f"{row['slow_requests']} of {row['requests']} over 10x the median")
                 log.info("[%d/%d] %s %s shm=%s batch=%d concurrency=%d: %s", index, len(grid), model, protocol,
                          shm, batch, concurrency, outcome)
     return rows

@@ -145,7 +145,9 @@ def _start(repo, ports, workdir, extra=()):
 def test_retries_recover_across_a_server_restart(local_repo, contract, photos, tmp_path):
     ports = free_ports(3)
     server = _start(local_repo, ports, tmp_path / "srv")
-    settings = ClientSettings(url=f"localhost:{ports[1]}", model=contract.ensemble, retries=12, backoff_s=0.2,
+    # About 18 s of retries: the outage is the stop (4-6 s on 2 cores, one stub per instance to end), the pause
+    # and the start.
+    settings = ClientSettings(url=f"localhost:{ports[1]}", model=contract.ensemble, retries=20, backoff_s=0.2,
                               max_backoff_s=1.0)
     outcomes, stop = [], threading.Event()
 
