@@ -30,6 +30,22 @@ def sweep_settings(server, contract, photo_paths, **kwargs) -> SweepSettings:
     return SweepSettings(**values)
 
 
+
+def test_request_count_rows_carry_the_tail(server, contract, photo_paths):
+    """--request-count: one measurement over N requests, each request's latency from the profile export."""
+    from builder.errors import BuilderError
+
+    rows = run_sweep(sweep_settings(server, contract, photo_paths, models=("ensemble",), concurrency=(1,),
+                                    request_count=60))
+    row = rows[0]
+    assert "error" not in row, row
+    assert "--request-count 60" in row["command"] and row["requests"] >= 60
+    assert row["latency_max_ms"] >= row["latency_p999_ms"] >= row["latency_p50_us"] / 1000 > 0
+    assert row["slow_requests"] == len(row["slowest_ms"]) or row["slow_requests"] > 10
+    with pytest.raises(BuilderError, match="request_count: -1 is negative"):
+        sweep_settings(server, contract, photo_paths, request_count=-1)
+
+
 def test_sweep_report_and_compare(server, contract, photo_paths, tmp_path):
     first = sweep_settings(server, contract, photo_paths, models=("ensemble", "classifier"), concurrency=(1, 2))
     rows = run_sweep(first)
