@@ -18,7 +18,7 @@ QUEUE_DELAY_US ?= 100
 MAX_QUEUE ?= 256
 QUEUE_TIMEOUT_US ?= 0
 INSTANCES ?= 1
-# exact | gpu (batched GPU JPEG decode and resize, parity-gated)
+# exact | draft (large JPEGs decoded at a reduced scale, parity-gated) | gpu (batched GPU JPEG decode and resize, parity-gated)
 PREPROCESS ?= exact
 # auto (on a GPU host: the fastest candidate by measurement; else onnxruntime) | onnxruntime | inductor |
 # tensorrt (with PLAN_ARGS="--plan ...");  TORCH_COMPILE (inductor): none | default | reduce-overhead (default)

@@ -103,6 +103,13 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
             if data.input_data_file and not (model_dir / "warmup" / data.input_data_file).is_file():
                 problems.append(f"{name}: warm-up {warmup.name!r} reads warmup/{data.input_data_file}, "
                                 "which does not exist")
+    if backend == "python" and "scale_size" in config.parameters:  # the preprocess model reads these at load
+        from builder.repository.triton_models.imaging import PreprocessParams
+
+        try:
+            PreprocessParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+        except (KeyError, ValueError) as exc:
+            problems.append(f"{name}: its preprocessing parameters do not load: {exc}")
     filename = config.default_model_filename or DEFAULT_FILES.get(backend)
     for version in versions:
         if filename and not (model_dir / str(version) / filename).is_file():

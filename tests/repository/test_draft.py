@@ -67,6 +67,8 @@ def test_draft_travels_in_the_config_parameters(params, drafted):
     assert imaging.PreprocessParams.from_parameters(drafted.to_parameters()) == drafted
     older = {k: v for k, v in params.to_parameters().items() if k != "jpeg_draft"}  # a repository built before it
     assert imaging.PreprocessParams.from_parameters(older) == params
+    with pytest.raises(ValueError, match="parameter jpeg_draft is 'yes'; set it to True or False"):
+        imaging.PreprocessParams.from_parameters({**older, "jpeg_draft": "yes"})
 
 
 def test_draft_parity_gate_figures_and_refusal(params, tiny_model):
@@ -93,6 +95,22 @@ def test_draft_repository_records_its_gate_and_parameters(draft_repo):
     assert pre.parameters["jpeg_draft"].string_value == "True"
     assert "pipeline" not in pre.parameters  # the CPU model: no torch in the stub
     assert "draft preprocessing" in (draft_repo / "README.md").read_text()
+
+
+def test_check_refuses_a_mistyped_draft_flag(draft_repo, tmp_path):
+    """A typo would silently serve the exact path; `builder check` names it instead."""
+    import shutil
+
+    from builder.repository.check import check_repository
+
+    copy = tmp_path / "repo"
+    shutil.copytree(draft_repo, copy)
+    model_dir = copy / "swin_tiny_patch4_window7_224_preprocess"
+    config = configs.read(model_dir / "config.pbtxt")
+    config.parameters["jpeg_draft"].string_value = "on"
+    configs.write(config, model_dir)
+    assert check_repository(copy) == ["swin_tiny_patch4_window7_224_preprocess: its preprocessing parameters do "
+                                      "not load: parameter jpeg_draft is 'on'; set it to True or False"]
 
 
 @pytest.mark.server

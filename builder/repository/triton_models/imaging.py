@@ -137,8 +137,16 @@ class PreprocessParams:
             std=floats("std"),
             max_pixels=int(params["max_pixels"]),
             background=ints("background"),
-            jpeg_draft=params.get("jpeg_draft", "False") == "True",  # absent in repositories built before it
+            jpeg_draft=_flag(params, "jpeg_draft"),
         )
+
+
+def _flag(params: Dict[str, str], key: str) -> bool:
+    """A True/False config parameter; absent means False (repositories built before it)."""
+    value = params.get(key, "False")
+    if value not in ("True", "False", "true", "false"):
+        raise ValueError(f"parameter {key} is {value!r}; set it to True or False")
+    return value in ("True", "true")
 
 
 def decode(data: bytes, params: PreprocessParams) -> Image.Image:
