@@ -205,9 +205,9 @@ def _default_classifier_instances() -> InstanceGroup:
 
 def _cpu_instances() -> InstanceGroup:
     # Two instances of each Python model: tritonserver's dynamic batcher can lose the wake-up it waits for
-    # when its one instance frees and then sleeps 500 ms. With one instance each, 2 of 6,000 requests at
-    # concurrency 1 and 10 of 6,000 at 4 took over 500 ms; with two, none of 24,000 took over 66 ms, at
-    # 7-13% more throughput (perf/results/cpu-batcher-stall).
+    # when its one instance frees and then sleeps 500 ms. With one instance each, 2-6 of 6,000 requests at
+    # concurrency 1 and 10-12 of 6,000 at 4 took over 500 ms; with two (classifier one), none of 24,000 took
+    # over 77 ms, at 5-17% more throughput (perf/results/cpu-batcher-stall, two runs).
     return InstanceGroup("KIND_CPU", 2)
 
 

@@ -39,3 +39,4 @@ P
     --output "$OUT/sweep-instances-${variant//:/-}.json" 2>&1 | grep INFO || true
   $PYTHON -m builder stop --workdir "$work"
 done
+$PYTHON -m perf tails "$OUT"/sweep-instances-*.json --output "$OUT/tails.png"

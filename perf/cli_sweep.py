@@ -58,6 +58,13 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_tails(args) -> int:
+    from perf import report
+
+    print(report.plot_tails([report.load(path) for path in args.results], Path(args.output)))
+    return 0
+
+
 def _cmd_tune(args) -> int:
     from perf.environment import describe, write_json
     from perf.tune import candidates, tune
@@ -113,6 +120,10 @@ def add_commands(sub, ints, words) -> None:
     c.add_argument("baseline")
     c.add_argument("candidate")
     c.set_defaults(func=_cmd_compare)
+    t = sub.add_parser("tails", help="PNG of the latency tails of sweeps run with --request-count")
+    t.add_argument("results", nargs="+", help="sweep JSON files (each line labelled with its --label)")
+    t.add_argument("--output", default="tails.png")
+    t.set_defaults(func=_cmd_tails)
     t = sub.add_parser("tune", help="search batching/instances by live reloads (server in explicit mode)")
     _common(t, ints, words)
     t.add_argument("--repository", default="model_repository")

@@ -139,6 +139,49 @@ def plot(results: Dict, out_dir: Path) -> List[Path]:
     return paths
 
 
+def plot_tails(docs: List[Dict], path: Path) -> Path:
+    """One PNG of the latency tails of sweeps run with `--request-count`: latency against the share of slower requests.
+
+    Each row with `latency_quantiles_ms` is a line, labelled with its sweep's label and concurrency, so
+    a stall that hits one request in a thousand shows as a jump at 0.1%.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    lines = 0
+    for doc in docs:
+        for row in doc["results"]:
+            quantiles = row.get("latency_quantiles_ms")
+            if not quantiles:
+                continue
+            points = sorted((100.0 - float(q), v) for q, v in quantiles.items())
+            # The maximum (q = 100) is drawn at one request's share.
+            points = [(max(share, 100.0 / row["requests"]), v) for share, v in points]
+            name = doc.get("environment", {}).get("label") or row["model"]
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3,
+                    label=f"{name}, concurrency {row['concurrency']}")
+            lines += 1
+    if not lines:
+        raise BuilderError("no row has latency quantiles: run `perf sweep --request-count N`")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("requests slower than this (%)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("latency tail (every request, perf_analyzer profile export)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def compare(baseline: Dict, candidate: Dict) -> str:
     """Markdown table of candidate/baseline ratios for configurations present in both."""
     def index(doc):

@@ -61,6 +61,8 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
 
     from builder.repository.triton_models import imaging
 
+    if variant not in ("gpu", "draft"):
+        raise ValueError(f"variant {variant!r}: the gated preprocessings are gpu and draft")
     files = photo_files(images_dir)
     items = [p.read_bytes() for p in files]
     if variant == "gpu":

@@ -31,17 +31,24 @@ def sweep_settings(server, contract, photo_paths, **kwargs) -> SweepSettings:
 
 
 
-def test_request_count_rows_carry_the_tail(server, contract, photo_paths):
+def test_request_count_rows_carry_the_tail(server, contract, photo_paths, tmp_path):
     """--request-count: one measurement over N requests, each request's latency from the profile export."""
     from builder.errors import BuilderError
 
-    rows = run_sweep(sweep_settings(server, contract, photo_paths, models=("ensemble",), concurrency=(1,),
-                                    request_count=60))
+    settings = sweep_settings(server, contract, photo_paths, models=("ensemble",), concurrency=(1,),
+                              request_count=60)
+    rows = run_sweep(settings)
     row = rows[0]
     assert "error" not in row, row
     assert "--request-count 60" in row["command"] and row["requests"] >= 60
     assert row["latency_max_ms"] >= row["latency_p999_ms"] >= row["latency_p50_us"] / 1000 > 0
     assert row["slow_requests"] == len(row["slowest_ms"]) or row["slow_requests"] > 10
+    quantiles = row["latency_quantiles_ms"]
+    assert quantiles["100"] == pytest.approx(row["latency_max_ms"], abs=1e-3) and quantiles["50"] <= quantiles["99"]
+    png = report.plot_tails([sweep_payload(settings, rows, {"label": "one instance"})], tmp_path / "tails.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(BuilderError, match="run `perf sweep --request-count N`"):
+        report.plot_tails([{"results": [{"model": "ensemble", "concurrency": 1}]}], tmp_path / "none.png")
     with pytest.raises(BuilderError, match="request_count: -1 is negative"):
         sweep_settings(server, contract, photo_paths, request_count=-1)
 

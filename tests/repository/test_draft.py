@@ -79,6 +79,8 @@ def test_draft_parity_gate_figures_and_refusal(params, tiny_model):
     assert figures["min_cosine"] > 0.999 and figures["top1_agreement"] == 1.0 and figures["tensor_max_abs"] > 0
     with pytest.raises(BuilderError, match="the draft preprocessing fails parity with the exact one"):
         preprocess_parity(tiny_model.module, params, s.Parity(max_abs=1e-9, min_cosine=0.5, min_top1=0.0), "draft")
+    with pytest.raises(ValueError, match="the gated preprocessings are gpu and draft"):
+        preprocess_parity(tiny_model.module, params, s.Parity(), "exact")
 
 
 @pytest.fixture(scope="module")
