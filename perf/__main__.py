@@ -4,6 +4,7 @@ Subcommands:
   sweep    perf_analyzer over a grid of models, concurrency, batch, protocol, shared memory
   report   markdown table + PNG plots of a sweep (with serving efficiency vs a bare run)
   compare  ratios between two sweeps
+  tails    PNG of the latency tails of sweeps run with --request-count
   tune     search instance count / queue delay / batch sizes by live model reloads
   bare     the classifier run directly (PyTorch, ONNX Runtime, TensorRT)
   pipeline the preprocessings run directly (gpu; exact and draft on the CPU)
