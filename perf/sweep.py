@@ -174,6 +174,10 @@ def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch:
     return cmd
 
 
+# The tail's shape kept in each --request-count row, for `perf tails` plots.
+TAIL_QUANTILES = (50, 75, 90, 95, 99, 99.5, 99.8, 99.9, 99.95, 99.98, 100)
+
+
 def tail_figures(profile_export: Path) -> Dict:
     """Every request's latency from a perf_analyzer profile export: the tail its report leaves out.
 
@@ -193,11 +197,7 @@ def tail_figures(profile_export: Path) -> Dict:
     return {"requests": int(len(ms)), "latency_p999_ms": float(np.percentile(ms, 99.9)),
             "latency_max_ms": float(ms.max()), "slow_requests": int(len(slow)),
             "slowest_ms": [round(float(v), 1) for v in slow[:10]],
-            # The tail's shape, for `perf tails` plots.
             "latency_quantiles_ms": {str(q): round(float(np.percentile(ms, q)), 3) for q in TAIL_QUANTILES}}
-
-
-TAIL_QUANTILES = (50, 75, 90, 95, 99, 99.5, 99.8, 99.9, 99.95, 99.98, 100)
 
 
 def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:

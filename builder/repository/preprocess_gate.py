@@ -83,8 +83,7 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
         results = [imaging.try_preprocess(data, drafted_params) for data in items]
         errors = [error for _, error in results]
         candidate = np.stack([pixels for pixels, _ in results]) if not any(errors) else None
-        drafted = sum(imaging.decode(data, drafted_params).size != imaging.decode(data, params).size
-                      for data, error in zip(items, errors) if error is None)
+        drafted = sum(imaging.decodes_reduced(data, drafted_params) for data in items)
         details = dict(decoded_at_reduced_scale=drafted)
         how = f"{drafted} decoded at a reduced scale"
     failed = [f"{f.name}: {e}" for f, e in zip(files, errors) if e]

@@ -183,18 +183,35 @@ def decode(data: bytes, params: PreprocessParams) -> Image.Image:
                          f"above the limit of {params.max_pixels}; downscale it before sending")
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
-    if params.jpeg_draft and image.format == "JPEG":
-        # Both sides at least the largest resize side: the shorter edge still covers the resize whichever way
-        # EXIF turns the image. libjpeg then scales in the IDCT (8x8 blocks to 4x4, 2x2 or 1x1): a 12 MP photo
-        # decoded about 10x faster on a CPU (perf/results/cpu-draft).
-        side = max(params.scale_size)
-        image.draft(image.mode, (side, side))
+    _draft(image, params)
     try:
         image.load()  # truncated or corrupt data fails here, not at open()
         image = ImageOps.exif_transpose(image)
         return _to_rgb(image, params.background)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _draft(image: Image.Image, params: PreprocessParams) -> bool:
+    """Sets an opened JPEG's decoder to the draft scale (`jpeg_draft`); True when that scale is reduced."""
+    if not (params.jpeg_draft and image.format == "JPEG"):
+        return False
+    size = image.size
+    # Both sides at least the largest resize side: the shorter edge still covers the resize whichever way
+    # EXIF turns the image. libjpeg then scales in the IDCT (8x8 blocks to 4x4, 2x2 or 1x1): a 12 MP photo
+    # decoded about 10x faster on a CPU (perf/results/cpu-draft).
+    side = max(params.scale_size)
+    image.draft(image.mode, (side, side))
+    return image.size != size
+
+
+def decodes_reduced(data: bytes, params: PreprocessParams) -> bool:
+    """Whether :func:`decode` reads this upload at a reduced scale (from its header; no pixels decoded)."""
+    try:
+        return _draft(Image.open(io.BytesIO(data)), params)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError,
+            struct.error):
+        return False  # decode refuses it
 
 
 def _to_rgb(image: Image.Image, background: Tuple[int, int, int]) -> Image.Image:
