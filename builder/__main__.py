@@ -96,13 +96,7 @@ def _cmd_repo(args) -> int:
     from builder import settings as s
     from builder.repository.writer import build_repository
 
-    flavor = args.flavor or "container"
-    if args.add_version and args.flavor is None:  # a new version keeps the served repository's flavor
-        from pathlib import Path
-
-        from builder.repository.writer import read_manifest
-
-        flavor = read_manifest(Path(args.output)).get("flavor", flavor)
+    flavor = args.flavor or _existing_flavor(args.output, args.add_version) or "container"
     kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
     queue = (args.max_queue_size, args.queue_timeout_us, args.priority_levels)
     settings = s.RepoSettings(
@@ -125,6 +119,21 @@ def _cmd_repo(args) -> int:
     )
     build_repository(settings, add_version=args.add_version)
     return 0
+
+
+def _existing_flavor(output: str, add_version: bool):
+    """The flavor of the repository already at `output` (kept unless --flavor is given), or None."""
+    from pathlib import Path
+
+    from builder.repository.output import is_our_repository
+    from builder.repository.writer import read_manifest
+
+    if not (add_version or is_our_repository(Path(output))):
+        return None
+    flavor = read_manifest(Path(output)).get("flavor")
+    if flavor:
+        log.info("keeping %s's %s flavor (pass --flavor to change it)", output, flavor)
+    return flavor
 
 
 def _cmd_export(args) -> int:

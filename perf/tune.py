@@ -84,38 +84,73 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
     headers = admin_headers(admin_key, "http")
     _require_explicit_mode(client, model, sweep.http_url, headers)
     results = []
+    final = base  # what the server serves when tuning ends: the repository's config, or the winner written
+    best = None
     try:
         for index, candidate in enumerate(grid, 1):
             if candidate.max_batch_size < ensemble_mbs:
                 log.info("[%d/%d] skipping %s: below the ensemble's max_batch_size %d", index, len(grid),
                          candidate, ensemble_mbs)
                 continue
-            override = json_format.MessageToJson(candidate.apply(base))
-            client.load_model(model, config=override, headers=headers)
-            rows = run_sweep(sweep, progress=False)
-            ok = [r for r in rows if "error" not in r]
-            best_row = max(ok, key=lambda r: r["throughput_img_per_s"]) if ok else None
-            entry = {**candidate.__dict__, "preferred_batch_sizes": list(candidate.preferred_batch_sizes)}
-            if best_row:
-                entry.update(throughput_img_per_s=best_row["throughput_img_per_s"],
-                             latency_p99_ms=best_row["latency_p99_us"] / 1000,
-                             within_budget=best_row["latency_p99_us"] / 1000 <= p99_budget_ms)
-            else:
-                entry.update(error=rows[0].get("error", "no result") if rows else "no result", within_budget=False)
-            results.append(entry)
+            results.append(_measure(client, model, candidate, base, sweep, p99_budget_ms, headers))
+            entry = results[-1]
             log.info("[%d/%d] %s -> %s", index, len(grid), candidate,
-                     f"{entry.get('throughput_img_per_s', 0):.1f} img/s, p99 {entry.get('latency_p99_ms', 0):.1f} ms"
-                     if best_row else entry["error"])
+                     f"{entry['throughput_img_per_s']:.1f} img/s, p99 {entry['latency_p99_ms']:.1f} ms"
+                     if "error" not in entry else entry["error"])
+        eligible = [r for r in results if r.get("within_budget")]
+        best = max(eligible, key=lambda r: r["throughput_img_per_s"]) if eligible else None
+        if best and write:
+            final = Candidate(best["instance_count"], best["max_queue_delay_us"],
+                              tuple(best["preferred_batch_sizes"]), best["max_batch_size"]).apply(base)
+            _write_config(path, final)
+            log.info("wrote the best candidate into %s", path)
     finally:
-        client.load_model(model, headers=headers)  # back to the repository's own config
-    eligible = [r for r in results if r.get("within_budget")]
-    best = max(eligible, key=lambda r: r["throughput_img_per_s"]) if eligible else None
-    if best and write:
-        winner = Candidate(best["instance_count"], best["max_queue_delay_us"],
-                           tuple(best["preferred_batch_sizes"]), best["max_batch_size"])
-        _write_config(path, winner.apply(base))
-        log.info("wrote the best candidate into %s", path)
+        # Loaded with the config itself, not a bare reload: after an override, a reload kept serving the last
+        # (losing) candidate. Checked by reading back what the server serves.
+        _serve(client, model, final, headers)
     return {"best": best, "p99_budget_ms": p99_budget_ms, "model": model, "results": results}
+
+
+def _measure(client, model: str, candidate: Candidate, base, sweep: SweepSettings, p99_budget_ms: float,
+             headers) -> Dict:
+    """Loads one candidate live and sweeps it; its result row."""
+    client.load_model(model, config=json_format.MessageToJson(candidate.apply(base)), headers=headers)
+    rows = run_sweep(sweep, progress=False)
+    ok = [r for r in rows if "error" not in r]
+    best_row = max(ok, key=lambda r: r["throughput_img_per_s"]) if ok else None
+    entry = {**candidate.__dict__, "preferred_batch_sizes": list(candidate.preferred_batch_sizes)}
+    if best_row:
+        entry.update(throughput_img_per_s=best_row["throughput_img_per_s"],
+                     latency_p99_ms=best_row["latency_p99_us"] / 1000,
+                     within_budget=best_row["latency_p99_us"] / 1000 <= p99_budget_ms)
+    else:
+        entry.update(error=rows[0].get("error", "no result") if rows else "no result", within_budget=False)
+    return entry
+
+
+def served_settings(config) -> Dict:
+    """The tuned fields of a config (a ModelConfig, or the JSON dict Triton's HTTP API returns)."""
+    if not isinstance(config, dict):
+        config = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    batching = config.get("dynamic_batching", {})
+    return {"max_batch_size": int(config.get("max_batch_size", 0)),
+            "instance_count": [int(g.get("count", 1)) for g in config.get("instance_group", [])],
+            "max_queue_delay_us": int(batching.get("max_queue_delay_microseconds", 0)),
+            "preferred_batch_sizes": [int(b) for b in batching.get("preferred_batch_size", [])]}
+
+
+def _serve(client, model: str, config, headers) -> None:
+    """Loads `config` live and confirms the server serves it.
+
+    Raises:
+        BuilderError: The server serves something else afterwards.
+    """
+    client.load_model(model, config=json_format.MessageToJson(config), headers=headers)
+    want, got = served_settings(config), served_settings(client.get_model_config(model, headers=headers))
+    if want != got:
+        raise BuilderError(f"after tuning, the server serves {model} with {got}, not {want}; reload it with "
+                           f"`curl -X POST .../v2/repository/models/{model}/load` or restart the server")
+    log.info("the server now serves %s with %s", model, want)
 
 
 def _require_explicit_mode(client, model: str, url: str, headers: Optional[Dict[str, str]]) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from builder.compare import check_parity, compare_logits
+from builder.engines.plan_check import sha256
 from builder.engines.plan_runner import PlanRunner, load_engine, polygraphy_errors, tensorrt_module
 from builder.errors import BuilderError
 from builder.timing import timing_batches
@@ -152,12 +152,6 @@ def batches_from_config(path: str) -> Tuple[int, ...]:
     return tuple(timing_batches(preferred, largest))
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _onnx_has_qdq(path: str) -> bool:
@@ -301,8 +295,8 @@ def build_plan(options: PlanOptions) -> Dict:
         "workspace_gib": options.workspace_gib,
         "opt_level": options.opt_level,
         "build_s": round(build_s, 1),
-        "onnx_sha256": _sha256(options.onnx),
-        "plan_sha256": _sha256(options.plan),
+        "onnx_sha256": sha256(options.onnx),
+        "plan_sha256": sha256(options.plan),
         "layer_precisions": layers.get("precisions", {}),
         "parity": parity,
         "timings": timings,

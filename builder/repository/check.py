@@ -18,6 +18,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from builder.repository import configs
 
 DEFAULT_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+# Backends tritonserver 2.51 (NGC 24.10) ships or documents: anything else is a typo.
+KNOWN_BACKENDS = ("python", "onnxruntime", "tensorrt", "pytorch", "tensorflow", "openvino", "dali", "fil",
+                  "identity", "repeat", "square", "vllm", "tensorrtllm")
 # Manifest `settings.engine` values of the inductor classifier ("torch": its name before 2026-11-25).
 _TORCH_ENGINES = ("inductor", "torch")
 _PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
@@ -87,9 +90,22 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
         if not _versions(model_dir, config):
             problems.append(f"{name}: no version directory (an ensemble needs an empty one, e.g. {name}/1/)")
         return
+    for group in config.instance_group:
+        if group.count < 1:  # proto3 reads an unset count as 0, which Triton takes as 1: only negatives fail
+            if group.count < 0:
+                problems.append(f"{name}: instance_group count {group.count} is negative; use 1 or more")
+        if any(gpu < 0 for gpu in group.gpus):
+            problems.append(f"{name}: instance_group gpus {list(group.gpus)} has a negative id")
     backend = config.backend or _PLATFORM_BACKEND.get(config.platform, "")
     if not backend:
         problems.append(f"{name}: neither backend nor platform is set")
+        return
+    if backend not in KNOWN_BACKENDS:
+        import difflib
+
+        close = difflib.get_close_matches(backend, KNOWN_BACKENDS, 1)
+        problems.append(f"{name}: backend {backend!r} is not a Triton backend"
+                        + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(KNOWN_BACKENDS)}"))
         return
     versions = _versions(model_dir, config)
     if not versions:
@@ -115,10 +131,16 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
         if filename and not (model_dir / str(version) / filename).is_file():
             problems.append(f"{name}: version {version} lacks {filename}")
         onnx_file = model_dir / str(version) / "model.onnx"
-        if backend == "onnxruntime" and onnx_file.is_file():
+        # Every served version against the one config (the local classifier keeps its ONNX too): a version
+        # built for another image size or batch would fail its load.
+        if onnx_file.is_file():
             _check_onnx(name, onnx_file, config, problems)
-        if backend == "tensorrt":
+        if (model_dir / str(version) / "model.plan").is_file():
             _check_plan_sidecar(name, model_dir / str(version), config, problems)
+        if config.parameters.get("pipeline") and config.parameters["pipeline"].string_value == "gpu" \
+                and not (model_dir / str(version) / "gpu_imaging.py").is_file():
+            problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
+                            "gpu_imaging.py (built for another preprocessing); rebuild the repository")
 
 
 def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[str]) -> None:
@@ -157,10 +179,13 @@ def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[st
 
 
 def _check_plan_sidecar(name: str, version_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:
-    sidecar = version_dir / "plan.json"
-    if not sidecar.is_file():
+    from builder.engines.plan_check import PlanError, verify_plan
+
+    try:
+        info = verify_plan(version_dir / "model.plan")
+    except PlanError as exc:
+        problems.append(f"{name}: {exc}")
         return
-    info = json.loads(sidecar.read_text(encoding="utf-8"))
     from builder.settings import TENSORRT_VERSION
 
     target = TENSORRT_VERSION
@@ -243,14 +268,22 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
         torch_engine = manifest.get("settings", {}).get("engine") in _TORCH_ENGINES
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return  # not written by this tool: nothing to hold it to
+    served = manifest.get("settings", {})
     for entry in manifest.get("model_versions", []):
         if entry.get("flavor", flavor) != flavor:
             problems.append(f"manifest.json: version {entry.get('version')} was built for the {entry['flavor']} "
                             f"flavor in a {flavor} repository; rebuild it with --flavor {flavor}")
+        for key in ("preprocess", "engine"):  # every version is served under the one config these shaped
+            if key in entry and key in served and entry[key] != served[key]:
+                problems.append(f"manifest.json: version {entry.get('version')} was built with {key} "
+                                f"{entry[key]!r}, the served config is for {served[key]!r}; all versions share "
+                                "one config: rebuild the repository")
     for name, (_, config) in models.items():
         if config.platform == "ensemble":
             continue
         backend = config.backend or _PLATFORM_BACKEND.get(config.platform, config.platform)
+        if backend not in KNOWN_BACKENDS:
+            continue  # a typo, reported by _check_model; not a mix of flavors
         native = name == classifier and flavor == "container" and backend == "python" and not torch_engine
         if backend not in _FLAVOR_BACKENDS.get(flavor, {backend}) or native:
             problems.append(f"{name}: runs on the {backend} backend, but the repository is the {flavor} flavor "

@@ -60,6 +60,78 @@ def check_output(output: Path, replace: bool = True) -> Path:
     return path
 
 
+# Top-level files every repository of ours has beside its model folders.
+OWN_FILES = (MANIFEST, "README.md")
+
+
+def foreign_entries(output: Path) -> List[str]:
+    """What the user put into our repository `output`: paths this tool did not write.
+
+    A Triton repository often serves other models too, and people keep notes beside them. A path is ours
+    when it is the manifest, the README, or a file the manifest lists under one of its model folders;
+    a whole top-level entry outside our model folders is listed once, by its name.
+
+    Returns:
+        Relative paths (POSIX), sorted: top-level entries, and files inside our model folders.
+    """
+    output = Path(output)
+    try:
+        manifest = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
+        models = set(manifest["contract"]["models"])
+        ours = set(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # nothing of ours to tell apart (check_output refuses such a folder before this)
+    found = []
+    for entry in sorted(output.iterdir()):
+        if entry.name in OWN_FILES:
+            continue
+        if entry.name not in models or not entry.is_dir() or entry.is_symlink():
+            found.append(entry.name)
+            continue
+        for folder, dirs, files in os.walk(entry):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in files:
+                relative = (Path(folder) / name).relative_to(output).as_posix()
+                if relative not in ours:
+                    found.append(relative)
+    return sorted(found)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    # A hard link costs nothing for a large model of the user's; the old tree is removed after the swap.
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
+
+
+def carry_over(output: Path, staging: Path) -> List[str]:
+    """Copies every entry of `output` this tool did not write into `staging`, before the swap.
+
+    Raises:
+        BuilderError: An entry of the user's has the path of one the new build writes (nothing copied).
+
+    Returns:
+        The relative paths carried over.
+    """
+    entries = foreign_entries(output) if output.is_dir() else []
+    clashes = [e for e in entries if os.path.lexists(staging / e)]
+    if clashes:
+        raise BuilderError(f"output: {output} holds {', '.join(clashes)}, which this tool did not write and the "
+                           "new build would replace; move or rename them, then build again")
+    for entry in entries:
+        source, target = output / entry, staging / entry
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(source), str(target))
+    if entries:
+        log.info("kept %d entr%s of yours in %s: %s", len(entries), "y" if len(entries) == 1 else "ies",
+                 output, ", ".join(entries))
+    return entries
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

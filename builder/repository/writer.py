@@ -21,7 +21,8 @@ from builder.repository.readme import README, write_readme
 from builder.repository.contract import LABELS_FILE, WARMUP_IMAGE, Contract
 from builder.errors import BuilderError
 from builder.meta import package_versions
-from builder.repository.output import MANIFEST, check_output, clean_stale, staging_dir, swap_into_place
+from builder.repository.output import (MANIFEST, carry_over, check_output, clean_stale, staging_dir,
+                                       swap_into_place)
 from builder.settings import TRITON_RELEASE, TRITON_VERSION, Batching, RepoSettings
 from builder.timing import timing_batches
 
@@ -32,7 +33,8 @@ BUILDER_DIR = Path(__file__).resolve().parents[1]
 # builder.engines.trt, its runner and what they import: stdlib, numpy, tensorrt and polygraphy only, so they run
 # in a TensorRT-only Python (NVIDIA's TensorRT container, a Python-backend stub with the tensorrt wheel).
 TRT_MODULES = ("builder/__init__.py", "builder/errors.py", "builder/compare.py", "builder/timing.py",
-               "builder/engines/__init__.py", "builder/engines/plan_runner.py", "builder/engines/trt.py")
+               "builder/engines/__init__.py", "builder/engines/plan_check.py", "builder/engines/plan_runner.py",
+               "builder/engines/trt.py")
 
 
 def file_hashes(root: Path) -> Dict[str, str]:
@@ -206,6 +208,10 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
 
     # Everything about the output is checked before the model loads: a bad path fails in a second.
     output = check_output(Path(settings.output), replace=not add_version)
+    if settings.plan:  # a file that is not the plan its plan.json describes never reaches a repository
+        from builder.engines.plan_check import verify_plan
+
+        verify_plan(settings.plan)
     clean_stale(output)
     previous = None
     if add_version:
@@ -223,6 +229,8 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
             params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
         except ValueError as exc:
             raise BuilderError(f"preprocessing: {exc}") from None
+        if previous is not None:  # before the export: a version that cannot be served fails in seconds
+            _refuse_contract_changes(previous, _contract_changes(previous, settings, contract))
         onnx_file = staging / "model.onnx"
         log.info("[2/5] exporting ONNX")
         export_onnx(model, contract, onnx_file, settings.opset)
@@ -232,6 +240,8 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
         # The engine gates ran on the exact preprocessing; the served one may decode JPEGs at a reduced scale.
         served = dataclasses.replace(params, jpeg_draft=settings.preprocess == "draft").to_parameters()
+        if previous is not None:  # the engine is settled now
+            _refuse_contract_changes(previous, _contract_changes(previous, settings, contract, served))
         write_models(staging, settings, contract, onnx_file, served, model.class_names)
         versions = (previous or {}).get("model_versions", []) + [_version_entry(settings, model, parity)]
         write_readme(staging, settings, contract, choice, {"onnxruntime_vs_pytorch": parity, **gates})
@@ -244,6 +254,8 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
             _move_version_in(staging, output, contract, settings.version)
             shutil.rmtree(staging, ignore_errors=True)
         else:
+            # Other models and files the user keeps in the repository move into the new tree, never away.
+            carry_over(output, staging)
             swap_into_place(staging, output)
     log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
     return output
@@ -372,16 +384,56 @@ def _candidate(name: str, settings: RepoSettings, model, contract: Contract, par
 
 def _same_repository(settings: RepoSettings, previous: dict, output: Path) -> RepoSettings:
     """The settings of a version added to `output`: same ensemble and flavor, next version number."""
-    if previous["contract"]["ensemble"] != settings.model_name:
-        raise BuilderError(f"name: the repository serves {previous['contract']['ensemble']!r}, not "
+    if previous["contract"].get("ensemble") != settings.model_name:
+        raise BuilderError(f"name: the repository serves {previous['contract'].get('ensemble')!r}, not "
                            f"{settings.model_name!r}; add versions of the same ensemble")
     if previous["flavor"] != settings.flavor:
         raise BuilderError(f"flavor: {output} is a {previous['flavor']} repository and the new version would be "
                            f"{settings.flavor}; one repository serves one flavor: pass --flavor "
                            f"{previous['flavor']} (or leave it out), or build a new repository")
+    _refuse_contract_changes(previous, _contract_changes(previous, settings))
     existing = _existing_versions(output / Contract.named(settings.model_name).classifier)
     log.info("adding version %d to %s", (max(existing) if existing else 0) + 1, output)
     return dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
+
+
+def _contract_changes(previous: dict, settings: RepoSettings, contract: Optional[Contract] = None,
+                      preprocess: Optional[Dict[str, str]] = None) -> list:
+    """What a new version would change of what all versions share: (field, served, new) triples.
+
+    Every version of a model is served under one config.pbtxt, so a new version must keep the tensors,
+    batch size, top-k, preprocessing and classifier engine of the served ones; otherwise the server
+    cannot load the old versions (or the new one) after the configs are replaced.
+    """
+    served = previous.get("settings") or {}
+    changes = []
+    pairs = [("max_batch_size", previous["contract"].get("max_batch_size"), settings.classifier_batching.max_batch_size),
+             ("top_k", served.get("top_k"), settings.top_k),
+             ("preprocess", served.get("preprocess"), settings.preprocess)]
+    if settings.engine != "auto":  # settled once the race ran: compared again then
+        pairs.append(("engine", served.get("engine"), settings.engine))
+    if contract is not None:
+        tensors = {spec.name: {"dtype": spec.dtype, "dims": list(spec.dims)}
+                   for spec in (contract.image, contract.pixels, *contract.ensemble_outputs)}
+        pairs.append(("tensors", previous["contract"].get("tensors"), tensors))
+    if preprocess is not None:
+        pairs.append(("preprocessing parameters", previous.get("preprocess"), preprocess))
+    for name, was, now in pairs:
+        if isinstance(was, dict) and isinstance(now, dict):  # name the entries that differ, not the whole dict
+            changes += [(f"{name} {key}", was.get(key), now.get(key)) for key in sorted({*was, *now})
+                        if was.get(key) != now.get(key)]
+        elif was is not None and was != now:
+            changes.append((name, was, now))
+    return changes
+
+
+def _refuse_contract_changes(previous: dict, changes: list) -> None:
+    if not changes:
+        return
+    said = "; ".join(f"{name} {was!r} -> {now!r}" for name, was, now in changes)
+    raise BuilderError(f"add_version: the new version changes what every version shares ({said}); all versions "
+                       "are served under one config, so the old ones would stop loading: build it as a new "
+                       "repository (without --add-version), or keep the served values")
 
 
 def _move_model_files(source: Path, target: Path) -> None:
@@ -463,4 +515,13 @@ def read_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise BuilderError(f"{path} does not exist; build the repository with `make repo` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BuilderError(f"{path} cannot be read ({exc}); rebuild the repository with `make repo`") from None
+    required = {"contract", "flavor", "files", "settings"}
+    if not isinstance(manifest, dict) or not required <= set(manifest) or not isinstance(manifest["contract"], dict):
+        missing = sorted(required - set(manifest)) if isinstance(manifest, dict) else ["everything: not an object"]
+        raise BuilderError(f"{path} is damaged (lacks {', '.join(missing) or 'its contract'}); rebuild the "
+                           "repository with `make repo`")
+    return manifest

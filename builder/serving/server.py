@@ -43,6 +43,25 @@ def admin_headers(key: Optional[str], protocol: str = "http") -> Optional[dict]:
     return {(ADMIN_HEADER if protocol == "http" else f"triton-grpc-protocol-{ADMIN_HEADER}"): key}
 
 
+def prepare_workdir(workdir) -> Path:
+    """The server's working folder, created if missing; refuses a file or a folder it cannot write.
+
+    Raises:
+        BuilderError: `workdir` is a file, cannot be created, or is not writable.
+    """
+    path = Path(workdir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise BuilderError(f"workdir: {workdir} is a file; pass a folder for --workdir (default .server)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuilderError(f"workdir: cannot create {workdir} ({exc.strerror or exc}); pass a --workdir in a "
+                           "folder you can write") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BuilderError(f"workdir: {workdir} is not writable; pass a --workdir you can write")
+    return path
+
+
 def admin_key(workdir: str = ".server", create: bool = False) -> Optional[str]:
     """The admin key: $TRITON_ADMIN_KEY, else `<workdir>/admin-key` (made, mode 0600, when `create`)."""
     key = os.environ.get(ADMIN_KEY_ENV)
@@ -55,7 +74,7 @@ def admin_key(workdir: str = ".server", create: bool = False) -> Optional[str]:
         return None
     import secrets
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_workdir(path.parent)
     key = secrets.token_urlsafe(24)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -142,11 +161,23 @@ def server_dir(workdir: Path) -> Path:
                            "use Python 3.8 to 3.13 for the virtual environment")
     marker = target / ".prepared"
     stamp = f"{source}:{pyver}:{(source / 'bin' / 'tritonserver').stat().st_mtime}:with-caches"
+    if os.path.lexists(target) and not marker.is_file():
+        # Only a copy this tool made (it carries the marker) is ever replaced: this folder is someone else's.
+        raise BuilderError(f"workdir: {target} exists and was not made by this tool (no .prepared marker); "
+                           "move it away, or pass another --workdir")
     if not (marker.is_file() and marker.read_text() == stamp):
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target, ignore=shutil.ignore_patterns("python_backend_stubs"))
-        shutil.copy2(stub, target / "backends" / "python" / "triton_python_backend_stub")
-        marker.write_text(stamp)
+        import tempfile
+
+        # Made aside and renamed into place with its marker: a copy cut short never looks like someone else's.
+        aside = Path(tempfile.mkdtemp(prefix=".tritonserver-", dir=target.parent))
+        try:
+            shutil.copytree(source, aside / "tree", ignore=shutil.ignore_patterns("python_backend_stubs"))
+            shutil.copy2(stub, aside / "tree" / "backends" / "python" / "triton_python_backend_stub")
+            (aside / "tree" / ".prepared").write_text(stamp)
+            shutil.rmtree(target, ignore_errors=True)  # an older copy of ours (it has the marker)
+            os.rename(aside / "tree", target)
+        finally:
+            shutil.rmtree(aside, ignore_errors=True)
     return target
 
 
@@ -219,7 +250,7 @@ class LocalServer:
         """
         if not Path(self.settings.repository).is_dir():
             raise BuilderError(f"repository {self.settings.repository!r} does not exist; run `make repo` first")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        prepare_workdir(self.workdir)
         self._check_backends()
         if self.running_pid():
             raise BuilderError(f"a tritonserver started from {self.workdir} is already running "

@@ -128,8 +128,17 @@ def test_tuner_reloads_live_and_writes_back(local_repo, contract, photo_paths, t
         assert list(written.dynamic_batching.preferred_batch_size) == best["preferred_batch_sizes"]
         assert check_repository(repo) == []
         assert server.is_ready()  # never restarted
-        none = tune(str(repo), sweep, contract.classifier, grid[:1], p99_budget_ms=0.001)
+        import tritonclient.http as httpclient
+
+        from perf.tune import served_settings
+
+        client = httpclient.InferenceServerClient(server.http_url)
+        # The live server serves the winner that was written, not the last candidate measured.
+        assert served_settings(client.get_model_config(contract.classifier)) == served_settings(written)
+        none = tune(str(repo), sweep, contract.classifier, grid[-1:], p99_budget_ms=0.001)
         assert none["best"] is None  # nothing meets an impossible budget
+        # Without a winner (or without --write) the server is back on the repository's own config.
+        assert served_settings(client.get_model_config(contract.classifier)) == served_settings(written)
     finally:
         server.stop()
 

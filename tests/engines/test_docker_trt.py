@@ -94,7 +94,7 @@ def _imports(path: Path) -> set:
 
 def test_trt_module_needs_only_stdlib_numpy_tensorrt_polygraphy():
     allowed = STDLIB | {"numpy", "tensorrt", "polygraphy", "__future__", "builder.compare", "builder.errors",
-                        "builder.timing", "builder.engines.plan_runner"}
+                        "builder.timing", "builder.engines.plan_runner", "builder.engines.plan_check"}
     from builder.repository.writer import TRT_MODULES
 
     for module in TRT_MODULES:  # what the local flavor copies beside a plan, and the TensorRT image gets
@@ -133,7 +133,10 @@ def _fake_plan(folder: Path, tensorrt_version: str, profile_max: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / "model.plan"
     plan.write_bytes(b"plan bytes built elsewhere")
+    from builder.engines.plan_check import sha256
+
     (folder / "plan.json").write_text(json.dumps({"tensorrt_version": tensorrt_version, "precision": "fp16",
+                                                  "plan_sha256": sha256(plan),
                                                   "profile": {"min": 1, "opt": 16, "max": profile_max},
                                                   "parity": {"max_abs": 0.004, "min_cosine": 0.99999,
                                                              "top1_agreement": 1.0, "rows": 256}}))
@@ -164,7 +167,9 @@ def test_repository_with_a_plan(tmp_path):
     assert check_repository(repo) == []
     from builder.repository.writer import read_manifest
 
-    assert read_manifest(repo)["parity"]["tensorrt_vs_pytorch"]["top1_agreement"] == 1.0
+    # The manifest carries the figures of the gate the plan passed where it was built (plan.json), as they are.
+    sidecar = json.loads((plan.parent / "plan.json").read_text())
+    assert read_manifest(repo)["parity"]["tensorrt_vs_pytorch"] == sidecar["parity"]
 
 
 def test_check_flags_plan_version_and_profile(tmp_path):
@@ -176,18 +181,22 @@ def test_check_flags_plan_version_and_profile(tmp_path):
     assert not (tmp_path / "repo").exists()
     good = build_repository(tiny_settings(tmp_path / "repo", flavor="container",
                                           plan=str(_fake_plan(tmp_path / "ok", "10.5.0", 32))))
-    (good / "swin_tiny_patch4_window7_224_classifier" / "1" / "plan.json").write_text(
-        json.dumps({"tensorrt_version": "10.8.0", "profile": {"max": 32}}))
+    version = good / "swin_tiny_patch4_window7_224_classifier" / "1"
+    (version / "plan.json").write_text(json.dumps({"tensorrt_version": "10.8.0", "profile": {"max": 32},
+                                                   "plan_sha256": json.loads((version / "plan.json").read_text())[
+                                                       "plan_sha256"]}))
     assert any("built with TensorRT 10.8.0" in p for p in check_repository(good))
 
 
-def test_local_flavor_runs_a_plan_in_the_python_backend(tmp_path):
+def test_local_flavor_writes_a_plan_classifier_for_the_python_backend(tmp_path):
+    """What the local flavor writes around a plan; tests/gpu runs a real plan where TensorRT exists."""
     plan = _fake_plan(tmp_path / "plans", "10.5.0", 8)
     repo = build_repository(tiny_settings(tmp_path / "repo", flavor="local", plan=str(plan)))
     version = repo / "swin_tiny_patch4_window7_224_classifier" / "1"
     assert (version / "model.py").read_text() == (ROOT / "builder/repository/triton_models/classifier.py").read_text()
     assert sorted(p.relative_to(version).as_posix() for p in (version / "builder").rglob("*.py")) == [
-        "builder/__init__.py", "builder/compare.py", "builder/engines/__init__.py", "builder/engines/plan_runner.py",
+        "builder/__init__.py", "builder/compare.py", "builder/engines/__init__.py", "builder/engines/plan_check.py",
+        "builder/engines/plan_runner.py",
         "builder/engines/trt.py", "builder/errors.py", "builder/timing.py"]
     config = (version.parent / "config.pbtxt").read_text()
     assert 'backend: "python"' in config
@@ -206,3 +215,30 @@ def test_dlpack_wrapper_refuses_host_memory(make):
 
     with pytest.raises(BuilderError, match="not CUDA memory"):
         device_view_from_dlpack(make())
+
+
+@pytest.mark.parametrize("damage", ["no sidecar", "other bytes", "no hash"])
+def test_a_file_that_is_not_its_plan_is_refused_and_flagged(tmp_path, damage):
+    """A 6-byte text file (or a plan whose sidecar is gone or lies) never becomes a served classifier."""
+    plan = _fake_plan(tmp_path / "plans", "10.5.0", 32)
+    good = build_repository(tiny_settings(tmp_path / "repo", flavor="container", plan=str(plan)))
+    assert check_repository(good) == []
+    sidecar = plan.parent / "plan.json"
+    if damage == "no sidecar":
+        sidecar.unlink()
+    elif damage == "other bytes":
+        plan.write_bytes(b"hello\n")
+    else:
+        sidecar.write_text(json.dumps({"tensorrt_version": "10.5.0"}))
+    with pytest.raises(BuilderError, match="plan: .*(no plan.json|not the serialized engine|no plan_sha256)"):
+        build_repository(tiny_settings(tmp_path / "other", flavor="container", engine="tensorrt", plan=str(plan)))
+    assert not (tmp_path / "other").exists()
+    # The same damage inside a built repository is flagged by `builder check`.
+    version = good / "swin_tiny_patch4_window7_224_classifier" / "1"
+    if damage == "no sidecar":
+        (version / "plan.json").unlink()
+    elif damage == "other bytes":
+        (version / "model.plan").write_bytes(b"hello\n")
+    else:
+        (version / "plan.json").write_text(json.dumps({"tensorrt_version": "10.5.0"}))
+    assert any("plan:" in p for p in check_repository(good)), check_repository(good)

@@ -1,0 +1,150 @@
+"""A user's files survive every command: rebuilds, the server's workdir, docker files (issue: Trust)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.errors import BuilderError
+from builder.repository.check import check_repository
+from builder.repository.writer import build_repository, file_hashes, read_manifest
+from conftest import TINY_KWARGS, tiny_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(module: str, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in last, last
+
+
+def _add_users_things(repo: Path) -> dict:
+    """Another model, a notes file and a file inside one of our model folders, as a user adds them."""
+    other = repo / "their_model"
+    (other / "1").mkdir(parents=True)
+    (other / "1" / "model.py").write_text("# someone else's model\n")
+    (other / "config.pbtxt").write_text('name: "their_model"\nbackend: "python"\n')
+    (repo / "NOTES.md").write_text("ops notes\n")
+    (repo / "swin_tiny_patch4_window7_224_classifier" / "CHANGELOG").write_text("v1 rolled out\n")
+    return {p.relative_to(repo).as_posix(): p.read_bytes() for p in
+            [other / "1" / "model.py", other / "config.pbtxt", repo / "NOTES.md",
+             repo / "swin_tiny_patch4_window7_224_classifier" / "CHANGELOG"]}
+
+
+def test_rebuild_keeps_what_the_user_put_in_the_repository(local_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    theirs = _add_users_things(repo)
+    built = _run("builder", "repo", "--flavor", "local", "--model-kwargs", TINY_KWARGS, "--seed", "3",
+                 "--output", str(repo))
+    assert built.returncode == 0, built.stderr
+    assert "kept 3 entries of yours" in built.stderr
+    for path, data in theirs.items():
+        assert (repo / path).read_bytes() == data, path
+    manifest = read_manifest(repo)
+    assert manifest["model"]["weights"] == "random:seed=3"  # the rebuild did happen
+    assert "NOTES.md" not in manifest["files"]  # still the user's, still carried next time
+
+
+def test_rebuild_refuses_a_users_entry_in_the_way(local_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    (repo / "named_like_ours_classifier").mkdir()
+    (repo / "named_like_ours_classifier" / "keep.txt").write_text("mine\n")
+    before = file_hashes(repo)
+    with pytest.raises(BuilderError, match="holds named_like_ours_classifier, which this tool did not write"):
+        build_repository(tiny_settings(repo, name="named_like_ours"))
+    assert file_hashes(repo) == before
+
+
+def test_a_new_version_refuses_contract_changes(local_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    before = file_hashes(repo)
+    for extra, field in ((["--top-k", "3"], "top_k 5 -> 3"), (["--max-batch-size", "4"], "max_batch_size 8 -> 4"),
+                         (["--preprocess", "draft"], "preprocess 'exact' -> 'draft'")):
+        result = _run("builder", "repo", "--add-version", "--model-kwargs", TINY_KWARGS, "--max-batch-size", "8",
+                      "--output", str(repo), *extra)
+        _one_line_error(result, "add_version:", field, "without --add-version")
+        assert file_hashes(repo) == before
+    size = json.dumps({**json.loads(TINY_KWARGS), "img_size": 192})
+    result = _run("builder", "repo", "--add-version", "--model-kwargs", size, "--max-batch-size", "8",
+                  "--output", str(repo))
+    _one_line_error(result, "add_version:", "tensors input", "[3, 224, 224]", "[3, 192, 192]")
+    assert file_hashes(repo) == before
+
+
+def test_check_compares_every_version_with_the_config(local_repo, tmp_path):
+    """A version built for another image size is found in the local flavor too (the Python classifier)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    other = build_repository(tiny_settings(tmp_path / "other", source=tiny_settings(tmp_path).source.__class__(
+        "swin_tiny_patch4_window7_224", model_kwargs=json.dumps({**json.loads(TINY_KWARGS), "img_size": 192}))))
+    classifier = "swin_tiny_patch4_window7_224_classifier"
+    shutil.copytree(other / classifier / "1", repo / classifier / "2")
+    manifest = json.loads((repo / "manifest.json").read_text())
+    manifest["model_versions"].append({**manifest["model_versions"][0], "version": 2, "preprocess": "gpu"})
+    (repo / "manifest.json").write_text(json.dumps(manifest))
+    problems = check_repository(repo)
+    assert any("input 'input' has ONNX shape [-1, 3, 192, 192]" in p for p in problems), problems
+    assert any("version 2 was built with preprocess 'gpu'" in p for p in problems), problems
+
+
+def test_make_repo_keeps_the_flavor_of_an_existing_repository(local_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    built = _run("builder", "repo", "--model-kwargs", TINY_KWARGS, "--output", str(repo))
+    assert built.returncode == 0, built.stderr
+    assert "keeping" in built.stderr and "local flavor" in built.stderr
+    assert read_manifest(repo)["flavor"] == "local"
+    assert 'backend: "python"' in (repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").read_text()
+    assert check_repository(repo) == []
+
+
+def test_serve_never_deletes_a_workdir_it_did_not_make(local_repo, tmp_path):
+    workdir = tmp_path / "work"
+    (workdir / "tritonserver").mkdir(parents=True)
+    (workdir / "tritonserver" / "precious.txt").write_text("mine\n")
+    result = _run("builder", "serve", "--repository", str(local_repo), "--workdir", str(workdir),
+                  "--http-port", "1", "--grpc-port", "2", "--metrics-port", "3", "--timeout", "5")
+    _one_line_error(result, "workdir:", "was not made by this tool")
+    assert (workdir / "tritonserver" / "precious.txt").read_text() == "mine\n"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(_run("builder", "serve", "--repository", str(local_repo), "--workdir", str(afile)),
+                    "workdir:", "is a file")
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _one_line_error(_run("builder", "serve", "--repository", str(local_repo), "--workdir", str(locked / "w")),
+                        "workdir:")
+
+
+def test_docker_files_never_overwrite_the_users(tmp_path):
+    out = tmp_path / "docker"
+    out.mkdir()
+    (out / "compose.yaml").write_text("services: {mine: {image: busybox}}\n")
+    _one_line_error(_run("builder", "docker", "--output", str(out)), "output:", "compose.yaml", "did not generate")
+    assert (out / "compose.yaml").read_text() == "services: {mine: {image: busybox}}\n"
+    assert sorted(p.name for p in out.iterdir()) == ["compose.yaml"]
+    (out / "compose.yaml").unlink()
+    assert _run("builder", "docker", "--output", str(out)).returncode == 0
+    assert _run("builder", "docker", "--output", str(out)).returncode == 0  # its own files are replaced
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(_run("builder", "docker", "--output", str(afile)), "output:", "is a file")
