@@ -43,10 +43,11 @@ else
 WEIGHT_ARGS := --checkpoint $(WEIGHTS)
 endif
 
-.PHONY: help venv repo check serve stop test clean analyzer analyze
+.PHONY: help venv repo check serve stop test test-gpu clean analyzer analyze
 help:
 	@echo "make repo     export $(MODEL) and write $(REPO)/ (FLAVOR=container|local, WEIGHTS=random|pretrained|PATH)"
 	@echo "make test     run the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer)"
+	@echo "make test-gpu the GPU code paths on this host's GPU (skipped without one)"
 	@echo "make serve    start the local tritonserver on $(REPO)/ (use FLAVOR=local for it); make stop"
 	@echo "make check    report what tritonserver would reject in $(REPO)/"
 	@echo "make analyze  Triton's Model Analyzer on $(REPO)/ (ANALYZE_MODELS=classifier|preprocess|ensemble)"
@@ -80,6 +81,12 @@ stop: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The GPU code paths on this host's GPU (skipped without one). GPU_PYTHON: a Python that has torch with CUDA and
+# tritonserver's wheel (default: the venv); GPU_TEST_RECORD=path.json writes the run's record (tests/gpu/runs/).
+GPU_PYTHON ?=
+test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
+	$(or $(GPU_PYTHON),$(PY)) -m pytest -m gpu tests/gpu -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(REPO) .server build

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     c.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     c.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
+    c.add_argument("--overload-retries", type=int, default=6,
+                   help="resubmissions, after a growing backoff, of requests the server rejected as overloaded")
     c.add_argument("--wait", type=float, default=0.0, help="first wait up to this many seconds for readiness")
     c.add_argument("--shared-memory", choices=("none", "system", "cuda"), default="none")
     c.add_argument("--ssl", action="store_true")
@@ -72,33 +74,44 @@ def _row(result, top_k: int) -> str:
     return f"{result.source}\t{best}"
 
 
+NOT_SENT = "not classified: "
+
+
 def _classify(args) -> int:
     from clients.api import Classifier, ClientSettings, collect_images
     from clients.errors import ClientError
 
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    if args.top_k < 1:
+        print(f"error: --top-k is {args.top_k}; use 1 or more", file=sys.stderr)
+        return 1
     files = collect_images(args.paths)
     if not files:
         print("error: no image files found under " + ", ".join(args.paths), file=sys.stderr)
         return 1
+    failed, not_sent, settings = [], [], None
     try:
         settings = ClientSettings(
             url=url, protocol=args.protocol, model=args.model, model_version=args.model_version, mode=args.mode,
-            timeout_s=args.timeout, retries=args.retries, max_batch=args.max_batch, concurrency=args.concurrency,
+            timeout_s=args.timeout, retries=args.retries, overload_retries=args.overload_retries,
+            max_batch=args.max_batch, concurrency=args.concurrency,
             ssl=args.ssl, root_certificates=args.root_certificates, headers=tuple(args.header),
             shared_memory=args.shared_memory)
         try:
             from tqdm import tqdm
         except ImportError:  # the client install has no progress bars
             tqdm = _NoProgress
-        failed = []
         with Classifier(settings) as client, tqdm(total=len(files), unit="img", file=sys.stderr,
                                                   disable=len(files) < PROGRESS_FROM) as bar:
             if args.wait:
                 client.wait_until_ready(args.wait)
+            client.check_model()  # a --max-batch the model cannot take fails here, not per request
             # Each answer is printed as it arrives: a server lost at image 72 keeps the 71 before it.
             for _, result in client.iter_classify([str(f) for f in files], top_k=args.top_k):
                 bar.update(1)
+                if not result.ok and result.error.startswith(NOT_SENT):
+                    not_sent.append(result)  # one cause for all of them: said once below
+                    continue
                 if not result.ok:
                     failed.append(result)
                 if args.json:
@@ -108,14 +121,32 @@ def _classify(args) -> int:
                 else:
                     print(_row(result, args.top_k), flush=True)
     except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_hint(exc, settings)}", file=sys.stderr)
         return 1
+    return _summary(files, failed, not_sent)
+
+
+def _hint(exc, settings) -> str:
+    """A wrong port or protocol is the usual cause of an unreachable server: say so."""
+    from clients.errors import ServerUnavailable
+
+    if settings is None or not isinstance(exc, ServerUnavailable):
+        return ""
+    other = "http" if settings.protocol == "grpc" else "grpc"
+    return (f" (is {settings.url} the server's {settings.protocol} port? By default tritonserver serves gRPC on "
+            f"8001 and HTTP on 8000; pass --url HOST:PORT, or --protocol {other})")
+
+
+def _summary(files, failed, not_sent) -> int:
+    """One line per cause on stderr; exit 1 when any image failed."""
+    if not_sent:
+        cause = not_sent[0].error[len(NOT_SENT):]
+        print(f"error: {cause} ({len(not_sent)} of {len(files)} images not classified)", file=sys.stderr)
     if failed:
         print(f"{len(failed)} of {len(files)} images failed:", file=sys.stderr)
         for r in failed:
             print(f"  {r.source}: {r.error}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed or not_sent else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

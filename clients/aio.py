@@ -6,10 +6,10 @@ import asyncio
 import time
 from typing import List, Sequence
 
-from clients.errors import InvalidImage, RequestTimeout, SettingsError
+from clients.errors import InvalidImage, Overloaded, RequestTimeout, SettingsError
 from clients.settings import Classification, ClientSettings, ImageLike
 from clients.transport import (_Engine, _infer_kwargs, _load_all, _make_client, _module, _with_retries_async,
-                               to_client_error)
+                               rejected, to_client_error)
 
 
 class AsyncClassifier:
@@ -60,6 +60,8 @@ class AsyncClassifier:
 
         try:
             response = await _with_retries_async(self.settings, call)
+        except Overloaded as exc:  # still rejected after the backoffs: these images alone fail
+            return rejected(sources, exc)
         except InvalidImage as exc:
             if len(items) == 1:
                 return [Classification(sources[0], error=str(exc))]

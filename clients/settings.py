@@ -33,6 +33,9 @@ class ClientSettings:
         timeout_s: Per-request timeout.
         connect_timeout_s: Connection timeout (HTTP; gRPC uses timeout_s).
         retries: Extra attempts when the server is unavailable.
+        overload_retries: Extra attempts, after a backoff, for a request the
+            server rejected as overloaded (queue full or queued too long);
+            images still rejected after them are reported as failed, alone.
         backoff_s: First retry delay; doubles each attempt, with jitter.
         max_backoff_s: Longest delay between two attempts.
         max_batch: Images per request.
@@ -56,6 +59,7 @@ class ClientSettings:
     timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     retries: int = 3
+    overload_retries: int = 6
     backoff_s: float = 0.25
     max_backoff_s: float = 2.0
     max_batch: int = 8
@@ -86,6 +90,8 @@ class ClientSettings:
             fail("timeout_s", "timeouts must be positive", "use seconds > 0")
         if self.retries < 0 or self.backoff_s < 0:
             fail("retries", "retries and backoff_s must be >= 0", "e.g. retries=3, backoff_s=0.25")
+        if self.overload_retries < 0:
+            fail("overload_retries", "must be >= 0", "e.g. overload_retries=6 (0: report rejections at once)")
         if self.max_batch < 1 or self.concurrency < 1:
             fail("max_batch", "max_batch and concurrency must be >= 1", "e.g. max_batch=8, concurrency=4")
         if self.protocol == "http" and self.grpc_channel_args:

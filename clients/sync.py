@@ -8,11 +8,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from builder.repository import contract as C
-from clients.errors import ClientError, InvalidImage, RequestTimeout
+from clients.errors import ClientError, InvalidImage, Overloaded, RequestTimeout, SettingsError
 from clients.settings import Classification, ClientSettings, ImageLike
 from clients.transport import (_Engine, _ensemble_outputs, _infer_kwargs, _load_all, _make_client,
                                _params_from_config, _parse_topk, _SharedMemory, _source_name, _with_retries,
-                               to_client_error)
+                               rejected, to_client_error)
 
 class Classifier:
     """Synchronous client (thread pool for requests in flight).
@@ -59,6 +59,27 @@ class Classifier:
             time.sleep(0.25)
         raise RequestTimeout(f"{self.settings.url}: {self.settings.model} not ready after {timeout_s:.0f} s ({last})")
 
+    def check_model(self) -> int:
+        """Reads the served model's max_batch_size and refuses a `max_batch` above it.
+
+        Returns:
+            The model's max_batch_size.
+
+        Raises:
+            SettingsError: `max_batch` is above what the model takes.
+            ServerUnavailable, ModelNotFound: The server or the model cannot be reached.
+        """
+        model = self.settings.model if self.settings.mode == "ensemble" else self._engine.names.classifier
+        kwargs = {"as_json": True} if self.settings.protocol == "grpc" else {}
+        config = _with_retries(self.settings, lambda: self._client().get_model_config(
+            model, self.settings.model_version, **kwargs))
+        config = config.get("config", config)  # gRPC's JSON wraps the config
+        largest = int(config.get("max_batch_size", 0))
+        if 0 < largest < self.settings.max_batch:
+            raise SettingsError(f"max_batch: {self.settings.max_batch} is above {model}'s max_batch_size "
+                                f"{largest}; pass --max-batch {largest} or less")
+        return largest
+
     def _infer(self, model: str, inputs: list, outputs: list, arrays: list):
         client = self._client()
         shm = self._local.shm
@@ -77,6 +98,8 @@ class Classifier:
         try:
             response = _with_retries(self.settings, lambda: self._infer(
                 self.settings.model, [tensor], outputs, [array]))
+        except Overloaded as exc:  # still rejected after the backoffs: these images alone fail
+            return rejected(sources, exc)
         except InvalidImage as exc:
             if len(items) == 1:
                 return [Classification(sources[0], error=str(exc))]
@@ -100,19 +123,26 @@ class Classifier:
         results: Dict[int, Classification] = {
             i: Classification(items[i][0], error=e) for i, e in enumerate(errors) if e}
         if good:
-            module, names = self._engine.module, self._engine.names
-            pixels = module.InferInput(C.PIXELS, [len(good), *batch.shape[1:]], "FP32")
-            response = _with_retries(self.settings, lambda: self._infer(
-                names.classifier, [pixels], [module.InferRequestedOutput(C.LOGITS)], [batch[good]]))
-            logits = response.as_numpy(C.LOGITS)
-            # Top-k and class names from the postprocess model: one source of truth for labels.
-            tensor = module.InferInput(C.LOGITS, list(logits.shape), "FP32")
-            topk = _with_retries(self.settings, lambda: self._infer(
-                names.postprocess, [tensor], _ensemble_outputs(module, False), [logits]))
-            rows = _parse_topk(topk.as_numpy(C.SCORES), topk.as_numpy(C.CLASSES), topk.as_numpy(C.LABELS), top_k)
-            for row, i in enumerate(good):
-                results[i] = Classification(items[i][0], rows[row], logits[row] if want_logits else None)
+            try:
+                self._classify_pixels(items, batch, good, top_k, want_logits, results)
+            except Overloaded as exc:
+                results.update(zip(good, rejected([items[i][0] for i in good], exc)))
         return [results[i] for i in range(len(items))]
+
+    def _classify_pixels(self, items, batch, good, top_k: int, want_logits: bool, results) -> None:
+        """The classifier and postprocess models on the preprocessed rows `good`; fills `results`."""
+        module, names = self._engine.module, self._engine.names
+        pixels = module.InferInput(C.PIXELS, [len(good), *batch.shape[1:]], "FP32")
+        response = _with_retries(self.settings, lambda: self._infer(
+            names.classifier, [pixels], [module.InferRequestedOutput(C.LOGITS)], [batch[good]]))
+        logits = response.as_numpy(C.LOGITS)
+        # Top-k and class names from the postprocess model: one source of truth for labels.
+        tensor = module.InferInput(C.LOGITS, list(logits.shape), "FP32")
+        topk = _with_retries(self.settings, lambda: self._infer(
+            names.postprocess, [tensor], _ensemble_outputs(module, False), [logits]))
+        rows = _parse_topk(topk.as_numpy(C.SCORES), topk.as_numpy(C.CLASSES), topk.as_numpy(C.LABELS), top_k)
+        for row, i in enumerate(good):
+            results[i] = Classification(items[i][0], rows[row], logits[row] if want_logits else None)
 
     def classify(self, images: Sequence[ImageLike], top_k: int = 5, return_logits: bool = False,
                  progress: Optional[Callable[[int], None]] = None) -> List[Classification]:
@@ -129,14 +159,22 @@ class Classifier:
 
         Raises:
             ServerUnavailable, RequestTimeout, ModelNotFound, InferenceFailed:
-                Request-level failures (not a bad image, which is reported in
-                its Classification).
+                Request-level failures (not a bad image, nor a request still
+                rejected as overloaded after `overload_retries` backoffs: those
+                are reported in their Classifications). The error's `results`
+                holds every image's result, the answered ones included.
         """
         results: Dict[int, Classification] = {}
-        for position, result in self.iter_classify(images, top_k, return_logits, raise_errors=True):
-            results[position] = result
-            if progress:
-                progress(1)
+        try:
+            for position, result in self.iter_classify(images, top_k, return_logits, raise_errors=True):
+                results[position] = result
+                if progress:
+                    progress(1)
+        except ClientError as exc:
+            # The run stops, but what was answered is not lost: it travels with the error.
+            exc.results = [results.get(i) or Classification(_source_name(images[i], i), error=f"not classified: {exc}")
+                           for i in range(len(images))]
+            raise
         return [results[i] for i in range(len(images))]
 
     def iter_classify(self, images: Sequence[ImageLike], top_k: int = 5, return_logits: bool = False,

@@ -59,36 +59,62 @@ def to_client_error(exc: BaseException) -> ClientError:
     return InferenceFailed(message, status)
 
 
-def _retryable(error: ClientError) -> bool:
-    # Inference has no side effects, but only "not reachable / not ready yet"
-    # is retried: retrying timeouts or rejected inputs only adds load.
-    return isinstance(error, ServerUnavailable)
+def _retry_budget(settings: ClientSettings, error: ClientError) -> Optional[Tuple[str, int]]:
+    """Which retry budget an error draws on, or None when it is not retried.
+
+    Inference has no side effects. "Not reachable / not ready yet" is retried at once (with backoff), and a
+    request the server rejected as overloaded is resubmitted after a growing backoff, so the flood drains
+    instead of growing. Timeouts and rejected inputs are not retried: that only adds load.
+    """
+    if isinstance(error, ServerUnavailable):
+        return "unavailable", settings.retries
+    if isinstance(error, Overloaded):
+        return "overloaded", settings.overload_retries
+    return None
 
 
 def _delay(settings: ClientSettings, attempt: int) -> float:
     return min(settings.max_backoff_s, settings.backoff_s * (2 ** attempt)) * (0.5 + random.random() / 2)
 
 
+def _next_delay(settings: ClientSettings, error: ClientError, attempts: Dict[str, int]) -> Optional[float]:
+    budget = _retry_budget(settings, error)
+    if budget is None or attempts.get(budget[0], 0) >= budget[1]:
+        return None
+    attempt = attempts.get(budget[0], 0)
+    attempts[budget[0]] = attempt + 1
+    return _delay(settings, attempt)
+
+
 def _with_retries(settings: ClientSettings, call: Callable[[], Any]) -> Any:
-    for attempt in range(settings.retries + 1):
+    attempts: Dict[str, int] = {}
+    while True:
         try:
             return call()
         except Exception as exc:  # tritonclient raises several unrelated types
             error = to_client_error(exc)
-            if not _retryable(error) or attempt == settings.retries:
+            delay = _next_delay(settings, error, attempts)
+            if delay is None:
                 raise error from None
-            time.sleep(_delay(settings, attempt))
+            time.sleep(delay)
 
 
 async def _with_retries_async(settings: ClientSettings, call: Callable[[], Any]) -> Any:
-    for attempt in range(settings.retries + 1):
+    attempts: Dict[str, int] = {}
+    while True:
         try:
             return await call()
         except Exception as exc:
             error = to_client_error(exc)
-            if not _retryable(error) or attempt == settings.retries:
+            delay = _next_delay(settings, error, attempts)
+            if delay is None:
                 raise error from None
-            await asyncio.sleep(_delay(settings, attempt))
+            await asyncio.sleep(delay)
+
+
+def rejected(sources: Sequence[str], error: ClientError) -> List[Classification]:
+    """Each image of a request the server still rejected as overloaded after the retries, marked alone."""
+    return [Classification(source, error=f"rejected: {error}") for source in sources]
 
 
 # -- requests -------------------------------------------------------------------

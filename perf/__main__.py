@@ -31,6 +31,51 @@ def _ints(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _counts(text: str) -> List[int]:
+    """A comma list of integers >= 1 (batch sizes, concurrencies, instance counts)."""
+    values = _ints(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use integers of 1 or more, e.g. 1,8,32")
+    return values
+
+
+def _count(text: str) -> int:
+    """One integer >= 1 (iterations)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: use 1 or more")
+    return value
+
+
+def _natural(text: str) -> int:
+    """One integer >= 0 (warm-up rounds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: use 0 or more")
+    return value
+
+
+CPU_PREPROCESSINGS = ("exact", "draft")
+DECODERS = ("auto", "nvimgcodec", "torchvision", "none")
+
+
+def _choices(allowed):
+    """A comma list whose every word is one of `allowed`."""
+    def parse(text: str) -> List[str]:
+        words = _words(text)
+        unknown = [w for w in words if w not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"{', '.join(unknown)} unknown; use a comma list of {', '.join(allowed)}")
+        return words
+    return parse
+
+
 def _words(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -237,31 +282,32 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="also torch.compile FP16")
     b.add_argument("--compile-mode", default=None, choices=("none", "default", "reduce-overhead"),
                    help="program engine: override the repository's torch compile mode")
-    b.add_argument("--batches", type=_ints, default=[1, 8, 32])
-    b.add_argument("--warmup", type=int, default=10)
-    b.add_argument("--iterations", type=int, default=50)
+    b.add_argument("--batches", type=_counts, default=[1, 8, 32])
+    b.add_argument("--warmup", type=_natural, default=10)
+    b.add_argument("--iterations", type=_count, default=50)
     b.add_argument("--output", default="perf/results/local-bare.json")
-    b.set_defaults(func=_cmd_bare)
+    b.set_defaults(func=_cmd_bare, output_kind="file")
     g = sub.add_parser("pipeline", help="time the preprocessings alone (no server): gpu, and exact/draft on the CPU")
     g.add_argument("--images", type=_words, default=["builder/parity_images"], help="image files or folders")
     g.add_argument("--repository", default="model_repository", help="its manifest gives the transform")
-    g.add_argument("--batches", type=_ints, default=[1, 64, 256])
+    g.add_argument("--batches", type=_counts, default=[1, 64, 256])
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--decoders", type=_words, default=["auto"],
+    g.add_argument("--decoders", type=_choices(DECODERS), default=["auto"],
                    help="the gpu pipeline's decoders: auto,nvimgcodec,torchvision, or none")
-    g.add_argument("--cpu", type=_words, default=[], help="CPU preprocessings to time too: exact,draft")
+    g.add_argument("--cpu", type=_choices(CPU_PREPROCESSINGS), default=[],
+                   help="CPU preprocessings to time too: exact,draft")
     g.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads of the CPU preprocessings (the preprocess model's default: min(8, cores))")
-    g.add_argument("--warmup", type=int, default=3)
-    g.add_argument("--iterations", type=int, default=10)
+    g.add_argument("--warmup", type=_natural, default=3)
+    g.add_argument("--iterations", type=_count, default=10)
     g.add_argument("--output", default="perf/results/local-pipeline.json")
-    g.set_defaults(func=_cmd_pipeline)
+    g.set_defaults(func=_cmd_pipeline, output_kind="file")
     f = sub.add_parser("first-request", help="first-request latency after a load, with and without warm-up")
     f.add_argument("--repository", default="model_repository")
     f.add_argument("--images", type=_words, default=["builder/parity_images"])
-    f.add_argument("--repeat", type=int, default=1)
+    f.add_argument("--repeat", type=_count, default=1)
     f.add_argument("--output", default="perf/results/local-first-request.json")
-    f.set_defaults(func=_cmd_first_request)
+    f.set_defaults(func=_cmd_first_request, output_kind="file")
     a = sub.add_parser("analyze", help="Triton's Model Analyzer on the repository (local tritonserver)")
     a.add_argument("--repository", default="model_repository")
     a.add_argument("--models", type=_words, default=["classifier"], help="classifier,preprocess,ensemble or names")
@@ -275,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--min-batch", type=int, default=1, help="smallest max_batch_size searched")
     a.add_argument("--max-batch", type=int, default=8, help="largest max_batch_size searched")
     a.add_argument("--output", default="perf/results/local-analyze")
-    a.set_defaults(func=_cmd_analyze)
-    cli_sweep.add_commands(sub, _ints, _words)
+    a.set_defaults(func=_cmd_analyze, output_kind="folder")
+    cli_sweep.add_commands(sub, _counts, _words, _ints)
     return parser
 
 
@@ -287,6 +333,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
+        if getattr(args, "output_kind", None) and getattr(args, "output", None):
+            from perf.environment import check_output
+
+            check_output(args.output, folder=args.output_kind == "folder")
         return args.func(args)
     except BuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -103,19 +103,19 @@ def _common(p, ints, words) -> None:
     p.add_argument("--output", default=None)
 
 
-def add_commands(sub, ints, words) -> None:
-    """Registers sweep, report, compare and tune."""
+def add_commands(sub, ints, words, naturals) -> None:
+    """Registers the subcommands; `ints` parses counts (>= 1), `naturals` values that may be 0."""
     s = sub.add_parser("sweep", help="perf_analyzer over a grid")
     _common(s, ints, words)
     s.add_argument("--label", default="", help="free text stored with the results")
-    s.set_defaults(func=_cmd_sweep)
+    s.set_defaults(func=_cmd_sweep, output_kind="file")
     r = sub.add_parser("report", help="markdown table + PNG plots of a sweep")
     r.add_argument("results")
     r.add_argument("--bare", default=None, help="bare-engine results for serving efficiency")
     r.add_argument("--server-batch", type=int, default=None,
                    help="batch the server forms (max_batch_size); the bare reference for efficiency")
     r.add_argument("--output", default=None, help="folder for report.md and the PNGs")
-    r.set_defaults(func=_cmd_report)
+    r.set_defaults(func=_cmd_report, output_kind="folder")
     c = sub.add_parser("compare", help="ratios between two sweeps")
     c.add_argument("baseline")
     c.add_argument("candidate")
@@ -123,13 +123,13 @@ def add_commands(sub, ints, words) -> None:
     t = sub.add_parser("tails", help="PNG of the latency tails of sweeps run with --request-count")
     t.add_argument("results", nargs="+", help="sweep JSON files (each line labelled with its --label)")
     t.add_argument("--output", default="tails.png")
-    t.set_defaults(func=_cmd_tails)
+    t.set_defaults(func=_cmd_tails, output_kind="file")
     t = sub.add_parser("tune", help="search batching/instances by live reloads (server in explicit mode)")
     _common(t, ints, words)
     t.add_argument("--repository", default="model_repository")
     t.add_argument("--model", default=None, help="model to tune (default <name>_classifier)")
     t.add_argument("--instance-counts", type=ints, default=[1, 2])
-    t.add_argument("--queue-delays-us", type=ints, default=[100, 1000])
+    t.add_argument("--queue-delays-us", type=naturals, default=[100, 1000])
     t.add_argument("--preferred", type=words, default=[""], help="preferred batch sets, e.g. 4/8,8/16")
     t.add_argument("--max-batch-sizes", type=ints, default=[32])
     t.add_argument("--p99-budget-ms", type=float, default=100.0)
@@ -138,4 +138,4 @@ def add_commands(sub, ints, words) -> None:
                    help="the server's admin key (default: $TRITON_ADMIN_KEY, else <server-workdir>/admin-key)")
     t.add_argument("--server-workdir", default=".server", help="where `make serve` keeps its admin key")
     # The tuned model is the classifier: measure it directly (tensor input, no photos needed).
-    t.set_defaults(func=_cmd_tune, models=["classifier"])
+    t.set_defaults(func=_cmd_tune, models=["classifier"], output_kind="file")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import platform
 import subprocess
 import sys
@@ -48,6 +49,32 @@ def describe(extra: Optional[Dict] = None) -> Dict:
         "command": " ".join([os.path.basename(sys.executable), "-m", "perf", *sys.argv[1:]]),
         **(extra or {}),
     }
+
+
+def check_output(path: str, folder: bool = False) -> None:
+    """Fails before any measurement on an output that cannot be written (a minute of work is not lost).
+
+    Args:
+        path: The --output given.
+        folder: The command writes a folder of files there (else one file).
+
+    Raises:
+        BuilderError: The path is the wrong kind, or its folder cannot be created or written.
+    """
+    from builder.errors import BuilderError
+
+    target = Path(path).expanduser()
+    if folder and target.exists() and not target.is_dir():
+        raise BuilderError(f"output: {path} is a file; pass a folder for --output")
+    if not folder and target.is_dir():
+        raise BuilderError(f"output: {path} is a folder; pass a file path for --output")
+    parent = target if folder else target.parent
+    existing = parent.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise BuilderError(f"output: {parent} cannot be created or written ({existing} is not a writable "
+                           "folder); pass an --output in a folder you can write")
 
 
 def write_json(path: str, payload: Dict) -> str:

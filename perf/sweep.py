@@ -122,6 +122,9 @@ class SweepSettings:
             fail("measurement", "interval >= 100 ms, trials >= 1, stability >= 1%", "e.g. 3000 ms, 10, 10%")
         if self.request_count < 0:
             fail("request_count", f"{self.request_count} is negative", "pass 0 (time windows) or a count, e.g. 3000")
+        if 0 < self.request_count < max(self.concurrency):
+            fail("request_count", f"{self.request_count} is below the concurrency {max(self.concurrency)} (perf_analyzer "
+                 "could not keep that many requests in flight)", f"pass at least {max(self.concurrency)}, e.g. 3000")
 
     def grid(self) -> List[Tuple[str, str, str, int, int]]:
         """(model, protocol, shared memory, batch, concurrency) combinations, in run order."""

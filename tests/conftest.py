@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,59 @@ def ready_stub(host: str = "127.0.0.1", ssl_context=None):
         httpd.socket = ssl_context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     return httpd
+
+
+def jpeg_segments(jpeg: bytes) -> list:
+    """(marker, start, end) of each segment before the first scan's data, the scan header included."""
+    at, out = 2, []
+    while at < len(jpeg):
+        marker = jpeg[at + 1]
+        length = int.from_bytes(jpeg[at + 2:at + 4], "big")
+        out.append((marker, at, at + 2 + length))
+        if marker == 0xDA:
+            return out
+        at += 2 + length
+    return out
+
+
+def broken_jpegs(jpeg: bytes) -> dict:
+    """The damaged uploads services get, made from one good baseline JPEG: cut short, bad markers, lying sizes."""
+    segments = jpeg_segments(jpeg)
+    sos = next(start for marker, start, _ in segments if marker == 0xDA)
+    sof_start = next(start for marker, start, _ in segments if marker in (0xC0, 0xC2))
+    dht = [(start, end) for marker, start, end in segments if marker == 0xC4]
+    scan = next(end for marker, _, end in segments if marker == 0xDA)
+
+    def with_size(height: int, width: int) -> bytes:
+        out = bytearray(jpeg)
+        out[sof_start + 5:sof_start + 7] = height.to_bytes(2, "big")
+        out[sof_start + 7:sof_start + 9] = width.to_bytes(2, "big")
+        return bytes(out)
+
+    height = int.from_bytes(jpeg[sof_start + 5:sof_start + 7], "big")
+    width = int.from_bytes(jpeg[sof_start + 7:sof_start + 9], "big")
+    no_tables = jpeg
+    for start, end in reversed(dht):
+        no_tables = no_tables[:start] + no_tables[end:]
+    overrun = bytearray(jpeg)
+    overrun[dht[0][0] + 2:dht[0][0] + 4] = (0xFFF0).to_bytes(2, "big")
+    return {
+        "cut at half": jpeg[:len(jpeg) // 2],
+        "cut near the end": jpeg[:-64],
+        "cut in the tables": jpeg[:sos - 10],
+        "cut after the scan header": jpeg[:scan + 4],
+        "no end marker": jpeg[:-2],
+        "cut, end marker appended": jpeg[:len(jpeg) // 2] + b"\xff\xd9",
+        "garbage scan data": jpeg[:scan] + bytes(range(256)) * 8 + b"\xff\xd9",
+        "bad marker before the frame": jpeg[:2] + b"\xff\x00" + jpeg[2:],
+        "segment length past the end": bytes(overrun),
+        "no Huffman tables": no_tables,
+        "height doubled": with_size(height * 2, width),
+        "height halved": with_size(height // 2, width),
+        "width zero": with_size(height, 0),
+        "width huge": with_size(height, 65000),
+        "trailing garbage": jpeg + b"not part of the image" * 10,
+    }
 
 
 def tiny_settings(output: Path, flavor: str = "local", **overrides) -> s.RepoSettings:
@@ -141,3 +197,46 @@ def server(local_repo, tmp_path_factory):
                               workdir=str(tmp_path_factory.mktemp("server")))
     with LocalServer(settings) as running:
         yield running
+
+
+# -- GPU tests: `make test-gpu` runs them on a GPU host, skipped without one. GPU_TEST_RECORD=path.json writes the
+# run's record (GPU, driver, versions, each test's outcome); committed records live in tests/gpu/runs/.
+
+_OUTCOMES = []
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="no CUDA GPU on this host: `make test-gpu` runs these on a GPU host")
+    for item in items:
+        if "gpu" in item.keywords and not cuda_available():
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        _OUTCOMES.append({"test": report.nodeid, "phase": report.when, "outcome": report.outcome,
+                          "seconds": round(report.duration, 2),
+                          **({"reason": str(report.longrepr)[-400:]} if report.outcome != "passed" else {})})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("GPU_TEST_RECORD")
+    if not path:
+        return
+    from perf.environment import describe
+
+    record = {"kind": "gpu_tests", "finished_unix_s": int(time.time()), "exit_status": int(exitstatus),
+              "passed": sum(o["outcome"] == "passed" and o["phase"] == "call" for o in _OUTCOMES),
+              "failed": sum(o["outcome"] == "failed" for o in _OUTCOMES),
+              "skipped": sum(o["outcome"] == "skipped" for o in _OUTCOMES),
+              "python": platform.python_version(), "environment": describe(), "tests": _OUTCOMES}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)

@@ -141,6 +141,10 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
                 and not (model_dir / str(version) / "gpu_imaging.py").is_file():
             problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
                             "gpu_imaging.py (built for another preprocessing); rebuild the repository")
+        elif config.parameters.get("pipeline") and config.parameters["pipeline"].string_value == "gpu" \
+                and not any((model_dir / str(version) / "gate").glob("*.jpg")):
+            problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
+                            "parity gate, so it would not load; rebuild the repository")
 
 
 def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[str]) -> None:

@@ -37,6 +37,13 @@ TRT_MODULES = ("builder/__init__.py", "builder/errors.py", "builder/compare.py",
                "builder/engines/trt.py")
 
 
+# The gpu preprocessing's load-time gate: JPEGs that take the GPU path (baseline, progressive, gray, EXIF-rotated)
+# and per-photo tensor thresholds loose enough for nvJPEG's IDCT vs libjpeg-turbo's (on an H100 the 12 bundled
+# photos differed by 0.0036 on average) and tight enough to stop a wrong colour conversion or orientation.
+LOAD_GATE = {"photos": ("astronaut_640x480.jpg", "astronaut_progressive.jpg", "camera_gray.jpg", "coffee_exif6.jpg"),
+             "max_mean_abs": 0.03, "min_cosine": 0.999}
+
+
 def file_hashes(root: Path) -> Dict[str, str]:
     """sha256 of every file under `root` but the manifest, keyed by relative path."""
     hashes = {}
@@ -98,7 +105,14 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     _copy_python_model("preprocess.py", pre_dir / version,
                        extras=("imaging.py", "gpu_imaging.py") if gpu_pipeline else ("imaging.py",))
     if gpu_pipeline:
-        preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": "auto"}
+        preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": "auto",
+                                 "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
+                                 "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
+        # The model checks the decoder it serves with on these photos when it loads (see preprocess.py).
+        gate = pre_dir / version / "gate"
+        gate.mkdir(parents=True, exist_ok=True)
+        for photo in LOAD_GATE["photos"]:
+            shutil.copy2(BUILDER_DIR / "parity_images" / photo, gate / photo)
     (pre_dir / "warmup").mkdir(parents=True, exist_ok=True)
     photo = (Path(__file__).parents[1] / "parity_images" / "astronaut_640x480.jpg").read_bytes()
     # Triton reads a BYTES warm-up input as its wire form: a 4-byte little-endian length before the bytes.
@@ -324,8 +338,16 @@ def _build_engine(settings: RepoSettings, model, contract: Contract, params, onn
     if settings.preprocess != "exact":
         from builder.repository.preprocess_gate import preprocess_parity
 
-        gates[f"{settings.preprocess}_preprocess_vs_exact"] = preprocess_parity(
-            model.module, params, settings.preprocess_parity, settings.preprocess)
+        figures = preprocess_parity(model.module, params, settings.preprocess_parity, settings.preprocess)
+        if settings.preprocess == "gpu":
+            figures["load_gate"] = {k: v for k, v in LOAD_GATE.items()}
+            if not str(figures.get("device", "")).startswith("cuda"):
+                figures["gate_note"] = ("gated on this build host's CPU with libjpeg-turbo, not with the serving "
+                                        "GPU's decoder; the served model re-checks its decoder on its GPU when it "
+                                        "loads (load_gate) and refuses to load if off")
+                log.warning("the gpu preprocessing was gated on the CPU (libjpeg-turbo), not nvJPEG: the served "
+                            "model checks its own decoder on %d photos when it loads", len(LOAD_GATE["photos"]))
+        gates[f"{settings.preprocess}_preprocess_vs_exact"] = figures
     choice = {"requested": requested, "chosen": chosen, "reason": reason, "gpu": gpu, "batch_sizes": batches,
               "candidates": [c.to_dict() for c in candidates]}
     return settings, gates, choice

@@ -17,7 +17,7 @@ from builder.errors import BuilderError
 from builder.repository.preprocess_gate import PHOTOS, preprocess_parity
 from builder.repository.writer import build_repository, file_hashes, read_manifest
 from builder.repository.triton_models import gpu_imaging, imaging
-from conftest import MAX_BATCH, free_ports, tiny_settings
+from conftest import MAX_BATCH, broken_jpegs, free_ports, tiny_settings
 
 LEVEL = 1.0 / 255 / min(0.229, 0.224, 0.225)  # one 8-bit step after normalization
 
@@ -102,6 +102,24 @@ def test_broken_uploads_fail_alone_with_the_exact_messages(uploads, params):
         assert errors[index] == str(exact.value)
         assert not batch[index].any()
     assert "above the limit" in errors[3] and "0 bytes" in errors[1]
+
+
+# Uploads cut short inside the scans: nvJPEG decodes them, libjpeg (the exact path) refuses them.
+CUT_SHORT = ("cut at half", "cut near the end", "cut in the tables", "cut after the scan header")
+
+
+def test_broken_jpegs_get_the_exact_answer(params):
+    """Each damaged JPEG gets what the exact path gives it: its error message, or its acceptance."""
+    photo = (PHOTOS / "astronaut_640x480.jpg").read_bytes()
+    broken = broken_jpegs(photo)
+    # What libjpeg refuses must never reach a GPU decoder that would answer it: routed by the header walk.
+    for name in CUT_SHORT + ("no end marker", "segment length past the end", "no Huffman tables", "width zero"):
+        assert gpu_imaging.gpu_candidate(broken[name], params.max_pixels) is None, name
+    assert gpu_imaging.gpu_candidate(broken["trailing garbage"], params.max_pixels) == 1
+    _, errors = gpu_imaging.GpuPreprocessor(params, "cpu")(list(broken.values()))
+    for (name, data), error in zip(broken.items(), errors):
+        assert error == imaging.try_preprocess(data, params)[1], name
+    assert all("truncated" in errors[list(broken).index(n)] for n in ("cut at half", "cut near the end"))
 
 
 def test_gpu_path_refuses_filters_it_cannot_reproduce(params, tiny_model):

@@ -180,7 +180,8 @@ def test_killed_builds_never_leave_a_broken_repository(tmp_path):
 def test_add_version_keeps_the_flavor_and_check_catches_mixed_flavors(tmp_path):
     output = tmp_path / "repo"
     build_repository(tiny_settings(output, flavor="local"))
-    added = _run("builder", "repo", "--add-version", "--output", str(output), "--model-kwargs", TINY_KWARGS)
+    added = _run("builder", "repo", "--add-version", "--output", str(output), "--model-kwargs", TINY_KWARGS,
+                 "--max-batch-size", "8")
     assert added.returncode == 0, added.stderr
     manifest = read_manifest(output)
     assert manifest["flavor"] == "local" and [v["flavor"] for v in manifest["model_versions"]] == ["local", "local"]
@@ -188,7 +189,7 @@ def test_add_version_keeps_the_flavor_and_check_catches_mixed_flavors(tmp_path):
     assert 'backend: "python"' in text and check_repository(output) == []
     before = file_hashes(output)
     _one_line_error(_run("builder", "repo", "--add-version", "--flavor", "container", "--output", str(output),
-                         "--model-kwargs", TINY_KWARGS), "flavor:", "local repository")
+                         "--model-kwargs", TINY_KWARGS, "--max-batch-size", "8"), "flavor:", "local repository")
     assert file_hashes(output) == before
     # What the old bug produced: a container classifier config inside a local repository.
     container = build_repository(tiny_settings(tmp_path / "container", flavor="container"))

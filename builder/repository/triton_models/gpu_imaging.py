@@ -145,7 +145,7 @@ def gpu_candidate(data: bytes, max_pixels: int) -> Optional[int]:
     """
     if not data.startswith(_JPEG_SOI):
         return None
-    orientation, at, size = 1, 2, len(data)
+    orientation, at, size, seen = 1, 2, len(data), set()
     while at + 4 <= size:
         if data[at] != 0xFF:
             return None
@@ -166,11 +166,45 @@ def gpu_candidate(data: bytes, max_pixels: int) -> Optional[int]:
             if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
                 return None
             height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
-            return orientation if 0 < width * height <= max_pixels else None
+            if not 0 < width * height <= max_pixels:
+                return None
+            return orientation if _complete_after_frame(data, at + 2 + length, seen) else None
         elif marker in _SOF_OTHER or marker == 0xDA:  # other codings, or scan data before any frame
             return None
+        seen.add(marker)
         at += 2 + length
     return None
+
+
+def _complete_after_frame(data: bytes, at: int, seen: set) -> bool:
+    """Whether a JPEG's stream after its frame header is whole: tables, a scan, and the end marker after it.
+
+    nvJPEG decodes a JPEG cut short (and fills in the rest) where libjpeg, and so the exact path, refuses
+    it ("image file is truncated"). What the exact path would refuse must get its message, so only whole
+    streams go to the GPU: the segments up to the first scan are walked (each length inside the file,
+    quantization and Huffman tables present), and an end-of-image marker must follow the scan's start.
+    Entropy-coded data cannot hold the bytes FF D9 (an FF there is followed by 00 or a restart marker), so
+    the last FF D9 of the file lies after the first scan exactly when the file was not cut inside the scans.
+    Anything else, cut short or unusual, takes the exact path and gets its answer there.
+    """
+    size, seen = len(data), set(seen)  # the markers before the frame count too
+    while at + 4 <= size:
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:
+            at += 1
+            continue
+        if marker == 0xD9 or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # image ends, or an odd bare marker
+            return False
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if length < 2 or at + 2 + length > size:
+            return False
+        if marker == 0xDA:
+            return {0xDB, 0xC4} <= seen and data.rfind(b"\xff\xd9") >= at + 2 + length
+        seen.add(marker)
+        at += 2 + length
+    return False
 
 
 class Decoder:
@@ -223,6 +257,46 @@ class Decoder:
                         decoded.append(None)
         # The CUDA batch decoder ignores EXIF orientation: applied here, as Pillow's exif_transpose does.
         return [None if img is None else _orient(img, o) for img, o in zip(decoded, orientations)]
+
+
+def load_gate(pipeline: "GpuPreprocessor", photos: Sequence[bytes], max_mean_abs: float, min_cosine: float) -> Dict:
+    """Checks the served decoder on photos against the exact path, where it serves; raises when it is off.
+
+    The build's gate runs where the repository is built, which may have no GPU (then libjpeg-turbo stands
+    in for nvJPEG). This runs the decoder that will really serve, on its own device, when the model loads.
+
+    Args:
+        pipeline: The GPU pipeline as the model will run it.
+        photos: Encoded photos (JPEGs, so they take the GPU path).
+        max_mean_abs: Largest mean absolute difference of one photo's tensor from the exact one.
+        min_cosine: Smallest cosine of one photo's tensor with the exact one.
+
+    Returns:
+        The figures: photos, how many took the GPU path, worst mean abs, max abs and cosine.
+
+    Raises:
+        ValueError: A photo fails, or a figure is outside its threshold.
+    """
+    before = dict(pipeline.counts)
+    tensors, errors = pipeline(list(photos))
+    on_gpu = pipeline.counts["gpu"] - before["gpu"]
+    pipeline.counts.update(before)  # the gate's photos are not traffic
+    failed = [f"photo {i}: {e}" for i, e in enumerate(errors) if e]
+    if failed:
+        raise ValueError("the load-time parity gate failed on its photos: " + "; ".join(failed))
+    got = tensors.float().cpu().numpy().reshape(len(photos), -1).astype(np.float64)
+    exact = np.stack([imaging.preprocess(data, pipeline.params) for data in photos]).reshape(len(photos), -1)
+    diff = np.abs(got - exact)
+    cosine = (got * exact).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(exact, axis=1), 1e-12)
+    figures = {"photos": len(photos), "on_gpu_path": on_gpu, "worst_mean_abs": float(diff.mean(1).max()),
+               "max_abs": float(diff.max()), "min_cosine": float(cosine.min()), "decoder": pipeline.decoder.backend,
+               "device": str(pipeline.device)}
+    if figures["worst_mean_abs"] > max_mean_abs or figures["min_cosine"] < min_cosine:
+        raise ValueError(f"the {figures['decoder']} decoder on {figures['device']} is off the exact path on the "
+                         f"load-time parity photos (worst mean abs {figures['worst_mean_abs']:.4f} > {max_mean_abs} "
+                         f"or cosine {figures['min_cosine']:.6f} < {min_cosine}); serve --preprocess exact, or "
+                         "report the GPU and driver")
+    return figures
 
 
 class GpuPreprocessor:

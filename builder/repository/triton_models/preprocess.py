@@ -29,6 +29,11 @@ except ImportError:  # inside tritonserver: imaging.py lies beside model.py
     import imaging
 
 
+# The parity photos copied beside model.py for the gpu pipeline's load-time gate.
+GATE_DIR = "gate"
+logger = pb_utils.Logger
+
+
 class TritonPythonModel:
     """Decodes and transforms images, batched across requests."""
 
@@ -51,7 +56,23 @@ class TritonPythonModel:
             on_gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
             self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
-            print(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}", flush=True)
+            logger.log_info(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
+            self._load_gate(gpu_imaging, args, params)
+
+    def _load_gate(self, gpu_imaging, args, params):
+        """The served decoder against the exact path on the photos beside this file; the load fails if off."""
+        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), GATE_DIR)
+        if not os.path.isdir(folder):
+            raise pb_utils.TritonModelException(
+                f"{args.get('model_name')}: no {GATE_DIR}/ photos beside model.py for the load-time parity gate; "
+                "rebuild the repository")
+        photos = [open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))]
+        try:
+            figures = gpu_imaging.load_gate(self.gpu, photos, float(params.get("gate_max_mean_abs", "0.03")),
+                                            float(params.get("gate_min_cosine", "0.999")))
+        except ValueError as exc:  # the model does not load: nothing is served off the exact path
+            raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
+        logger.log_info(f"preprocess: load-time parity gate passed: {json.dumps(figures)}")
 
     def _one(self, data):
         return imaging.try_preprocess(imaging.as_bytes(data), self.params)

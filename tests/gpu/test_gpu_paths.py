@@ -1,0 +1,188 @@
+"""The GPU code paths on a real GPU: decoders, the broken-upload answers, the served GPU path with its DLPack
+hand-offs, Inductor's stored artifacts, the `auto` race, and plans where TensorRT exists.
+
+`make test-gpu` runs these on a GPU host (skipped without one). They use the tiny Swin, so a run takes minutes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder import settings as s
+from builder.repository.preprocess_gate import PHOTOS, photo_files
+from conftest import MAX_BATCH, broken_jpegs, free_ports, tiny_settings
+
+pytestmark = pytest.mark.gpu
+JPEGS = [p for p in photo_files() if p.suffix == ".jpg"]
+
+
+@pytest.fixture(scope="module")
+def params(tiny_model):
+    from builder.repository.triton_models import imaging
+
+    return imaging.PreprocessParams.from_timm(tiny_model.data_config)
+
+
+def test_gpu_decoder_matches_the_exact_path(params):
+    """nvJPEG (torchvision) on the GPU against libjpeg on every bundled JPEG, with the load-time gate's figures."""
+    from builder.repository.triton_models import gpu_imaging
+
+    pipeline = gpu_imaging.GpuPreprocessor(params, "cuda")
+    figures = gpu_imaging.load_gate(pipeline, [p.read_bytes() for p in JPEGS], 0.03, 0.999)
+    assert figures["device"].startswith("cuda") and figures["decoder"] == "torchvision"
+    assert figures["on_gpu_path"] >= len(JPEGS) - 1  # the CMYK JPEG takes the exact path
+    print("decoder figures:", json.dumps(figures))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.nvimgcodec") is None if importlib.util.find_spec("nvidia")
+                    else True, reason="nvImageCodec is not installed")
+def test_nvimgcodec_decoder_matches_the_exact_path(params):
+    from builder.repository.triton_models import gpu_imaging
+
+    pipeline = gpu_imaging.GpuPreprocessor(params, "cuda", "nvimgcodec")
+    figures = gpu_imaging.load_gate(pipeline, [p.read_bytes() for p in JPEGS], 0.03, 0.999)
+    assert figures["decoder"] == "nvimgcodec"
+
+
+def test_broken_jpegs_get_the_exact_answers_on_the_gpu(params):
+    """The truncated-JPEG defect: nvJPEG answers what libjpeg refuses, so such uploads must never reach it."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from builder.repository.triton_models import gpu_imaging, imaging
+
+    broken = broken_jpegs((PHOTOS / "astronaut_640x480.jpg").read_bytes())
+    _, errors = gpu_imaging.GpuPreprocessor(params, "cuda")(list(broken.values()))
+    answered_by_nvjpeg = []
+    for (name, data), error in zip(broken.items(), errors):
+        exact = imaging.try_preprocess(data, params)[1]
+        assert error == exact, (name, error, exact)
+        if exact and "truncated" in exact:
+            try:  # what the GPU decoder alone does with it: the reason for the routing
+                decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                            device="cuda")
+                answered_by_nvjpeg.append(name)
+            except RuntimeError:
+                pass
+    print("cut-short JPEGs nvJPEG decodes without an error:", answered_by_nvjpeg)
+
+
+@pytest.fixture(scope="module")
+def gpu_served(tmp_path_factory):
+    """A repository built here with `--engine auto` and the gpu preprocessing on GPU instances, served."""
+    from builder.repository.writer import build_repository
+    from builder.serving.server import LocalServer, ServerSettings
+
+    root = tmp_path_factory.mktemp("gpu-served")
+    repo = build_repository(tiny_settings(
+        root / "repo", preprocess="gpu", engine="auto",
+        classifier_instances=s.InstanceGroup("KIND_GPU", 1),
+        preprocess_instances=s.InstanceGroup("KIND_GPU", 1)))
+    http, grpc, metrics = free_ports(3)
+    server = LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(root / "server")))
+    with server:
+        yield repo, server
+
+
+def test_auto_race_ran_on_the_gpu(gpu_served):
+    from builder.engines.choice import Candidate, choose
+    from builder.repository.writer import read_manifest
+
+    repo, _ = gpu_served
+    engine = read_manifest(repo)["engine"]
+    assert engine["requested"] == "auto" and "H" in (engine["gpu"] or "")  # a GPU name, e.g. NVIDIA H200
+    measured = {c["engine"]: c for c in engine["candidates"] if c["status"] == "measured"}
+    assert {"onnxruntime", "inductor"} <= set(measured), engine["candidates"]
+    rows = [Candidate(**{k: v for k, v in c.items() if k in Candidate.__dataclass_fields__})
+            for c in engine["candidates"]]
+    assert engine["chosen"] == choose(rows).engine
+    print("auto race:", json.dumps([(c["engine"], c.get("best")) for c in engine["candidates"]]))
+
+
+def _infer(server, model: str, images):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensor = grpcclient.InferInput("image", [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[i] for i in images], dtype=object))
+    return client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput("logits")]).as_numpy("logits")
+
+
+def test_served_gpu_path_matches_the_exact_path(gpu_served, tiny_model, params):
+    """Bytes -> GPU decode -> DLPack -> classifier on the GPU -> logits, against exact + PyTorch FP32."""
+    import torch
+
+    from builder.compare import compare_logits
+    from builder.repository.triton_models import imaging
+
+    _, server = gpu_served
+    images = [p.read_bytes() for p in photo_files()][:MAX_BATCH]
+    got = _infer(server, "swin_tiny_patch4_window7_224", images)
+    with torch.no_grad():
+        reference = tiny_model.module(torch.from_numpy(np.stack([imaging.preprocess(i, params) for i in images])))
+    figures = compare_logits(reference.numpy(), got)
+    print("served vs exact + FP32:", json.dumps(figures))
+    assert figures["min_cosine"] >= 0.999 and figures["top1_agreement"] >= 0.85, figures
+
+
+def test_served_broken_uploads_get_the_exact_messages(gpu_served, params):
+    from tritonclient.utils import InferenceServerException
+
+    from builder.repository.triton_models import imaging
+
+    _, server = gpu_served
+    for name, data in broken_jpegs((PHOTOS / "astronaut_640x480.jpg").read_bytes()).items():
+        exact = imaging.try_preprocess(data, params)[1]
+        if exact is None:
+            assert _infer(server, "swin_tiny_patch4_window7_224", [data]).shape == (1, 1000), name
+            continue
+        with pytest.raises(InferenceServerException) as info:
+            _infer(server, "swin_tiny_patch4_window7_224", [data])
+        assert exact in str(info.value), (name, str(info.value), exact)
+    assert server.is_ready()
+
+
+def test_served_models_checked_and_reused_what_was_built(gpu_served):
+    """The preprocess model's load-time gate ran on the GPU; the classifier loaded Inductor's stored artifacts."""
+    from builder.repository.writer import read_manifest
+
+    repo, server = gpu_served
+    log = server.log_path.read_text(errors="replace")
+    assert "load-time parity gate passed" in log and '"device": "cuda:0"' in log, log[-3000:]
+    gate = read_manifest(repo)["parity"]["gpu_preprocess_vs_exact"]
+    assert gate["device"].startswith("cuda") and "gate_note" not in gate
+    if read_manifest(repo)["engine"]["chosen"] != "inductor":
+        pytest.skip("auto chose another engine here: no Inductor artifacts to reuse")
+    version = repo / "swin_tiny_patch4_window7_224_classifier" / "1"
+    sidecar = json.loads((version / "engine.json").read_text())
+    assert (version / "inductor.bin").is_file() and sidecar["start_with_artifacts_s"] is not None
+    assert "compiling from scratch" not in log and "ignoring inductor.bin" not in log
+    assert "compile=reduce-overhead" in log  # CUDA graphs per bucket
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not in this Python")
+def test_a_plan_builds_validates_and_runs(tmp_path, tiny_model):
+    """Where TensorRT lives: export, build a plan (timed, gated), run it through the served runner."""
+    import subprocess
+    import sys
+
+    from builder.engines.plan_check import verify_plan
+    from builder.engines.plan_runner import PlanRunner
+
+    onnx = tmp_path / "model.onnx"
+    ref = tmp_path / "ref.npz"
+    root = Path(__file__).resolve().parents[2]
+    kwargs = json.dumps({"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]})
+    subprocess.run([sys.executable, "-m", "builder", "export", "--model-kwargs", kwargs, "--output", str(onnx),
+                    "--reference", str(ref), "--images", str(PHOTOS), "--reference-batch", "8"], check=True, cwd=root)
+    subprocess.run([sys.executable, "-m", "builder.engines.trt", "build", "--onnx", str(onnx), "--plan",
+                    str(tmp_path / "model.plan"), "--reference", str(ref), "--max-batch", "8"], check=True, cwd=root)
+    info = verify_plan(tmp_path / "model.plan")
+    assert info["parity"]["top1_agreement"] >= 0.9
+    with PlanRunner(str(tmp_path / "model.plan")) as runner:
+        assert runner.time(4, warmup=2, iterations=5)["throughput_img_per_s"] > 0
