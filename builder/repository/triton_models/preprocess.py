@@ -31,7 +31,11 @@ except ImportError:  # inside tritonserver: imaging.py lies beside model.py
 
 # The parity photos copied beside model.py for the gpu pipeline's load-time gate.
 GATE_DIR = "gate"
-logger = pb_utils.Logger
+
+
+def _log(message):
+    # pb_utils.Logger exists once the stub runs the model (not at import): looked up at each call.
+    pb_utils.Logger.log_info(message)
 
 
 class TritonPythonModel:
@@ -56,7 +60,7 @@ class TritonPythonModel:
             on_gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
             self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
-            logger.log_info(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
+            _log(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
             self._load_gate(gpu_imaging, args, params)
 
     def _load_gate(self, gpu_imaging, args, params):
@@ -72,7 +76,7 @@ class TritonPythonModel:
                                             float(params.get("gate_min_cosine", "0.999")))
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
-        logger.log_info(f"preprocess: load-time parity gate passed: {json.dumps(figures)}")
+        _log(f"preprocess: load-time parity gate passed: {json.dumps(figures)}")
 
     def _one(self, data):
         return imaging.try_preprocess(imaging.as_bytes(data), self.params)
