@@ -153,7 +153,8 @@ def test_served_models_checked_and_reused_what_was_built(gpu_served):
 
     repo, server = gpu_served
     log = server.log_path.read_text(errors="replace")
-    assert "load-time parity gate passed" in log and '"device": "cuda:0"' in log, log[-3000:]
+    gate_lines = [line for line in log.splitlines() if "load-time parity gate passed" in line]
+    assert gate_lines and all("cuda:0" in line for line in gate_lines), log[-3000:]
     gate = read_manifest(repo)["parity"]["gpu_preprocess_vs_exact"]
     assert gate["device"].startswith("cuda") and "gate_note" not in gate
     if read_manifest(repo)["engine"]["chosen"] != "inductor":
