@@ -18,7 +18,6 @@ from perf import report
 from perf.sweep import SweepSettings, run_sweep, sweep_payload
 from perf.tune import candidates, tune
 
-pytestmark = pytest.mark.server
 # Short windows and a loose stability bound: this checks the machinery, not the numbers (2 shared CPU cores).
 QUICK = dict(measurement_interval_ms=500, stability_percent=99, max_trials=4)
 
@@ -31,6 +30,7 @@ def sweep_settings(server, contract, photo_paths, **kwargs) -> SweepSettings:
 
 
 
+@pytest.mark.server
 def test_request_count_rows_carry_the_tail(server, contract, photo_paths, tmp_path):
     """--request-count: one measurement over N requests, each request's latency from the profile export."""
     from builder.errors import BuilderError
@@ -53,12 +53,16 @@ def test_request_count_rows_carry_the_tail(server, contract, photo_paths, tmp_pa
         sweep_settings(server, contract, photo_paths, request_count=-1)
 
 
+@pytest.mark.server
 def test_sweep_report_and_compare(server, contract, photo_paths, tmp_path):
     first = sweep_settings(server, contract, photo_paths, models=("ensemble", "classifier"), concurrency=(1, 2))
     rows = run_sweep(first)
     assert len(rows) == 4 and all("error" not in r for r in rows), [r.get("error") for r in rows]
     for row in rows:
-        assert row["throughput_img_per_s"] > 0 and row["latency_p99_us"] >= row["latency_p50_us"] > 0
+        assert row["latency_p99_us"] >= row["latency_p50_us"] > 0
+        # Little's law ties perf_analyzer's throughput to its latency: requests in flight / time per request.
+        little = row["concurrency"] * row["batch_size"] * 1e6 / row["latency_avg_us"]
+        assert 0.5 * little <= row["throughput_img_per_s"] <= 2 * little, (row["throughput_img_per_s"], little)
         assert row["command"].startswith("perf_analyzer -m ")
     second = sweep_settings(server, contract, photo_paths, models=("classifier",), protocols=("http",),
                             shared_memory=("system",), concurrency=(2,), batch_sizes=(2,))
@@ -81,6 +85,7 @@ def test_sweep_report_and_compare(server, contract, photo_paths, tmp_path):
         report.compare(doc1, doc2)
 
 
+@pytest.mark.server
 def test_sweep_reports_failures_per_row(server, contract, photo_paths):
     settings = sweep_settings(server, contract, photo_paths, name="no_such_model", models=("classifier",),
                               concurrency=(1,))
@@ -88,6 +93,7 @@ def test_sweep_reports_failures_per_row(server, contract, photo_paths):
     assert "error" in row and "throughput_img_per_s" not in row
 
 
+@pytest.mark.server
 def test_sweep_cli_writes_results_and_report(server, contract, photo_paths, tmp_path):
     out = tmp_path / "sweep.json"
     photos_dir = tmp_path / "photos"
@@ -102,13 +108,17 @@ def test_sweep_cli_writes_results_and_report(server, contract, photo_paths, tmp_
     assert result.returncode == 0, result.stderr
     assert "[1/1] ensemble grpc" in result.stderr  # progress
     doc = json.loads(out.read_text())
-    assert doc["kind"] == "sweep" and doc["results"][0]["throughput_img_per_s"] > 0
+    row = doc["results"][0]
+    assert doc["kind"] == "sweep" and "error" not in row
+    little = row["concurrency"] * row["batch_size"] * 1e6 / row["latency_avg_us"]
+    assert 0.5 * little <= row["throughput_img_per_s"] <= 2 * little
     rep = subprocess.run([sys.executable, "-m", "perf", "report", str(out), "--output", str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stderr
     assert (tmp_path / "r" / "report.md").is_file() and (tmp_path / "r" / "throughput_latency.png").is_file()
 
 
+@pytest.mark.server
 def test_tuner_reloads_live_and_writes_back(local_repo, contract, photo_paths, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(local_repo, repo)
@@ -152,7 +162,9 @@ def test_bare_onnxruntime(local_repo, contract, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
     assert [r["batch_size"] for r in rows] == [1, 4]
-    assert all(r["engine"] == "onnxruntime" and r["throughput_img_per_s"] > 0 for r in rows)
+    for row in rows:  # three timed calls each, throughput from their mean latency
+        assert row["engine"] == "onnxruntime" and row["iterations"] == 3
+        assert row["throughput_img_per_s"] == pytest.approx(row["batch_size"] * 1000 / row["latency_mean_ms"])
 
 
 def test_help_is_fast():
@@ -171,6 +183,7 @@ def test_settings_errors_name_the_field(contract):
         SweepSettings(name="x", models=("classifier",), protocols=("ftp",))
 
 
+@pytest.mark.server
 def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
     """What Model Analyzer needs to search configs against the server `perf analyze` starts (run: `make analyze`)."""
     from pathlib import Path
@@ -205,6 +218,7 @@ def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
     assert gpu["profile_models"] == {"m": {"cpu_only": False}} and "cpu_only_composing_models" not in gpu
 
 
+@pytest.mark.server
 def test_model_analyzer_terminated_leaves_nothing_running(local_repo, tmp_path):
     """SIGTERM (a kill, a CI timeout) of `perf analyze` takes down what the analyzer started, like Ctrl-C."""
     import signal

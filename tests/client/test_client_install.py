@@ -10,9 +10,9 @@ import pytest
 
 from conftest import project_copy
 
-pytestmark = pytest.mark.server
 
 
+@pytest.mark.server
 def test_client_installs_without_torch_and_classifies(server, contract, photo_paths, tmp_path):
     work = project_copy(tmp_path)
     venv = tmp_path / "client-venv"

@@ -20,7 +20,6 @@ from clients import (AsyncClassifier, Classifier, ClientError, ClientSettings, M
                      ServerUnavailable, SettingsError)
 from conftest import SERVED_LOGIT_ATOL, free_ports, ready_stub
 
-pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,6 +36,7 @@ def check_against_reference(results, photos, timm_reference):
     assert [r.top1.index for r in results] == reference.argmax(1).tolist()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("mode,shared_memory", [("ensemble", "none"), ("ensemble", "system"),
                                                 ("classifier", "none"), ("classifier", "system")])
@@ -52,6 +52,7 @@ def test_sync_paths(server, contract, photos, timm_reference, protocol, mode, sh
     assert results[0].source == "#0"
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_async_paths(server, contract, photos, timm_reference, protocol):
     async def run():
@@ -62,6 +63,7 @@ def test_async_paths(server, contract, photos, timm_reference, protocol):
     check_against_reference(asyncio.run(run()), photos, timm_reference)
 
 
+@pytest.mark.server
 def test_paths_arrays_and_pil_images(server, contract, photo_paths, photos):
     from PIL import Image
 
@@ -76,6 +78,7 @@ def test_paths_arrays_and_pil_images(server, contract, photo_paths, photos):
     assert np.array_equal(by_array.logits, by_pil.logits)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_bad_images_fail_alone_with_the_servers_message(server, contract, photos, tmp_path, protocol):
     missing = tmp_path / "missing.jpg"
@@ -94,6 +97,7 @@ def test_bad_images_fail_alone_with_the_servers_message(server, contract, photos
     assert [r.ok for r in asyncio.run(run())] == [True, False, True, False, False, True]
 
 
+@pytest.mark.server
 def test_errors_are_typed(server, contract, photos):
     with Classifier(ClientSettings(url=server.grpc_url, model="no_such_model", retries=0)) as client:
         with pytest.raises(ModelNotFound):
@@ -113,6 +117,7 @@ def test_errors_are_typed(server, contract, photos):
         ClientSettings(url="http://localhost:8000")
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_timeouts_fire(server, contract, photos, protocol):
     big = photos * 4  # enough work that 1 ms cannot be met
@@ -122,13 +127,62 @@ def test_timeouts_fire(server, contract, photos, protocol):
     assert server.is_ready()
 
 
+def _recording_proxy(target_port: int):
+    """A TCP relay to the real server on `target_port` that keeps every byte the client sent."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    received = bytearray()
+
+    def pipe(source, sink, record):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if record:
+                    received.extend(data)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def serve():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", target_port))
+            threading.Thread(target=pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client, False), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, received
+
+
+@pytest.mark.server
 def test_headers_are_sent(server, contract, photos):
-    settings = settings_for(server, contract, "http", headers=(("authorization", "Bearer test-token"),
-                                                               ("x-request-source", "tests")))
-    with Classifier(settings) as client:
-        assert client.classify([photos[0]])[0].ok
+    """The headers reach the server on the wire: recorded between the client and the real tritonserver."""
+    listener, received = _recording_proxy(server.settings.http_port)
+    try:
+        settings = ClientSettings(url=f"localhost:{listener.getsockname()[1]}", protocol="http",
+                                  model=contract.ensemble,
+                                  headers=(("authorization", "Bearer test-token"), ("x-request-source", "tests")))
+        with Classifier(settings) as client:
+            assert client.classify([photos[0]])[0].ok
+    finally:
+        listener.close()
+    wire = bytes(received).lower()
+    assert b"authorization: bearer test-token\r\n" in wire and b"x-request-source: tests\r\n" in wire
+    assert wire.count(b"post /v2/models/") >= 1  # the inference request itself carried them
 
 
+@pytest.mark.server
 def test_load_balanced_channel(server, contract, photos):
     settings = ClientSettings.load_balanced(f"dns:///localhost:{server.settings.grpc_port}", model=contract.ensemble)
     assert ("grpc.lb_policy_name", "round_robin") in settings.grpc_channel_args
@@ -142,6 +196,7 @@ def _start(repo, ports, workdir, extra=()):
                                       extra_args=tuple(extra))).start()
 
 
+@pytest.mark.server
 def test_retries_recover_across_a_server_restart(local_repo, contract, photos, tmp_path):
     ports = free_ports(3)
     server = _start(local_repo, ports, tmp_path / "srv")
@@ -222,6 +277,7 @@ def test_tls_http_honours_root_certificates(tmp_path):
         httpd.shutdown()
 
 
+@pytest.mark.server
 def test_tls_grpc(local_repo, contract, photos, tmp_path):
     key, cert = _self_signed(tmp_path)
     ports = free_ports(3)
@@ -245,6 +301,7 @@ def _cli(*args):
                           cwd=ROOT)
 
 
+@pytest.mark.server
 def test_cli_folder_json_and_failures(server, contract, photo_paths, tmp_path):
     folder = tmp_path / "uploads"
     (folder / "nested").mkdir(parents=True)
@@ -265,6 +322,7 @@ def test_cli_folder_json_and_failures(server, contract, photo_paths, tmp_path):
     assert "not classified: server unavailable" in down.stdout and "Traceback" not in down.stderr
 
 
+@pytest.mark.server
 def test_cli_keeps_answers_when_the_server_goes_away(local_repo, contract, photo_paths, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
@@ -295,6 +353,7 @@ def test_cli_keeps_answers_when_the_server_goes_away(local_repo, contract, photo
     assert f"{len(failed)} of 60 images failed" in err
 
 
+@pytest.mark.server
 def test_raw_http_with_curl(server, contract, photo_paths, photos, timm_reference):
     result = subprocess.run([str(ROOT / "clients" / "examples" / "curl_infer.sh"), str(photo_paths[1]),
                              server.http_url, contract.ensemble], capture_output=True, text=True, timeout=60)
@@ -304,6 +363,7 @@ def test_raw_http_with_curl(server, contract, photo_paths, photos, timm_referenc
     assert outputs["labels"]["shape"] == [1, 5] and isinstance(outputs["labels"]["data"][0], str)
 
 
+@pytest.mark.server
 def test_raw_grpc_model_infer(server, contract, photos, timm_reference):
     """ModelInfer built from the generated protobuf classes only, as a Go/Java/Node service would."""
     import grpc

@@ -89,6 +89,7 @@ def gpu_served(tmp_path_factory):
         yield repo, server
 
 
+@pytest.mark.server
 def test_auto_race_ran_on_the_gpu(gpu_served):
     from builder.engines.choice import Candidate, choose
     from builder.repository.writer import read_manifest
@@ -113,6 +114,7 @@ def _infer(server, model: str, images):
     return client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput("logits")]).as_numpy("logits")
 
 
+@pytest.mark.server
 def test_served_gpu_path_matches_the_exact_path(gpu_served, tiny_model, params):
     """Bytes -> GPU decode -> DLPack -> classifier on the GPU -> logits, against exact + PyTorch FP32."""
     import torch
@@ -130,6 +132,7 @@ def test_served_gpu_path_matches_the_exact_path(gpu_served, tiny_model, params):
     assert figures["min_cosine"] >= 0.999 and figures["top1_agreement"] >= 0.85, figures
 
 
+@pytest.mark.server
 def test_served_broken_uploads_get_the_exact_messages(gpu_served, params):
     from tritonclient.utils import InferenceServerException
 
@@ -147,6 +150,7 @@ def test_served_broken_uploads_get_the_exact_messages(gpu_served, params):
     assert server.is_ready()
 
 
+@pytest.mark.server
 def test_served_models_checked_and_reused_what_was_built(gpu_served):
     """The preprocess model's load-time gate ran on the GPU; the classifier loaded Inductor's stored artifacts."""
     from builder.repository.writer import read_manifest
@@ -186,4 +190,4 @@ def test_a_plan_builds_validates_and_runs(tmp_path, tiny_model):
     info = verify_plan(tmp_path / "model.plan")
     assert info["parity"]["top1_agreement"] >= 0.9
     with PlanRunner(str(tmp_path / "model.plan")) as runner:
-        assert runner.time(4, warmup=2, iterations=5)["throughput_img_per_s"] > 0
+        assert runner.time(4, warmup=2, iterations=5)["iterations"] == 5

@@ -12,7 +12,6 @@ from PIL import Image
 from builder.repository import configs
 from builder.repository.check import check_repository
 
-pytestmark = pytest.mark.server
 
 
 def _generic_classify(client, module, model: str, image: bytes, class_count: int, grpc: bool):
@@ -43,6 +42,7 @@ def _generic_classify(client, module, model: str, image: bytes, class_count: int
     return [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy(output_meta["name"])[0]], logits
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_generic_image_client_and_classification_extension(server, contract, photos, protocol):
     if protocol == "grpc":
@@ -111,6 +111,7 @@ def test_onnxruntime_tensorrt_accelerator_and_response_cache_configs(tmp_path):
         tiny_settings(tmp_path / "x", flavor="local", onnxruntime_tensorrt=True)
 
 
+@pytest.mark.server
 def test_response_cache_serves_repeated_uploads(tmp_path, photos):
     from builder.repository.writer import build_repository
     from builder.serving.server import LocalServer, ServerSettings

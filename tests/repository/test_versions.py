@@ -18,7 +18,6 @@ from builder.repository.writer import build_repository, file_hashes, read_manife
 from builder.serving.server import LocalServer, ServerSettings
 from conftest import TINY_KWARGS, free_ports, tiny_settings
 
-pytestmark = pytest.mark.server
 
 
 def new_version_settings(repo, seed):
@@ -59,6 +58,7 @@ def _logits(client, ensemble, image):
     return client.infer(ensemble, [tensor], outputs=[grpcclient.InferRequestedOutput("logits")]).as_numpy("logits")
 
 
+@pytest.mark.server
 def test_hot_update_with_no_failed_request(local_repo, contract, photos, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(local_repo, repo)

@@ -69,6 +69,7 @@ def test_ports_probes_and_shutdown_agree_with_server_flags():
     assert headless and headless[0]["spec"]["ports"][0]["name"] == "grpc"
 
 
+@pytest.mark.server
 def test_hpa_metric_comes_from_the_adapter_rule_over_real_triton_metrics(server, contract, photos):
     (hpa,) = by_kind("HorizontalPodAutoscaler")
     (adapter,) = by_kind("ConfigMap")

@@ -15,7 +15,6 @@ from builder.serving.server import LocalServer, ServerSettings, admin_headers
 from clients import Classifier, ClientSettings
 from conftest import MAX_BATCH, free_ports, tiny_settings
 
-pytestmark = pytest.mark.server
 
 
 def _server(repo, workdir, **kwargs) -> LocalServer:
@@ -59,6 +58,7 @@ def _flood(settings, photos, threads=48):
         return list(pool.map(one, range(threads)))
 
 
+@pytest.mark.server
 def test_flood_past_the_queue_bound_fails_fast_then_drains(tmp_path, photos):
     bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=2)
     repo = build_repository(tiny_settings(tmp_path / "repo", classifier_batching=bounded,
@@ -79,6 +79,7 @@ def test_flood_past_the_queue_bound_fails_fast_then_drains(tmp_path, photos):
         assert [k for k, _ in drained].count("ok") == len(drained), drained
 
 
+@pytest.mark.server
 def test_one_rejection_does_not_end_a_run(tmp_path, photos):
     """A run of many requests keeps every answered image; only rejected ones are marked, none raise."""
     bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=1)
@@ -97,6 +98,7 @@ def test_one_rejection_does_not_end_a_run(tmp_path, photos):
         assert all(r.predictions for r in ok)
 
 
+@pytest.mark.server
 def test_model_control_needs_the_admin_key(local_repo, tmp_path, photos, caplog):
     import logging
 

@@ -17,7 +17,6 @@ from builder.serving.server import LocalServer, ServerSettings
 from builder.repository.triton_models import imaging
 from conftest import SERVED_LOGIT_ATOL, free_ports, tiny_settings
 
-pytestmark = pytest.mark.server
 
 
 def _infer(module, url, model, images, outputs=("scores", "classes", "labels", "logits")):
@@ -29,6 +28,7 @@ def _infer(module, url, model, images, outputs=("scores", "classes", "labels", "
     return client.infer(model, [inp], outputs=requested)
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_ensemble_matches_timm_and_pytorch(server, contract, photos, timm_reference, tiny_model, protocol):
     module, url = (grpcclient, server.grpc_url) if protocol == "grpc" else (httpclient, server.http_url)
@@ -48,6 +48,7 @@ def test_ensemble_matches_timm_and_pytorch(server, contract, photos, timm_refere
     assert labels[0, 0].decode() == tiny_model.class_names[classes[0, 0]]
 
 
+@pytest.mark.server
 def test_bare_classifier_with_client_side_preprocessing(server, contract, photos, timm_reference, tiny_model):
     params = imaging.PreprocessParams.from_timm(tiny_model.data_config)
     batch = np.stack([imaging.preprocess(p, params) for p in photos[:4]])
@@ -58,6 +59,7 @@ def test_bare_classifier_with_client_side_preprocessing(server, contract, photos
     assert np.abs(logits - timm_reference(photos[:4])).max() <= SERVED_LOGIT_ATOL
 
 
+@pytest.mark.server
 def test_bad_images_get_their_own_error_and_server_stays_up(server, contract, photos):
     with pytest.raises(InferenceServerException) as info:
         _infer(httpclient, server.http_url, contract.ensemble, [photos[0], b"definitely not an image"])
@@ -85,6 +87,7 @@ def test_bad_images_get_their_own_error_and_server_stays_up(server, contract, ph
     assert server.is_ready()
 
 
+@pytest.mark.server
 def test_model_metadata_matches_contract(server, contract):
     client = httpclient.InferenceServerClient(server.http_url)
     meta = client.get_model_metadata(contract.ensemble)
@@ -94,6 +97,7 @@ def test_model_metadata_matches_contract(server, contract):
                        "labels": ("BYTES", [-1, 5]), "logits": ("FP32", [-1, 1000])}
 
 
+@pytest.mark.server
 def test_container_flavor_is_refused_locally_with_a_clear_message(tmp_path):
     from builder.repository.writer import build_repository
 
@@ -104,6 +108,7 @@ def test_container_flavor_is_refused_locally_with_a_clear_message(tmp_path):
         server.start()
 
 
+@pytest.mark.server
 def test_serve_detach_and_stop_cli(local_repo, tmp_path):
     http, grpc, metrics = free_ports(3)
     common = ["--repository", str(local_repo), "--http-port", str(http), "--grpc-port", str(grpc),
@@ -122,6 +127,7 @@ def test_serve_detach_and_stop_cli(local_repo, tmp_path):
     assert not (tmp_path / "srv" / "tritonserver.pid").exists()
 
 
+@pytest.mark.server
 def test_server_crash_is_reported(tmp_path, local_repo):
     http, grpc, metrics = free_ports(3)
     server = LocalServer(ServerSettings(str(local_repo), http, grpc, metrics, workdir=str(tmp_path / "srv"),
