@@ -116,5 +116,8 @@ plan-docker: docker-files
 	$(MAKE) repo ENGINE=tensorrt PLAN_ARGS="--plan build/model.plan"
 
 # The server image gets torch when the repository needs it (inductor engine, gpu preprocessing).
+# It stops when the repository fails its check, before any image is built.
 serve-docker: docker-files
-	WITH_TORCH=$$($(PY) -m builder check $(REPO) --needs-torch) docker compose -f docker/compose.yaml up --build server
+	$(PY) -m builder check $(REPO)
+	torch=$$($(PY) -m builder check $(REPO) --needs-torch) && \
+	  WITH_TORCH=$$torch docker compose -f docker/compose.yaml up --build server

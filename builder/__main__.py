@@ -72,8 +72,8 @@ def _add_repo(sub) -> None:
     p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default=None,
                    help="inductor engine: the program eager, TorchInductor, or TorchInductor with CUDA graphs per "
                         "batch bucket (default)")
-    p.add_argument("--inductor-precision", choices=("fp16", "fp32"), default="fp16",
-                   help="inductor engine precision on a GPU")
+    p.add_argument("--inductor-precision", choices=("fp16", "fp32"), default=None,
+                   help="inductor engine precision on a GPU (default fp16)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--version", type=int, default=1, help="version directory to write")
@@ -97,6 +97,9 @@ def _cmd_repo(args) -> int:
     from builder.repository.writer import build_repository
 
     flavor = args.flavor or _existing_flavor(args.output, args.add_version) or "container"
+    if args.inductor_precision and args.engine not in ("inductor", "auto"):
+        raise BuilderError(f"inductor_precision: applies to the inductor engine, not {args.engine}; drop "
+                           "--inductor-precision, or pass --engine inductor (or auto)")
     kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
     queue = (args.max_queue_size, args.queue_timeout_us, args.priority_levels)
     settings = s.RepoSettings(
@@ -111,7 +114,7 @@ def _cmd_repo(args) -> int:
             args.preprocess_instance_kind or ("KIND_GPU" if args.preprocess == "gpu" else "KIND_CPU"),
             args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
-        inductor_precision=args.inductor_precision,
+        inductor_precision=args.inductor_precision or "fp16",
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=s.Parity(args.max_abs, args.min_cosine),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
@@ -215,12 +218,30 @@ def _cmd_quantize(args) -> int:
     except Exception as exc:  # protobuf's DecodeError: not an ONNX file, or a truncated one
         raise BuilderError(f"onnx: {args.onnx} is not a readable ONNX model ({type(exc).__name__}); "
                            "pass the model.onnx that `builder export` writes") from None
+    _calibration_fits(args, calibration)
     output = quantize_int8(args.onnx, calibration, args.output, args.high_precision)
     print(f"{output}: {count_qdq(output)} QuantizeLinear nodes")
     if args.reference:
         figures = validate_quantized(output, dict(np.load(args.reference)), args.min_cosine, args.min_top1)
         print(figures)
     return 0
+
+
+def _calibration_fits(args, calibration) -> None:
+    """The calibration images must have the ONNX input's shape (batch aside), checked before ModelOpt runs."""
+    import onnx
+
+    graph = onnx.load(args.onnx, load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if not inputs:
+        return
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    shape = list(calibration.shape)
+    if len(shape) != len(dims) or any(d is not None and d != c for d, c in zip(dims[1:], shape[1:])):
+        raise BuilderError(f"calibration: {args.calibration} holds images of shape {shape[1:]}, the ONNX input "
+                           f"{inputs[0].name!r} takes {['N' if d is None else d for d in dims][1:]}; write them "
+                           "for this model with `builder export --calibration`")
 
 
 def _cmd_docker(args) -> int:

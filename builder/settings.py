@@ -27,6 +27,7 @@ TRITON_VERSION = "2.51.0"
 # TensorRT inside that release's containers (nvcr.io/nvidia/tensorrt:24.10-py3).
 TENSORRT_VERSION = "10.5.0"
 
+INT32_MAX, UINT32_MAX, UINT64_MAX = 2 ** 31 - 1, 2 ** 32 - 1, 2 ** 64 - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -106,6 +107,13 @@ class Batching:
         for name in ("max_queue_size", "queue_timeout_us", "priority_levels"):
             if getattr(self, name) < 0:
                 _fail(name, "is negative", "use 0 (off) or more")
+        # The widths of the ModelConfig fields they are written to: past them the config cannot be written.
+        for name, largest in (("max_batch_size", INT32_MAX), ("max_queue_size", UINT32_MAX),
+                              ("queue_timeout_us", UINT64_MAX), ("max_queue_delay_us", UINT64_MAX),
+                              ("priority_levels", UINT64_MAX)):
+            if getattr(self, name) > largest:
+                _fail(name, f"{getattr(self, name)} is above {largest}, the largest Triton's config takes",
+                      "use a smaller value")
         if self.max_batch_size < 1:
             _fail("max_batch_size", f"is {self.max_batch_size}",
                   "use 1 or more (every model of the repository batches)")
@@ -134,8 +142,8 @@ class InstanceGroup:
     def __post_init__(self) -> None:
         if self.kind not in INSTANCE_KINDS:
             _fail("instance kind", f"{self.kind!r} is unknown", f"use one of {', '.join(INSTANCE_KINDS)}")
-        if self.count < 1:
-            _fail("instance count", f"is {self.count}", "use 1 or more")
+        if not 1 <= self.count <= INT32_MAX:
+            _fail("instance count", f"is {self.count}", "use 1 or more (a few per device)")
         if self.gpus and self.kind != "KIND_GPU":
             _fail("instance gpus", f"given for {self.kind}", "list GPUs only with KIND_GPU")
         if any(g < 0 for g in self.gpus):

@@ -218,10 +218,17 @@ def _cmd_first_request(args) -> int:
     images = [p.read_bytes() for p in collect_images(args.images)]
     if not images:
         raise BuilderError(f"images: no image files under {', '.join(args.images)}")
-    rows = [measure(args.repository, images, manifest["contract"]["ensemble"], warmup)
-            for warmup in (False, True) for _ in range(args.repeat)]
-    for row in rows:
-        print(json.dumps(row))
+    rows = []
+    try:
+        for warmup in (False, True):
+            for _ in range(args.repeat):
+                rows.append(measure(args.repository, images, manifest["contract"]["ensemble"], warmup))
+                print(json.dumps(rows[-1]), flush=True)
+    except KeyboardInterrupt:  # the server of the run in progress was stopped and its copy removed on the way out
+        payload = {"kind": "first_request", "interrupted": True, "results": rows,
+                   "environment": describe({"repository": manifest["settings"]})}
+        print(write_json(args.output, payload))
+        raise
     payload = {"kind": "first_request", "environment": describe({"repository": manifest["settings"]}),
                "results": rows}
     print(write_json(args.output, payload))
@@ -240,6 +247,12 @@ def _cmd_analyze(args) -> int:
     repository = Path(args.repository).resolve()
     names = read_manifest(repository)["contract"]["models"]  # preprocess, classifier, postprocess, ensemble
     chosen = {"classifier": names[1], "preprocess": names[0], "ensemble": names[3]}
+    unknown = [m for m in args.models if m not in chosen and m not in names]
+    if unknown or not args.models:
+        from builder.errors import BuilderError
+
+        raise BuilderError(f"models: {', '.join(unknown) or 'none given'} not in {repository}; use classifier, "
+                           f"preprocess, ensemble or a model name ({', '.join(names)})")
     models = [chosen.get(m, m) for m in args.models]
     workdir = Path(args.output).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -330,8 +343,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Runs the CLI; user errors print one line and return 1."""
     from builder.errors import BuilderError
 
+    import signal
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # SIGTERM (a kill, a CI timeout) ends a run as Ctrl-C does: servers stopped, temp folders removed, rows kept.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         if getattr(args, "output_kind", None) and getattr(args, "output", None):
             from perf.environment import check_output
@@ -341,6 +358,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the finished results were written, nothing is left running", file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

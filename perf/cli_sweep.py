@@ -27,9 +27,17 @@ def _cmd_sweep(args) -> int:
     from perf.environment import write_json
     from perf.sweep import run_sweep, sweep_payload
 
+    from perf.sweep import Interrupted
+
     settings = _sweep_settings(args)
-    rows = run_sweep(settings)
     output = args.output or str(RESULTS / f"local-sweep-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    try:
+        rows = run_sweep(settings)
+    except Interrupted as stop:  # the finished rows are kept, marked as an interrupted run
+        payload = sweep_payload(settings, stop.rows, {"label": args.label})
+        payload["interrupted"] = True
+        print(write_json(output, payload))
+        raise
     print(write_json(output, sweep_payload(settings, rows, {"label": args.label})))
     failed = [r for r in rows if "error" in r]
     return 1 if failed and len(failed) == len(rows) else 0
@@ -38,8 +46,8 @@ def _cmd_sweep(args) -> int:
 def _cmd_report(args) -> int:
     from perf import report
 
-    results = report.load(args.results)
-    bare = report.load(args.bare) if args.bare else None
+    results = report.load(args.results, ("sweep",))
+    bare = report.load(args.bare, ("bare",)) if args.bare else None
     out_dir = Path(args.output or Path(args.results).with_suffix(""))
     out_dir.mkdir(parents=True, exist_ok=True)
     text = report.markdown(results, bare, args.server_batch)
@@ -54,14 +62,14 @@ def _cmd_report(args) -> int:
 def _cmd_compare(args) -> int:
     from perf import report
 
-    print(report.compare(report.load(args.baseline), report.load(args.candidate)))
+    print(report.compare(report.load(args.baseline, ("sweep",)), report.load(args.candidate, ("sweep",))))
     return 0
 
 
 def _cmd_tails(args) -> int:
     from perf import report
 
-    print(report.plot_tails([report.load(path) for path in args.results], Path(args.output)))
+    print(report.plot_tails([report.load(path, ("sweep",)) for path in args.results], Path(args.output)))
     return 0
 
 

@@ -14,12 +14,27 @@ BREAKDOWN = [("client_send_us", "client send"), ("network_server_us", "network +
              ("client_recv_us", "client recv")]
 
 
-def load(path: str) -> Dict:
-    """Reads a results JSON written by `perf sweep` or `perf bare`."""
+def load(path: str, kinds: Tuple[str, ...] = ()) -> Dict:
+    """Reads a results JSON written by `perf sweep` or `perf bare`.
+
+    Args:
+        path: The JSON file.
+        kinds: The `kind`s the caller can use (empty: any).
+
+    Raises:
+        BuilderError: Unreadable, not results of this tool, or another kind of results.
+    """
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BuilderError(f"{path}: cannot read results ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list) or "kind" not in doc:
+        raise BuilderError(f"{path}: not a results file of `python -m perf` (no kind and results); pass the JSON "
+                           "that `perf sweep` or `perf bare` wrote")
+    if kinds and doc["kind"] not in kinds:
+        raise BuilderError(f"{path}: holds {doc['kind']} results, this needs {' or '.join(kinds)} results; pass "
+                           f"the JSON that `perf {kinds[0]}` wrote")
+    return doc
 
 
 def config_key(row: Dict) -> Tuple[str, str, str, int]:

@@ -210,6 +210,30 @@ def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
         One flat row per configuration.
     """
     rows: List[Dict] = []
+    try:
+        _run_grid(settings, progress, rows)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: perf_analyzer was killed with its run, the temp folder removed
+        raise Interrupted(rows) from None
+    return rows
+
+
+class Interrupted(KeyboardInterrupt):
+    """A sweep stopped by Ctrl-C or SIGTERM; `rows` holds the configurations it finished."""
+
+    def __init__(self, rows: List[Dict]):
+        super().__init__(f"interrupted after {len(rows)} configuration(s)")
+        self.rows = rows
+
+
+def analyzer_error(output: str, returncode: int) -> str:
+    """perf_analyzer's own error line(s), not the usage text it prints after them; else its last lines."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.lower().startswith(("error:", "error "))
+              or line.lower().startswith("failed to")]
+    return " | ".join(errors[:3] or lines[-3:]) or f"exit code {returncode}"
+
+
+def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None:
     grid = settings.grid()
     env = perf_analyzer_env()
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
@@ -229,8 +253,7 @@ def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
             if stages:
                 row["stages"] = stages
             if result.returncode != 0 or not csv_path.is_file():
-                tail = (result.stdout + result.stderr).strip().splitlines()[-3:]
-                row["error"] = " | ".join(tail) or f"exit code {result.returncode}"
+                row["error"] = analyzer_error(result.stdout + result.stderr, result.returncode)
             else:
                 row.update(parse_csv(csv_path))
                 row["throughput_img_per_s"] = row["throughput_infer_per_s"]  # one inference = one image
@@ -245,7 +268,6 @@ def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
                                 f"{row['slow_requests']} of {row['requests']} over 10x the median")
                 log.info("[%d/%d] %s %s shm=%s batch=%d concurrency=%d: %s", index, len(grid), model, protocol,
                          shm, batch, concurrency, outcome)
-    return rows
 
 
 def model_statistics(http_url: str) -> Dict[str, Dict]:

@@ -50,12 +50,19 @@ def _load_checkpoint(path: str) -> Dict[str, Any]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises its own errors for a damaged or foreign file
+            raise BuilderError(f"checkpoint: {path!r} is not a readable safetensors file ({type(exc).__name__}: "
+                               f"{str(exc)[:160]}); save it with safetensors.torch.save_file") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise BuilderError(f"checkpoint: cannot load {path!r} as a state dict ({exc.__class__.__name__}); "
                            "save it with torch.save(model.state_dict(), path) or as .safetensors") from None
+    if not isinstance(state, dict):
+        raise BuilderError(f"checkpoint: {path!r} holds a {type(state).__name__}, not a state dict; save it with "
+                           "torch.save(model.state_dict(), path)")
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -115,8 +122,10 @@ def load_model(source: ModelSource) -> LoadedModel:
     except TypeError as exc:
         raise BuilderError(f"model_kwargs: timm rejected them ({exc})") from None
     except Exception as exc:
-        if not source.pretrained:
-            raise
+        if not source.pretrained:  # values timm accepts by name but cannot build with (negative sizes, ...)
+            raise BuilderError(f"model_kwargs: timm could not build {source.model_name} with {source.model_kwargs} "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
+                               "pass sizes timm's Swin accepts") from None
         raise BuilderError(
             f"pretrained weights for {source.model_name} could not be downloaded from timm's hub "
             f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]}); run with network access, "

@@ -307,11 +307,23 @@ class LocalServer:
         return f"Started HTTPService at 0.0.0.0:{self.settings.http_port}" in text
 
     def running_pid(self) -> Optional[int]:
-        """The pid in the pid file if that process is alive, else None."""
+        """The pid in the pid file if that process is alive and is our tritonserver, else None.
+
+        A pid file outlives its server (a reboot, a kill -9), and the pid may since belong to another
+        process: it is ours only when its command line runs the tritonserver copied into our workdir.
+        """
         try:
             pid = int(self.pid_path.read_text())
             os.kill(pid, 0)
         except (OSError, ValueError):
+            return None
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            return pid  # no /proc here: the liveness check is all there is
+        if argv0 != str(self.workdir / "tritonserver" / "bin" / "tritonserver"):
+            log.warning("%s names pid %d, which is not a tritonserver of %s (it runs %s); leaving it alone",
+                        self.pid_path, pid, self.workdir, argv0 or "?")
             return None
         return pid
 
@@ -347,7 +359,11 @@ class LocalServer:
                            f"{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> Optional[int]:
-        """Stops the server (SIGTERM, then SIGKILL) and returns its exit code if known."""
+        """Stops the server (SIGTERM, then SIGKILL) and returns its exit code if known.
+
+        Only our own process is signalled: the one this object started, or the pid file's when it is a
+        tritonserver of our workdir.
+        """
         pid = self.process.pid if self.process is not None else self.running_pid()
         code = None
         if pid:

@@ -148,3 +148,19 @@ def test_docker_files_never_overwrite_the_users(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     _one_line_error(_run("builder", "docker", "--output", str(afile)), "output:", "is a file")
+
+
+def test_stop_never_signals_a_process_that_is_not_our_server(tmp_path):
+    """A stale pid file naming another process: `builder stop` leaves that process alone."""
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        workdir = tmp_path / "srv"
+        workdir.mkdir()
+        (workdir / "tritonserver.pid").write_text(str(bystander.pid))
+        result = _run("builder", "stop", "--workdir", str(workdir))
+        assert result.returncode == 0 and "no tritonserver is running" in result.stdout, result
+        assert "not a tritonserver" in result.stderr
+        assert bystander.poll() is None  # still running
+    finally:
+        bystander.kill()
+        bystander.wait()
