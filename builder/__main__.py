@@ -64,6 +64,10 @@ def _add_repo(sub) -> None:
                    help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
                         "decoded at 1/2, 1/4 or 1/8 scale (parity-gated against exact); gpu: batched GPU JPEG "
                         "decode + resize (parity-gated against exact; other formats take the exact path)")
+    p.add_argument("--gpu-photo-path", choices=("pipeline", "ensemble"), default="pipeline",
+                   help="--preprocess gpu: pipeline (default): one model decodes the batch on the GPU, calls the "
+                        "classifier once per batch and does top-k on the GPU; ensemble: Triton chains the "
+                        "preprocess, classifier and postprocess models")
     p.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
     p.add_argument("--engine", choices=("auto", "onnxruntime", "inductor", "tensorrt"), default="auto",
@@ -114,6 +118,7 @@ def _cmd_repo(args) -> int:
             args.preprocess_instance_kind or ("KIND_GPU" if args.preprocess == "gpu" else "KIND_CPU"),
             args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
+        gpu_photo_path=args.gpu_photo_path,
         inductor_precision=args.inductor_precision or "fp16",
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=s.Parity(args.max_abs, args.min_cosine),

@@ -17,6 +17,9 @@ from builder.errors import BuilderError
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
+# How the gpu preprocessing's photo path is served: one Python model that calls the classifier once per batch
+# (`pipeline`, BLS), or the ensemble of three models (`ensemble`); see the README's GPU data path.
+GPU_PHOTO_PATHS = ("pipeline", "ensemble")
 ENGINES = ("auto", "onnxruntime", "inductor", "tensorrt")
 TORCH_COMPILE = ("none", "default", "reduce-overhead")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
@@ -274,6 +277,11 @@ class RepoSettings:
         response_cache: Triton's response cache on the ensemble: identical
             uploads are answered from memory (the server needs a cache:
             `builder serve --cache-mb N`).
+        gpu_photo_path: With `preprocess="gpu"`, what clients call under the
+            ensemble's name: `pipeline` (one Python model that decodes the
+            batch on the GPU, calls the classifier model once per batch by
+            BLS and does top-k on the GPU) or `ensemble` (preprocess,
+            classifier and postprocess models chained by Triton).
     """
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -301,8 +309,11 @@ class RepoSettings:
     onnxruntime_tensorrt: bool = False
     response_cache: bool = False
     engine_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
+    gpu_photo_path: str = "pipeline"
 
     def __post_init__(self) -> None:
+        if self.gpu_photo_path not in GPU_PHOTO_PATHS:
+            _fail("gpu_photo_path", f"{self.gpu_photo_path!r} is unknown", f"use one of {', '.join(GPU_PHOTO_PATHS)}")
         if self.preprocess not in PREPROCESS:
             _fail("preprocess", f"{self.preprocess!r} is unknown", f"use one of {', '.join(PREPROCESS)}")
         if self.engine not in ENGINES:

@@ -133,10 +133,13 @@ def served_settings(config) -> Dict:
     if not isinstance(config, dict):
         config = json_format.MessageToDict(config, preserving_proto_field_name=True)
     batching = config.get("dynamic_batching", {})
-    return {"max_batch_size": int(config.get("max_batch_size", 0)),
+    largest = int(config.get("max_batch_size", 0))
+    # A loaded config without preferred sizes reads back with [max_batch_size] (Triton fills it in): the same.
+    preferred = [int(b) for b in batching.get("preferred_batch_size", [])]
+    return {"max_batch_size": largest,
             "instance_count": [int(g.get("count", 1)) for g in config.get("instance_group", [])],
             "max_queue_delay_us": int(batching.get("max_queue_delay_microseconds", 0)),
-            "preferred_batch_sizes": [int(b) for b in batching.get("preferred_batch_size", [])]}
+            "preferred_batch_sizes": [] if preferred in ([], [largest]) else preferred}
 
 
 def _serve(client, model: str, config, headers) -> None:

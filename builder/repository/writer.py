@@ -164,13 +164,36 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         settings.postprocess_instances, policy)
 
     ens_dir = root / contract.ensemble
-    (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
-    ens_config = configs.ensemble(contract, batching.max_batch_size, policy, settings.response_cache)
+    if gpu_pipeline and settings.gpu_photo_path == "pipeline":
+        ens_config = _write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names)
+    else:
+        (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
+        ens_config = configs.ensemble(contract, batching.max_batch_size, policy, settings.response_cache)
 
     # config.pbtxt last: a polling server never sees a config without its files.
     for model_dir, config in ((pre_dir, pre_config), (cls_dir, cls_config),
                               (post_dir, post_config), (ens_dir, ens_config)):
         configs.write(config, model_dir)
+
+
+def _write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],
+                    class_names: list):
+    """The gpu photo path as one Python model under the ensemble's name (files now; its config returned).
+
+    Same tensors and batch limit as the ensemble; no queue delay (a batch forms from what is queued while an
+    instance works, so one request alone does not wait for company) and no warm-up (a BLS call from warm-up
+    hung the model's load on an H200).
+    """
+    _copy_python_model("pipeline.py", version_dir, extras=("imaging.py", "gpu_imaging.py"))
+    shutil.copytree(version_dir.parent.parent / contract.preprocess / version_dir.name / "gate", version_dir / "gate")
+    (version_dir / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
+    batching = settings.preprocess_batching
+    return configs.python_model(
+        contract.ensemble, [contract.image], list(contract.ensemble_outputs),
+        dataclasses.replace(batching, max_queue_delay_us=0), settings.preprocess_instances, settings.version_policy,
+        {**parameters, "classifier": contract.classifier, "classifier_input": contract.pixels.name,
+         "classifier_output": contract.logits.name,
+         "classifier_max_batch": str(settings.classifier_batching.max_batch_size)})
 
 
 def _version_entry(settings: RepoSettings, model, parity: Dict[str, float]) -> Dict:

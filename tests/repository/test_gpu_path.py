@@ -15,7 +15,8 @@ from PIL import Image
 from builder import settings as s
 from builder.errors import BuilderError
 from builder.repository.preprocess_gate import PHOTOS, preprocess_parity
-from builder.repository.writer import build_repository, file_hashes, read_manifest
+from builder.repository import configs
+from builder.repository.writer import LOAD_GATE, build_repository, file_hashes, read_manifest
 from builder.repository.triton_models import gpu_imaging, imaging
 from conftest import MAX_BATCH, broken_jpegs, free_ports, tiny_settings
 
@@ -186,6 +187,16 @@ def test_variant_repository(gpu_repo, tmp_path):
     assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in text and 'string_value: "no"' in text
     assert 'string_value: "1,2,4,8"' in text  # batch buckets: powers of two, the preferred sizes, max
     assert 'string_value: "gpu"' in (pre / "config.pbtxt").read_text()
+    assert sorted(p.name for p in (pre / "1" / "gate").iterdir()) == sorted(LOAD_GATE["photos"])
+    assert "gate_note" in gates["gpu_preprocess_vs_exact"]  # gated on this CPU: the served model re-checks
+    # The photo path is one model under the ensemble's name (BLS to the classifier), not an ensemble.
+    pipeline = configs.read(gpu_repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
+    assert pipeline.backend == "python" and not pipeline.HasField("ensemble_scheduling")
+    assert not pipeline.model_warmup and pipeline.dynamic_batching.max_queue_delay_microseconds == 0
+    assert pipeline.parameters["classifier"].string_value == "swin_tiny_patch4_window7_224_classifier"
+    assert [o.name for o in pipeline.output] == ["scores", "classes", "labels", "logits"]
+    assert {p.name for p in (gpu_repo / "swin_tiny_patch4_window7_224" / "1").iterdir()} >= {
+        "model.py", "imaging.py", "gpu_imaging.py", "labels.txt", "gate"}
     sidecar = json.loads((cls / "1" / "engine.json").read_text())
     assert sidecar["environment"]["torch"] == torch.__version__
     # A stricter gate refuses the build and leaves the repository as it was.
@@ -194,6 +205,19 @@ def test_variant_repository(gpu_repo, tmp_path):
     with pytest.raises(BuilderError, match="previous repository is left in place"):
         build_repository(strict)
     assert file_hashes(gpu_repo) == before
+
+
+def test_the_ensemble_design_of_the_gpu_photo_path(tmp_path):
+    """`--gpu-photo-path ensemble`: the three models chained by Triton, as before the pipeline model."""
+    repo = build_repository(tiny_settings(tmp_path / "repo", preprocess="gpu", gpu_photo_path="ensemble",
+                                          preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
+    config = configs.read(repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
+    assert config.platform == "ensemble" and len(config.ensemble_scheduling.step) == 3
+    from builder.repository.check import check_repository
+
+    assert check_repository(repo) == []
+    with pytest.raises(BuilderError, match="gpu_photo_path: 'bls' is unknown"):
+        s.RepoSettings(gpu_photo_path="bls")
 
 
 def test_inductor_engine_in_the_container_flavor(tmp_path):

@@ -299,6 +299,28 @@ def load_gate(pipeline: "GpuPreprocessor", photos: Sequence[bytes], max_mean_abs
     return figures
 
 
+GATE_DIR = "gate"
+
+
+def gate_folder(pipeline: "GpuPreprocessor", folder: str, parameters: Dict[str, str]) -> Dict:
+    """`load_gate` on the photos of `folder` (beside a served model.py), thresholds from its config parameters.
+
+    Raises:
+        ValueError: No photos there, or the gate fails.
+    """
+    import os
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"no {GATE_DIR}/ photos beside model.py for the load-time parity gate; rebuild the "
+                         "repository")
+    photos = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            photos.append(f.read())
+    return load_gate(pipeline, photos, float(parameters.get("gate_max_mean_abs", "0.03")),
+                     float(parameters.get("gate_min_cosine", "0.999")))
+
+
 class GpuPreprocessor:
     """The eval transform for a batch of uploads on one device.
 

@@ -29,10 +29,6 @@ except ImportError:  # inside tritonserver: imaging.py lies beside model.py
     import imaging
 
 
-# The parity photos copied beside model.py for the gpu pipeline's load-time gate.
-GATE_DIR = "gate"
-
-
 def _log(message):
     # pb_utils.Logger exists once the stub runs the model (not at import): looked up at each call.
     pb_utils.Logger.log_info(message)
@@ -65,15 +61,9 @@ class TritonPythonModel:
 
     def _load_gate(self, gpu_imaging, args, params):
         """The served decoder against the exact path on the photos beside this file; the load fails if off."""
-        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), GATE_DIR)
-        if not os.path.isdir(folder):
-            raise pb_utils.TritonModelException(
-                f"{args.get('model_name')}: no {GATE_DIR}/ photos beside model.py for the load-time parity gate; "
-                "rebuild the repository")
-        photos = [open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))]
+        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), gpu_imaging.GATE_DIR)
         try:
-            figures = gpu_imaging.load_gate(self.gpu, photos, float(params.get("gate_max_mean_abs", "0.03")),
-                                            float(params.get("gate_min_cosine", "0.999")))
+            figures = gpu_imaging.gate_folder(self.gpu, folder, params)
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
         _log(f"preprocess: load-time parity gate passed: {json.dumps(figures)}")

@@ -1,0 +1,127 @@
+"""Triton Python-backend model: image bytes -> top-k, the whole photo path in one model (`--preprocess gpu`).
+
+Copied into the repository as `<name>/<version>/model.py` (the name clients call, where the other
+preprocessings put the ensemble), with `imaging.py`, `gpu_imaging.py`, `labels.txt` and the
+load-time gate's photos beside it. Per dynamic batch of requests:
+
+1. every request's images are decoded and transformed together on the GPU (`gpu_imaging.GpuPreprocessor`;
+   the exact CPU path for what the GPU decoder cannot take, with its error messages);
+2. the rows of the requests without a failed image go to the classifier model in one BLS request per
+   `classifier_max_batch` rows, as one GPU tensor handed over by DLPack;
+3. softmax and top-k on the GPU, then one copy of the small results to the host.
+
+Why one model: in the ensemble every request's tensor crossed three Python models one by one (on an H200,
+9.9 ms of output hand-off and 5.4 ms of input gathering per batch of ~21 requests). Here a batch crosses
+once. The classifier stays its own model, so direct clients and the native backends still reach it.
+Requests with a failed image get an error naming the item, as from the ensemble; the others are served.
+"""
+
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:  # imported as part of the project
+    from . import gpu_imaging, imaging
+except ImportError:  # inside tritonserver: the modules lie beside model.py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpu_imaging
+    import imaging
+
+
+def _log(message):
+    # pb_utils.Logger exists once the stub runs the model (not at import): looked up at each call.
+    pb_utils.Logger.log_info(message)
+
+
+class TritonPythonModel:
+    """Decode, classify (one BLS request per batch) and top-k, batched across requests."""
+
+    def initialize(self, args):
+        import torch
+
+        self.torch = torch
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self.params = imaging.PreprocessParams.from_parameters(params)
+        self.input_name = config["input"][0]["name"]
+        self.outputs = [o["name"] for o in config["output"]]  # scores, classes, labels, logits
+        self.k = int(config["output"][0]["dims"][0])
+        self.classifier = params["classifier"]
+        self.classifier_input, self.classifier_output = params["classifier_input"], params["classifier_output"]
+        self.chunk = int(params["classifier_max_batch"])
+        on_gpu = args.get("model_instance_kind") == "GPU"
+        device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
+        threads = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pipeline")
+        self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "labels.txt"), encoding="utf-8") as f:
+            self.labels = np.array([line.rstrip("\n").encode("utf-8") for line in f], dtype=object)
+        try:
+            figures = gpu_imaging.gate_folder(self.gpu, os.path.join(here, gpu_imaging.GATE_DIR), params)
+        except ValueError as exc:  # the model does not load: nothing is served off the exact path
+            raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
+        _log(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}, classifier "
+             f"{self.classifier} in requests of up to {self.chunk}; load-time parity gate passed: "
+             f"{json.dumps(figures)}")
+
+    def execute(self, requests):
+        per_request = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy().reshape(-1)
+                       for r in requests]
+        batch, errors = self.gpu([imaging.as_bytes(item) for items in per_request for item in items])
+        spans, start = [], 0
+        for items in per_request:
+            spans.append((start, start + len(items)))
+            start += len(items)
+        served = [i for i, (a, b) in enumerate(spans) if not any(errors[a:b])]
+        rows = [row for i in served for row in range(*spans[i])]
+        results = self._classify(batch[rows] if len(rows) < len(batch) else batch) if rows else None
+        responses, at = [], 0
+        for index, (a, b) in enumerate(spans):
+            failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
+            if failed:
+                responses.append(self._error("; ".join(failed)))
+                continue
+            n = b - a
+            scores, classes, logits = (r[at:at + n] for r in results)
+            at += n
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor(self.outputs[0], scores), pb_utils.Tensor(self.outputs[1], classes),
+                pb_utils.Tensor(self.outputs[2], self.labels[classes]), pb_utils.Tensor(self.outputs[3], logits)]))
+        return responses
+
+    def _classify(self, pixels):
+        """Logits of `pixels` from the classifier model, then top-k on the device; host arrays back."""
+        torch = self.torch
+        logits = torch.cat([self._logits(pixels[i:i + self.chunk]) for i in range(0, len(pixels), self.chunk)])
+        probs = torch.softmax(logits.float(), dim=1)
+        scores, classes = torch.topk(probs, min(self.k, probs.shape[1]), dim=1)
+        return (scores.cpu().numpy(), classes.to(torch.int64).cpu().numpy(), logits.float().cpu().numpy())
+
+    def _logits(self, pixels):
+        from torch.utils.dlpack import from_dlpack, to_dlpack
+
+        request = pb_utils.InferenceRequest(
+            model_name=self.classifier, requested_output_names=[self.classifier_output],
+            inputs=[pb_utils.Tensor.from_dlpack(self.classifier_input, to_dlpack(pixels.contiguous()))])
+        response = request.exec()
+        if response.has_error():
+            raise pb_utils.TritonModelException(f"{self.classifier}: {response.error().message()}")
+        output = pb_utils.get_output_tensor_by_name(response, self.classifier_output)
+        if output.is_cpu():
+            return self.torch.from_numpy(output.as_numpy()).to(pixels.device)
+        return from_dlpack(output.to_dlpack())
+
+    @staticmethod
+    def _error(message):
+        # INVALID_ARG makes it a client error (HTTP 400), not a server fault.
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+        error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+    def finalize(self):
+        self.pool.shutdown(wait=False)
