@@ -68,6 +68,9 @@ def _add_repo(sub) -> None:
                    help="--preprocess gpu: pipeline (default): one model decodes the batch on the GPU, calls the "
                         "classifier once per batch and does top-k on the GPU; ensemble: Triton chains the "
                         "preprocess, classifier and postprocess models")
+    p.add_argument("--gpu-decoder", choices=("auto", "torchvision", "nvimgcodec"), default="auto",
+                   help="--preprocess gpu: JPEG decoder (auto: torchvision's nvJPEG; nvimgcodec: nvImageCodec's "
+                        "hardware decoders, installed in the serving Python)")
     p.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
     p.add_argument("--engine", choices=("auto", "onnxruntime", "inductor", "tensorrt"), default="auto",
@@ -118,7 +121,7 @@ def _cmd_repo(args) -> int:
             args.preprocess_instance_kind or ("KIND_GPU" if args.preprocess == "gpu" else "KIND_CPU"),
             args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
-        gpu_photo_path=args.gpu_photo_path,
+        gpu_photo_path=args.gpu_photo_path, gpu_decoder=args.gpu_decoder,
         inductor_precision=args.inductor_precision or "fp16",
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=s.Parity(args.max_abs, args.min_cosine),

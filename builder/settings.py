@@ -20,6 +20,9 @@ PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that calls the classifier once per batch
 # (`pipeline`, BLS), or the ensemble of three models (`ensemble`); see the README's GPU data path.
 GPU_PHOTO_PATHS = ("pipeline", "ensemble")
+# The gpu preprocessing's JPEG decoder: torchvision's nvJPEG batch decode (`auto`) or nvImageCodec (hardware JPEG
+# engines first, then CUDA).
+GPU_DECODERS = ("auto", "torchvision", "nvimgcodec")
 ENGINES = ("auto", "onnxruntime", "inductor", "tensorrt")
 TORCH_COMPILE = ("none", "default", "reduce-overhead")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
@@ -282,6 +285,10 @@ class RepoSettings:
             batch on the GPU, calls the classifier model once per batch by
             BLS and does top-k on the GPU) or `ensemble` (preprocess,
             classifier and postprocess models chained by Triton).
+        gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
+            batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
+            hardware JPEG decoders first; the package must be installed in
+            the serving Python).
     """
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -310,8 +317,11 @@ class RepoSettings:
     response_cache: bool = False
     engine_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
     gpu_photo_path: str = "pipeline"
+    gpu_decoder: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.gpu_decoder not in GPU_DECODERS:
+            _fail("gpu_decoder", f"{self.gpu_decoder!r} is unknown", f"use one of {', '.join(GPU_DECODERS)}")
         if self.gpu_photo_path not in GPU_PHOTO_PATHS:
             _fail("gpu_photo_path", f"{self.gpu_photo_path!r} is unknown", f"use one of {', '.join(GPU_PHOTO_PATHS)}")
         if self.preprocess not in PREPROCESS:

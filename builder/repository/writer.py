@@ -105,7 +105,10 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     _copy_python_model("preprocess.py", pre_dir / version,
                        extras=("imaging.py", "gpu_imaging.py") if gpu_pipeline else ("imaging.py",))
     if gpu_pipeline:
-        preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": "auto",
+        # GPU instances only launch work on the GPU: one torch CPU thread each, as for the classifier.
+        threads = "1" if settings.preprocess_instances.kind == "KIND_GPU" else "0"
+        preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
+                                 "intra_op_threads": threads,
                                  "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
                                  "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
         # The model checks the decoder it serves with on these photos when it loads (see preprocess.py).

@@ -53,6 +53,9 @@ class TritonPythonModel:
         self.classifier = params["classifier"]
         self.classifier_input, self.classifier_output = params["classifier_input"], params["classifier_output"]
         self.chunk = int(params["classifier_max_batch"])
+        threads = int(params.get("intra_op_threads", "0"))
+        if threads:  # GPU instances only launch work: torch's default pool (a thread per core) oversubscribes
+            torch.set_num_threads(threads)
         on_gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
         threads = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)

@@ -53,6 +53,10 @@ class TritonPythonModel:
                 from . import gpu_imaging
             except ImportError:
                 import gpu_imaging
+            import torch
+
+            if int(params.get("intra_op_threads", "0")):  # GPU instances: torch's pool oversubscribes the cores
+                torch.set_num_threads(int(params["intra_op_threads"]))
             on_gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
             self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
