@@ -110,14 +110,15 @@ def _classify(args) -> int:
             for _, result in client.iter_classify([str(f) for f in files], top_k=args.top_k):
                 bar.update(1)
                 if not result.ok and result.error.startswith(NOT_SENT):
-                    not_sent.append(result)  # one cause for all of them: said once below
-                    continue
-                if not result.ok:
+                    not_sent.append(result)  # one cause for all of them: said once on stderr, below
+                elif not result.ok:
                     failed.append(result)
-                if args.json:
+                if args.json:  # every image once, for programs that read the lines (and resend the failed)
                     print(json.dumps({"source": result.source, "error": result.error,
                                       "predictions": [{"index": p.index, "label": p.label, "score": round(p.score, 6)}
                                                       for p in result.predictions]}), flush=True)
+                elif not result.ok and result.error.startswith(NOT_SENT):
+                    continue
                 else:
                     print(_row(result, args.top_k), flush=True)
     except ClientError as exc:

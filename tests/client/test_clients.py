@@ -318,8 +318,10 @@ def test_cli_folder_json_and_failures(server, contract, photo_paths, tmp_path):
     assert "1 of 4 images failed" in bad.stderr and "broken.png" in bad.stderr
     assert bad.stdout.count("\n") == 4 and "ERROR" in bad.stdout and "Traceback" not in bad.stderr
     down = _cli("classify", "--url", f"localhost:{free_ports(1)[0]}", "--retries", "0", str(photo_paths[0]))
-    assert down.returncode == 1 and "1 of 1 images failed" in down.stderr
-    assert "not classified: server unavailable" in down.stdout and "Traceback" not in down.stderr
+    # One cause, one line: no row per image, no second summary of the same error.
+    assert down.returncode == 1 and down.stdout == "" and "Traceback" not in down.stderr
+    assert down.stderr.count("\n") == 1 and down.stderr.startswith("error: server unavailable")
+    assert "gRPC on 8001 and HTTP on 8000" in down.stderr  # the hint for a wrong port or protocol
 
 
 @pytest.mark.server
@@ -350,7 +352,7 @@ def test_cli_keeps_answers_when_the_server_goes_away(local_repo, contract, photo
     assert len(answered) >= 5 and all(len(x["predictions"]) == 5 for x in answered)
     failed = [x for x in lines if x["error"]]
     assert failed and all(x["error"].startswith("not classified") for x in failed)
-    assert f"{len(failed)} of 60 images failed" in err
+    assert f"({len(failed)} of 60 images not classified)" in err and err.count("error: ") == 1
 
 
 @pytest.mark.server
