@@ -83,6 +83,11 @@ def gpu_served(tmp_path_factory):
         root / "repo", preprocess="gpu", engine="auto",
         classifier_instances=s.InstanceGroup("KIND_GPU", 1),
         preprocess_instances=s.InstanceGroup("KIND_GPU", 1)))
+    from builder.repository import configs
+
+    pipeline = configs.read(repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
+    pipeline.parameters["profile_every"].string_value = "2"  # the diagnostic, checked below
+    configs.write(pipeline, repo / "swin_tiny_patch4_window7_224")
     http, grpc, metrics = free_ports(3)
     server = LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(root / "server")))
     with server:
@@ -159,6 +164,9 @@ def test_served_models_checked_and_reused_what_was_built(gpu_served):
     log = server.log_path.read_text(errors="replace")
     gate_lines = [line for line in log.splitlines() if "load-time parity gate passed" in line]
     assert gate_lines and all("cuda:0" in line for line in gate_lines), log[-3000:]
+    # The photo path is the pipeline model: one BLS request per batch; its profile says where the time went.
+    assert "pipeline: GPU pipeline on cuda:0" in log and "pipeline profile over 2 batches" in log, log[-3000:]
+    print([line[line.index("pipeline profile"):] for line in log.splitlines() if "pipeline profile" in line][-1])
     gate = read_manifest(repo)["parity"]["gpu_preprocess_vs_exact"]
     assert gate["device"].startswith("cuda") and "gate_note" not in gate
     if read_manifest(repo)["engine"]["chosen"] != "inductor":

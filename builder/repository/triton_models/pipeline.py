@@ -68,14 +68,36 @@ class TritonPythonModel:
             figures = gpu_imaging.gate_folder(self.gpu, os.path.join(here, gpu_imaging.GATE_DIR), params)
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
+        # profile_every N > 0: every N batches, log where the time of those batches went (phases synchronized
+        # with the device, so it slows serving a little: a diagnostic, off by default).
+        self.profile_every = int(params.get("profile_every", "0"))
+        self.phases, self.batches = {}, 0
         _log(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}, classifier "
              f"{self.classifier} in requests of up to {self.chunk}; load-time parity gate passed: "
              f"{json.dumps(figures)}")
 
+    def _phase(self, name, started):
+        """Adds the time since `started` to phase `name` when profiling; returns the new start."""
+        import time
+
+        if not self.profile_every:
+            return started
+        if self.gpu.device.type == "cuda":
+            self.torch.cuda.synchronize(self.gpu.device)
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - started
+        return now
+
     def execute(self, requests):
+        import time
+
+        started = time.perf_counter()
         per_request = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy().reshape(-1)
                        for r in requests]
-        batch, errors = self.gpu([imaging.as_bytes(item) for items in per_request for item in items])
+        flat = [imaging.as_bytes(item) for items in per_request for item in items]
+        started = self._phase("inputs", started)
+        batch, errors = self.gpu(flat)
+        started = self._phase("decode+transform", started)
         spans, start = [], 0
         for items in per_request:
             spans.append((start, start + len(items)))
@@ -83,6 +105,7 @@ class TritonPythonModel:
         served = [i for i, (a, b) in enumerate(spans) if not any(errors[a:b])]
         rows = [row for i in served for row in range(*spans[i])]
         results = self._classify(batch[rows] if len(rows) < len(batch) else batch) if rows else None
+        started = self._phase("classify+topk", started)
         responses, at = [], 0
         for index, (a, b) in enumerate(spans):
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
@@ -95,6 +118,15 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(self.outputs[0], scores), pb_utils.Tensor(self.outputs[1], classes),
                 pb_utils.Tensor(self.outputs[2], self.labels[classes]), pb_utils.Tensor(self.outputs[3], logits)]))
+        self._phase("responses", started)
+        if self.profile_every:
+            self.batches += 1
+            self.phases["images"] = self.phases.get("images", 0) + len(flat)
+            if self.batches % self.profile_every == 0:
+                images = self.phases.pop("images")
+                _log(f"pipeline profile over {self.profile_every} batches, {images} images: " + ", ".join(
+                    f"{k} {v * 1e3 / images:.3f} ms/image" for k, v in self.phases.items()))
+                self.phases = {}
         return responses
 
     def _classify(self, pixels):
