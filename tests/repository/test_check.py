@@ -105,3 +105,15 @@ def test_ensemble_with_dynamic_batching_is_reported(repo_copy, contract):
     path = repo_copy / contract.ensemble / "config.pbtxt"
     path.write_text(path.read_text() + "dynamic_batching {\n}\n")
     assert any("another member of oneof" in p for p in check_repository(repo_copy))
+
+
+def test_negative_instance_count_and_misspelt_backend(repo_copy, contract):
+    def negative(config):
+        config.instance_group[0].count = -3
+
+    edit(repo_copy, contract.classifier, negative)
+    edit(repo_copy, contract.postprocess, lambda config: setattr(config, "backend", "pyhton"))
+    problems = check_repository(repo_copy)
+    assert any("instance_group count -3 is negative" in p for p in problems), problems
+    assert any("backend 'pyhton' is not a Triton backend; did you mean 'python'?" in p for p in problems), problems
+    assert not any("mix flavors" in p for p in problems), problems  # a typo, not a mix of flavors

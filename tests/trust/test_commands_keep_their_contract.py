@@ -173,3 +173,35 @@ def test_sigterm_ends_perf_sweep_and_keeps_its_rows(server, contract, tmp_path):
     assert not _processes_with("perf_analyzer -m"), "perf_analyzer outlived perf sweep"
     doc = json.loads(out.read_text())
     assert doc["interrupted"] is True and 1 <= len(doc["results"]) < 6
+
+
+def test_perf_sweep_keeps_perf_analyzers_error_line():
+    from perf.sweep import analyzer_error
+
+    output = ("error: failed to get model metadata: HTTP client failed: Couldn't connect to server\n"
+              "Usage: perf_analyzer [options]\n  -m <model name>\n  -x <model version>\n  -b <batch size>\n")
+    assert analyzer_error(output, 1) == "error: failed to get model metadata: HTTP client failed: Couldn't connect to server"
+    assert analyzer_error("one\ntwo\nthree\nfour\n", 3) == "two | three | four"
+    assert analyzer_error("", 9) == "exit code 9"
+
+
+def test_make_serve_docker_stops_when_the_check_fails(tmp_path):
+    """A failing `builder check` ends `make serve-docker` before any image is built (docker never runs)."""
+    from conftest import project_copy
+
+    work = project_copy(tmp_path)
+    os.symlink(ROOT / ".venv", work / ".venv")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ran = tmp_path / "docker-ran"
+    (bin_dir / "docker").write_text(f"#!/bin/sh\ntouch {ran}\n")  # stands in for the Docker CLI: records a call
+    (bin_dir / "docker").chmod(0o755)
+    broken = work / "broken_repo"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("MAKEFLAGS", None)
+    result = subprocess.run(["make", "serve-docker", "REPO=broken_repo"], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and not ran.exists(), (result.stdout[-2000:], result.stderr[-2000:])
+    assert "error:" in result.stdout + result.stderr
