@@ -39,26 +39,20 @@ def _counts(text: str) -> List[int]:
     return values
 
 
-def _count(text: str) -> int:
-    """One integer >= 1 (iterations)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: use 1 or more")
-    return value
+def _at_least(minimum: int):
+    """An argparse type: one integer >= `minimum` (1 for iterations and repeats, 0 for warm-up rounds)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: use {minimum} or more")
+        return value
+    return parse
 
 
-def _natural(text: str) -> int:
-    """One integer >= 0 (warm-up rounds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: use 0 or more")
-    return value
+_count, _natural = _at_least(1), _at_least(0)
 
 
 CPU_PREPROCESSINGS = ("exact", "draft")

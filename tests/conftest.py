@@ -38,6 +38,27 @@ def project_copy(tmp_path: Path) -> Path:
     return work
 
 
+def run_module(module: str, *args, timeout: float = 300):
+    """`python -m module args...` from the project root, output captured."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=root)
+
+
+def one_line_error(result, *needles, codes=(1,)):
+    """A user error: exit code in `codes`, no traceback, the last stderr line an error naming every needle."""
+    assert result.returncode in codes, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    # Ours: "error: ...", exit 1; argparse's: "prog: error: ...", exit 2.
+    assert last.startswith("error: ") or (result.returncode == 2 and ": error: " in last), result.stderr
+    for needle in needles:
+        assert needle in last, last
+
+
 def ready_stub(host: str = "127.0.0.1", ssl_context=None):
     """An HTTP(S) server that answers every GET with 200, as a healthy Triton's readiness probe does."""
     import http.server

@@ -41,6 +41,14 @@ def test_queue_policy_is_written():
         s.Batching(8, max_queue_size=-1)
 
 
+def _bounded_server(tmp_path, queue: int) -> LocalServer:
+    """A server whose classifier and preprocess models queue at most `queue` requests (20 ms batching delay)."""
+    bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=queue)
+    repo = build_repository(tiny_settings(tmp_path / "repo", classifier_batching=bounded,
+                                          preprocess_batching=bounded))
+    return _server(repo, tmp_path / "srv")
+
+
 def _flood(settings, photos, threads=48):
     """`threads` clients at once, each classifying a full batch; (outcome, seconds) per client."""
     def one(_):
@@ -60,10 +68,7 @@ def _flood(settings, photos, threads=48):
 
 @pytest.mark.server
 def test_flood_past_the_queue_bound_fails_fast_then_drains(tmp_path, photos):
-    bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=2)
-    repo = build_repository(tiny_settings(tmp_path / "repo", classifier_batching=bounded,
-                                          preprocess_batching=bounded))
-    with _server(repo, tmp_path / "srv") as server:
+    with _bounded_server(tmp_path, queue=2) as server:
         settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224", retries=0,
                                   overload_retries=0, max_batch=MAX_BATCH, concurrency=1, timeout_s=120)
         # Without resubmissions: rejected requests come back at once, each of their images marked alone.
@@ -82,10 +87,7 @@ def test_flood_past_the_queue_bound_fails_fast_then_drains(tmp_path, photos):
 @pytest.mark.server
 def test_one_rejection_does_not_end_a_run(tmp_path, photos):
     """A run of many requests keeps every answered image; only rejected ones are marked, none raise."""
-    bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=1)
-    repo = build_repository(tiny_settings(tmp_path / "repo", classifier_batching=bounded,
-                                          preprocess_batching=bounded))
-    with _server(repo, tmp_path / "srv") as server:
+    with _bounded_server(tmp_path, queue=1) as server:
         settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224", retries=0,
                                   overload_retries=0, max_batch=1, concurrency=16, timeout_s=120)
         images = [photos[i % len(photos)] for i in range(200)]

@@ -18,23 +18,13 @@ from builder import settings as s
 from builder.repository.check import check_repository
 from builder.repository.output import clean_stale, swap_into_place
 from builder.repository.writer import build_repository, file_hashes, read_manifest
-from conftest import TINY_KWARGS, free_ports, ready_stub, tiny_settings
+from conftest import TINY_KWARGS, free_ports, one_line_error, ready_stub, run_module, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(module: str, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
 
 
-def _one_line_error(result, *needles):
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in last, last
 
 
 def _tree(root: Path) -> dict:
@@ -49,20 +39,20 @@ def test_output_never_replaces_a_foreign_folder(tmp_path):
     (folder / "important.txt").write_text("keep me")
     before = _tree(folder)
     start = time.perf_counter()
-    result = _run("builder", "repo", "--output", str(folder), "--model-kwargs", TINY_KWARGS)
-    _one_line_error(result, "not a model repository written by this tool", "--output")
+    result = run_module("builder", "repo", "--output", str(folder), "--model-kwargs", TINY_KWARGS)
+    one_line_error(result, "not a model repository written by this tool", "--output")
     assert time.perf_counter() - start < 20  # refused before the model loads
     assert _tree(folder) == before
     regular = tmp_path / "file.txt"
     regular.write_text("keep me too")
-    _one_line_error(_run("builder", "repo", "--output", str(regular)), "is a file")
+    one_line_error(run_module("builder", "repo", "--output", str(regular)), "is a file")
     assert regular.read_text() == "keep me too"
 
 
 @pytest.mark.parametrize("output", ["/proc/nope/model_repository", "/etc/hostname/model_repository"])
 def test_impossible_output_is_one_line(output):
     start = time.perf_counter()
-    _one_line_error(_run("builder", "repo", "--output", output, "--model-kwargs", TINY_KWARGS), "output:")
+    one_line_error(run_module("builder", "repo", "--output", output, "--model-kwargs", TINY_KWARGS), "output:")
     assert time.perf_counter() - start < 20
 
 
@@ -180,7 +170,7 @@ def test_killed_builds_never_leave_a_broken_repository(tmp_path):
 def test_add_version_keeps_the_flavor_and_check_catches_mixed_flavors(tmp_path):
     output = tmp_path / "repo"
     build_repository(tiny_settings(output, flavor="local"))
-    added = _run("builder", "repo", "--add-version", "--output", str(output), "--model-kwargs", TINY_KWARGS,
+    added = run_module("builder", "repo", "--add-version", "--output", str(output), "--model-kwargs", TINY_KWARGS,
                  "--max-batch-size", "8")
     assert added.returncode == 0, added.stderr
     manifest = read_manifest(output)
@@ -188,7 +178,7 @@ def test_add_version_keeps_the_flavor_and_check_catches_mixed_flavors(tmp_path):
     text = (output / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").read_text()
     assert 'backend: "python"' in text and check_repository(output) == []
     before = file_hashes(output)
-    _one_line_error(_run("builder", "repo", "--add-version", "--flavor", "container", "--output", str(output),
+    one_line_error(run_module("builder", "repo", "--add-version", "--flavor", "container", "--output", str(output),
                          "--model-kwargs", TINY_KWARGS, "--max-batch-size", "8"), "flavor:", "local repository")
     assert file_hashes(output) == before
     # What the old bug produced: a container classifier config inside a local repository.
@@ -210,7 +200,7 @@ def test_check_names_broken_files_and_keeps_going(local_repo, tmp_path):
     text = (repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").read_text()
     (repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").write_text(
         text.replace('backend: "python"', 'backend: "onnxruntime"'))
-    result = _run("builder", "check", str(repo))
+    result = run_module("builder", "check", str(repo))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "swin_tiny_patch4_window7_224_postprocess/config.pbtxt: not UTF-8" in result.stdout
     assert "swin_tiny_patch4_window7_224_classifier: 1/model.onnx is not a readable ONNX model" in result.stdout
@@ -224,34 +214,34 @@ def test_kwargs_that_change_the_input_size(tmp_path):
     manifest = read_manifest(repo)
     assert manifest["contract"]["tensors"]["input"]["dims"] == [3, 256, 256]
     assert manifest["preprocess"]["image_size"] == "256,256"
-    wide = _run("builder", "repo", "--output", str(tmp_path / "wide"),
+    wide = run_module("builder", "repo", "--output", str(tmp_path / "wide"),
                 "--model-kwargs", json.dumps({**kwargs, "img_size": [224, 256]}))
-    _one_line_error(wide, "square")
+    one_line_error(wide, "square")
 
 
 # -- export, quantize -------------------------------------------------------------------
 
 def test_export_reference_data_needs_real_images_or_explicit_noise(tmp_path, photo_paths):
     common = ("export", "--model-kwargs", TINY_KWARGS, "--output", str(tmp_path / "m.onnx"), "--reference-batch", "4")
-    _one_line_error(_run("builder", *common, "--reference", str(tmp_path / "r.npz"), "--images",
+    one_line_error(run_module("builder", *common, "--reference", str(tmp_path / "r.npz"), "--images",
                          str(tmp_path / "phtos")), "does not exist")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no image")
-    _one_line_error(_run("builder", *common, "--calibration", str(tmp_path / "c.npy"), "--images",
+    one_line_error(run_module("builder", *common, "--calibration", str(tmp_path / "c.npy"), "--images",
                          str(tmp_path / "empty")), "holds no decodable image")
-    _one_line_error(_run("builder", *common, "--reference", str(tmp_path / "r.npz")), "--noise")
-    _one_line_error(_run("builder", *common, "--output", "/proc/nope/m.onnx"), "output:")
+    one_line_error(run_module("builder", *common, "--reference", str(tmp_path / "r.npz")), "--noise")
+    one_line_error(run_module("builder", *common, "--output", "/proc/nope/m.onnx"), "output:")
     assert not (tmp_path / "r.npz").exists() and not (tmp_path / "c.npy").exists()
     photos = tmp_path / "photos"
     photos.mkdir()
     for path in photo_paths[:2]:
         shutil.copy(path, photos / path.name)
-    ok = _run("builder", *common, "--reference", str(tmp_path / "r.npz"), "--calibration", str(tmp_path / "c.npy"),
+    ok = run_module("builder", *common, "--reference", str(tmp_path / "r.npz"), "--calibration", str(tmp_path / "c.npy"),
               "--images", str(photos))
     assert ok.returncode == 0, ok.stderr
     assert str(np.load(tmp_path / "r.npz")["source"]).startswith(f"images:{photos} (2 files)")
     assert json.loads((tmp_path / "c.npy.json").read_text())["source"].startswith("images:")
-    noise = _run("builder", *common, "--reference", str(tmp_path / "n.npz"), "--noise")
+    noise = run_module("builder", *common, "--reference", str(tmp_path / "n.npz"), "--noise")
     assert noise.returncode == 0 and "NOISE" in noise.stderr
     assert str(np.load(tmp_path / "n.npz")["source"]) == "noise:seed=0"
 
@@ -261,12 +251,12 @@ def test_quantize_bad_inputs(tmp_path):
     onnx_file.write_bytes(b"not onnx")
     calib = tmp_path / "c.npy"
     np.save(calib, np.zeros((2, 3, 8, 8), np.float32))
-    _one_line_error(_run("builder", "quantize", "--onnx", str(tmp_path / "x.onnx"), "--calibration", str(calib),
+    one_line_error(run_module("builder", "quantize", "--onnx", str(tmp_path / "x.onnx"), "--calibration", str(calib),
                          "--output", str(tmp_path / "q.onnx")), "onnx:", "does not exist")
     (tmp_path / "bad.npy").write_text("text")
-    _one_line_error(_run("builder", "quantize", "--onnx", str(onnx_file), "--calibration", str(tmp_path / "bad.npy"),
+    one_line_error(run_module("builder", "quantize", "--onnx", str(onnx_file), "--calibration", str(tmp_path / "bad.npy"),
                          "--output", str(tmp_path / "q.onnx")), "calibration:")
-    _one_line_error(_run("builder", "quantize", "--onnx", str(onnx_file), "--calibration", str(calib),
+    one_line_error(run_module("builder", "quantize", "--onnx", str(onnx_file), "--calibration", str(calib),
                          "--output", str(tmp_path / "q.onnx")), "not a readable ONNX model")
 
 
@@ -274,21 +264,21 @@ def test_quantize_bad_inputs(tmp_path):
 
 def test_perf_bare_defaults_on_a_cpu_host(local_repo, tmp_path):
     out = tmp_path / "bare.json"
-    result = _run("perf", "bare", "--repository", str(local_repo), "--batches", "1,2", "--warmup", "1",
+    result = run_module("perf", "bare", "--repository", str(local_repo), "--batches", "1,2", "--warmup", "1",
                   "--iterations", "2", "--output", str(out))
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["results"]
     assert [r["batch_size"] for r in rows] == [1, 2] and rows[0]["engine"] == "onnxruntime"
-    _one_line_error(_run("perf", "bare", "--repository", str(local_repo), "--engines", "onnxrt"), "onnxrt")
-    _one_line_error(_run("perf", "bare", "--repository", str(tmp_path / "none")), "make repo")
-    _one_line_error(_run("perf", "bare", "--engines", "tensorrt"), "--plans")
+    one_line_error(run_module("perf", "bare", "--repository", str(local_repo), "--engines", "onnxrt"), "onnxrt")
+    one_line_error(run_module("perf", "bare", "--repository", str(tmp_path / "none")), "make repo")
+    one_line_error(run_module("perf", "bare", "--engines", "tensorrt"), "--plans")
 
 
 @pytest.mark.server
 def test_perf_tune_on_a_server_without_explicit_mode(server, local_repo, contract):
-    result = _run("perf", "tune", "--repository", str(local_repo), "--name", contract.ensemble,
+    result = run_module("perf", "tune", "--repository", str(local_repo), "--name", contract.ensemble,
                   "--http-url", server.http_url, "--grpc-url", server.grpc_url)
-    _one_line_error(result, "MODEL_CONTROL=explicit")
+    one_line_error(result, "MODEL_CONTROL=explicit")
 
 
 # -- serve --------------------------------------------------------------------------------
@@ -297,10 +287,10 @@ def test_serve_refuses_a_port_another_process_holds(local_repo, tmp_path):
     squatter = ready_stub("0.0.0.0")  # answers the readiness probe as a healthy Triton would
     grpc, metrics = free_ports(2)
     try:
-        result = _run("builder", "serve", "--detach", "--repository", str(local_repo), "--workdir",
+        result = run_module("builder", "serve", "--detach", "--repository", str(local_repo), "--workdir",
                       str(tmp_path / "srv"), "--http-port", str(squatter.server_address[1]), "--grpc-port", str(grpc),
                       "--metrics-port", str(metrics), timeout=120)
     finally:
         squatter.shutdown()
-    _one_line_error(result, f"port {squatter.server_address[1]} is in use", "--http-port")
+    one_line_error(result, f"port {squatter.server_address[1]} is in use", "--http-port")
     assert not (tmp_path / "srv" / "tritonserver.pid").exists()

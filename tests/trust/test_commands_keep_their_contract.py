@@ -13,23 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_KWARGS, free_ports
+from conftest import TINY_KWARGS, free_ports, one_line_error, run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(module: str, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
 
 
-def _one_line_error(result, *needles):
-    assert result.returncode in (1, 2), (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert "error" in last, result.stderr
-    for needle in needles:
-        assert needle in last, last
+
+
+def _error(result, *needles):
+    one_line_error(result, *needles, codes=(1, 2))  # 2: argparse refuses the value
 
 
 def _processes_with(text: str) -> list:
@@ -57,45 +51,45 @@ def _processes_with(text: str) -> list:
 ])
 def test_perf_checks_its_input_first(args, needles, tmp_path):
     started = time.perf_counter()
-    _one_line_error(_run("perf", *args), *needles)
+    _error(run_module("perf", *args), *needles)
     assert time.perf_counter() - started < 30  # before any work
 
 
 def test_perf_report_refuses_another_kind_of_results(tmp_path):
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"kind": "bare", "results": []}))
-    _one_line_error(_run("perf", "report", str(bare)), "holds bare results, this needs sweep results")
-    _one_line_error(_run("perf", "compare", str(bare), str(bare)), "holds bare results")
+    _error(run_module("perf", "report", str(bare)), "holds bare results, this needs sweep results")
+    _error(run_module("perf", "compare", str(bare), str(bare)), "holds bare results")
     (tmp_path / "list.json").write_text("[1, 2]")
-    _one_line_error(_run("perf", "compare", str(tmp_path / "list.json"), str(bare)), "not a results file")
+    _error(run_module("perf", "compare", str(tmp_path / "list.json"), str(bare)), "not a results file")
 
 
 def test_builder_refuses_bad_names_numbers_and_files(local_repo, tmp_path):
-    _one_line_error(_run("builder", "repo", "--engine", "onnxruntime", "--inductor-precision", "fp32",
+    _error(run_module("builder", "repo", "--engine", "onnxruntime", "--inductor-precision", "fp32",
                          "--output", str(tmp_path / "r")), "inductor_precision: applies to the inductor engine")
-    _one_line_error(_run("builder", "repo", "--max-queue-size", str(2 ** 40), "--output", str(tmp_path / "r")),
+    _error(run_module("builder", "repo", "--max-queue-size", str(2 ** 40), "--output", str(tmp_path / "r")),
                     "max_queue_size")
-    _one_line_error(_run("builder", "repo", "--max-batch-size", str(2 ** 33), "--output", str(tmp_path / "r")),
+    _error(run_module("builder", "repo", "--max-batch-size", str(2 ** 33), "--output", str(tmp_path / "r")),
                     "max_batch_size")
-    _one_line_error(_run("builder", "repo", "--model-kwargs", '{"embed_dim": -3}', "--output", str(tmp_path / "r")),
+    _error(run_module("builder", "repo", "--model-kwargs", '{"embed_dim": -3}', "--output", str(tmp_path / "r")),
                     "model_kwargs: timm could not build")
     corrupt = tmp_path / "broken.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
-    _one_line_error(_run("builder", "repo", "--checkpoint", str(corrupt), "--model-kwargs", TINY_KWARGS,
+    _error(run_module("builder", "repo", "--checkpoint", str(corrupt), "--model-kwargs", TINY_KWARGS,
                          "--output", str(tmp_path / "r")), "checkpoint:", "not a readable safetensors file")
     listed = tmp_path / "list.pt"
     import torch
 
     torch.save([1, 2, 3], listed)
-    _one_line_error(_run("builder", "repo", "--checkpoint", str(listed), "--model-kwargs", TINY_KWARGS,
+    _error(run_module("builder", "repo", "--checkpoint", str(listed), "--model-kwargs", TINY_KWARGS,
                          "--output", str(tmp_path / "r")), "checkpoint:", "not a state dict")
     assert not (tmp_path / "r").exists()
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "manifest.json").write_text("{not json")
-    _one_line_error(_run("builder", "check", str(damaged), "--needs-torch"), "manifest.json cannot be read")
-    _one_line_error(_run("builder", "repo", "--add-version", "--output", str(damaged)), "manifest.json cannot be read")
-    _one_line_error(_run("perf", "analyze", "--repository", str(local_repo), "--models", "clasifier",
+    _error(run_module("builder", "check", str(damaged), "--needs-torch"), "manifest.json cannot be read")
+    _error(run_module("builder", "repo", "--add-version", "--output", str(damaged)), "manifest.json cannot be read")
+    _error(run_module("perf", "analyze", "--repository", str(local_repo), "--models", "clasifier",
                          "--output", str(tmp_path / "a")), "models: clasifier not in")
 
 
@@ -103,25 +97,25 @@ def test_quantize_refuses_calibration_of_another_shape(local_repo, tmp_path):
     onnx_file = local_repo / "swin_tiny_patch4_window7_224_classifier" / "1" / "model.onnx"
     calibration = tmp_path / "c.npy"
     np.save(calibration, np.zeros((2, 3, 192, 192), np.float32))
-    _one_line_error(_run("builder", "quantize", "--onnx", str(onnx_file), "--calibration", str(calibration),
+    _error(run_module("builder", "quantize", "--onnx", str(onnx_file), "--calibration", str(calibration),
                          "--output", str(tmp_path / "q.onnx")), "calibration:", "[3, 192, 192]", "[3, 224, 224]")
 
 
 def test_client_says_one_line_per_cause(tmp_path, photo_paths):
     (port,) = free_ports(1)
-    result = _run("clients", "classify", "--url", f"localhost:{port}", "--retries", "0", *map(str, photo_paths))
+    result = run_module("clients", "classify", "--url", f"localhost:{port}", "--retries", "0", *map(str, photo_paths))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: server unavailable"), lines
     assert "gRPC on 8001 and HTTP on 8000" in lines[0]  # the hint for a wrong port or protocol
-    _one_line_error(_run("clients", "classify", "--top-k", "0", str(photo_paths[0])), "--top-k")
+    _error(run_module("clients", "classify", "--top-k", "0", str(photo_paths[0])), "--top-k")
 
 
 @pytest.mark.server
 def test_client_refuses_a_batch_above_the_models(server, contract, photo_paths):
-    result = _run("clients", "classify", "--url", server.grpc_url, "--model", contract.ensemble,
+    result = run_module("clients", "classify", "--url", server.grpc_url, "--model", contract.ensemble,
                   "--max-batch", "64", str(photo_paths[0]))
-    _one_line_error(result, "max_batch: 64 is above", "max_batch_size 8")
+    _error(result, "max_batch: 64 is above", "max_batch_size 8")
 
 
 @pytest.mark.server

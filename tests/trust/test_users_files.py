@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,13 @@ import pytest
 from builder.errors import BuilderError
 from builder.repository.check import check_repository
 from builder.repository.writer import build_repository, file_hashes, read_manifest
-from conftest import TINY_KWARGS, tiny_settings
+from conftest import TINY_KWARGS, one_line_error, run_module, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(module: str, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
 
 
-def _one_line_error(result, *needles):
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in last, last
 
 
 def _add_users_things(repo: Path) -> dict:
@@ -50,7 +39,7 @@ def test_rebuild_keeps_what_the_user_put_in_the_repository(local_repo, tmp_path)
     repo = tmp_path / "repo"
     shutil.copytree(local_repo, repo)
     theirs = _add_users_things(repo)
-    built = _run("builder", "repo", "--flavor", "local", "--model-kwargs", TINY_KWARGS, "--seed", "3",
+    built = run_module("builder", "repo", "--flavor", "local", "--model-kwargs", TINY_KWARGS, "--seed", "3",
                  "--output", str(repo))
     assert built.returncode == 0, built.stderr
     assert "kept 3 entries of yours" in built.stderr
@@ -78,14 +67,14 @@ def test_a_new_version_refuses_contract_changes(local_repo, tmp_path):
     before = file_hashes(repo)
     for extra, field in ((["--top-k", "3"], "top_k 5 -> 3"), (["--max-batch-size", "4"], "max_batch_size 8 -> 4"),
                          (["--preprocess", "draft"], "preprocess 'exact' -> 'draft'")):
-        result = _run("builder", "repo", "--add-version", "--model-kwargs", TINY_KWARGS, "--max-batch-size", "8",
+        result = run_module("builder", "repo", "--add-version", "--model-kwargs", TINY_KWARGS, "--max-batch-size", "8",
                       "--output", str(repo), *extra)
-        _one_line_error(result, "add_version:", field, "without --add-version")
+        one_line_error(result, "add_version:", field, "without --add-version")
         assert file_hashes(repo) == before
     size = json.dumps({**json.loads(TINY_KWARGS), "img_size": 192})
-    result = _run("builder", "repo", "--add-version", "--model-kwargs", size, "--max-batch-size", "8",
+    result = run_module("builder", "repo", "--add-version", "--model-kwargs", size, "--max-batch-size", "8",
                   "--output", str(repo))
-    _one_line_error(result, "add_version:", "tensors input", "[3, 224, 224]", "[3, 192, 192]")
+    one_line_error(result, "add_version:", "tensors input", "[3, 224, 224]", "[3, 192, 192]")
     assert file_hashes(repo) == before
 
 
@@ -108,7 +97,7 @@ def test_check_compares_every_version_with_the_config(local_repo, tmp_path):
 def test_make_repo_keeps_the_flavor_of_an_existing_repository(local_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(local_repo, repo)
-    built = _run("builder", "repo", "--model-kwargs", TINY_KWARGS, "--output", str(repo))
+    built = run_module("builder", "repo", "--model-kwargs", TINY_KWARGS, "--output", str(repo))
     assert built.returncode == 0, built.stderr
     assert "keeping" in built.stderr and "local flavor" in built.stderr
     assert read_manifest(repo)["flavor"] == "local"
@@ -120,18 +109,18 @@ def test_serve_never_deletes_a_workdir_it_did_not_make(local_repo, tmp_path):
     workdir = tmp_path / "work"
     (workdir / "tritonserver").mkdir(parents=True)
     (workdir / "tritonserver" / "precious.txt").write_text("mine\n")
-    result = _run("builder", "serve", "--repository", str(local_repo), "--workdir", str(workdir),
+    result = run_module("builder", "serve", "--repository", str(local_repo), "--workdir", str(workdir),
                   "--http-port", "1", "--grpc-port", "2", "--metrics-port", "3", "--timeout", "5")
-    _one_line_error(result, "workdir:", "was not made by this tool")
+    one_line_error(result, "workdir:", "was not made by this tool")
     assert (workdir / "tritonserver" / "precious.txt").read_text() == "mine\n"
     afile = tmp_path / "afile"
     afile.write_text("x")
-    _one_line_error(_run("builder", "serve", "--repository", str(local_repo), "--workdir", str(afile)),
+    one_line_error(run_module("builder", "serve", "--repository", str(local_repo), "--workdir", str(afile)),
                     "workdir:", "is a file")
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        _one_line_error(_run("builder", "serve", "--repository", str(local_repo), "--workdir", str(locked / "w")),
+        one_line_error(run_module("builder", "serve", "--repository", str(local_repo), "--workdir", str(locked / "w")),
                         "workdir:")
 
 
@@ -139,15 +128,15 @@ def test_docker_files_never_overwrite_the_users(tmp_path):
     out = tmp_path / "docker"
     out.mkdir()
     (out / "compose.yaml").write_text("services: {mine: {image: busybox}}\n")
-    _one_line_error(_run("builder", "docker", "--output", str(out)), "output:", "compose.yaml", "did not generate")
+    one_line_error(run_module("builder", "docker", "--output", str(out)), "output:", "compose.yaml", "did not generate")
     assert (out / "compose.yaml").read_text() == "services: {mine: {image: busybox}}\n"
     assert sorted(p.name for p in out.iterdir()) == ["compose.yaml"]
     (out / "compose.yaml").unlink()
-    assert _run("builder", "docker", "--output", str(out)).returncode == 0
-    assert _run("builder", "docker", "--output", str(out)).returncode == 0  # its own files are replaced
+    assert run_module("builder", "docker", "--output", str(out)).returncode == 0
+    assert run_module("builder", "docker", "--output", str(out)).returncode == 0  # its own files are replaced
     afile = tmp_path / "afile"
     afile.write_text("x")
-    _one_line_error(_run("builder", "docker", "--output", str(afile)), "output:", "is a file")
+    one_line_error(run_module("builder", "docker", "--output", str(afile)), "output:", "is a file")
 
 
 def test_stop_never_signals_a_process_that_is_not_our_server(tmp_path):
@@ -157,7 +146,7 @@ def test_stop_never_signals_a_process_that_is_not_our_server(tmp_path):
         workdir = tmp_path / "srv"
         workdir.mkdir()
         (workdir / "tritonserver.pid").write_text(str(bystander.pid))
-        result = _run("builder", "stop", "--workdir", str(workdir))
+        result = run_module("builder", "stop", "--workdir", str(workdir))
         assert result.returncode == 0 and "no tritonserver is running" in result.stdout, result
         assert "not a tritonserver" in result.stderr
         assert bystander.poll() is None  # still running

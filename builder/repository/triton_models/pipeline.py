@@ -110,7 +110,7 @@ class TritonPythonModel:
         for index, (a, b) in enumerate(spans):
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
             if failed:
-                responses.append(self._error("; ".join(failed)))
+                responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
                 continue
             n = b - a
             scores, classes, logits = (r[at:at + n] for r in results)
@@ -150,13 +150,6 @@ class TritonPythonModel:
         if output.is_cpu():
             return self.torch.from_numpy(output.as_numpy()).to(pixels.device)
         return from_dlpack(output.to_dlpack())
-
-    @staticmethod
-    def _error(message):
-        # INVALID_ARG makes it a client error (HTTP 400), not a server fault.
-        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-        error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self):
         self.pool.shutdown(wait=False)

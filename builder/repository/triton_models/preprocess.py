@@ -88,7 +88,7 @@ class TritonPythonModel:
             start += len(items)
             failed = [f"{self.input_name}[{i}]: {err}" for i, (_, err) in enumerate(mine) if err]
             if failed:
-                responses.append(self._error("; ".join(failed)))
+                responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
                 continue
             batch = np.stack([pixels for pixels, _ in mine]).astype(self.output_dtype, copy=False)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, batch)]))
@@ -103,19 +103,12 @@ class TritonPythonModel:
             end = start + len(items)
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[start:end]) if err]
             if failed:
-                responses.append(self._error("; ".join(failed)))
+                responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
             else:  # a contiguous slice of the batch: handed over on the device, no copy
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor.from_dlpack(self.output_name, to_dlpack(batch[start:end]))]))
             start = end
         return responses
-
-    @staticmethod
-    def _error(message):
-        # INVALID_ARG makes it a client error (HTTP 400), not a server fault.
-        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-        error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def finalize(self):
         self.pool.shutdown(wait=False)
