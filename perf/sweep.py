@@ -230,7 +230,11 @@ def analyzer_error(output: str, returncode: int) -> str:
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
     errors = [line for line in lines if line.lower().startswith(("error:", "error "))
               or line.lower().startswith("failed to")]
-    return " | ".join(errors[:3] or lines[-3:]) or f"exit code {returncode}"
+    said = " | ".join(errors[:3] or lines[-3:]) or f"exit code {returncode}"
+    if "connect" in said.lower():  # the usual cause: another port, or the other protocol's port
+        said += (" (is the server up, and are --http-url and --grpc-url its ports? tritonserver serves HTTP on 8000 "
+                 "and gRPC on 8001 by default)")
+    return said
 
 
 def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None:

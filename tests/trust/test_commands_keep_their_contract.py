@@ -174,7 +174,9 @@ def test_perf_sweep_keeps_perf_analyzers_error_line():
 
     output = ("error: failed to get model metadata: HTTP client failed: Couldn't connect to server\n"
               "Usage: perf_analyzer [options]\n  -m <model name>\n  -x <model version>\n  -b <batch size>\n")
-    assert analyzer_error(output, 1) == "error: failed to get model metadata: HTTP client failed: Couldn't connect to server"
+    said = analyzer_error(output, 1)
+    assert said.startswith("error: failed to get model metadata: HTTP client failed: Couldn't connect to server (")
+    assert "Usage" not in said and "HTTP on 8000 and gRPC on 8001" in said  # its error, and a hint for the ports
     assert analyzer_error("one\ntwo\nthree\nfour\n", 3) == "two | three | four"
     assert analyzer_error("", 9) == "exit code 9"
 
