@@ -28,8 +28,9 @@ class ServerUnavailable(ClientError):
 class Overloaded(ClientError):
     """The server rejected the request because its queue is full or the request waited too long.
 
-    Not retried: sending it again at once only adds load. Back off, shed
-    load, or scale out.
+    The clients resubmit it after a growing backoff (never at once, which only
+    adds load), up to `ClientSettings.overload_retries` times; images still
+    rejected then are reported failed in their own results, not raised.
     """
 
 
