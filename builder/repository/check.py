@@ -91,9 +91,8 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
             problems.append(f"{name}: no version directory (an ensemble needs an empty one, e.g. {name}/1/)")
         return
     for group in config.instance_group:
-        if group.count < 1:  # proto3 reads an unset count as 0, which Triton takes as 1: only negatives fail
-            if group.count < 0:
-                problems.append(f"{name}: instance_group count {group.count} is negative; use 1 or more")
+        if group.count < 0:  # proto3 reads an unset count as 0, which Triton takes as 1: only negatives fail
+            problems.append(f"{name}: instance_group count {group.count} is negative; use 1 or more")
         if any(gpu < 0 for gpu in group.gpus):
             problems.append(f"{name}: instance_group gpus {list(group.gpus)} has a negative id")
     backend = config.backend or _PLATFORM_BACKEND.get(config.platform, "")

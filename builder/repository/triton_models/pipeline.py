@@ -19,6 +19,7 @@ Requests with a failed image get an error naming the item, as from the ensemble;
 import json
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -78,8 +79,6 @@ class TritonPythonModel:
 
     def _phase(self, name, started):
         """Adds the time since `started` to phase `name` when profiling; returns the new start."""
-        import time
-
         if not self.profile_every:
             return started
         if self.gpu.device.type == "cuda":
@@ -89,8 +88,6 @@ class TritonPythonModel:
         return now
 
     def execute(self, requests):
-        import time
-
         started = time.perf_counter()
         per_request = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy().reshape(-1)
                        for r in requests]
