@@ -222,11 +222,11 @@ def _cmd_quantize(args) -> int:
     try:
         import onnx
 
-        onnx.load(args.onnx, load_external_data=False)
+        graph = onnx.load(args.onnx, load_external_data=False).graph
     except Exception as exc:  # protobuf's DecodeError: not an ONNX file, or a truncated one
         raise BuilderError(f"onnx: {args.onnx} is not a readable ONNX model ({type(exc).__name__}); "
                            "pass the model.onnx that `builder export` writes") from None
-    _calibration_fits(args, calibration)
+    _calibration_fits(args, graph, calibration)
     output = quantize_int8(args.onnx, calibration, args.output, args.high_precision)
     print(f"{output}: {count_qdq(output)} QuantizeLinear nodes")
     if args.reference:
@@ -235,11 +235,8 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-def _calibration_fits(args, calibration) -> None:
+def _calibration_fits(args, graph, calibration) -> None:
     """The calibration images must have the ONNX input's shape (batch aside), checked before ModelOpt runs."""
-    import onnx
-
-    graph = onnx.load(args.onnx, load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
     if not inputs:

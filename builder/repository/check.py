@@ -126,6 +126,7 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
         except (KeyError, ValueError) as exc:
             problems.append(f"{name}: its preprocessing parameters do not load: {exc}")
     filename = config.default_model_filename or DEFAULT_FILES.get(backend)
+    gpu_pipeline = "pipeline" in config.parameters and config.parameters["pipeline"].string_value == "gpu"
     for version in versions:
         if filename and not (model_dir / str(version) / filename).is_file():
             problems.append(f"{name}: version {version} lacks {filename}")
@@ -136,12 +137,10 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
             _check_onnx(name, onnx_file, config, problems)
         if (model_dir / str(version) / "model.plan").is_file():
             _check_plan_sidecar(name, model_dir / str(version), config, problems)
-        if config.parameters.get("pipeline") and config.parameters["pipeline"].string_value == "gpu" \
-                and not (model_dir / str(version) / "gpu_imaging.py").is_file():
+        if gpu_pipeline and not (model_dir / str(version) / "gpu_imaging.py").is_file():
             problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
                             "gpu_imaging.py (built for another preprocessing); rebuild the repository")
-        elif config.parameters.get("pipeline") and config.parameters["pipeline"].string_value == "gpu" \
-                and not any((model_dir / str(version) / "gate").glob("*.jpg")):
+        elif gpu_pipeline and not any((model_dir / str(version) / "gate").glob("*.jpg")):
             problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
                             "parity gate, so it would not load; rebuild the repository")
 

@@ -44,6 +44,24 @@ LOAD_GATE = {"photos": ("astronaut_640x480.jpg", "astronaut_progressive.jpg", "c
              "max_mean_abs": 0.03, "min_cosine": 0.999}
 
 
+def contract_tensors(contract: Contract) -> Dict[str, Dict]:
+    """The contract's tensors as the manifest records them (name -> dtype, dims without the batch)."""
+    return {spec.name: {"dtype": spec.dtype, "dims": list(spec.dims)}
+            for spec in (contract.image, contract.pixels, *contract.ensemble_outputs)}
+
+
+def _write_labels(path: Path, class_names: list) -> None:
+    path.write_text("\n".join(class_names) + "\n", encoding="utf-8")
+
+
+def _copy_gate_photos(version_dir: Path) -> None:
+    """The load-time gate's photos into a served gpu model's version directory (`gate/` beside model.py)."""
+    gate = version_dir / "gate"
+    gate.mkdir(parents=True, exist_ok=True)
+    for photo in LOAD_GATE["photos"]:
+        shutil.copy2(BUILDER_DIR / "parity_images" / photo, gate / photo)
+
+
 def file_hashes(root: Path) -> Dict[str, str]:
     """sha256 of every file under `root` but the manifest, keyed by relative path."""
     hashes = {}
@@ -112,10 +130,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
                                  "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
                                  "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
         # The model checks the decoder it serves with on these photos when it loads (see preprocess.py).
-        gate = pre_dir / version / "gate"
-        gate.mkdir(parents=True, exist_ok=True)
-        for photo in LOAD_GATE["photos"]:
-            shutil.copy2(BUILDER_DIR / "parity_images" / photo, gate / photo)
+        _copy_gate_photos(pre_dir / version)
     (pre_dir / "warmup").mkdir(parents=True, exist_ok=True)
     photo = (Path(__file__).parents[1] / "parity_images" / "astronaut_640x480.jpg").read_bytes()
     # Triton reads a BYTES warm-up input as its wire form: a 4-byte little-endian length before the bytes.
@@ -126,7 +141,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
     cls_dir = root / contract.classifier
     (cls_dir / version).mkdir(parents=True, exist_ok=True)
-    (cls_dir / LABELS_FILE).write_text("\n".join(class_names) + "\n", encoding="utf-8")
+    _write_labels(cls_dir / LABELS_FILE, class_names)
     shutil.move(str(onnx_file), cls_dir / version / "model.onnx")
     if settings.plan:
         # model.onnx stays beside the plan: it is what the plan is rebuilt from in the TensorRT container.
@@ -160,7 +175,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
     post_dir = root / contract.postprocess
     _copy_python_model("postprocess.py", post_dir / version)
-    (post_dir / version / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
+    _write_labels(post_dir / version / "labels.txt", class_names)
     post_batching = Batching(batching.max_batch_size, (), settings.preprocess_batching.max_queue_delay_us)
     post_config = configs.python_model(
         contract.postprocess, [contract.logits], list(contract.postprocess_outputs), post_batching,
@@ -188,8 +203,8 @@ def _write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contrac
     hung the model's load on an H200).
     """
     _copy_python_model("pipeline.py", version_dir, extras=("imaging.py", "gpu_imaging.py"))
-    shutil.copytree(version_dir.parent.parent / contract.preprocess / version_dir.name / "gate", version_dir / "gate")
-    (version_dir / "labels.txt").write_text("\n".join(class_names) + "\n", encoding="utf-8")
+    _copy_gate_photos(version_dir)
+    _write_labels(version_dir / "labels.txt", class_names)
     batching = settings.preprocess_batching
     return configs.python_model(
         contract.ensemble, [contract.image], list(contract.ensemble_outputs),
@@ -270,7 +285,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         except ValueError as exc:
             raise BuilderError(f"preprocessing: {exc}") from None
         if previous is not None:  # before the export: a version that cannot be served fails in seconds
-            _refuse_contract_changes(previous, _contract_changes(previous, settings, contract))
+            _refuse_contract_changes(_contract_changes(previous, settings, contract))
         onnx_file = staging / "model.onnx"
         log.info("[2/5] exporting ONNX")
         export_onnx(model, contract, onnx_file, settings.opset)
@@ -281,7 +296,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         # The engine gates ran on the exact preprocessing; the served one may decode JPEGs at a reduced scale.
         served = dataclasses.replace(params, jpeg_draft=settings.preprocess == "draft").to_parameters()
         if previous is not None:  # the engine is settled now
-            _refuse_contract_changes(previous, _contract_changes(previous, settings, contract, served))
+            _refuse_contract_changes(_contract_changes(previous, settings, contract, served))
         write_models(staging, settings, contract, onnx_file, served, model.class_names)
         versions = (previous or {}).get("model_versions", []) + [_version_entry(settings, model, parity)]
         write_readme(staging, settings, contract, choice, {"onnxruntime_vs_pytorch": parity, **gates})
@@ -366,7 +381,7 @@ def _build_engine(settings: RepoSettings, model, contract: Contract, params, onn
 
         figures = preprocess_parity(model.module, params, settings.preprocess_parity, settings.preprocess)
         if settings.preprocess == "gpu":
-            figures["load_gate"] = {k: v for k, v in LOAD_GATE.items()}
+            figures["load_gate"] = dict(LOAD_GATE)
             if not str(figures.get("device", "")).startswith("cuda"):
                 figures["gate_note"] = ("gated on this build host's CPU with libjpeg-turbo, not with the serving "
                                         "GPU's decoder; the served model re-checks its decoder on its GPU when it "
@@ -439,7 +454,7 @@ def _same_repository(settings: RepoSettings, previous: dict, output: Path) -> Re
         raise BuilderError(f"flavor: {output} is a {previous['flavor']} repository and the new version would be "
                            f"{settings.flavor}; one repository serves one flavor: pass --flavor "
                            f"{previous['flavor']} (or leave it out), or build a new repository")
-    _refuse_contract_changes(previous, _contract_changes(previous, settings))
+    _refuse_contract_changes(_contract_changes(previous, settings))
     existing = _existing_versions(output / Contract.named(settings.model_name).classifier)
     log.info("adding version %d to %s", (max(existing) if existing else 0) + 1, output)
     return dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
@@ -461,9 +476,7 @@ def _contract_changes(previous: dict, settings: RepoSettings, contract: Optional
     if settings.engine != "auto":  # settled once the race ran: compared again then
         pairs.append(("engine", served.get("engine"), settings.engine))
     if contract is not None:
-        tensors = {spec.name: {"dtype": spec.dtype, "dims": list(spec.dims)}
-                   for spec in (contract.image, contract.pixels, *contract.ensemble_outputs)}
-        pairs.append(("tensors", previous["contract"].get("tensors"), tensors))
+        pairs.append(("tensors", previous["contract"].get("tensors"), contract_tensors(contract)))
     if preprocess is not None:
         pairs.append(("preprocessing parameters", previous.get("preprocess"), preprocess))
     for name, was, now in pairs:
@@ -475,7 +488,7 @@ def _contract_changes(previous: dict, settings: RepoSettings, contract: Optional
     return changes
 
 
-def _refuse_contract_changes(previous: dict, changes: list) -> None:
+def _refuse_contract_changes(changes: list) -> None:
     if not changes:
         return
     said = "; ".join(f"{name} {was!r} -> {now!r}" for name, was, now in changes)
@@ -526,8 +539,7 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
                   "num_classes": model.num_classes, "data_config": model.data_config},
         "contract": {
             "ensemble": contract.ensemble, "models": list(contract.model_names),
-            "tensors": {spec.name: {"dtype": spec.dtype, "dims": list(spec.dims)}
-                        for spec in (contract.image, contract.pixels, *contract.ensemble_outputs)},
+            "tensors": contract_tensors(contract),
             "max_batch_size": settings.classifier_batching.max_batch_size,
         },
         "model_version": settings.version,

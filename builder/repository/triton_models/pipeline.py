@@ -59,8 +59,8 @@ class TritonPythonModel:
             torch.set_num_threads(threads)
         on_gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
-        threads = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pipeline")
+        workers = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)  # the exact path's Pillow pool
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
         self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
         here = os.path.dirname(os.path.abspath(__file__))
         with open(os.path.join(here, "labels.txt"), encoding="utf-8") as f:
@@ -104,7 +104,7 @@ class TritonPythonModel:
         results = self._classify(batch[rows] if len(rows) < len(batch) else batch) if rows else None
         started = self._phase("classify+topk", started)
         responses, at = [], 0
-        for index, (a, b) in enumerate(spans):
+        for a, b in spans:
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
             if failed:
                 responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
