@@ -19,7 +19,7 @@ FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that calls the classifier once per batch
 # (`pipeline`, BLS), or the ensemble of three models (`ensemble`); see the README's GPU data path.
-GPU_PHOTO_PATHS = ("pipeline", "ensemble")
+GPU_PHOTO_PATHS = ("pipeline", "fused", "ensemble")
 # The gpu preprocessing's JPEG decoder: torchvision's nvJPEG batch decode (`auto`) or nvImageCodec (hardware JPEG
 # engines first, then CUDA).
 GPU_DECODERS = ("auto", "torchvision", "nvimgcodec")
@@ -283,8 +283,10 @@ class RepoSettings:
         gpu_photo_path: With `preprocess="gpu"`, what clients call under the
             ensemble's name: `pipeline` (one Python model that decodes the
             batch on the GPU, calls the classifier model once per batch by
-            BLS and does top-k on the GPU) or `ensemble` (preprocess,
-            classifier and postprocess models chained by Triton).
+            BLS and does top-k on the GPU), `fused` (the same model running
+            the classifier's inductor engine in its own process: no BLS hop;
+            the classifier model stays for direct clients) or `ensemble`
+            (preprocess, classifier and postprocess models chained by Triton).
         gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
             batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
             hardware JPEG decoders first; the package must be installed in

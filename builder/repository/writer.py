@@ -182,8 +182,15 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         settings.postprocess_instances, policy)
 
     ens_dir = root / contract.ensemble
-    if gpu_pipeline and settings.gpu_photo_path == "pipeline":
-        ens_config = _write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names)
+    if gpu_pipeline and settings.gpu_photo_path != "ensemble":
+        engine = None
+        if settings.gpu_photo_path == "fused":
+            if settings.engine != "inductor":
+                raise BuilderError(f"gpu_photo_path: fused runs the inductor engine in the photo path's process, "
+                                   f"not {settings.engine}; pass --engine inductor, or --gpu-photo-path pipeline")
+            engine = (cls_dir / version, torch_parameters(settings, contract))
+        ens_config = _write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names,
+                                     engine)
     else:
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
         ens_config = configs.ensemble(contract, batching.max_batch_size, policy, settings.response_cache)
@@ -195,23 +202,46 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
 
 def _write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],
-                    class_names: list):
+                    class_names: list, engine: Optional[Tuple[Path, Dict[str, str]]] = None):
     """The gpu photo path as one Python model under the ensemble's name (files now; its config returned).
 
     Same tensors and batch limit as the ensemble; no queue delay (a batch forms from what is queued while an
-    instance works, so one request alone does not wait for company) and no warm-up (a BLS call from warm-up
-    hung the model's load on an H200).
+    instance works, so one request alone does not wait for company) and no Triton warm-up (a BLS call from
+    warm-up hung the model's load on an H200; the model warms its decoder itself).
+
+    Args:
+        engine: For `fused`: the classifier's version folder and its torch parameters. Its engine files are
+            linked into `engine/` here (no copy on the same file system), so the version folder is whole.
     """
-    _copy_python_model("pipeline.py", version_dir, extras=("imaging.py", "gpu_imaging.py"))
+    extras = ("imaging.py", "gpu_imaging.py") + (("torch_runner.py",) if engine else ())
+    _copy_python_model("pipeline.py", version_dir, extras=extras)
     _copy_gate_photos(version_dir)
     _write_labels(version_dir / "labels.txt", class_names)
+    engine_parameters = {}
+    if engine:
+        source, torch_params = engine
+        (version_dir / ENGINE_DIR).mkdir()
+        for name in (inductor.FILE, inductor.SIDECAR, inductor.ARTIFACTS):
+            if (source / name).is_file():
+                _link_or_copy(source / name, version_dir / ENGINE_DIR / name)
+        engine_parameters = {**torch_params, "engine_dir": ENGINE_DIR}
     batching = settings.preprocess_batching
     return configs.python_model(
         contract.ensemble, [contract.image], list(contract.ensemble_outputs),
         dataclasses.replace(batching, max_queue_delay_us=0), settings.preprocess_instances, settings.version_policy,
-        {**parameters, "classifier": contract.classifier, "classifier_input": contract.pixels.name,
-         "classifier_output": contract.logits.name,
+        {**parameters, **engine_parameters, "classifier": contract.classifier,
+         "classifier_input": contract.pixels.name, "classifier_output": contract.logits.name,
          "classifier_max_batch": str(settings.classifier_batching.max_batch_size)})
+
+
+ENGINE_DIR = "engine"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
 
 
 def _version_entry(settings: RepoSettings, model, parity: Dict[str, float]) -> Dict:

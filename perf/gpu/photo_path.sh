@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU photo path, two designs side by side on one GPU host, one server: `pipeline` (one Python model under the
-# ensemble's name: GPU decode of the batch, one BLS request to the classifier per batch, top-k on the GPU) and
-# `ensemble` (preprocess -> classifier -> postprocess chained by Triton, written beside it as <name>_ensemble3).
+# The GPU photo path, three designs side by side on one GPU host, one server: `pipeline` (one Python model under
+# the ensemble's name: GPU decode of the batch, one BLS request to the classifier per batch, top-k on the GPU),
+# `fused` (the same model with the inductor engine in its own process, as <name>_fused) and `ensemble`
+# (preprocess -> classifier -> postprocess chained by Triton, as <name>_ensemble3).
 # Needs: an NVIDIA driver; PYTHON with torch (CUDA) + torchvision, timm, onnx, onnxruntime, tritonclient==2.51.0;
 # SERVE_PYTHON: a Python whose numpy is < 2 (tritonserver 2.51's Python backend breaks BYTES inputs under numpy 2)
 # with torch and nvidia-pytriton==0.7.0; perf_analyzer on PATH. Run from the checkout root:
-#   bash perf/gpu/photo_path.sh repo     # Swin-T, inductor FP16 + CUDA graphs, --preprocess gpu, both designs
-#   bash perf/gpu/photo_path.sh sweep    # serve it; perf_analyzer over both designs, 1 and 8 images per request
+#   bash perf/gpu/photo_path.sh repo     # Swin-T, inductor FP16 + CUDA graphs, --preprocess gpu, three designs
+#   bash perf/gpu/photo_path.sh sweep    # serve it; perf_analyzer over the designs, 1 and 8 images per request
 # Images: builder/parity_images/*_640x480.jpg (the bundled photos, 640x480 JPEGs).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -25,41 +26,18 @@ case "${1:?stage}" in
       --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" --preprocess-instances "${PREPROCESS_INSTANCES:-2}" \
       --max-batch-size "${MAX_BATCH:-128}" --preferred-batch-sizes "${PREFERRED:-32,64,128}" \
       --max-queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 4096 2>&1 | grep -v "^\s*$" | tail -8
-    # The ensemble design beside the pipeline: the same three models, chained by Triton under another name.
-    $PYTHON - "$REPO" "$NAME" <<'EOF'
-import json, sys
-from pathlib import Path
-from builder.repository import configs
-from builder.repository.contract import Contract
-from builder.settings import VersionPolicy
-repo, name = Path(sys.argv[1]), sys.argv[2]
-manifest = json.loads((repo / "manifest.json").read_text())
-contract = Contract(name, tuple(manifest["contract"]["tensors"]["input"]["dims"][1:]), manifest["model"]["num_classes"])
-config = configs.ensemble(contract, manifest["contract"]["max_batch_size"], VersionPolicy())
-config.name = f"{name}_ensemble3"
-(repo / config.name / "1").mkdir(parents=True, exist_ok=True)
-configs.write(config, repo / config.name)
-print("wrote", config.name)
-EOF
+    # The other designs beside the pipeline, on the same classifier: `fused` (the pipeline with the inductor
+    # engine in its own process) as <name>_fused, and the ensemble (three models chained by Triton) as
+    # <name>_ensemble3.
+    $PYTHON perf/gpu/photo_designs.py write "$REPO" "$NAME"
     cp "$REPO/manifest.json" "$OUT/manifest.json"
     ;;
   sweep)
-    # DECODER / THREADS: serve the pipeline model with another decoder or torch CPU pool (its config parameters).
-    if [ -n "${DECODER:-}${THREADS:-}" ]; then
-      $PYTHON - "$REPO/$NAME" "${DECODER:-}" "${THREADS:-}" <<'EOF'
-import sys
-from pathlib import Path
-from builder.repository import configs
-folder, decoder, threads = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-config = configs.read(folder / "config.pbtxt")
-if decoder:
-    config.parameters["decoder"].string_value = decoder
-if threads:
-    config.parameters["intra_op_threads"].string_value = threads
-configs.write(config, folder)
-print("pipeline model: decoder", config.parameters["decoder"].string_value, "intra_op_threads",
-      config.parameters["intra_op_threads"].string_value)
-EOF
+    # DECODER / THREADS: serve the pipeline and fused models with another decoder or torch CPU pool; PROFILE=N:
+    # their per-phase profile every N batches in the server log, and a torch profiler trace of 3 batches (in $OUT).
+    if [ -n "${DECODER:-}${THREADS:-}${PROFILE:-}" ]; then
+      $PYTHON perf/gpu/photo_designs.py set "$REPO" "$NAME" --decoder "${DECODER:-}" --threads "${THREADS:-}" \
+        --profile "${PROFILE:-}" --trace-dir "$(realpath "$OUT")"
     fi
     TAG=${TAG:-}
     $SERVE_PYTHON -m builder serve --repository "$REPO" --workdir "$WORK" --detach --timeout 600 \
@@ -68,8 +46,8 @@ EOF
     common=(--protocols grpc --shared-memory none --measurement-interval-ms "${INTERVAL_MS:-3000}"
             --stability-percent 15 --max-trials 5 --images "$IMAGES")
     for batch in ${BATCH_SIZES:-1 8}; do
-      for design in ${DESIGNS:-pipeline ensemble3}; do
-        name=$NAME; [ "$design" = ensemble3 ] && name=${NAME}_ensemble3
+      for design in ${DESIGNS:-pipeline fused ensemble3}; do
+        name=$NAME; [ "$design" != pipeline ] && name=${NAME}_$design
         $PYTHON -m perf sweep --name "$name" --models ensemble --batch-sizes "$batch" \
           --concurrency "${CONCURRENCY:-1,16,64,128,256}" "${common[@]}" \
           --label "$design$TAG, $batch x 640x480 JPEG per request" --output "$OUT/sweep-$design$TAG-b$batch.json"

@@ -318,3 +318,39 @@ def test_stage_times_from_statistics():
     assert list(stages) == ["m"]
     assert stages["m"]["requests"] == 20 and stages["m"]["batch_avg"] == 4.0
     assert stages["m"]["compute_infer_us"] == pytest.approx(200.0)
+
+
+@pytest.mark.server
+def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, params, tiny_model):
+    """`--gpu-photo-path fused`: the pipeline model runs the classifier's inductor engine itself (no BLS hop),
+    from links to the classifier's engine files, and answers as the exact path does."""
+    from builder.repository.check import check_repository
+    from builder.serving.server import LocalServer, ServerSettings
+    from clients import Classifier, ClientSettings
+
+    repo = build_repository(tiny_settings(tmp_path / "repo", preprocess="gpu", gpu_photo_path="fused",
+                                          engine="inductor", torch_compile="none",
+                                          preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
+    fused = repo / "swin_tiny_patch4_window7_224"
+    config = configs.read(fused / "config.pbtxt")
+    assert config.parameters["engine_dir"].string_value == "engine" and not config.model_warmup
+    engine, classifier = fused / "1" / "engine", repo / "swin_tiny_patch4_window7_224_classifier" / "1"
+    assert (fused / "1" / "torch_runner.py").is_file()
+    assert (engine / "model.pt2").stat().st_ino == (classifier / "model.pt2").stat().st_ino  # linked, not copied
+    assert check_repository(repo) == []
+    with pytest.raises(BuilderError, match="fused runs the inductor engine"):
+        build_repository(tiny_settings(tmp_path / "other", preprocess="gpu", gpu_photo_path="fused",
+                                       engine="onnxruntime", preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
+    names = ["photo3", "exif6", "gray", "cmyk"]
+    http, grpc, metrics = free_ports(3)
+    with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))) as server:
+        with Classifier(ClientSettings(url=server.grpc_url, model=fused.name, max_batch=MAX_BATCH)) as client:
+            results = client.classify([uploads[n] for n in names] + [b"\xff\xd8broken"], return_logits=True)
+        log = (tmp_path / "srv" / "tritonserver.log").read_text()
+    assert [r.ok for r in results] == [True] * len(names) + [False]
+    assert "in this process" in log
+    with torch.no_grad():
+        exact = tiny_model.module(torch.from_numpy(np.stack([imaging.preprocess(uploads[n], params) for n in names])))
+    for got, want in zip(results, exact.numpy()):
+        assert got.top1.index == int(want.argmax())
+        assert np.dot(got.logits, want) / np.linalg.norm(got.logits) / np.linalg.norm(want) > 0.9999

@@ -387,7 +387,15 @@ class GpuPreprocessor:
             batch = batch[:, :, top:top + crop_h, left:left + crop_w]
         return (batch - self.mean) / self.std
 
-    def __call__(self, items: Sequence[bytes]) -> Tuple[torch.Tensor, List[Optional[str]]]:
+    def __call__(self, items: Sequence[bytes], phase=None) -> Tuple[torch.Tensor, List[Optional[str]]]:
+        """The batch's tensor and one error or None per item.
+
+        Args:
+            items: Encoded uploads.
+            phase: Called with a phase's name at its end ("walk", "decode", "transform", "exact"), for
+                profiling; None when not profiling.
+        """
+        phase = phase or (lambda name: None)
         out = torch.zeros((len(items), 3, *self.params.image_size), dtype=torch.float32, device=self.device)
         errors: List[Optional[str]] = [None] * len(items)
         gpu, orientations, exact = [], [], []
@@ -398,7 +406,9 @@ class GpuPreprocessor:
             else:
                 gpu.append(index)
                 orientations.append(orientation)
+        phase("walk")
         decoded = self.decoder([items[i] for i in gpu], orientations)
+        phase("decode")
         groups: Dict[Tuple[int, int], List[int]] = {}
         images: Dict[int, torch.Tensor] = {}
         for index, image in zip(gpu, decoded):
@@ -409,6 +419,7 @@ class GpuPreprocessor:
                 groups.setdefault(tuple(image.shape[-2:]), []).append(index)
         for indices in groups.values():
             out[indices] = self._transform_group([images[i] for i in indices])
+        phase("transform")
         exact.sort()
         exact_results = self.map(lambda data: imaging.try_preprocess(data, self.params), [items[i] for i in exact])
         for index, (pixels, error) in zip(exact, exact_results):
@@ -417,5 +428,6 @@ class GpuPreprocessor:
             errors[index] = error
         self.counts["gpu"] += len(images)
         self.counts["exact"] += len(exact)
+        phase("exact")
         return out, errors
 

@@ -33,6 +33,14 @@ except ImportError:  # inside tritonserver: the modules lie beside model.py
     import imaging
 
 
+def _torch_engine():
+    try:
+        from .torch_runner import TorchEngine
+    except ImportError:
+        from torch_runner import TorchEngine  # the copy beside model.py (`fused`)
+    return TorchEngine
+
+
 def _log(message):
     # pb_utils.Logger exists once the stub runs the model (not at import): looked up at each call.
     pb_utils.Logger.log_info(message)
@@ -69,32 +77,71 @@ class TritonPythonModel:
             figures = gpu_imaging.gate_folder(self.gpu, os.path.join(here, gpu_imaging.GATE_DIR), params)
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
+        warmed = self._warm_decoder(os.path.join(here, gpu_imaging.GATE_DIR))
+        # `fused`: the classifier's engine runs here, in this process, instead of one BLS request per batch.
+        self.engine = None
+        if params.get("engine_dir"):
+            self.engine = _torch_engine()(os.path.join(here, params["engine_dir"]), device, params, self.chunk)
         # profile_every N > 0: every N batches, log where the time of those batches went (phases synchronized
-        # with the device, so it slows serving a little: a diagnostic, off by default).
+        # with the device, so it slows serving a little: a diagnostic, off by default). trace_dir + trace_batches
+        # "first,count": a torch profiler trace of those batches, one Chrome trace file per instance.
         self.profile_every = int(params.get("profile_every", "0"))
-        self.phases, self.batches = {}, 0
-        _log(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}, classifier "
-             f"{self.classifier} in requests of up to {self.chunk}; load-time parity gate passed: "
-             f"{json.dumps(figures)}")
+        self.trace_dir = params.get("trace_dir", "")
+        self.trace_batches = [int(v) for v in params.get("trace_batches", "20,3").split(",")]
+        self.tracer = None
+        self.phases, self.batches, self.clock = {}, 0, 0.0
+        _log(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend} (warmed on batches of "
+             f"{warmed}), classifier {self.classifier} "
+             f"{'in this process' if self.engine else 'by BLS'} in batches of up to {self.chunk}; load-time "
+             f"parity gate passed: {json.dumps(figures)}")
 
-    def _phase(self, name, started):
-        """Adds the time since `started` to phase `name` when profiling; returns the new start."""
+    def _warm_decoder(self, folder):
+        """Runs the decoder and transform on the gate photos at every power-of-two batch up to the chunk.
+
+        The first batches after load were the slowest of a run (the decoder's buffers grow with the batch):
+        warmed here, they are not a user's. No classifier call (a BLS call at load hung an H200's load).
+        """
+        photos = [open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))]
+        sizes = [1 << i for i in range(self.chunk.bit_length()) if 1 << i <= self.chunk]
+        for size in sizes:
+            self.gpu([photos[i % len(photos)] for i in range(size)])
+        self.gpu.counts.update(gpu=0, exact=0)  # warm-up is not traffic
+        return sizes
+
+    def _phase(self, name):
+        """Adds the time since the last mark to phase `name` when profiling (device synchronized)."""
         if not self.profile_every:
-            return started
+            return
         if self.gpu.device.type == "cuda":
             self.torch.cuda.synchronize(self.gpu.device)
         now = time.perf_counter()
-        self.phases[name] = self.phases.get(name, 0.0) + now - started
-        return now
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.clock
+        self.clock = now
+
+    def _trace(self):
+        """Starts or stops the torch profiler around the batches `trace_batches` names."""
+        first, count = self.trace_batches
+        if self.batches == first:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.tracer = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.tracer.__enter__()
+        elif self.batches == first + count and self.tracer is not None:
+            self.tracer.__exit__(None, None, None)
+            path = os.path.join(self.trace_dir, f"pipeline-trace-{os.getpid()}.json")
+            self.tracer.export_chrome_trace(path)
+            self.tracer = None
+            _log(f"pipeline: trace of batches {first}..{first + count - 1} written to {path}")
 
     def execute(self, requests):
-        started = time.perf_counter()
+        if self.trace_dir:
+            self._trace()
+        self.clock = time.perf_counter()
         per_request = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy().reshape(-1)
                        for r in requests]
         flat = [imaging.as_bytes(item) for items in per_request for item in items]
-        started = self._phase("inputs", started)
-        batch, errors = self.gpu(flat)
-        started = self._phase("decode+transform", started)
+        self._phase("inputs")
+        batch, errors = self.gpu(flat, self._phase if self.profile_every else None)
         spans, start = [], 0
         for items in per_request:
             spans.append((start, start + len(items)))
@@ -102,7 +149,7 @@ class TritonPythonModel:
         served = [i for i, (a, b) in enumerate(spans) if not any(errors[a:b])]
         rows = [row for i in served for row in range(*spans[i])]
         results = self._classify(batch[rows] if len(rows) < len(batch) else batch) if rows else None
-        started = self._phase("classify+topk", started)
+        self._phase("classify+topk")
         responses, at = [], 0
         for a, b in spans:
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
@@ -115,9 +162,9 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(self.outputs[0], scores), pb_utils.Tensor(self.outputs[1], classes),
                 pb_utils.Tensor(self.outputs[2], self.labels[classes]), pb_utils.Tensor(self.outputs[3], logits)]))
-        self._phase("responses", started)
+        self._phase("responses")
+        self.batches += 1
         if self.profile_every:
-            self.batches += 1
             self.phases["images"] = self.phases.get("images", 0) + len(flat)
             if self.batches % self.profile_every == 0:
                 images = self.phases.pop("images")
@@ -135,6 +182,8 @@ class TritonPythonModel:
         return (scores.cpu().numpy(), classes.to(torch.int64).cpu().numpy(), logits.float().cpu().numpy())
 
     def _logits(self, pixels):
+        if self.engine is not None:
+            return self.engine(pixels)
         from torch.utils.dlpack import from_dlpack, to_dlpack
 
         request = pb_utils.InferenceRequest(
@@ -149,4 +198,6 @@ class TritonPythonModel:
         return from_dlpack(output.to_dlpack())
 
     def finalize(self):
+        if getattr(self, "tracer", None) is not None:
+            self.tracer.__exit__(None, None, None)
         self.pool.shutdown(wait=False)
