@@ -1,12 +1,13 @@
 """The photo path's other designs beside a `--preprocess gpu` repository's pipeline model, and their knobs.
 
     python perf/gpu/photo_designs.py write REPO NAME   # <NAME>_fused and <NAME>_ensemble3 beside the pipeline
-    python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--profile N --trace-dir DIR]
+    python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N]
+                                                  [--profile N --trace-dir DIR]
 
 `write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
 own process, as `--gpu-photo-path fused` writes it) and `<NAME>_ensemble3` (preprocess -> classifier ->
 postprocess chained by Triton, as `--gpu-photo-path ensemble` writes it). `set` changes config parameters of the
-pipeline and fused models: the decoder, torch's CPU threads, and the per-phase profile and trace.
+pipeline and fused models: the decoder, torch's CPU threads, GPU instances, and the per-phase profile and trace.
 """
 
 import argparse
@@ -56,8 +57,11 @@ def set_parameters(repo: Path, name: str, args) -> None:
         for key, value in changes.items():
             if value:
                 config.parameters[key].string_value = value
+        if args.instances:
+            config.instance_group[0].count = int(args.instances)
         configs.write(config, folder)
-        print(folder.name, {k: v.string_value for k, v in config.parameters.items() if k in changes})
+        print(folder.name, {k: v.string_value for k, v in config.parameters.items() if k in changes},
+              "instances", config.instance_group[0].count)
 
 
 def main(argv=None) -> int:
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("name")
     parser.add_argument("--decoder", default="")
     parser.add_argument("--threads", default="")
+    parser.add_argument("--instances", default="")
     parser.add_argument("--profile", default="")
     parser.add_argument("--trace-dir", default="")
     args = parser.parse_args(argv)

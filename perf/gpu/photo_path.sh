@@ -33,11 +33,12 @@ case "${1:?stage}" in
     cp "$REPO/manifest.json" "$OUT/manifest.json"
     ;;
   sweep)
-    # DECODER / THREADS: serve the pipeline and fused models with another decoder or torch CPU pool; PROFILE=N:
-    # their per-phase profile every N batches in the server log, and a torch profiler trace of 3 batches (in $OUT).
-    if [ -n "${DECODER:-}${THREADS:-}${PROFILE:-}" ]; then
+    # DECODER / THREADS / DESIGN_INSTANCES: serve the pipeline and fused models with another decoder, torch CPU
+    # pool or GPU instance count; PROFILE=N: their per-phase profile every N batches in the server log, and a
+    # torch profiler trace of 3 batches (in $OUT).
+    if [ -n "${DECODER:-}${THREADS:-}${PROFILE:-}${DESIGN_INSTANCES:-}" ]; then
       $PYTHON perf/gpu/photo_designs.py set "$REPO" "$NAME" --decoder "${DECODER:-}" --threads "${THREADS:-}" \
-        --profile "${PROFILE:-}" --trace-dir "$(realpath "$OUT")"
+        --instances "${DESIGN_INSTANCES:-}" --profile "${PROFILE:-}" --trace-dir "$(realpath "$OUT")"
     fi
     TAG=${TAG:-}
     $SERVE_PYTHON -m builder serve --repository "$REPO" --workdir "$WORK" --detach --timeout 600 \

@@ -199,3 +199,65 @@ def test_a_plan_builds_validates_and_runs(tmp_path, tiny_model):
     assert info["parity"]["top1_agreement"] >= 0.9
     with PlanRunner(str(tmp_path / "model.plan")) as runner:
         assert runner.time(4, warmup=2, iterations=5)["iterations"] == 5
+
+
+def test_engine_graphs_replay_the_compiled_module(tiny_model, tmp_path):
+    """The inductor engine's own CUDA graphs (one per bucket) against the same program without them: the
+    same logits at every batch size, padded or not, and a result is not overwritten by the next replay."""
+    import torch
+
+    from builder.engines.inductor import export_program
+    from builder.repository.contract import Contract
+    from builder.repository.triton_models.torch_runner import TorchEngine
+
+    contract = Contract("swin_tiny_patch4_window7_224", (3, 224, 224), 1000)
+    export_program(tiny_model, contract, tmp_path / "model.pt2", MAX_BATCH)
+    params = {"precision": "fp32", "batch_buckets": "1,2,4,8", "input_dims": "3,224,224", "intra_op_threads": "1"}
+    graphs = TorchEngine(str(tmp_path), "cuda", {**params, "compile": "reduce-overhead"}, MAX_BATCH)
+    plain = TorchEngine(str(tmp_path), "cuda", {**params, "compile": "none"}, MAX_BATCH)
+    assert sorted(graphs.graphs) == [1, 2, 4, 8] and not plain.graphs
+    torch.manual_seed(0)
+    first = torch.randn(3, 3, 224, 224, device="cuda")
+    kept = graphs(first)
+    for rows in (1, 3, 4, 5, 8):
+        x = torch.randn(rows, 3, 224, 224, device="cuda")
+        assert torch.allclose(graphs(x), plain(x), atol=1e-3), rows
+    assert torch.allclose(kept, plain(first), atol=1e-3)  # still the first batch's logits
+
+
+@pytest.fixture(scope="module")
+def fused_served(tmp_path_factory):
+    """`--gpu-photo-path fused` on GPU instances: the inductor engine inside the photo path's process."""
+    from builder.repository.writer import build_repository
+    from builder.serving.server import LocalServer, ServerSettings
+
+    root = tmp_path_factory.mktemp("fused-served")
+    repo = build_repository(tiny_settings(
+        root / "repo", preprocess="gpu", engine="inductor", gpu_photo_path="fused",
+        classifier_instances=s.InstanceGroup("KIND_GPU", 1), preprocess_instances=s.InstanceGroup("KIND_GPU", 1)))
+    http, grpc, metrics = free_ports(3)
+    with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(root / "server"))) as server:
+        yield repo, server
+
+
+@pytest.mark.server
+def test_fused_photo_path_matches_the_exact_path(fused_served, tiny_model, params):
+    """Bytes -> GPU decode -> the engine's CUDA graph in the same process -> logits, against exact + FP32, and
+    the same answers as the classifier model serves for direct clients."""
+    import torch
+
+    from builder.compare import compare_logits
+    from builder.repository.triton_models import imaging
+
+    _, server = fused_served
+    images = [p.read_bytes() for p in photo_files()][:MAX_BATCH]
+    got = _infer(server, "swin_tiny_patch4_window7_224", images)
+    pixels = np.stack([imaging.preprocess(i, params) for i in images])
+    with torch.no_grad():
+        reference = tiny_model.module(torch.from_numpy(pixels))
+    figures = compare_logits(reference.numpy(), got)
+    print("fused vs exact + FP32:", json.dumps(figures))
+    assert figures["min_cosine"] >= 0.999 and figures["top1_agreement"] >= 0.85, figures
+    log = server.log_path.read_text(errors="replace")
+    assert "in this process" in log and "load-time parity gate passed" in log, log[-3000:]
+    assert "compiling from scratch" not in log  # the engine's links to inductor.bin were used

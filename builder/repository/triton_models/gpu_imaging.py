@@ -396,7 +396,6 @@ class GpuPreprocessor:
                 profiling; None when not profiling.
         """
         phase = phase or (lambda name: None)
-        out = torch.zeros((len(items), 3, *self.params.image_size), dtype=torch.float32, device=self.device)
         errors: List[Optional[str]] = [None] * len(items)
         gpu, orientations, exact = [], [], []
         for index, data in enumerate(items):
@@ -417,10 +416,14 @@ class GpuPreprocessor:
             else:
                 images[index] = image
                 groups.setdefault(tuple(image.shape[-2:]), []).append(index)
-        for indices in groups.values():
-            out[indices] = self._transform_group([images[i] for i in indices])
-        phase("transform")
         exact.sort()
+        if not exact and len(groups) == 1:  # the usual batch: every item decoded, one size, in order
+            out = self._transform_group(decoded)
+        else:
+            out = torch.zeros((len(items), 3, *self.params.image_size), dtype=torch.float32, device=self.device)
+            for indices in groups.values():
+                out[indices] = self._transform_group([images[i] for i in indices])
+        phase("transform")
         exact_results = self.map(lambda data: imaging.try_preprocess(data, self.params), [items[i] for i in exact])
         for index, (pixels, error) in zip(exact, exact_results):
             if error is None:

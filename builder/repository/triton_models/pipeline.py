@@ -151,7 +151,7 @@ class TritonPythonModel:
         results = self._classify(batch[rows] if len(rows) < len(batch) else batch) if rows else None
         self._phase("classify+topk")
         responses, at = [], 0
-        for a, b in spans:
+        for request, (a, b) in zip(requests, spans):
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
             if failed:
                 responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
@@ -159,9 +159,11 @@ class TritonPythonModel:
             n = b - a
             scores, classes, logits = (r[at:at + n] for r in results)
             at += n
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor(self.outputs[0], scores), pb_utils.Tensor(self.outputs[1], classes),
-                pb_utils.Tensor(self.outputs[2], self.labels[classes]), pb_utils.Tensor(self.outputs[3], logits)]))
+            arrays = {self.outputs[0]: lambda: scores, self.outputs[1]: lambda: classes,
+                      self.outputs[2]: lambda: self.labels[classes], self.outputs[3]: lambda: logits}
+            # Only the outputs the request asked for (Triton would drop the others after they were built).
+            responses.append(pb_utils.InferenceResponse(
+                [pb_utils.Tensor(name, arrays[name]()) for name in self._requested(request)]))
         self._phase("responses")
         self.batches += 1
         if self.profile_every:
@@ -173,13 +175,28 @@ class TritonPythonModel:
                 self.phases = {}
         return responses
 
+    def _requested(self, request):
+        """The output names a request asked for, in the model's order (all of them when it named none)."""
+        try:
+            names = set(request.requested_output_names())
+        except AttributeError:  # a Python backend without the call
+            names = set()
+        return [name for name in self.outputs if name in names] or self.outputs
+
     def _classify(self, pixels):
-        """Logits of `pixels` from the classifier model, then top-k on the device; host arrays back."""
+        """Logits of `pixels` from the classifier, then softmax and top-k on the device; host arrays back.
+
+        One device-to-host copy for all three results: each `.cpu()` is a synchronizing copy of its own.
+        """
         torch = self.torch
-        logits = torch.cat([self._logits(pixels[i:i + self.chunk]) for i in range(0, len(pixels), self.chunk)])
-        probs = torch.softmax(logits.float(), dim=1)
-        scores, classes = torch.topk(probs, min(self.k, probs.shape[1]), dim=1)
-        return (scores.cpu().numpy(), classes.to(torch.int64).cpu().numpy(), logits.float().cpu().numpy())
+        chunks = [self._logits(pixels[i:i + self.chunk]) for i in range(0, len(pixels), self.chunk)]
+        logits = (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).float()
+        scores, classes = torch.topk(torch.softmax(logits, dim=1), min(self.k, logits.shape[1]), dim=1)
+        k = scores.shape[1]
+        # Class indices travel as float32: exact below 2**24 classes.
+        packed = torch.cat([scores, classes.float(), logits], dim=1).cpu().numpy()
+        return (np.ascontiguousarray(packed[:, :k]), packed[:, k:2 * k].astype(np.int64),
+                np.ascontiguousarray(packed[:, 2 * k:]))
 
     def _logits(self, pixels):
         if self.engine is not None:
