@@ -64,11 +64,12 @@ def _add_repo(sub) -> None:
                    help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
                         "decoded at 1/2, 1/4 or 1/8 scale (parity-gated against exact); gpu: batched GPU JPEG "
                         "decode + resize (parity-gated against exact; other formats take the exact path)")
-    p.add_argument("--gpu-photo-path", choices=("pipeline", "fused", "ensemble"), default="pipeline",
-                   help="--preprocess gpu: pipeline (default): one model decodes the batch on the GPU, calls the "
-                        "classifier once per batch and does top-k on the GPU; fused: the same model runs the "
-                        "inductor engine in its own process; ensemble: Triton chains the "
-                        "preprocess, classifier and postprocess models")
+    p.add_argument("--gpu-photo-path", choices=("auto", "fused", "pipeline", "ensemble"), default="auto",
+                   help="--preprocess gpu: fused: one model decodes the batch on the GPU, runs the inductor "
+                        "engine in its own process and does top-k on the GPU; pipeline: the same, calling the "
+                        "classifier model once per batch (any engine); ensemble: Triton chains the preprocess, "
+                        "classifier and postprocess models; auto (default): fused with the inductor engine, "
+                        "else pipeline")
     p.add_argument("--gpu-decoder", choices=("auto", "torchvision", "nvimgcodec"), default="auto",
                    help="--preprocess gpu: JPEG decoder (auto: torchvision's nvJPEG; nvimgcodec: nvImageCodec's "
                         "hardware decoders, installed in the serving Python)")

@@ -19,7 +19,7 @@ FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that calls the classifier once per batch
 # (`pipeline`, BLS), or the ensemble of three models (`ensemble`); see the README's GPU data path.
-GPU_PHOTO_PATHS = ("pipeline", "fused", "ensemble")
+GPU_PHOTO_PATHS = ("auto", "fused", "pipeline", "ensemble")
 # The gpu preprocessing's JPEG decoder: torchvision's nvJPEG batch decode (`auto`) or nvImageCodec (hardware JPEG
 # engines first, then CUDA).
 GPU_DECODERS = ("auto", "torchvision", "nvimgcodec")
@@ -281,12 +281,13 @@ class RepoSettings:
             uploads are answered from memory (the server needs a cache:
             `builder serve --cache-mb N`).
         gpu_photo_path: With `preprocess="gpu"`, what clients call under the
-            ensemble's name: `pipeline` (one Python model that decodes the
-            batch on the GPU, calls the classifier model once per batch by
-            BLS and does top-k on the GPU), `fused` (the same model running
-            the classifier's inductor engine in its own process: no BLS hop;
-            the classifier model stays for direct clients) or `ensemble`
-            (preprocess, classifier and postprocess models chained by Triton).
+            ensemble's name: `fused` (one Python model that decodes the batch
+            on the GPU, runs the classifier's inductor engine in its own
+            process and does top-k on the GPU; the classifier model stays for
+            direct clients), `pipeline` (the same model calling the classifier
+            model once per batch by BLS: any engine), `ensemble` (preprocess,
+            classifier and postprocess models chained by Triton) or `auto`
+            (the default: fused when the engine is inductor, else pipeline).
         gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
             batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
             hardware JPEG decoders first; the package must be installed in
@@ -318,7 +319,7 @@ class RepoSettings:
     onnxruntime_tensorrt: bool = False
     response_cache: bool = False
     engine_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
-    gpu_photo_path: str = "pipeline"
+    gpu_photo_path: str = "auto"
     gpu_decoder: str = "auto"
 
     def __post_init__(self) -> None:
@@ -326,6 +327,9 @@ class RepoSettings:
             _fail("gpu_decoder", f"{self.gpu_decoder!r} is unknown", f"use one of {', '.join(GPU_DECODERS)}")
         if self.gpu_photo_path not in GPU_PHOTO_PATHS:
             _fail("gpu_photo_path", f"{self.gpu_photo_path!r} is unknown", f"use one of {', '.join(GPU_PHOTO_PATHS)}")
+        if self.gpu_photo_path == "fused" and self.engine not in ("inductor", "auto"):
+            _fail("gpu_photo_path", f"fused runs the inductor engine in the photo path's process, not {self.engine}",
+                  "pass --engine inductor, or --gpu-photo-path pipeline")
         if self.preprocess not in PREPROCESS:
             _fail("preprocess", f"{self.preprocess!r} is unknown", f"use one of {', '.join(PREPROCESS)}")
         if self.engine not in ENGINES:

@@ -143,6 +143,11 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
         elif gpu_pipeline and not any((model_dir / str(version) / "gate").glob("*.jpg")):
             problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
                             "parity gate, so it would not load; rebuild the repository")
+        engine_dir = config.parameters["engine_dir"].string_value if "engine_dir" in config.parameters else ""
+        if engine_dir and not ((model_dir / str(version) / engine_dir / "model.pt2").is_file()
+                               and (model_dir / str(version) / "torch_runner.py").is_file()):
+            problems.append(f"{name}: the config runs the classifier's engine in this model (fused), but version "
+                            f"{version} lacks {engine_dir}/model.pt2 or torch_runner.py; rebuild the repository")
 
 
 def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[str]) -> None:

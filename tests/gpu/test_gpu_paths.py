@@ -210,7 +210,7 @@ def test_engine_graphs_replay_the_compiled_module(tiny_model, tmp_path):
     from builder.repository.contract import Contract
     from builder.repository.triton_models.torch_runner import TorchEngine
 
-    contract = Contract("swin_tiny_patch4_window7_224", (3, 224, 224), 1000)
+    contract = Contract("swin_tiny_patch4_window7_224", (224, 224), 1000)
     export_program(tiny_model, contract, tmp_path / "model.pt2", MAX_BATCH)
     params = {"precision": "fp32", "batch_buckets": "1,2,4,8", "input_dims": "3,224,224", "intra_op_threads": "1"}
     graphs = TorchEngine(str(tmp_path), "cuda", {**params, "compile": "reduce-overhead"}, MAX_BATCH)

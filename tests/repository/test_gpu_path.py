@@ -3,6 +3,7 @@ fallback and error isolation, the parity gate, the inductor engine, and both ser
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -189,14 +190,17 @@ def test_variant_repository(gpu_repo, tmp_path):
     assert 'string_value: "gpu"' in (pre / "config.pbtxt").read_text()
     assert sorted(p.name for p in (pre / "1" / "gate").iterdir()) == sorted(LOAD_GATE["photos"])
     assert "gate_note" in gates["gpu_preprocess_vs_exact"]  # gated on this CPU: the served model re-checks
-    # The photo path is one model under the ensemble's name (BLS to the classifier), not an ensemble.
+    # The photo path is one model under the ensemble's name, not an ensemble: with the inductor engine, `auto`
+    # makes it fused (the engine runs in its process, from links to the classifier's files).
     pipeline = configs.read(gpu_repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
     assert pipeline.backend == "python" and not pipeline.HasField("ensemble_scheduling")
     assert not pipeline.model_warmup and pipeline.dynamic_batching.max_queue_delay_microseconds == 0
     assert pipeline.parameters["classifier"].string_value == "swin_tiny_patch4_window7_224_classifier"
     assert [o.name for o in pipeline.output] == ["scores", "classes", "labels", "logits"]
     assert {p.name for p in (gpu_repo / "swin_tiny_patch4_window7_224" / "1").iterdir()} >= {
-        "model.py", "imaging.py", "gpu_imaging.py", "labels.txt", "gate"}
+        "model.py", "imaging.py", "gpu_imaging.py", "labels.txt", "gate", "engine", "torch_runner.py"}
+    assert pipeline.parameters["engine_dir"].string_value == "engine"
+    assert manifest["settings"]["gpu_photo_path"] == "fused"
     sidecar = json.loads((cls / "1" / "engine.json").read_text())
     assert sidecar["environment"]["torch"] == torch.__version__
     # A stricter gate refuses the build and leaves the repository as it was.
@@ -338,9 +342,20 @@ def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, 
     assert (fused / "1" / "torch_runner.py").is_file()
     assert (engine / "model.pt2").stat().st_ino == (classifier / "model.pt2").stat().st_ino  # linked, not copied
     assert check_repository(repo) == []
-    with pytest.raises(BuilderError, match="fused runs the inductor engine"):
-        build_repository(tiny_settings(tmp_path / "other", preprocess="gpu", gpu_photo_path="fused",
-                                       engine="onnxruntime", preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
+    (engine / "model.pt2").rename(tmp_path / "aside.pt2")
+    assert any("lacks engine/model.pt2" in p for p in check_repository(repo))
+    (tmp_path / "aside.pt2").rename(engine / "model.pt2")
+    with pytest.raises(BuilderError, match="gpu_photo_path: fused runs the inductor engine"):
+        s.RepoSettings(preprocess="gpu", gpu_photo_path="fused", engine="onnxruntime")
+    # auto: fused with the inductor engine, the BLS pipeline with any other; fused after an auto race that
+    # chose another engine is refused by name (the race's result passes through the same settings check).
+    from builder.repository.writer import _photo_path
+
+    for engine, design in (("inductor", "fused"), ("onnxruntime", "pipeline")):
+        assert _photo_path(s.RepoSettings(preprocess="gpu", engine=engine)).gpu_photo_path == design
+    with pytest.raises(BuilderError, match="fused runs the inductor engine in the photo path's process, not onnx"):
+        dataclasses.replace(s.RepoSettings(preprocess="gpu", gpu_photo_path="fused", engine="auto"),
+                            engine="onnxruntime")
     names = ["photo3", "exif6", "gray", "cmyk"]
     http, grpc, metrics = free_ports(3)
     with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))) as server:
