@@ -139,7 +139,7 @@ def _existing_flavor(output: str, add_version: bool):
     from pathlib import Path
 
     from builder.repository.output import is_our_repository
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
 
     if not (add_version or is_our_repository(Path(output))):
         return None
@@ -155,7 +155,7 @@ def _cmd_export(args) -> int:
     from builder import settings as s
     from builder.export.onnx_export import export_onnx, reference_data, validate_onnx
     from builder.export.model import load_model
-    from builder.repository.contract import Contract
+    from builder.core.contract import Contract
 
     if (args.reference or args.calibration) and not (args.images or args.noise):
         raise BuilderError("images: --reference and --calibration need --images DIR (real photos), or --noise "

@@ -11,7 +11,7 @@ They are sent `max_batch` per request with up to `concurrency` requests in
 flight. A request whose image the server rejects is re-sent image by image, so
 one bad upload fails alone and names itself. Retries (with exponential
 backoff) happen only where they are safe: the server is unreachable or not
-ready yet. Tensor and model names come from `builder.repository.contract`.
+ready yet. Tensor and model names come from `builder.core.contract`.
 """
 
 

@@ -7,7 +7,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from builder.repository import contract as C
+from builder.core import contract as C
 from clients.errors import ClientError, InvalidImage, Overloaded, RequestTimeout, SettingsError
 from clients.settings import Classification, ClientSettings, ImageLike
 from clients.transport import (_Engine, _ensemble_outputs, _infer_kwargs, _load_all, _make_client,
@@ -116,7 +116,7 @@ class Classifier:
         return self._params
 
     def _classify_chunk_bare(self, items, top_k: int, want_logits: bool) -> List[Classification]:
-        from builder.repository.triton_models import imaging
+        from builder.core import imaging
 
         batch, errors = imaging.preprocess_many([b for _, b in items], self._preprocess_params())
         good = [i for i, e in enumerate(errors) if e is None]

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from builder.repository import contract as C
+from builder.core import contract as C
 from clients.errors import (ClientError, InferenceFailed, InvalidImage, ModelNotFound, Overloaded, RequestTimeout,
                             ServerUnavailable)
 from clients.settings import Classification, ClientSettings, ImageLike, Prediction, load_image
@@ -272,7 +272,7 @@ def _parse_topk(scores, classes, labels, top_k: int) -> List[Tuple[Prediction, .
 
 
 def _params_from_config(config: dict):
-    from builder.repository.triton_models.imaging import PreprocessParams
+    from builder.core.imaging import PreprocessParams
 
     config = config.get("config", config)  # gRPC wraps it, HTTP does not
     return PreprocessParams.from_parameters({k: v["string_value"] for k, v in config["parameters"].items()})

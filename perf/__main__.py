@@ -94,7 +94,7 @@ def _bare_inputs(args):
     manifest = {}
     repository = Path(args.repository)
     if (repository / "manifest.json").is_file():
-        from builder.repository.writer import read_manifest
+        from builder.core.manifest import read_manifest
 
         manifest = read_manifest(repository)
     model, kwargs = args.model, args.model_kwargs
@@ -123,7 +123,7 @@ def _served_program(repository: str, compile_mode):
 
     from builder.repository import configs
     from builder.errors import BuilderError
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
 
     manifest = read_manifest(Path(repository))
     classifier = Path(repository) / manifest["contract"]["models"][1]
@@ -170,7 +170,7 @@ def _cmd_pipeline(args) -> int:
     from pathlib import Path
 
     from builder.errors import BuilderError
-    from builder.repository.triton_models.imaging import PreprocessParams
+    from builder.core.imaging import PreprocessParams
     from clients.api import collect_images
     from perf.environment import describe, write_json
     from perf.pipeline import bench_pipeline
@@ -201,7 +201,7 @@ def _cmd_pipeline(args) -> int:
 
 def _cmd_first_request(args) -> int:
     from builder.errors import BuilderError
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
     from clients.api import collect_images
     from perf.environment import describe, write_json
     from perf.first_request import measure
@@ -232,7 +232,7 @@ def _cmd_first_request(args) -> int:
 def _cmd_analyze(args) -> int:
     from pathlib import Path
 
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
     from clients.api import collect_images
     from builder.serving.server import LocalServer, ServerSettings, free_ports
     from perf.analyze import SearchSettings, analyzer_config, best_configs, has_gpu, run_analyzer

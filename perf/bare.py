@@ -85,7 +85,7 @@ def bench_program(version_dir: str, params: Dict[str, str], max_batch: int, batc
     is reported as `load_s`; input already on the device, as the preprocess model hands it over.
     """
     from builder.engines.inductor import time_engine
-    from builder.repository.triton_models.torch_runner import TorchEngine
+    from builder.engines.torch_runner import TorchEngine
 
     started = time.perf_counter()
     engine = TorchEngine(version_dir, device, params, max_batch)

@@ -24,7 +24,8 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
     """Rows of {decoder, stage, batch_size, latency_*_ms, throughput_img_per_s} plus parity figures."""
     import torch
 
-    from builder.repository.triton_models import gpu_imaging, imaging
+    from builder.core import imaging
+    from builder.repository.triton_models import gpu_imaging
     from builder.timing import timed, timing_row
 
     data = [Path(p).read_bytes() for p in images]
@@ -59,7 +60,7 @@ def bench_cpu(images: Sequence[Path], params, batches: Sequence[int], variants: 
     import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
-    from builder.repository.triton_models import imaging
+    from builder.core import imaging
     from builder.timing import timed, timing_row
 
     data = [Path(p).read_bytes() for p in images]

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from builder.repository import contract as C
+from builder.core import contract as C
 from builder.errors import BuilderError
 
 log = logging.getLogger("perf")

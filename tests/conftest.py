@@ -201,8 +201,8 @@ def local_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def contract(local_repo):
-    from builder.repository.contract import Contract
-    from builder.repository.writer import read_manifest
+    from builder.core.contract import Contract
+    from builder.core.manifest import read_manifest
 
     manifest = read_manifest(local_repo)
     return Contract(manifest["contract"]["ensemble"], (224, 224), manifest["model"]["num_classes"])

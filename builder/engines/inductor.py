@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from builder.compare import check_parity, compare_logits
-from builder.repository.contract import Contract
+from builder.core.contract import Contract
 from builder.errors import BuilderError
 from builder.export.model import LoadedModel
 from builder.settings import Parity
@@ -168,7 +168,7 @@ def time_engine(engine, params: Dict[str, str], batches: Sequence[int], warmup: 
     import torch
 
     from builder.timing import timed, timing_row
-    from builder.repository.triton_models.torch_runner import params_shape
+    from builder.engines.torch_runner import params_shape
 
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     rows: List[Dict] = []
@@ -184,7 +184,7 @@ def _child_main(mode: str, folder: str, params_json: str, max_batch: str, batche
     """One start of the served engine (see `build_inductor`); writes what it measured to `out`."""
     import torch
 
-    from builder.repository.triton_models.torch_runner import TorchEngine
+    from builder.engines.torch_runner import TorchEngine
 
     params = json.loads(params_json)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from builder.compare import check_parity, compare_logits
-from builder.repository.contract import LOGITS, PIXELS
+from builder.core.contract import LOGITS, PIXELS
 from builder.errors import BuilderError
 
 log = logging.getLogger("builder")

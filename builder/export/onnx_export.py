@@ -11,7 +11,7 @@ from typing import Dict
 import numpy as np
 
 from builder.compare import check_parity, compare_logits
-from builder.repository.contract import Contract
+from builder.core.contract import Contract
 from builder.errors import BuilderError
 from builder.export.model import LoadedModel
 from builder.settings import Parity
@@ -122,7 +122,7 @@ def reference_data(model: LoadedModel, contract: Contract, images_dir, count: in
 
     import torch
 
-    from builder.repository.triton_models.imaging import ImageError, PreprocessParams, preprocess
+    from builder.core.imaging import ImageError, PreprocessParams, preprocess
 
     params = PreprocessParams.from_timm(model.data_config)
     if images_dir is None:

@@ -119,7 +119,7 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
                 problems.append(f"{name}: warm-up {warmup.name!r} reads warmup/{data.input_data_file}, "
                                 "which does not exist")
     if backend == "python" and "scale_size" in config.parameters:  # the preprocess model reads these at load
-        from builder.repository.triton_models.imaging import PreprocessParams
+        from builder.core.imaging import PreprocessParams
 
         try:
             PreprocessParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
@@ -303,7 +303,7 @@ def needs_torch(root) -> bool:
     Raises:
         BuilderError: No manifest (not a repository written by this tool).
     """
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
 
     settings = read_manifest(Path(root)).get("settings", {})
     return settings.get("engine") in _TORCH_ENGINES or settings.get("preprocess") == "gpu"

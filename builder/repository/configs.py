@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.repository.contract import CLASSIFIER_LOGITS, LABELS_FILE, WARMUP_IMAGE, Contract, TensorSpec
+from builder.core.contract import CLASSIFIER_LOGITS, LABELS_FILE, WARMUP_IMAGE, Contract, TensorSpec
 from builder.settings import Batching, InstanceGroup, VersionPolicy
 
 ModelConfig = mc.ModelConfig

@@ -21,11 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List
 
+from builder.core.manifest import MANIFEST
 from builder.errors import BuilderError
 
 log = logging.getLogger("builder")
 
-MANIFEST = "manifest.json"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 

@@ -20,24 +20,10 @@ import numpy as np
 
 from builder.compare import check_parity, compare_logits
 from builder.errors import BuilderError
+from builder.core.photos import photo_batch, photo_files
 from builder.settings import Parity
 
 log = logging.getLogger("builder")
-PHOTOS = Path(__file__).parents[1] / "parity_images"
-
-
-def photo_files(images_dir: Optional[Path] = None) -> list:
-    """The parity photos (default: the bundled set), sorted by name."""
-    return sorted(p for p in Path(images_dir or PHOTOS).iterdir() if p.is_file() and p.suffix != ".md")
-
-
-def photo_batch(params, images_dir: Optional[Path] = None) -> np.ndarray:
-    """The parity photos through the exact preprocessing: the inputs every engine gate runs on."""
-    from builder.repository.triton_models import imaging
-
-    return np.stack([imaging.preprocess(p.read_bytes(), params) for p in photo_files(images_dir)])
-
-
 def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", images_dir: Optional[Path] = None,
                       device: Optional[str] = None) -> Dict:
     """Compares a preprocessing variant with the exact one; raises outside the thresholds.
@@ -59,7 +45,7 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
     """
     import torch
 
-    from builder.repository.triton_models import imaging
+    from builder.core import imaging
 
     if variant not in ("gpu", "draft"):
         raise ValueError(f"variant {variant!r}: the gated preprocessings are gpu and draft")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict
 
-from builder.repository.contract import Contract
+from builder.core.contract import Contract
 from builder.engines.choice import Candidate, markdown_table
 from builder.settings import RepoSettings
 

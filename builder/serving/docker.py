@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict
 
 from builder.errors import BuilderError
-from builder.repository.contract import Contract
+from builder.core.contract import Contract
 from builder.serving.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
 from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION
 

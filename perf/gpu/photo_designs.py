@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from builder.repository import configs, writer
-from builder.repository.contract import Contract
-from builder.repository.writer import read_manifest
+from builder.repository import configs, models
+from builder.core.contract import Contract
+from builder.core.manifest import read_manifest
 from builder.settings import Batching, InstanceGroup, RepoSettings, VersionPolicy
 
 
@@ -36,7 +36,7 @@ def write(repo: Path, name: str) -> None:
     version = sorted(p.name for p in (repo / contract.classifier).iterdir() if p.name.isdigit())[-1]
     labels = (repo / name / version / "labels.txt").read_text(encoding="utf-8").splitlines()
     fused = repo / f"{name}_fused"
-    config = writer._write_pipeline(fused / version, settings, contract, params, labels,
+    config = models.write_pipeline(fused / version, settings, contract, params, labels,
                                     (repo / contract.classifier / version, cls_params))
     config.name = fused.name
     configs.write(config, fused)

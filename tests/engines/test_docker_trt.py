@@ -95,7 +95,7 @@ def _imports(path: Path) -> set:
 def test_trt_module_needs_only_stdlib_numpy_tensorrt_polygraphy():
     allowed = STDLIB | {"numpy", "tensorrt", "polygraphy", "__future__", "builder.compare", "builder.errors",
                         "builder.timing", "builder.engines.plan_runner", "builder.engines.plan_check"}
-    from builder.repository.writer import TRT_MODULES
+    from builder.repository.models import TRT_MODULES
 
     for module in TRT_MODULES:  # what the local flavor copies beside a plan, and the TensorRT image gets
         extra = _imports(ROOT / module) - allowed
@@ -165,7 +165,7 @@ def test_repository_with_a_plan(tmp_path):
     assert (classifier / "1" / "model.plan").read_bytes() == plan.read_bytes()
     assert (classifier / "1" / "model.onnx").is_file() and (classifier / "1" / "plan.json").is_file()
     assert check_repository(repo) == []
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
 
     # The manifest carries the figures of the gate the plan passed where it was built (plan.json), as they are.
     sidecar = json.loads((plan.parent / "plan.json").read_text())

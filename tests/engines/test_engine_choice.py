@@ -11,10 +11,10 @@ import torch
 
 from builder.engines import choice as ec
 from builder import settings as s
-from builder.repository.contract import Contract
+from builder.core.contract import Contract
 from builder.errors import BuilderError
 from builder.timing import timing_batches
-from builder.repository.writer import read_manifest
+from builder.core.manifest import read_manifest
 
 
 def _rows(*pairs):
@@ -76,8 +76,8 @@ def test_settings_refuse_mismatched_engine_options(tmp_path):
 
 def test_inductor_build_gates_and_times_in_a_fresh_process(tmp_path, tiny_model):
     from builder.engines import inductor
-    from builder.repository.triton_models.imaging import PreprocessParams
-    from builder.repository.preprocess_gate import photo_batch
+    from builder.core.imaging import PreprocessParams
+    from builder.core.photos import photo_batch
 
     contract = Contract("tiny", (224, 224), tiny_model.num_classes, 5)
     program = inductor.export_program(tiny_model, contract, tmp_path / inductor.FILE, 8)

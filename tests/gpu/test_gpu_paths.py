@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from builder import settings as s
-from builder.repository.preprocess_gate import PHOTOS, photo_files
+from builder.core.photos import PHOTOS, photo_files
 from conftest import MAX_BATCH, broken_jpegs, free_ports, tiny_settings
 
 pytestmark = pytest.mark.gpu
@@ -23,7 +23,7 @@ JPEGS = [p for p in photo_files() if p.suffix == ".jpg"]
 
 @pytest.fixture(scope="module")
 def params(tiny_model):
-    from builder.repository.triton_models import imaging
+    from builder.core import imaging
 
     return imaging.PreprocessParams.from_timm(tiny_model.data_config)
 
@@ -54,7 +54,8 @@ def test_broken_jpegs_get_the_exact_answers_on_the_gpu(params):
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from builder.repository.triton_models import gpu_imaging, imaging
+    from builder.core import imaging
+    from builder.repository.triton_models import gpu_imaging
 
     broken = broken_jpegs((PHOTOS / "astronaut_640x480.jpg").read_bytes())
     _, errors = gpu_imaging.GpuPreprocessor(params, "cuda")(list(broken.values()))
@@ -97,7 +98,7 @@ def gpu_served(tmp_path_factory):
 @pytest.mark.server
 def test_auto_race_ran_on_the_gpu(gpu_served):
     from builder.engines.choice import Candidate, choose
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
 
     repo, _ = gpu_served
     engine = read_manifest(repo)["engine"]
@@ -125,7 +126,7 @@ def test_served_gpu_path_matches_the_exact_path(gpu_served, tiny_model, params):
     import torch
 
     from builder.compare import compare_logits
-    from builder.repository.triton_models import imaging
+    from builder.core import imaging
 
     _, server = gpu_served
     images = [p.read_bytes() for p in photo_files()][:MAX_BATCH]
@@ -141,7 +142,7 @@ def test_served_gpu_path_matches_the_exact_path(gpu_served, tiny_model, params):
 def test_served_broken_uploads_get_the_exact_messages(gpu_served, params):
     from tritonclient.utils import InferenceServerException
 
-    from builder.repository.triton_models import imaging
+    from builder.core import imaging
 
     _, server = gpu_served
     for name, data in broken_jpegs((PHOTOS / "astronaut_640x480.jpg").read_bytes()).items():
@@ -158,7 +159,7 @@ def test_served_broken_uploads_get_the_exact_messages(gpu_served, params):
 @pytest.mark.server
 def test_served_models_checked_and_reused_what_was_built(gpu_served):
     """The preprocess model's load-time gate ran on the GPU; the classifier loaded Inductor's stored artifacts."""
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
 
     repo, server = gpu_served
     log = server.log_path.read_text(errors="replace")
@@ -207,8 +208,8 @@ def test_engine_graphs_replay_the_compiled_module(tiny_model, tmp_path):
     import torch
 
     from builder.engines.inductor import export_program
-    from builder.repository.contract import Contract
-    from builder.repository.triton_models.torch_runner import TorchEngine
+    from builder.core.contract import Contract
+    from builder.engines.torch_runner import TorchEngine
 
     contract = Contract("swin_tiny_patch4_window7_224", (224, 224), 1000)
     export_program(tiny_model, contract, tmp_path / "model.pt2", MAX_BATCH)
@@ -247,7 +248,7 @@ def test_fused_photo_path_matches_the_exact_path(fused_served, tiny_model, param
     import torch
 
     from builder.compare import compare_logits
-    from builder.repository.triton_models import imaging
+    from builder.core import imaging
 
     _, server = fused_served
     images = [p.read_bytes() for p in photo_files()][:MAX_BATCH]

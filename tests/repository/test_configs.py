@@ -7,7 +7,7 @@ from google.protobuf import text_format
 
 from builder.repository import configs
 from builder import settings as s
-from builder.repository.contract import Contract
+from builder.core.contract import Contract
 from builder.errors import BuilderError
 
 CONTRACT = Contract("swin", (224, 224), 1000, top_k=5)

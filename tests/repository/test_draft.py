@@ -13,9 +13,11 @@ from builder import settings as s
 from builder.compare import compare_logits
 from builder.errors import BuilderError
 from builder.repository import configs
-from builder.repository.preprocess_gate import PHOTOS, preprocess_parity
-from builder.repository.triton_models import imaging
-from builder.repository.writer import build_repository, read_manifest
+from builder.core.photos import PHOTOS
+from builder.repository.preprocess_gate import preprocess_parity
+from builder.core import imaging
+from builder.core.manifest import read_manifest
+from builder.repository.writer import build_repository
 from conftest import MAX_BATCH, free_ports, tiny_settings
 
 LARGE = PHOTOS / "astronaut_2048x1536.jpg"

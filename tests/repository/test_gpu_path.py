@@ -15,10 +15,14 @@ from PIL import Image
 
 from builder import settings as s
 from builder.errors import BuilderError
-from builder.repository.preprocess_gate import PHOTOS, preprocess_parity
+from builder.core.photos import PHOTOS
+from builder.repository.preprocess_gate import preprocess_parity
 from builder.repository import configs
-from builder.repository.writer import LOAD_GATE, build_repository, file_hashes, read_manifest
-from builder.repository.triton_models import gpu_imaging, imaging
+from builder.core.manifest import file_hashes, read_manifest
+from builder.repository.models import LOAD_GATE
+from builder.repository.writer import build_repository
+from builder.core import imaging
+from builder.repository.triton_models import gpu_imaging
 from conftest import MAX_BATCH, broken_jpegs, free_ports, tiny_settings
 
 LEVEL = 1.0 / 255 / min(0.229, 0.224, 0.225)  # one 8-bit step after normalization
@@ -148,8 +152,8 @@ def test_settings_of_the_variants():
     assert s.RepoSettings(engine="inductor").compile_mode == "reduce-overhead"
     with pytest.raises(BuilderError, match="inductor_precision: 'bf16' is unknown"):
         s.RepoSettings(engine="inductor", inductor_precision="bf16")
-    from builder.repository.contract import Contract
-    from builder.repository.writer import torch_parameters
+    from builder.core.contract import Contract
+    from builder.engines.race import torch_parameters
 
     params = torch_parameters(s.RepoSettings(engine="inductor", inductor_precision="fp32",
                                              classifier_batching=s.Batching(48, (24,), 100),
@@ -253,7 +257,7 @@ def test_needs_torch_tells_the_container_image(gpu_repo, local_repo):
 
 
 def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, capsys):
-    from builder.repository.triton_models.torch_runner import TorchEngine
+    from builder.engines.torch_runner import TorchEngine
 
     version_dir = gpu_repo / "swin_tiny_patch4_window7_224_classifier" / "1"
     params = {"precision": "fp16", "compile": "none", "batch_buckets": "1,4,8", "input_dims": "3,224,224"}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from builder.repository.triton_models import imaging
+from builder.core import imaging
 
 # Our transform reproduces torchvision's PIL path operation for operation, so
 # on real photographs the tensors are identical. The tolerance is stated

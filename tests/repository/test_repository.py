@@ -15,7 +15,8 @@ import torch
 
 from builder import settings as s
 from builder.errors import BuilderError
-from builder.repository.writer import build_repository, file_hashes, read_manifest
+from builder.core.manifest import file_hashes, read_manifest
+from builder.repository.writer import build_repository
 from conftest import TINY_KWARGS, tiny_settings
 
 

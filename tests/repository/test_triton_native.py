@@ -95,7 +95,7 @@ def test_onnxruntime_tensorrt_accelerator_and_response_cache_configs(tmp_path):
 
     repo = build_repository(tiny_settings(tmp_path / "c", flavor="container", onnxruntime_tensorrt=True,
                                           response_cache=True))
-    from builder.repository.writer import read_manifest
+    from builder.core.manifest import read_manifest
 
     # The accelerator is ONNX Runtime's: with the default engine (auto) it asks for ONNX Runtime, no race.
     assert read_manifest(repo)["engine"]["chosen"] == "onnxruntime"

@@ -14,7 +14,8 @@ import tritonclient.grpc as grpcclient
 from builder import settings as s
 from builder.repository.check import check_repository
 from builder.errors import BuilderError
-from builder.repository.writer import build_repository, file_hashes, read_manifest
+from builder.core.manifest import file_hashes, read_manifest
+from builder.repository.writer import build_repository
 from builder.serving.server import LocalServer, ServerSettings
 from conftest import TINY_KWARGS, free_ports, tiny_settings
 

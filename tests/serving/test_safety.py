@@ -17,7 +17,8 @@ import pytest
 from builder import settings as s
 from builder.repository.check import check_repository
 from builder.repository.output import clean_stale, swap_into_place
-from builder.repository.writer import build_repository, file_hashes, read_manifest
+from builder.core.manifest import file_hashes, read_manifest
+from builder.repository.writer import build_repository
 from conftest import TINY_KWARGS, free_ports, one_line_error, ready_stub, run_module, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from builder.errors import BuilderError
 from builder.serving.server import LocalServer, ServerSettings
-from builder.repository.triton_models import imaging
+from builder.core import imaging
 from conftest import SERVED_LOGIT_ATOL, free_ports, tiny_settings
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from builder.errors import BuilderError
 from builder.repository.check import check_repository
-from builder.repository.writer import build_repository, file_hashes, read_manifest
+from builder.core.manifest import file_hashes, read_manifest
+from builder.repository.writer import build_repository
 from conftest import TINY_KWARGS, one_line_error, run_module, tiny_settings
 
 ROOT = Path(__file__).resolve().parents[2]

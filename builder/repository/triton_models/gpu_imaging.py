@@ -27,6 +27,7 @@ items zero, plus one error message or None per item.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -34,10 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:  # imported as part of the project
-    from . import imaging
-except ImportError:  # inside tritonserver: imaging.py lies beside this file
-    import imaging
+if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "imaging.py")):
+    import imaging  # served: the copy beside this file (its folder is on sys.path)
+else:  # imported as part of the project
+    from builder.core import imaging
 
 log = logging.getLogger(__name__)
 # Pillow's resampling filters the GPU path reproduces: (support, kernel); others are refused at build time.
@@ -308,8 +309,6 @@ def gate_folder(pipeline: "GpuPreprocessor", folder: str, parameters: Dict[str, 
     Raises:
         ValueError: No photos there, or the gate fails.
     """
-    import os
-
     if not os.path.isdir(folder):
         raise ValueError(f"no {GATE_DIR}/ photos beside model.py for the load-time parity gate; rebuild the "
                          "repository")

@@ -25,19 +25,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-try:  # imported as part of the project
-    from . import gpu_imaging, imaging
-except ImportError:  # inside tritonserver: the modules lie beside model.py
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.isfile(os.path.join(_HERE, "imaging.py")):  # served: the modules were copied beside model.py
+    sys.path.insert(0, _HERE)
     import gpu_imaging
     import imaging
+else:  # imported as part of the project
+    from builder.core import imaging
+    from builder.repository.triton_models import gpu_imaging
 
 
 def _torch_engine():
-    try:
-        from .torch_runner import TorchEngine
-    except ImportError:
+    if os.path.isfile(os.path.join(_HERE, "torch_runner.py")):
         from torch_runner import TorchEngine  # the copy beside model.py (`fused`)
+    else:
+        from builder.engines.torch_runner import TorchEngine
     return TorchEngine
 
 

@@ -22,11 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-try:  # imported as part of the project
-    from . import imaging
-except ImportError:  # inside tritonserver: imaging.py lies beside model.py
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if os.path.isfile(os.path.join(_HERE, "imaging.py")):  # served: the modules were copied beside model.py
+    sys.path.insert(0, _HERE)
     import imaging
+else:  # imported as part of the project
+    from builder.core import imaging
 
 
 def _log(message):
@@ -49,10 +50,10 @@ class TritonPythonModel:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
         self.gpu = None
         if params.get("pipeline") == "gpu":
-            try:
-                from . import gpu_imaging
-            except ImportError:
+            if os.path.isfile(os.path.join(_HERE, "imaging.py")):
                 import gpu_imaging
+            else:
+                from builder.repository.triton_models import gpu_imaging
             import torch
 
             if int(params.get("intra_op_threads", "0")):  # GPU instances: torch's pool oversubscribes the cores

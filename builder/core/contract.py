@@ -165,3 +165,9 @@ class Contract:
     @property
     def ensemble_outputs(self) -> Tuple[TensorSpec, ...]:
         return self.postprocess_outputs
+
+
+def contract_tensors(contract: Contract) -> dict:
+    """The contract's tensors as the manifest records them (name -> dtype, dims without the batch)."""
+    return {spec.name: {"dtype": spec.dtype, "dims": list(spec.dims)}
+            for spec in (contract.image, contract.pixels, *contract.ensemble_outputs)}

@@ -1,0 +1,199 @@
+"""The models of a repository written into a folder: files first, each config last."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from builder.core.contract import LABELS_FILE, WARMUP_IMAGE, Contract
+from builder.engines import inductor
+from builder.engines.race import torch_parameters
+from builder.repository import configs
+from builder.settings import Batching, RepoSettings
+
+log = logging.getLogger("builder")
+
+MODELS_DIR = Path(__file__).parent / "triton_models"
+BUILDER_DIR = Path(__file__).resolve().parents[1]
+# builder.engines.trt, its runner and what they import: stdlib, numpy, tensorrt and polygraphy only, so they run
+# in a TensorRT-only Python (NVIDIA's TensorRT container, a Python-backend stub with the tensorrt wheel).
+TRT_MODULES = ("builder/__init__.py", "builder/errors.py", "builder/compare.py", "builder/timing.py",
+               "builder/engines/__init__.py", "builder/engines/plan_check.py", "builder/engines/plan_runner.py",
+               "builder/engines/trt.py")
+
+
+# The gpu preprocessing's load-time gate: JPEGs that take the GPU path (baseline, progressive, gray, EXIF-rotated)
+# and per-photo tensor thresholds loose enough for nvJPEG's IDCT vs libjpeg-turbo's (on an H100 the 12 bundled
+# photos differed by 0.0036 on average) and tight enough to stop a wrong colour conversion or orientation.
+LOAD_GATE = {"photos": ("astronaut_640x480.jpg", "astronaut_progressive.jpg", "camera_gray.jpg", "coffee_exif6.jpg"),
+             "max_mean_abs": 0.03, "min_cosine": 0.999}
+
+
+def _write_labels(path: Path, class_names: list) -> None:
+    path.write_text("\n".join(class_names) + "\n", encoding="utf-8")
+
+
+def _copy_gate_photos(version_dir: Path) -> None:
+    """The load-time gate's photos into a served gpu model's version directory (`gate/` beside model.py)."""
+    gate = version_dir / "gate"
+    gate.mkdir(parents=True, exist_ok=True)
+    for photo in LOAD_GATE["photos"]:
+        shutil.copy2(BUILDER_DIR / "parity_images" / photo, gate / photo)
+
+
+# Modules a served model.py imports, copied beside it (a stub Python imports them from there, not the project).
+SHARED_MODULES = {"imaging.py": BUILDER_DIR / "core" / "imaging.py", "gpu_imaging.py": MODELS_DIR / "gpu_imaging.py",
+                  "torch_runner.py": BUILDER_DIR / "engines" / "torch_runner.py"}
+
+
+def _copy_python_model(source_name: str, version_dir: Path, extras=()) -> None:
+    version_dir.mkdir(parents=True, exist_ok=True)
+    for extra in extras:
+        shutil.copy2(SHARED_MODULES[extra], version_dir / extra)
+    shutil.copy2(MODELS_DIR / source_name, version_dir / "model.py")
+
+
+def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_file: Path,
+                 preprocess_parameters: Dict[str, str], class_names: list) -> None:
+    """Writes the four models of the contract into `root` (files first, configs last).
+
+    Args:
+        root: Repository folder (normally a staging folder).
+        settings: Build settings (flavor, batching, instances, version).
+        contract: Names and tensors.
+        onnx_file: The validated classifier; moved into the classifier's version directory.
+        preprocess_parameters: The preprocess model's config parameters.
+        class_names: One label per class, for the postprocess model.
+    """
+    version = str(settings.version)
+    policy = settings.version_policy
+    batching = settings.classifier_batching
+
+    pre_dir = root / contract.preprocess
+    gpu_pipeline = settings.preprocess == "gpu"
+    _copy_python_model("preprocess.py", pre_dir / version,
+                       extras=("imaging.py", "gpu_imaging.py") if gpu_pipeline else ("imaging.py",))
+    if gpu_pipeline:
+        # GPU instances only launch work on the GPU: one torch CPU thread each, as for the classifier.
+        threads = "1" if settings.preprocess_instances.kind == "KIND_GPU" else "0"
+        preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
+                                 "intra_op_threads": threads,
+                                 "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
+                                 "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
+        # The model checks the decoder it serves with on these photos when it loads (see preprocess.py).
+        _copy_gate_photos(pre_dir / version)
+    (pre_dir / "warmup").mkdir(parents=True, exist_ok=True)
+    photo = (Path(__file__).parents[1] / "parity_images" / "astronaut_640x480.jpg").read_bytes()
+    # Triton reads a BYTES warm-up input as its wire form: a 4-byte little-endian length before the bytes.
+    (pre_dir / "warmup" / WARMUP_IMAGE).write_bytes(struct.pack("<I", len(photo)) + photo)
+    pre_config = configs.preprocess_warmup(configs.python_model(
+        contract.preprocess, [contract.image], [contract.pixels], settings.preprocess_batching,
+        settings.preprocess_instances, policy, preprocess_parameters), contract)
+
+    cls_dir = root / contract.classifier
+    (cls_dir / version).mkdir(parents=True, exist_ok=True)
+    _write_labels(cls_dir / LABELS_FILE, class_names)
+    shutil.move(str(onnx_file), cls_dir / version / "model.onnx")
+    if settings.plan:
+        # model.onnx stays beside the plan: it is what the plan is rebuilt from in the TensorRT container.
+        shutil.copy2(settings.plan, cls_dir / version / "model.plan")
+        sidecar = Path(settings.plan).with_name("plan.json")
+        if sidecar.is_file():
+            shutil.copy2(sidecar, cls_dir / version / "plan.json")
+    if settings.engine == "inductor":  # the same Python-backend model in both flavors: torch runs in the stub
+        for name in (inductor.FILE, inductor.SIDECAR, inductor.ARTIFACTS):
+            if onnx_file.with_name(name).is_file():  # inductor.bin only when built on a GPU
+                shutil.move(str(onnx_file.with_name(name)), cls_dir / version / name)
+        _copy_python_model("classifier.py", cls_dir / version, extras=("torch_runner.py",))
+        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy,
+                                              torch_parameters(settings, contract))
+    elif settings.flavor == "local":
+        parameters = None
+        if settings.plan:  # the plan runs through builder.engines.plan_runner: copy it and its numpy-only imports
+            for module in TRT_MODULES:
+                (cls_dir / version / module).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(BUILDER_DIR.parent / module, cls_dir / version / module)
+            # The GPU preprocessing's output stays on the GPU: the runner wraps it by DLPack.
+            parameters = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
+        _copy_python_model("classifier.py", cls_dir / version)
+        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy, parameters)
+    elif settings.plan:
+        cls_config = configs.tensorrt_classifier(contract, batching, settings.classifier_instances, policy,
+                                                 settings.cuda_graphs)
+    else:
+        cls_config = configs.onnx_classifier(contract, batching, settings.classifier_instances, policy,
+                                             settings.onnxruntime_tensorrt)
+
+    post_dir = root / contract.postprocess
+    _copy_python_model("postprocess.py", post_dir / version)
+    _write_labels(post_dir / version / "labels.txt", class_names)
+    post_batching = Batching(batching.max_batch_size, (), settings.preprocess_batching.max_queue_delay_us)
+    post_config = configs.python_model(
+        contract.postprocess, [contract.logits], list(contract.postprocess_outputs), post_batching,
+        settings.postprocess_instances, policy)
+
+    ens_dir = root / contract.ensemble
+    if gpu_pipeline and settings.gpu_photo_path != "ensemble":
+        engine = None
+        if settings.gpu_photo_path == "fused":
+            engine = (cls_dir / version, torch_parameters(settings, contract))
+        ens_config = write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names,
+                                     engine)
+    else:
+        (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
+        ens_config = configs.ensemble(contract, batching.max_batch_size, policy, settings.response_cache)
+
+    # config.pbtxt last: a polling server never sees a config without its files.
+    for model_dir, config in ((pre_dir, pre_config), (cls_dir, cls_config),
+                              (post_dir, post_config), (ens_dir, ens_config)):
+        configs.write(config, model_dir)
+
+
+def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],
+                    class_names: list, engine: Optional[Tuple[Path, Dict[str, str]]] = None):
+    """The gpu photo path as one Python model under the ensemble's name (files now; its config returned).
+
+    Same tensors and batch limit as the ensemble; no queue delay (a batch forms from what is queued while an
+    instance works, so one request alone does not wait for company) and no Triton warm-up (a BLS call from
+    warm-up hung the model's load on an H200; the model warms its decoder itself).
+
+    Args:
+        engine: For `fused`: the classifier's version folder and its torch parameters. Its engine files are
+            linked into `engine/` here (no copy on the same file system), so the version folder is whole.
+    """
+    extras = ("imaging.py", "gpu_imaging.py") + (("torch_runner.py",) if engine else ())
+    _copy_python_model("pipeline.py", version_dir, extras=extras)
+    _copy_gate_photos(version_dir)
+    _write_labels(version_dir / "labels.txt", class_names)
+    engine_parameters = {}
+    if engine:
+        source, torch_params = engine
+        (version_dir / ENGINE_DIR).mkdir()
+        for name in (inductor.FILE, inductor.SIDECAR, inductor.ARTIFACTS):
+            if (source / name).is_file():
+                _link_or_copy(source / name, version_dir / ENGINE_DIR / name)
+        engine_parameters = {**torch_params, "engine_dir": ENGINE_DIR}
+    batching = settings.preprocess_batching
+    return configs.python_model(
+        contract.ensemble, [contract.image], list(contract.ensemble_outputs),
+        dataclasses.replace(batching, max_queue_delay_us=0), settings.preprocess_instances, settings.version_policy,
+        {**parameters, **engine_parameters, "classifier": contract.classifier,
+         "classifier_input": contract.pixels.name, "classifier_output": contract.logits.name,
+         "classifier_max_batch": str(settings.classifier_batching.max_batch_size)})
+
+
+ENGINE_DIR = "engine"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(source, target)
+
+
