@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, NamedTuple, Optional
 
 import numpy as np
+
+from builder.errors import BuilderError
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Dict[str, float]:
@@ -48,3 +50,41 @@ def check_parity(figures: Dict[str, float], max_abs: float, min_cosine: float, m
     if figures["top1_agreement"] < min_top1:
         problems.append(f"top-1 agreement {figures['top1_agreement']:.3f} < {min_top1:g}")
     return problems
+
+
+class Thresholds(NamedTuple):
+    """Parity thresholds (the same fields as `builder.settings.Parity`, for modules that run without it)."""
+
+    max_abs: float
+    min_cosine: float
+    min_top1: float
+
+
+def gate(name: str, against: str, reference: np.ndarray, candidate: np.ndarray, parity, *, inputs: str = "",
+         extra: Optional[Dict] = None, fix: str = "") -> Dict:
+    """The parity gate every non-exact variant passes: figures of `candidate` against `reference`, or an error.
+
+    Args:
+        name: What is gated, as the message names it ("ONNX export", "the TorchInductor engine", a plan's path).
+        against: What it is compared with ("PyTorch", "the exact one").
+        reference: The reference's logits.
+        candidate: The variant's logits for the same inputs.
+        parity: Thresholds: `max_abs`, `min_cosine`, `min_top1` (a `Parity` or `Thresholds`).
+        inputs: What the inputs were, recorded with the figures.
+        extra: Figures to record too, applied before the check (e.g. Polygraphy's own max abs).
+        fix: What the user can do, appended to the message.
+
+    Returns:
+        The figures: max_abs, mean_abs, min_cosine, top1_agreement, rows, and `inputs`/`extra`.
+
+    Raises:
+        BuilderError: A threshold is missed; the message names each one with its figure.
+    """
+    figures = compare_logits(reference, candidate)
+    figures.update(extra or {})
+    if inputs:
+        figures["inputs"] = inputs
+    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
+    if problems:
+        raise BuilderError(f"{name} fails parity with {against}: " + "; ".join(problems) + (f"; {fix}" if fix else ""))
+    return figures

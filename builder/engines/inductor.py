@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from builder.compare import check_parity, compare_logits
+from builder.compare import gate
 from builder.core.contract import Contract
 from builder.errors import BuilderError
 from builder.export.model import LoadedModel
@@ -73,11 +73,8 @@ def validate_program(path: Path, model: LoadedModel, contract: Contract, parity:
     with torch.no_grad():
         candidate = program(torch.from_numpy(batch)).numpy()
         reference = model.module(torch.from_numpy(batch)).numpy()
-    figures = compare_logits(reference, candidate)
-    figures["inputs"] = f"{parity.batch} seeded Gaussian tensors, FP32 on the CPU"
-    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
-    if problems:
-        raise BuilderError("the exported program fails parity with PyTorch: " + "; ".join(problems))
+    figures = gate("the exported program", "PyTorch", reference, candidate, parity,
+                   inputs=f"{parity.batch} seeded Gaussian tensors, FP32 on the CPU")
     log.info("torch.export program vs PyTorch: max abs %.3g, min cosine %.7f", figures["max_abs"],
              figures["min_cosine"])
     return figures
@@ -127,11 +124,8 @@ def build_inductor(folder: Path, params: Dict[str, str], max_batch: int, batches
         log.info("loading it again in a fresh process, as the served model will")
         loaded = _child("load", folder, params, max_batch, batches, tmp)
         logits = np.load(os.path.join(tmp, "logits.npy"))
-    figures = compare_logits(reference, logits)
-    figures["inputs"] = f"{len(photos)} bundled photos, exact preprocessing"
-    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
-    if problems:
-        raise BuilderError("the TorchInductor engine fails parity with PyTorch FP32: " + "; ".join(problems))
+    figures = gate("the TorchInductor engine", "PyTorch FP32", reference, logits, parity,
+                   inputs=f"{len(photos)} bundled photos, exact preprocessing")
     artifacts = folder / ARTIFACTS
     result = {"start_from_scratch_s": compiled["start_s"], "start_with_artifacts_s": loaded["start_s"],
               "artifacts_mb": round(artifacts.stat().st_size / 1e6, 1) if artifacts.is_file() else None,

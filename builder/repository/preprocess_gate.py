@@ -18,7 +18,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from builder.compare import check_parity, compare_logits
+from builder.compare import gate
 from builder.errors import BuilderError
 from builder.core.photos import photo_batch, photo_files
 from builder.settings import Parity
@@ -78,14 +78,12 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
     exact = photo_batch(params, images_dir)
     diff = np.abs(candidate - exact)
     with torch.no_grad():
-        figures = compare_logits(module(torch.from_numpy(exact)).numpy(),
-                                 module(torch.from_numpy(candidate)).numpy())
-    figures.update(tensor_max_abs=float(diff.max()), tensor_mean_abs=float(diff.mean()), images=len(items),
-                   **details, inputs=f"{len(items)} bundled photos, both preprocessings")
+        reference, logits = (module(torch.from_numpy(x)).numpy() for x in (exact, candidate))
+    figures = gate(f"preprocess: the {variant} preprocessing", "the exact one", reference, logits, parity,
+                   inputs=f"{len(items)} bundled photos, both preprocessings",
+                   extra=dict(tensor_max_abs=float(diff.max()), tensor_mean_abs=float(diff.mean()),
+                              images=len(items), **details),
+                   fix="the previous repository is left in place")
     log.info("%s preprocessing vs exact on %d photos (%s): tensor max abs %.3g, logits cosine %.6f, top-1 %.3f",
              variant, len(items), how, figures["tensor_max_abs"], figures["min_cosine"], figures["top1_agreement"])
-    problems = check_parity(figures, parity.max_abs, parity.min_cosine, parity.min_top1)
-    if problems:
-        raise BuilderError(f"preprocess: the {variant} preprocessing fails parity with the exact one: "
-                           + "; ".join(problems) + "; the previous repository is left in place")
     return figures

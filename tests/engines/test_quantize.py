@@ -40,4 +40,4 @@ def test_quantize_calibrates_on_photos_and_keeps_the_logits(local_repo, contract
                              str(tmp_path / "calib.npy"), "--output", str(tmp_path / "strict.onnx"), "--reference",
                              str(tmp_path / "ref.npz"), "--min-cosine", "0.9999999"],
                             capture_output=True, text=True, timeout=300)
-    assert strict.returncode == 1 and "fails INT8 parity" in strict.stderr and "Traceback" not in strict.stderr
+    assert strict.returncode == 1 and "(INT8) fails parity with PyTorch FP32" in strict.stderr and "Traceback" not in strict.stderr
