@@ -6,27 +6,28 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-# What `make repo` builds (see `python -m builder repo --help`).
-MODEL ?= swin_tiny_patch4_window7_224
+# What `make repo` builds (see `python -m builder repo --help`). Empty means the builder's own default (from its
+# settings, listed in the README); only what you set is passed.
+MODEL ?=
 NAME ?=
 WEIGHTS ?= random
 # Empty: container for a new repository; ADD_VERSION keeps the repository's own flavor.
 FLAVOR ?=
-MAX_BATCH ?= 32
+MAX_BATCH ?=
 PREFERRED ?=
-QUEUE_DELAY_US ?= 100
-MAX_QUEUE ?= 256
-QUEUE_TIMEOUT_US ?= 0
-INSTANCES ?= 1
+QUEUE_DELAY_US ?=
+MAX_QUEUE ?=
+QUEUE_TIMEOUT_US ?=
+INSTANCES ?=
 # exact | draft (large JPEGs decoded at a reduced scale, parity-gated) | gpu (batched GPU JPEG decode and resize, parity-gated)
-PREPROCESS ?= exact
+PREPROCESS ?=
 # auto (on a GPU host: the fastest candidate by measurement; else onnxruntime) | onnxruntime | inductor |
 # tensorrt (with PLAN_ARGS="--plan ...");  TORCH_COMPILE (inductor): none | default | reduce-overhead (default)
-ENGINE ?= auto
+ENGINE ?=
 TORCH_COMPILE ?=
-MODEL_KWARGS ?= {}
+MODEL_KWARGS ?=
 REPO ?= model_repository
-VERSION_POLICY ?= latest
+VERSION_POLICY ?=
 ADD_VERSION ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -45,7 +46,7 @@ endif
 
 .PHONY: help venv repo check serve stop test test-gpu clean analyzer analyze
 help:
-	@echo "make repo     export $(MODEL) and write $(REPO)/ (FLAVOR=container|local, WEIGHTS=random|pretrained|PATH)"
+	@echo "make repo     export the model (MODEL) and write $(REPO)/ (FLAVOR=container|local, WEIGHTS=random|pretrained|PATH)"
 	@echo "make test     run the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer)"
 	@echo "make test-gpu the GPU code paths on this host's GPU (skipped without one)"
 	@echo "make serve    start the local tritonserver on $(REPO)/ (use FLAVOR=local for it); make stop"
@@ -64,10 +65,14 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 	touch $(STAMP)
 
 repo: $(STAMP)
-	$(PY) -m builder repo --model $(MODEL) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) $(if $(FLAVOR),--flavor $(FLAVOR)) \
-	  --max-batch-size $(MAX_BATCH) $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) \
-	  --max-queue-delay-us $(QUEUE_DELAY_US) --max-queue-size $(MAX_QUEUE) --queue-timeout-us $(QUEUE_TIMEOUT_US) --instance-count $(INSTANCES) --preprocess $(PREPROCESS) --engine $(ENGINE) $(if $(TORCH_COMPILE),--torch-compile $(TORCH_COMPILE)) --model-kwargs '$(MODEL_KWARGS)' \
-	  --version-policy $(VERSION_POLICY) $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
+	$(PY) -m builder repo $(if $(MODEL),--model $(MODEL)) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) \
+	  $(if $(FLAVOR),--flavor $(FLAVOR)) $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) \
+	  $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) $(if $(QUEUE_DELAY_US),--max-queue-delay-us $(QUEUE_DELAY_US)) \
+	  $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_US),--queue-timeout-us $(QUEUE_TIMEOUT_US)) \
+	  $(if $(INSTANCES),--instance-count $(INSTANCES)) $(if $(PREPROCESS),--preprocess $(PREPROCESS)) \
+	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(TORCH_COMPILE),--torch-compile $(TORCH_COMPILE)) \
+	  $(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(VERSION_POLICY),--version-policy $(VERSION_POLICY)) \
+	  $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
 
 check: $(STAMP)
 	$(PY) -m builder check $(REPO)
@@ -107,7 +112,7 @@ analyze: $(STAMP) analyzer
 # --- NVIDIA containers (a GPU host with Docker; release pinned in builder/settings.py) ---
 .PHONY: docker-files plan-docker serve-docker
 docker-files: $(STAMP)
-	$(PY) -m builder docker --model $(if $(NAME),$(NAME),$(MODEL))
+	$(PY) -m builder docker $(if $(NAME)$(MODEL),--model $(if $(NAME),$(NAME),$(MODEL)))
 
 plan-docker: docker-files
 	mkdir -p build

@@ -24,68 +24,62 @@ from builder.errors import BuilderError
 log = logging.getLogger("builder")
 
 
-def _ints(text: str) -> tuple:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-
-
 def _add_repo(sub) -> None:
+    from builder import settings as s
+    from builder.args import add_model_args, add_parity_args, field_default, ints
+
+    repo = s.RepoSettings
+    batching, instances = s.Batching(), field_default(repo, "classifier_instances")
     p = sub.add_parser("repo", help="export the model and write the model repository",
                        description="Export a timm Swin classifier to ONNX, validate it against PyTorch, "
                                    "and write a complete Triton model repository (atomically).")
-    p.add_argument("--model", default=None, help="timm model name (default swin_tiny_patch4_window7_224)")
+    add_model_args(p)
     p.add_argument("--name", default=None, help="ensemble name (default: the timm model name)")
-    w = p.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights from its hub")
-    w.add_argument("--checkpoint", default=None, help="safetensors file or state dict to load")
-    p.add_argument("--model-kwargs", default="{}", help="JSON of extra timm.create_model kwargs")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights")
-    p.add_argument("--output", default="model_repository", help="repository folder")
+    p.add_argument("--output", default=field_default(repo, "output"), help="repository folder")
     p.add_argument("--flavor", choices=("container", "local"), default=None,
                    help="container (default): native onnxruntime backend; local: ONNX Runtime in the Python "
                         "backend; --add-version keeps the repository's flavor")
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--preferred-batch-sizes", type=_ints, default=(), help="e.g. 8,16,32")
-    p.add_argument("--max-queue-delay-us", type=int, default=100)
-    p.add_argument("--max-queue-size", type=int, default=256,
+    p.add_argument("--max-batch-size", type=int, default=batching.max_batch_size)
+    p.add_argument("--preferred-batch-sizes", type=ints, default=batching.preferred_batch_sizes, help="e.g. 8,16,32")
+    p.add_argument("--max-queue-delay-us", type=int, default=batching.max_queue_delay_us)
+    p.add_argument("--max-queue-size", type=int, default=batching.max_queue_size,
                    help="requests queued per model before new ones are rejected at once (0: unbounded)")
-    p.add_argument("--queue-timeout-us", type=int, default=0,
+    p.add_argument("--queue-timeout-us", type=int, default=batching.queue_timeout_us,
                    help="reject requests queued longer than this (0: no timeout)")
-    p.add_argument("--priority-levels", type=int, default=0, help="request priority levels (0: none)")
+    p.add_argument("--priority-levels", type=int, default=batching.priority_levels,
+                   help="request priority levels (0: none)")
     p.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
                    help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
-    p.add_argument("--instance-count", type=int, default=1, help="classifier instances per device")
-    p.add_argument("--gpus", type=_ints, default=(), help="GPU ids for KIND_GPU, e.g. 0,1")
-    p.add_argument("--preprocess-instances", type=int, default=2,
+    p.add_argument("--instance-count", type=int, default=instances.count, help="classifier instances per device")
+    p.add_argument("--gpus", type=ints, default=instances.gpus, help="GPU ids for KIND_GPU, e.g. 0,1")
+    p.add_argument("--preprocess-instances", type=int, default=field_default(repo, "preprocess_instances").count,
                    help="preprocess model instances (2: one is free when the batcher looks, see the README)")
-    p.add_argument("--preprocess", choices=("exact", "draft", "gpu"), default="exact",
+    p.add_argument("--preprocess", choices=s.PREPROCESS, default=field_default(repo, "preprocess"),
                    help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
                         "decoded at 1/2, 1/4 or 1/8 scale (parity-gated against exact); gpu: batched GPU JPEG "
                         "decode + resize (parity-gated against exact; other formats take the exact path)")
-    p.add_argument("--gpu-photo-path", choices=("auto", "fused", "pipeline", "ensemble"), default="auto",
+    p.add_argument("--gpu-photo-path", choices=s.GPU_PHOTO_PATHS, default=field_default(repo, "gpu_photo_path"),
                    help="--preprocess gpu: fused: one model decodes the batch on the GPU, runs the inductor "
                         "engine in its own process and does top-k on the GPU; pipeline: the same, calling the "
                         "classifier model once per batch (any engine); ensemble: Triton chains the preprocess, "
                         "classifier and postprocess models; auto (default): fused with the inductor engine, "
                         "else pipeline")
-    p.add_argument("--gpu-decoder", choices=("auto", "torchvision", "nvimgcodec"), default="auto",
+    p.add_argument("--gpu-decoder", choices=s.GPU_DECODERS, default=field_default(repo, "gpu_decoder"),
                    help="--preprocess gpu: JPEG decoder (auto: torchvision's nvJPEG; nvimgcodec: nvImageCodec's "
                         "hardware decoders, installed in the serving Python)")
     p.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
-    p.add_argument("--engine", choices=("auto", "onnxruntime", "inductor", "tensorrt"), default="auto",
+    p.add_argument("--engine", choices=s.ENGINES, default=field_default(repo, "engine"),
                    help="classifier engine. auto (default): on a GPU host, build, gate and time the candidates "
                         "and serve the fastest; without a GPU, onnxruntime (or tensorrt with --plan)")
-    p.add_argument("--torch-compile", choices=("none", "default", "reduce-overhead"), default=None,
+    p.add_argument("--torch-compile", choices=s.TORCH_COMPILE, default=None,
                    help="inductor engine: the program eager, TorchInductor, or TorchInductor with CUDA graphs per "
                         "batch bucket (default)")
     p.add_argument("--inductor-precision", choices=("fp16", "fp32"), default=None,
                    help="inductor engine precision on a GPU (default fp16)")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--version", type=int, default=1, help="version directory to write")
+    p.add_argument("--top-k", type=int, default=field_default(repo, "top_k"))
+    p.add_argument("--opset", type=int, default=field_default(repo, "opset"))
+    p.add_argument("--version", type=int, default=field_default(repo, "version"), help="version directory to write")
     p.add_argument("--add-version", action="store_true",
                    help="add the next version beside the served one(s) instead of replacing the repository")
     p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
@@ -97,12 +91,12 @@ def _add_repo(sub) -> None:
                    help="container flavor without a plan: ONNX Runtime's TensorRT accelerator (FP16, engine cache)")
     p.add_argument("--response-cache", action="store_true",
                    help="cache ensemble responses (identical uploads); serve with --cache-mb")
-    p.add_argument("--max-abs", type=float, default=1e-3, help="parity: largest allowed logit difference")
-    p.add_argument("--min-cosine", type=float, default=0.9999, help="parity: smallest allowed cosine")
+    add_parity_args(p, field_default(repo, "parity"), top1=False, what="the ONNX export")
 
 
 def _cmd_repo(args) -> int:
     from builder import settings as s
+    from builder.args import field_default, model_source, parity
     from builder.repository.writer import build_repository
 
     flavor = args.flavor or _existing_flavor(args.output, args.add_version) or "container"
@@ -112,8 +106,7 @@ def _cmd_repo(args) -> int:
     kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
     queue = (args.max_queue_size, args.queue_timeout_us, args.priority_levels)
     settings = s.RepoSettings(
-        source=s.ModelSource(args.model or s.DEFAULT_MODEL, args.pretrained, args.checkpoint,
-                             args.model_kwargs, args.seed),
+        source=model_source(args),
         output=args.output, flavor=flavor, name=args.name, top_k=args.top_k, opset=args.opset,
         classifier_batching=s.Batching(args.max_batch_size, args.preferred_batch_sizes, args.max_queue_delay_us,
                                        *queue),
@@ -126,7 +119,7 @@ def _cmd_repo(args) -> int:
         gpu_photo_path=args.gpu_photo_path, gpu_decoder=args.gpu_decoder,
         inductor_precision=args.inductor_precision or "fp16",
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
-        parity=s.Parity(args.max_abs, args.min_cosine),
+        parity=parity(args, field_default(s.RepoSettings, "parity")),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
         plan=args.plan, cuda_graphs=args.cuda_graphs,
     )
@@ -153,6 +146,7 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from builder import settings as s
+    from builder.args import field_default, model_source, parity
     from builder.export.onnx_export import export_onnx, reference_data, validate_onnx
     from builder.export.model import load_model
     from builder.core.contract import Contract
@@ -168,12 +162,12 @@ def _cmd_export(args) -> int:
         raise BuilderError(f"reference_batch: is {args.reference_batch}; use 1 or more")
     for option, path in (("output", args.output), ("reference", args.reference), ("calibration", args.calibration)):
         _writable(option, path)
-    source = s.ModelSource(args.model or s.DEFAULT_MODEL, args.pretrained, args.checkpoint, args.model_kwargs, args.seed)
+    source = model_source(args)
     model = load_model(source)
     _, height, width = model.data_config["input_size"]
     contract = Contract(source.model_name, (int(height), int(width)), model.num_classes)
     path = export_onnx(model, contract, Path(args.output), args.opset)
-    validate_onnx(path, model, contract, s.Parity(args.max_abs, args.min_cosine))
+    validate_onnx(path, model, contract, parity(args, field_default(s.RepoSettings, "parity")))
     if args.reference or args.calibration:
         reference_data(model, contract, None if args.noise else args.images, args.reference_batch,
                        args.reference, args.calibration)
@@ -214,6 +208,8 @@ def _cmd_quantize(args) -> int:
     _writable("output", args.output)
     import numpy as np
 
+    from builder import settings as settings_module
+    from builder.args import parity
     from builder.engines.quantize import count_qdq, quantize_int8, validate_quantized
 
     try:
@@ -232,7 +228,8 @@ def _cmd_quantize(args) -> int:
     output = quantize_int8(args.onnx, calibration, args.output, args.high_precision)
     print(f"{output}: {count_qdq(output)} QuantizeLinear nodes")
     if args.reference:
-        figures = validate_quantized(output, dict(np.load(args.reference)), args.min_cosine, args.min_top1)
+        figures = validate_quantized(output, dict(np.load(args.reference)),
+                                     parity(args, settings_module.LOW_PRECISION_PARITY))
         print(figures)
     return 0
 
@@ -332,17 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_repo(sub)
+    from builder import settings as settings_module
+    from builder.args import add_model_args, add_parity_args, field_default
+
     e = sub.add_parser("export", help="export and validate model.onnx alone")
-    e.add_argument("--model", default=None)
-    w = e.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", action="store_true")
-    w.add_argument("--checkpoint", default=None)
-    e.add_argument("--model-kwargs", default="{}")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--opset", type=int, default=17)
+    add_model_args(e)
+    e.add_argument("--opset", type=int, default=field_default(settings_module.RepoSettings, "opset"))
     e.add_argument("--output", default="build/model.onnx")
-    e.add_argument("--max-abs", type=float, default=1e-3)
-    e.add_argument("--min-cosine", type=float, default=0.9999)
+    add_parity_args(e, field_default(settings_module.RepoSettings, "parity"), top1=False, what="the ONNX export")
     e.add_argument("--reference", default=None, help="write inputs + PyTorch logits (.npz) for plan validation")
     e.add_argument("--calibration", default=None, help="write preprocessed images (.npy) for INT8 calibration")
     data = e.add_mutually_exclusive_group()
@@ -356,11 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True)
     q.add_argument("--high-precision", choices=("fp16", "fp32"), default="fp16")
     q.add_argument("--reference", default=None, help=".npz from `builder export --reference` to validate against")
-    q.add_argument("--min-cosine", type=float, default=0.99)
-    q.add_argument("--min-top1", type=float, default=0.9)
+    add_parity_args(q, settings_module.LOW_PRECISION_PARITY, what="the INT8 model (with --reference)")
     d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
     d.add_argument("--output", default="docker")
-    d.add_argument("--model", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    d.add_argument("--model", default=settings_module.DEFAULT_MODEL, help="ensemble name")
     d.add_argument("--precision", default="fp16")
     c = sub.add_parser("check", help="check a model repository")
     c.add_argument("repository", nargs="?", default="model_repository")

@@ -94,7 +94,7 @@ class Batching:
         preferred_batch_sizes: Batch sizes the dynamic batcher aims for.
         max_queue_delay_us: How long a request may wait to be batched.
         max_queue_size: Requests the queue holds before new ones are
-            rejected at once (0: unbounded). Overload then fails fast
+            rejected at once (256; 0: unbounded). Overload then fails fast
             instead of growing everyone's latency.
         queue_timeout_us: A queued request older than this is rejected
             (0: no timeout); clients may ask for a shorter one.
@@ -105,7 +105,7 @@ class Batching:
     max_batch_size: int = 32
     preferred_batch_sizes: Tuple[int, ...] = ()
     max_queue_delay_us: int = 100
-    max_queue_size: int = 0
+    max_queue_size: int = 256
     queue_timeout_us: int = 0
     priority_levels: int = 0
 
@@ -181,6 +181,11 @@ class Parity:
             _fail("parity min_top1", "must be in [0, 1]", "use e.g. 1.0")
         if self.batch < 2:
             _fail("parity batch", "must be at least 2", "compare a real batch so the batch axis is tested")
+
+
+# Thresholds of reduced-precision variants (TensorRT plans, INT8 ONNX) against PyTorch FP32: FP16/INT8 logits
+# differ by tenths, so the gate is on the direction (cosine) and the answer (top-1), not the last digit.
+LOW_PRECISION_PARITY = Parity(max_abs=0.5, min_cosine=0.99, min_top1=0.9)
 
 
 @dataclass(frozen=True)

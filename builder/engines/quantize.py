@@ -19,7 +19,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from builder.compare import Thresholds, gate
+from builder.compare import gate
+from builder.settings import LOW_PRECISION_PARITY, Parity
 from builder.core.contract import LOGITS, PIXELS
 from builder.errors import BuilderError
 
@@ -68,8 +69,8 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, output: Path, high_p
     return output
 
 
-def validate_quantized(path: Path, reference: Dict[str, np.ndarray], min_cosine: float = 0.99,
-                       min_top1: float = 0.9, max_abs: float = 1e9) -> Dict[str, float]:
+def validate_quantized(path: Path, reference: Dict[str, np.ndarray], parity: Parity = LOW_PRECISION_PARITY
+                       ) -> Dict[str, float]:
     """Runs the quantized model with ONNX Runtime on reference inputs and compares with reference logits.
 
     Raises:
@@ -79,8 +80,7 @@ def validate_quantized(path: Path, reference: Dict[str, np.ndarray], min_cosine:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits = session.run([LOGITS], {PIXELS: reference["inputs"]})[0].astype(np.float32)
-    figures = gate(f"{path} (INT8)", "PyTorch FP32", reference["logits"], logits,
-                   Thresholds(max_abs, min_cosine, min_top1))
+    figures = gate(f"{path} (INT8)", "PyTorch FP32", reference["logits"], logits, parity)
     log.info("INT8 ONNX vs PyTorch FP32: max abs %.3g, min cosine %.5f, top-1 %.3f", figures["max_abs"],
              figures["min_cosine"], figures["top1_agreement"])
     return figures

@@ -34,10 +34,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from builder.args import add_parity_args, ints
 from builder.compare import Thresholds, gate
 from builder.engines.plan_check import sha256
 from builder.engines.plan_runner import PlanRunner, load_engine, polygraphy_errors, tensorrt_module
 from builder.errors import BuilderError
+from builder.settings import LOW_PRECISION_PARITY
 from builder.timing import timing_batches
 
 log = logging.getLogger("builder.engines.trt")
@@ -387,10 +389,6 @@ def validate_plan(plan: str, reference: str, max_abs: float, min_cosine: float, 
                            median_abs=float(stats.median_absdiff), max_rel=float(stats.max_reldiff)))
 
 
-def _ints(text: str) -> List[int]:
-    return [int(v) for v in text.split(",") if v]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`python -m builder.engines.trt {build,validate,time,inspect}`."""
     parser = argparse.ArgumentParser(prog="python -m builder.engines.trt", description=__doc__.split("\n\n")[0])
@@ -405,26 +403,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     b.add_argument("--triton-config", default=None,
                    help="derive opt/max batch from this config.pbtxt (max = max_batch_size, opt = largest preferred)")
     b.add_argument("--reference", default=None, help=".npz of inputs + PyTorch logits to validate before replacing")
-    b.add_argument("--max-abs", type=float, default=0.5)
-    b.add_argument("--min-cosine", type=float, default=0.99)
-    b.add_argument("--min-top1", type=float, default=0.9)
+    add_parity_args(b, LOW_PRECISION_PARITY, what="the plan (with --reference)")
     b.add_argument("--workspace-gib", type=float, default=4.0)
     b.add_argument("--opt-level", type=int, default=3)
     b.add_argument("--timing-cache", default=None)
     b.add_argument("--calibration", default=None, help=".npy of preprocessed images (implicit INT8)")
     b.add_argument("--tactic-sources", default="", help="e.g. edge_mask_convolutions,jit_convolutions")
-    b.add_argument("--timing-batches", type=_ints, default=[],
+    b.add_argument("--timing-batches", type=ints, default=(),
                    help="batch sizes to time the plan at, recorded in plan.json (default: 1, each preferred "
                         "size and max from --triton-config, else min/opt/max)")
     v = sub.add_parser("validate", help="compare a plan with reference logits")
     v.add_argument("--plan", required=True)
     v.add_argument("--reference", required=True, help=".npz with inputs and logits")
-    v.add_argument("--max-abs", type=float, default=0.5)
-    v.add_argument("--min-cosine", type=float, default=0.99)
-    v.add_argument("--min-top1", type=float, default=0.9)
+    add_parity_args(v, LOW_PRECISION_PARITY, what="the plan (with --reference)")
     t = sub.add_parser("time", help="time a plan at several batch sizes")
     t.add_argument("--plan", required=True)
-    t.add_argument("--batches", type=_ints, default=[1, 8, 32])
+    t.add_argument("--batches", type=ints, default=(1, 8, 32))
     t.add_argument("--iterations", type=int, default=200)
     t.add_argument("--json", default=None, help="write results here")
     i = sub.add_parser("inspect", help="write the plan's layer information")
