@@ -91,10 +91,11 @@ def _bare_inputs(args):
     for plan in args.plans:
         if not Path(plan).is_file():
             raise BuilderError(f"plans: {plan} does not exist; build one with `python -m builder.engines.trt build`")
+    from builder.core.manifest import MANIFEST, read_manifest
+
     manifest = {}
     repository = Path(args.repository)
-    if (repository / "manifest.json").is_file():
-        from builder.core.manifest import read_manifest
+    if (repository / MANIFEST).is_file():
 
         manifest = read_manifest(repository)
     model, kwargs = args.model, args.model_kwargs
@@ -106,7 +107,9 @@ def _bare_inputs(args):
         if not manifest:
             raise BuilderError(f"onnx: no --onnx given and {repository} is not a model repository; run `make repo` "
                                "or pass --onnx model.onnx")
-        classifier = manifest["contract"]["models"][1]
+        from builder.core.manifest import manifest_contract
+
+        classifier = manifest_contract(manifest).classifier
         onnx = str(repository / classifier / str(manifest["model_version"]) / "model.onnx")
     if onnx is not None and not Path(onnx).is_file():
         raise BuilderError(f"onnx: {onnx} does not exist; pass the model.onnx to time")
@@ -123,10 +126,10 @@ def _served_program(repository: str, compile_mode):
 
     from builder.repository import configs
     from builder.errors import BuilderError
-    from builder.core.manifest import read_manifest
+    from builder.core.manifest import manifest_contract, read_manifest
 
     manifest = read_manifest(Path(repository))
-    classifier = Path(repository) / manifest["contract"]["models"][1]
+    classifier = Path(repository) / manifest_contract(manifest).classifier
     version_dir = classifier / str(manifest["model_version"])
     if not (version_dir / "model.pt2").is_file():
         raise BuilderError(f"engines: {repository} has no inductor-engine classifier; build it with --engine inductor")
@@ -175,10 +178,12 @@ def _cmd_pipeline(args) -> int:
     from perf.environment import describe, write_json
     from perf.pipeline import bench_pipeline
 
+    from builder.core.manifest import MANIFEST
+
     images = collect_images(args.images)
     if not images:
         raise BuilderError(f"images: no image files under {', '.join(args.images)}")
-    manifest = Path(args.repository) / "manifest.json"
+    manifest = Path(args.repository) / MANIFEST
     if not manifest.is_file():
         raise BuilderError(f"repository: {args.repository} has no manifest.json; run `make repo` or pass --repository")
     params = PreprocessParams.from_parameters(json.loads(manifest.read_text())["preprocess"])

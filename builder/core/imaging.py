@@ -331,16 +331,3 @@ def as_bytes(item: Union[bytes, bytearray, memoryview, np.ndarray, np.generic]) 
     if isinstance(item, np.ndarray):
         return item.tobytes()
     return bytes(item)
-
-
-def error_response(pb_utils, message: str):
-    """A Triton response that fails one request with `message` as a client error (INVALID_ARG, HTTP 400).
-
-    Args:
-        pb_utils: The Python backend's `triton_python_backend_utils` (passed in: this module runs outside
-            tritonserver too, in the clients and the builder).
-        message: What is wrong with the request's input.
-    """
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
-    error = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Dict
 
+from builder.core.contract import Contract
 from builder.errors import BuilderError
 
 MANIFEST = "manifest.json"
@@ -31,6 +32,11 @@ def write_manifest_file(root: Path, manifest: dict) -> Path:
     path.write_text(json.dumps({**manifest, "files": file_hashes(root)}, indent=2, default=str) + "\n",
                     encoding="utf-8")
     return path
+
+
+def manifest_contract(manifest: dict) -> Contract:
+    """The model names of the repository a manifest describes (`.classifier`, `.preprocess`, ...)."""
+    return Contract.named(manifest["contract"]["ensemble"])
 
 
 def read_manifest(root: Path) -> dict:

@@ -183,7 +183,7 @@ def _child_main(mode: str, folder: str, params_json: str, max_batch: str, batche
     params = json.loads(params_json)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    engine = TorchEngine(folder, device, params, int(max_batch))
+    engine = TorchEngine(folder, device, params, int(max_batch), log=lambda message: print(message, flush=True))
     result: Dict = {"start_s": round(time.perf_counter() - started, 1), "device": str(engine.device)}
     if mode == "compile":
         saved = torch.compiler.save_cache_artifacts()

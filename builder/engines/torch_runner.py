@@ -4,6 +4,7 @@ Copied beside the classifier's `model.py` when the repository uses `--engine ind
 """
 
 import json
+import logging
 import os
 import time
 
@@ -16,9 +17,11 @@ class TorchEngine:
     load, so the first request is as fast as the tenth.
     """
 
-    def __init__(self, version_dir, device, params, max_batch):
+    def __init__(self, version_dir, device, params, max_batch, log=None):
         import torch
 
+        # Served models pass Triton's logger; elsewhere (the build's timing, `perf bare`) this module's logger.
+        self.log = log or logging.getLogger(__name__).info
         self.torch = torch
         self.device = torch.device(device)
         threads = int(params.get("intra_op_threads", "0"))
@@ -34,8 +37,7 @@ class TorchEngine:
         if mode != "none" and self.device.type != "cuda":
             # Inductor's CPU code generation needs a C++ compiler where the model is served and minutes per
             # load for a few percent; CPU instances run the program as exported.
-            print(f"classifier: compile={mode} applies on CUDA devices; running the program eager on {device}",
-                  flush=True)
+            self.log(f"classifier: compile={mode} applies on CUDA devices; running the program eager on {device}")
             mode = "none"
         if mode != "none":
             self._load_artifacts(version_dir)
@@ -58,8 +60,8 @@ class TorchEngine:
             if self.capture:
                 self._capture(bucket, params_shape(params), pool)
             self(torch.zeros(bucket, *params_shape(params), device=self.device))
-        print(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode}, "
-              f"buckets {self.buckets} warmed in {time.perf_counter() - started:.1f} s", flush=True)
+        self.log(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode}, "
+                 f"buckets {self.buckets} warmed in {time.perf_counter() - started:.1f} s")
 
     def _load_artifacts(self, version_dir):
         """Inductor's stored compile artifacts, when made by this torch on this GPU."""
@@ -73,8 +75,7 @@ class TorchEngine:
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "none"
         here = {"torch": torch.__version__, "cuda": str(torch.version.cuda), "gpu": gpu}
         if any(built.get(k) != v for k, v in here.items()):
-            print(f"classifier: ignoring inductor.bin, made for {built} (here {here}); compiling from scratch",
-                  flush=True)
+            self.log(f"classifier: ignoring inductor.bin, made for {built} (here {here}); compiling from scratch")
             return
         try:  # a damaged file must not stop the model: torch logs it and returns None, or raises
             with open(artifacts, "rb") as f:
@@ -83,7 +84,7 @@ class TorchEngine:
         except Exception as exc:
             problem = f"{type(exc).__name__}: {exc}"
         if problem:
-            print(f"classifier: ignoring inductor.bin ({problem}); compiling from scratch", flush=True)
+            self.log(f"classifier: ignoring inductor.bin ({problem}); compiling from scratch")
 
     def _capture(self, bucket, shape, pool):
         """Compiles the module for `bucket` rows and captures one CUDA graph of it (largest bucket first).

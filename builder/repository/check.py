@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from builder.core.manifest import MANIFEST, manifest_contract
 from builder.repository import configs
 
 DEFAULT_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
@@ -266,11 +267,11 @@ _FLAVOR_BACKENDS = {"local": {"python"}, "container": {"python", "onnxruntime", 
 
 def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], problems: List[str]) -> None:
     """A repository serves one flavor: the manifest's, in every model and every version."""
-    path = root / "manifest.json"
+    path = root / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         flavor = manifest["flavor"]
-        classifier = manifest["contract"]["models"][1]
+        classifier = manifest_contract(manifest).classifier
         # The inductor classifier is a Python model in both flavors.
         torch_engine = manifest.get("settings", {}).get("engine") in _TORCH_ENGINES
     except (OSError, ValueError, KeyError, IndexError, TypeError):

@@ -49,6 +49,7 @@ def _copy_gate_photos(version_dir: Path) -> None:
 
 # Modules a served model.py imports, copied beside it (a stub Python imports them from there, not the project).
 SHARED_MODULES = {"imaging.py": BUILDER_DIR / "core" / "imaging.py", "gpu_imaging.py": MODELS_DIR / "gpu_imaging.py",
+                  "served.py": MODELS_DIR / "served.py",
                   "torch_runner.py": BUILDER_DIR / "engines" / "torch_runner.py"}
 
 
@@ -78,7 +79,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     pre_dir = root / contract.preprocess
     gpu_pipeline = settings.preprocess == "gpu"
     _copy_python_model("preprocess.py", pre_dir / version,
-                       extras=("imaging.py", "gpu_imaging.py") if gpu_pipeline else ("imaging.py",))
+                       extras=("imaging.py", "served.py") + (("gpu_imaging.py",) if gpu_pipeline else ()))
     if gpu_pipeline:
         # GPU instances only launch work on the GPU: one torch CPU thread each, as for the classifier.
         threads = "1" if settings.preprocess_instances.kind == "KIND_GPU" else "0"
@@ -167,7 +168,7 @@ def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract
         engine: For `fused`: the classifier's version folder and its torch parameters. Its engine files are
             linked into `engine/` here (no copy on the same file system), so the version folder is whole.
     """
-    extras = ("imaging.py", "gpu_imaging.py") + (("torch_runner.py",) if engine else ())
+    extras = ("imaging.py", "gpu_imaging.py", "served.py") + (("torch_runner.py",) if engine else ())
     _copy_python_model("pipeline.py", version_dir, extras=extras)
     _copy_gate_photos(version_dir)
     _write_labels(version_dir / "labels.txt", class_names)

@@ -256,9 +256,10 @@ def test_needs_torch_tells_the_container_image(gpu_repo, local_repo):
     assert 'WITH_TORCH: "${WITH_TORCH:-0}"' in compose
 
 
-def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, capsys):
+def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, caplog):
     from builder.engines.torch_runner import TorchEngine
 
+    caplog.set_level("INFO")
     version_dir = gpu_repo / "swin_tiny_patch4_window7_224_classifier" / "1"
     params = {"precision": "fp16", "compile": "none", "batch_buckets": "1,4,8", "input_dims": "3,224,224"}
     engine = TorchEngine(str(version_dir), "cpu", params, MAX_BATCH)
@@ -278,12 +279,13 @@ def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, capsys):
     (version_dir / "inductor.bin").write_bytes(b"stale")
     try:
         engine._load_artifacts(str(version_dir))  # same torch and "GPU": loaded, found damaged
-        assert "ignoring inductor.bin (" in capsys.readouterr().out
+        assert "ignoring inductor.bin (" in caplog.text
+        caplog.clear()
         info = json.loads(original)
         info["environment"]["torch"] = "2.0.0"
         sidecar.write_text(json.dumps(info))
         engine._load_artifacts(str(version_dir))  # made by another torch: refused with what it was made for
-        out = capsys.readouterr().out
+        out = caplog.text
         assert "ignoring inductor.bin, made for {'torch': '2.0.0'" in out and "compiling from scratch" in out
     finally:
         sidecar.write_text(original)

@@ -69,7 +69,8 @@ class TritonPythonModel:
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             from torch_runner import TorchEngine  # the copy beside this file
 
-            self.engine = TorchEngine(version_dir, device, params, int(config.get("max_batch_size", 1)))
+            self.engine = TorchEngine(version_dir, device, params, int(config.get("max_batch_size", 1)),
+                                      log=pb_utils.Logger.log_info)
         elif os.path.isfile(plan):
             self.run = _tensorrt(plan, int(args.get("model_instance_device_id", 0) or 0))
         else:

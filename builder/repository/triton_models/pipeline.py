@@ -30,9 +30,10 @@ if os.path.isfile(os.path.join(_HERE, "imaging.py")):  # served: the modules wer
     sys.path.insert(0, _HERE)
     import gpu_imaging
     import imaging
+    import served
 else:  # imported as part of the project
     from builder.core import imaging
-    from builder.repository.triton_models import gpu_imaging
+    from builder.repository.triton_models import gpu_imaging, served
 
 
 def _torch_engine():
@@ -42,10 +43,6 @@ def _torch_engine():
         from builder.engines.torch_runner import TorchEngine
     return TorchEngine
 
-
-def _log(message):
-    # pb_utils.Logger exists once the stub runs the model (not at import): looked up at each call.
-    pb_utils.Logger.log_info(message)
 
 
 class TritonPythonModel:
@@ -83,7 +80,8 @@ class TritonPythonModel:
         # `fused`: the classifier's engine runs here, in this process, instead of one BLS request per batch.
         self.engine = None
         if params.get("engine_dir"):
-            self.engine = _torch_engine()(os.path.join(here, params["engine_dir"]), device, params, self.chunk)
+            self.engine = _torch_engine()(os.path.join(here, params["engine_dir"]), device, params, self.chunk,
+                                          log=served.log_info)
         # profile_every N > 0: every N batches, log where the time of those batches went (phases synchronized
         # with the device, so it slows serving a little: a diagnostic, off by default). trace_dir + trace_batches
         # "first,count": a torch profiler trace of those batches, one Chrome trace file per instance.
@@ -92,7 +90,7 @@ class TritonPythonModel:
         self.trace_batches = [int(v) for v in params.get("trace_batches", "20,3").split(",")]
         self.tracer = None
         self.phases, self.batches, self.clock = {}, 0, 0.0
-        _log(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend} (warmed on batches of "
+        served.log_info(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend} (warmed on batches of "
              f"{warmed}), classifier {self.classifier} "
              f"{'in this process' if self.engine else 'by BLS'} in batches of up to {self.chunk}; load-time "
              f"parity gate passed: {json.dumps(figures)}")
@@ -133,7 +131,7 @@ class TritonPythonModel:
             path = os.path.join(self.trace_dir, f"pipeline-trace-{os.getpid()}.json")
             self.tracer.export_chrome_trace(path)
             self.tracer = None
-            _log(f"pipeline: trace of batches {first}..{first + count - 1} written to {path}")
+            served.log_info(f"pipeline: trace of batches {first}..{first + count - 1} written to {path}")
 
     def execute(self, requests):
         if self.trace_dir:
@@ -148,15 +146,15 @@ class TritonPythonModel:
         for items in per_request:
             spans.append((start, start + len(items)))
             start += len(items)
-        served = [i for i, (a, b) in enumerate(spans) if not any(errors[a:b])]
-        rows = [row for i in served for row in range(*spans[i])]
+        whole = [i for i, (a, b) in enumerate(spans) if not any(errors[a:b])]
+        rows = [row for i in whole for row in range(*spans[i])]
         results = self._classify(batch[rows] if len(rows) < len(batch) else batch) if rows else None
         self._phase("classify+topk")
         responses, at = [], 0
         for request, (a, b) in zip(requests, spans):
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
             if failed:
-                responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
+                responses.append(served.error_response("; ".join(failed)))
                 continue
             n = b - a
             scores, classes, logits = (r[at:at + n] for r in results)
@@ -172,7 +170,7 @@ class TritonPythonModel:
             self.phases["images"] = self.phases.get("images", 0) + len(flat)
             if self.batches % self.profile_every == 0:
                 images = self.phases.pop("images")
-                _log(f"pipeline profile over {self.profile_every} batches, {images} images: " + ", ".join(
+                served.log_info(f"pipeline profile over {self.profile_every} batches, {images} images: " + ", ".join(
                     f"{k} {v * 1e3 / images:.3f} ms/image" for k, v in self.phases.items()))
                 self.phases = {}
         return responses

@@ -26,13 +26,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if os.path.isfile(os.path.join(_HERE, "imaging.py")):  # served: the modules were copied beside model.py
     sys.path.insert(0, _HERE)
     import imaging
+    import served
 else:  # imported as part of the project
     from builder.core import imaging
+    from builder.repository.triton_models import served
 
-
-def _log(message):
-    # pb_utils.Logger exists once the stub runs the model (not at import): looked up at each call.
-    pb_utils.Logger.log_info(message)
 
 
 class TritonPythonModel:
@@ -61,7 +59,7 @@ class TritonPythonModel:
             on_gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
             self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
-            _log(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
+            served.log_info(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
             self._load_gate(gpu_imaging, args, params)
 
     def _load_gate(self, gpu_imaging, args, params):
@@ -71,7 +69,7 @@ class TritonPythonModel:
             figures = gpu_imaging.gate_folder(self.gpu, folder, params)
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
-        _log(f"preprocess: load-time parity gate passed: {json.dumps(figures)}")
+        served.log_info(f"preprocess: load-time parity gate passed: {json.dumps(figures)}")
 
     def _one(self, data):
         return imaging.try_preprocess(imaging.as_bytes(data), self.params)
@@ -89,7 +87,7 @@ class TritonPythonModel:
             start += len(items)
             failed = [f"{self.input_name}[{i}]: {err}" for i, (_, err) in enumerate(mine) if err]
             if failed:
-                responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
+                responses.append(served.error_response("; ".join(failed)))
                 continue
             batch = np.stack([pixels for pixels, _ in mine]).astype(self.output_dtype, copy=False)
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output_name, batch)]))
@@ -104,7 +102,7 @@ class TritonPythonModel:
             end = start + len(items)
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[start:end]) if err]
             if failed:
-                responses.append(imaging.error_response(pb_utils, "; ".join(failed)))
+                responses.append(served.error_response("; ".join(failed)))
             else:  # a contiguous slice of the batch: handed over on the device, no copy
                 responses.append(pb_utils.InferenceResponse(
                     [pb_utils.Tensor.from_dlpack(self.output_name, to_dlpack(batch[start:end]))]))
