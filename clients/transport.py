@@ -20,14 +20,24 @@ from clients.settings import Classification, ClientSettings, ImageLike, Predicti
 
 # -- errors and retries ---------------------------------------------------------
 
-# Also the transient states of a server that is starting, stopping or
-# reloading a model: it answers, but the model has no ready version for a moment.
-_UNAVAILABLE = ("has no available versions", "not at ready state", "is not ready", "UNAVAILABLE", "Connection refused", "connection refused", "Failed to connect", "failed to connect",
-                "Connection reset", "Broken pipe", "Server disconnected", "Cannot connect", "503", "502")
-
-
-# The dynamic batcher's queue policy: queue full, or queued past the timeout (REJECT).
+# Server errors are classified by their status: gRPC's code (tritonclient reports "StatusCode.UNAVAILABLE")
+# or HTTP's (Triton maps each TRITONSERVER_Error code to one of each).
+_STATUS_KINDS = {
+    "INVALID_ARGUMENT": "invalid", "400": "invalid",
+    "NOT_FOUND": "not_found", "404": "not_found",
+    "DEADLINE_EXCEEDED": "timeout", "504": "timeout",
+    "UNAVAILABLE": "unavailable", "503": "unavailable", "502": "unavailable",
+    "RESOURCE_EXHAUSTED": "overloaded", "429": "overloaded",
+}
+# Triton answers UNAVAILABLE both for a full queue (overload: back off) and for a model without a ready version
+# (starting, reloading: retry soon); only its message tells the two apart. The dynamic batcher's REJECT texts:
 _OVERLOADED = ("Exceeds maximum queue size", "Request timeout expired")
+# A model that exists but has no ready version yet (the server starting, a version loading) is reported as
+# not found or unavailable, with these texts: transient, retried like an unreachable server.
+_NOT_READY = ("has no available versions", "not at ready state", "is not ready")
+# Failures below the protocol (no status: the connection itself) that mean "not reachable right now".
+_UNREACHABLE = ("Connection refused", "connection refused", "Failed to connect", "failed to connect",
+                "Connection reset", "Broken pipe", "Server disconnected", "Cannot connect")
 
 
 def _status(exc: BaseException) -> str:
@@ -36,26 +46,28 @@ def _status(exc: BaseException) -> str:
 
 
 def to_client_error(exc: BaseException) -> ClientError:
-    """Maps a tritonclient / transport exception to a typed :class:`ClientError`."""
+    """Maps a tritonclient / transport exception to a typed :class:`ClientError`, by its status code."""
     if isinstance(exc, ClientError):
         return exc
     # tritonclient's InferenceServerException carries the server's text in message().
     message = (exc.message() if callable(getattr(exc, "message", None)) else None) or str(exc)
     status = _status(exc)
-    text = f"{status} {message} {type(exc).__name__}"
-    if any(s in message for s in _OVERLOADED):  # Triton says UNAVAILABLE; retrying would add to the flood
-        return Overloaded(f"server overloaded: {message}", status)
-    if "DEADLINE_EXCEEDED" in text or "Deadline" in text or isinstance(exc, (TimeoutError, asyncio.TimeoutError)) \
-            or "timed out" in text or "Timeout" in text:
+    kind = _STATUS_KINDS.get(status.rsplit(".", 1)[-1])
+    if kind == "overloaded" or (kind in (None, "unavailable") and any(s in message for s in _OVERLOADED)):
+        return Overloaded(f"server overloaded: {message}", status)  # retrying at once would add to the flood
+    if kind == "timeout" or isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return RequestTimeout(f"request timed out: {message}", status)
-    if "INVALID_ARG" in text or status == "400":
-        if "image[" in message:
-            return InvalidImage(message, status)
-        return InferenceFailed(message, status)
-    if isinstance(exc, (ConnectionError, OSError)) or any(s in text for s in _UNAVAILABLE):
+    if any(s in message for s in _NOT_READY):
         return ServerUnavailable(f"server unavailable: {message}", status)
-    if "NOT_FOUND" in text or "unknown model" in message or "not found" in message or status == "404":
+    if kind == "invalid":
+        return InvalidImage(message, status) if "image[" in message else InferenceFailed(message, status)
+    if kind == "not_found":
         return ModelNotFound(message, status)
+    if kind == "unavailable" or (kind is None and (isinstance(exc, (ConnectionError, OSError))
+                                                   or any(s in message for s in _UNREACHABLE))):
+        return ServerUnavailable(f"server unavailable: {message}", status)
+    if kind is None and ("timed out" in message or "Deadline" in message):  # a client-side deadline
+        return RequestTimeout(f"request timed out: {message}", status)
     return InferenceFailed(message, status)
 
 

@@ -34,9 +34,12 @@ def test_queue_policy_is_written():
     for line in ("default_timeout_microseconds: 50000", "allow_timeout_override: true",
                  "max_queue_size: 4", "priority_levels: 2", "default_priority_level: 2"):
         assert line in text, text
-    plain = configs.to_text(configs.python_model("m", [], [], s.Batching(8), s.InstanceGroup("KIND_CPU"),
-                                                 s.VersionPolicy()))
+    plain = configs.to_text(configs.python_model("m", [], [], s.Batching(8, max_queue_size=0),
+                                                 s.InstanceGroup("KIND_CPU"), s.VersionPolicy()))
     assert "default_queue_policy" not in plain and "priority" not in plain
+    bounded = configs.to_text(configs.python_model("m", [], [], s.Batching(8), s.InstanceGroup("KIND_CPU"),
+                                                   s.VersionPolicy()))
+    assert "max_queue_size: 256" in bounded  # the default: overload fails fast
     with pytest.raises(s.BuilderError, match="max_queue_size: is negative"):
         s.Batching(8, max_queue_size=-1)
 
