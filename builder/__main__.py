@@ -37,8 +37,9 @@ def _add_repo(sub) -> None:
     p.add_argument("--name", default=None, help="ensemble name (default: the timm model name)")
     p.add_argument("--output", default=field_default(repo, "output"), help="repository folder")
     p.add_argument("--flavor", choices=("container", "local"), default=None,
-                   help="container (default): native onnxruntime backend; local: ONNX Runtime in the Python "
-                        "backend; --add-version keeps the repository's flavor")
+                   help="container (default, for NVIDIA's tritonserver image): native onnxruntime / tensorrt_plan "
+                        "backends; local (the pip tritonserver, Python backend only): the classifier runs in the "
+                        "Python backend; an existing repository keeps its flavor unless this is given")
     p.add_argument("--max-batch-size", type=int, default=batching.max_batch_size)
     p.add_argument("--preferred-batch-sizes", type=ints, default=batching.preferred_batch_sizes, help="e.g. 8,16,32")
     p.add_argument("--max-queue-delay-us", type=int, default=batching.max_queue_delay_us)

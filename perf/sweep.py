@@ -276,12 +276,13 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
 
 def model_statistics(http_url: str) -> Dict[str, Dict]:
     """Triton's cumulative per-model statistics (`/v2/models/stats`), keyed by model; {} when unreachable."""
-    import urllib.request
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
 
     try:
-        with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as reply:
-            stats = json.load(reply)["model_stats"]
-    except (OSError, ValueError, KeyError):
+        with httpclient.InferenceServerClient(http_url, connection_timeout=10, network_timeout=10) as client:
+            stats = client.get_inference_statistics()["model_stats"]
+    except (InferenceServerException, OSError, ValueError, KeyError):
         return {}
     return {m["name"]: m for m in stats}
 

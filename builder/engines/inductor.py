@@ -2,11 +2,12 @@
 
 Why this route: an ExportedProgram (`model.pt2`) is one file that loads without
 timm or the model's Python code, keeps a symbolic batch dimension, and can be
-compiled by TorchInductor where it is served. AOTInductor packages would skip
-the compile, but on the serving GPU host (torch 2.11) `aoti_load_package`
-segfaults at load, so the served model compiles with `torch.compile` and
+compiled by TorchInductor where it is served. The served model compiles with
+`torch.compile` (dynamic batch), captures one CUDA graph per batch bucket, and
 reuses Inductor's stored artifacts when they were made by the same torch on the
 same GPU (`engine.json` says which; others are ignored with a log line).
+AOTInductor packages would skip the compile; with torch 2.11, loading one
+(`aoti_load_package`) crashed the process, so they are not used.
 
 The parity gate is the ONNX one: the exported program against the eager model
 on the same inputs (max abs, cosine, top-1), before anything is written.

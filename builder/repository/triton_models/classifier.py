@@ -1,17 +1,18 @@
-"""Triton Python-backend model: the classifier for servers without native backends (`local` flavor).
+"""Triton Python-backend model: the classifier, where no native backend runs it.
 
-The pip-distributed tritonserver has only the Python backend, so the `local`
-flavor runs the classifier here, by what the version directory holds:
-`model.pt2` (the PyTorch 2 engine: a torch.export program, FP16 on the GPU,
-optionally compiled by TorchInductor with CUDA graphs per batch bucket; it
-takes its input on the GPU by DLPack and returns logits there), `model.plan`
-(TensorRT, through `builder.engines.plan_runner.PlanRunner` on Polygraphy, copied
-beside this file with the numpy-only modules it needs; it takes host arrays, or the
-GPU preprocessing's device memory by DLPack without a copy), else `model.onnx` on
-ONNX Runtime.
-Its config has the same name, tensors, batching and instance groups as the
-native `onnxruntime_onnx` / `tensorrt_plan` models of the `container` flavor,
-so clients cannot tell them apart. Requests of a dynamic batch run as one call.
+Used in the `local` flavor (the pip tritonserver has only the Python backend) and, in both flavors, for the
+inductor engine. It runs what the version directory holds:
+
+- `model.pt2`: the inductor engine (a torch.export program, FP16 on the GPU, compiled by TorchInductor with
+  one CUDA graph per batch bucket, `torch_runner.py` beside this file); input by DLPack where it lies (the
+  GPU preprocessing's output stays on the GPU), logits to the host in one copy per batch;
+- `model.plan`: TensorRT, through `builder.engines.plan_runner.PlanRunner` on Polygraphy (copied beside this
+  file with the numpy-only modules it needs); host arrays, or device memory by DLPack without a copy;
+- else `model.onnx` on ONNX Runtime.
+
+Its config has the same name, tensors, batching and instance groups as the native `onnxruntime_onnx` /
+`tensorrt_plan` models of the `container` flavor, so clients cannot tell them apart. Requests of a dynamic
+batch run as one call.
 """
 
 import json
