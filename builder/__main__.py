@@ -53,7 +53,7 @@ def _add_repo(sub) -> None:
                    help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
     p.add_argument("--instance-count", type=int, default=instances.count, help="classifier instances per device")
     p.add_argument("--gpus", type=ints, default=instances.gpus, help="GPU ids for KIND_GPU, e.g. 0,1")
-    p.add_argument("--preprocess-instances", type=int, default=field_default(repo, "preprocess_instances").count,
+    p.add_argument("--preprocess-instances", type=int, default=s.PYTHON_MODEL_INSTANCES,
                    help="preprocess model instances (2: one is free when the batcher looks, see the README)")
     p.add_argument("--preprocess", choices=s.PREPROCESS, default=field_default(repo, "preprocess"),
                    help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
@@ -113,9 +113,8 @@ def _cmd_repo(args) -> int:
                                        *queue),
         preprocess_batching=s.Batching(args.max_batch_size, (), args.max_queue_delay_us, *queue),
         classifier_instances=s.InstanceGroup(kind, args.instance_count, args.gpus),
-        preprocess_instances=s.InstanceGroup(
-            args.preprocess_instance_kind or ("KIND_GPU" if args.preprocess == "gpu" else "KIND_CPU"),
-            args.preprocess_instances),
+        preprocess_instances=s.default_preprocess_instances(args.preprocess, args.preprocess_instance_kind,
+                                                            args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
         gpu_photo_path=args.gpu_photo_path, gpu_decoder=args.gpu_decoder,
         inductor_precision=args.inductor_precision or "fp16",

@@ -222,12 +222,21 @@ def _default_classifier_instances() -> InstanceGroup:
     return InstanceGroup("KIND_GPU", 1)
 
 
+# Two instances of each Python model: tritonserver's dynamic batcher can lose the wake-up it waits for
+# when its one instance frees and then sleeps 500 ms. With one instance each, 2-6 of 6,000 requests at
+# concurrency 1 and 10-12 of 6,000 at 4 took over 500 ms; with two (classifier one), none of 24,000 took
+# over 77 ms, at 5-17% more throughput (perf/results/cpu-batcher-stall, two runs).
+PYTHON_MODEL_INSTANCES = 2
+
+
 def _cpu_instances() -> InstanceGroup:
-    # Two instances of each Python model: tritonserver's dynamic batcher can lose the wake-up it waits for
-    # when its one instance frees and then sleeps 500 ms. With one instance each, 2-6 of 6,000 requests at
-    # concurrency 1 and 10-12 of 6,000 at 4 took over 500 ms; with two (classifier one), none of 24,000 took
-    # over 77 ms, at 5-17% more throughput (perf/results/cpu-batcher-stall, two runs).
-    return InstanceGroup("KIND_CPU", 2)
+    return InstanceGroup("KIND_CPU", PYTHON_MODEL_INSTANCES)
+
+
+def default_preprocess_instances(preprocess: str, kind: Optional[str] = None, count: Optional[int] = None) -> InstanceGroup:
+    """The preprocess (or photo path) model's instances: on the GPU for `gpu`, else the CPU, unless told."""
+    return InstanceGroup(kind or ("KIND_GPU" if preprocess == "gpu" else "KIND_CPU"),
+                         PYTHON_MODEL_INSTANCES if count is None else count)
 
 
 @dataclass(frozen=True)
@@ -245,8 +254,9 @@ class RepoSettings:
         classifier_batching: Batching of the classifier.
         preprocess_batching: Batching of the preprocess model.
         classifier_instances: Instance group of the classifier.
-        preprocess_instances: Instance group of the preprocess model (default:
-            two CPU instances, see `_cpu_instances`).
+        preprocess_instances: Instance group of the preprocess model, and of
+            the photo path's model with `preprocess="gpu"` (default: two
+            instances, on the GPU for `gpu`, else on the CPU).
         postprocess_instances: Instance group of the postprocess model (the
             same default).
         parity: Export validation thresholds.
@@ -308,7 +318,7 @@ class RepoSettings:
     classifier_batching: Batching = field(default_factory=Batching)
     preprocess_batching: Batching = field(default_factory=lambda: Batching(32, (), 100))
     classifier_instances: InstanceGroup = field(default_factory=_default_classifier_instances)
-    preprocess_instances: InstanceGroup = field(default_factory=_cpu_instances)
+    preprocess_instances: Optional[InstanceGroup] = None  # None: the default for `preprocess` (see above)
     postprocess_instances: InstanceGroup = field(default_factory=_cpu_instances)
     parity: Parity = field(default_factory=Parity)
     version: int = 1
@@ -328,6 +338,8 @@ class RepoSettings:
     gpu_decoder: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.preprocess_instances is None:  # the GPU path's models run on the GPU
+            object.__setattr__(self, "preprocess_instances", default_preprocess_instances(self.preprocess))
         if self.gpu_decoder not in GPU_DECODERS:
             _fail("gpu_decoder", f"{self.gpu_decoder!r} is unknown", f"use one of {', '.join(GPU_DECODERS)}")
         if self.gpu_photo_path not in GPU_PHOTO_PATHS:

@@ -63,3 +63,12 @@ def test_make_passes_only_what_the_user_set():
     for option in ("--max-batch-size 8", "--max-queue-size 0", "--preprocess gpu", "--engine inductor"):
         assert option in set_by_user
     assert "--max-queue-delay-us" not in set_by_user and "--model " not in set_by_user
+
+
+def test_the_gpu_path_runs_on_gpu_instances_from_the_library_too():
+    """`RepoSettings(preprocess="gpu")` as a library gets the same GPU instances as the CLI gives it."""
+    assert s.RepoSettings(preprocess="gpu").preprocess_instances == s.InstanceGroup("KIND_GPU", 2)
+    assert s.RepoSettings().preprocess_instances == s.InstanceGroup("KIND_CPU", 2)
+    cli = build_parser().parse_args(["repo", "--preprocess", "gpu"])
+    assert s.default_preprocess_instances(cli.preprocess, cli.preprocess_instance_kind, cli.preprocess_instances) \
+        == s.RepoSettings(preprocess="gpu").preprocess_instances
