@@ -3,6 +3,7 @@ the user set."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -52,9 +53,12 @@ def test_shared_options_are_declared_once():
 
 
 def test_make_passes_only_what_the_user_set():
+    # Run as a user would, not as a child of `make test` (whose flags and variables reach a sub-make).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
+
     def command(*variables):
-        out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "repo", *variables], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "repo", *variables],
+                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
         return " ".join(out.replace("\\\n", " ").split())
 
     assert command().endswith("-m builder repo --output model_repository")
