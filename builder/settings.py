@@ -17,8 +17,9 @@ from builder.errors import BuilderError
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
-# How the gpu preprocessing's photo path is served: one Python model that calls the classifier once per batch
-# (`pipeline`, BLS), or the ensemble of three models (`ensemble`); see the README's GPU data path.
+# How the gpu preprocessing's photo path is served: one Python model that runs the inductor engine itself
+# (`fused`) or calls the classifier once per batch (`pipeline`, BLS), the ensemble of three models (`ensemble`),
+# or `auto` (fused with the inductor engine, else pipeline); see the README's GPU data path.
 GPU_PHOTO_PATHS = ("auto", "fused", "pipeline", "ensemble")
 # The gpu preprocessing's JPEG decoder: torchvision's nvJPEG batch decode (`auto`) or nvImageCodec (hardware JPEG
 # engines first, then CUDA).
@@ -233,7 +234,8 @@ def _cpu_instances() -> InstanceGroup:
     return InstanceGroup("KIND_CPU", PYTHON_MODEL_INSTANCES)
 
 
-def default_preprocess_instances(preprocess: str, kind: Optional[str] = None, count: Optional[int] = None) -> InstanceGroup:
+def default_preprocess_instances(preprocess: str, kind: Optional[str] = None,
+                                 count: Optional[int] = None) -> InstanceGroup:
     """The preprocess (or photo path) model's instances: on the GPU for `gpu`, else the CPU, unless told."""
     return InstanceGroup(kind or ("KIND_GPU" if preprocess == "gpu" else "KIND_CPU"),
                          PYTHON_MODEL_INSTANCES if count is None else count)

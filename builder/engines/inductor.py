@@ -38,6 +38,7 @@ log = logging.getLogger("builder")
 FILE = "model.pt2"
 SIDECAR = "engine.json"
 ARTIFACTS = "inductor.bin"
+FILES = (FILE, SIDECAR, ARTIFACTS)  # what an inductor classifier version holds (inductor.bin: built on a GPU)
 
 
 def export_program(model: LoadedModel, contract: Contract, path: Path, max_batch: int) -> Path:

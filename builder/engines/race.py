@@ -60,7 +60,6 @@ def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, st
             "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
 
 
-
 def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: Path,
          onnx_parity: Dict) -> RaceResult:
     """Builds the classifier engine(s), gates and times them where there is a GPU, and settles `auto`.
@@ -123,7 +122,7 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
         chosen = names[0]
         candidates[0].chosen = True
     if chosen != "inductor":  # a losing program does not ship
-        for name in (inductor.FILE, inductor.SIDECAR, inductor.ARTIFACTS):
+        for name in inductor.FILES:
             onnx_file.with_name(name).unlink(missing_ok=True)
         gates.pop("inductor_vs_pytorch", None)
         gates.pop("inductor_served_vs_pytorch", None)
@@ -158,8 +157,7 @@ def _candidate(name: str, settings: RepoSettings, model, contract: Contract, par
     staging = onnx_file.parent
     program = inductor.export_program(model, contract, staging / inductor.FILE,
                                       settings.classifier_batching.max_batch_size)
-    gates = {}
-    gates["inductor_vs_pytorch"] = inductor.validate_program(program, model, contract, settings.parity)
+    gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
     sidecar = {"environment": inductor.environment(), "parity": gates["inductor_vs_pytorch"],
                "precision": f"{settings.inductor_precision} on GPU, fp32 on CPU", "compile": settings.compile_mode}
     (staging / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
@@ -181,5 +179,6 @@ def _candidate(name: str, settings: RepoSettings, model, contract: Contract, par
     sidecar.update({k: v for k, v in built.items() if k != "parity_served"}, parity_served=built["parity_served"])
     (staging / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
-    return ec.Candidate(name, "measured", f"torch {torch.__version__} {settings.inductor_precision.upper()}, "
-                        f"compile={settings.compile_mode}; {starts}", built["timings"], parity=built["parity_served"]), gates
+    row = ec.Candidate(name, "measured", f"torch {torch.__version__} {settings.inductor_precision.upper()}, "
+                       f"compile={settings.compile_mode}; {starts}", built["timings"], parity=built["parity_served"])
+    return row, gates

@@ -56,10 +56,11 @@ class TorchEngine:
         self.buckets = [b for b in buckets if b <= max_batch]
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if self.capture else None
+        shape = params_shape(params)
         for bucket in sorted(self.buckets, reverse=True):  # compile and capture now, not on a user's request
             if self.capture:
-                self._capture(bucket, params_shape(params), pool)
-            self(torch.zeros(bucket, *params_shape(params), device=self.device))
+                self._capture(bucket, shape, pool)
+            self(torch.zeros(bucket, *shape, device=self.device))
         self.log(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode}, "
                  f"buckets {self.buckets} warmed in {time.perf_counter() - started:.1f} s")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from builder.core.contract import LABELS_FILE, WARMUP_IMAGE, Contract
+from builder.core.photos import PHOTOS
 from builder.engines import inductor
 from builder.engines.race import torch_parameters
 from builder.repository import configs
@@ -44,7 +45,7 @@ def _copy_gate_photos(version_dir: Path) -> None:
     gate = version_dir / "gate"
     gate.mkdir(parents=True, exist_ok=True)
     for photo in LOAD_GATE["photos"]:
-        shutil.copy2(BUILDER_DIR / "parity_images" / photo, gate / photo)
+        shutil.copy2(PHOTOS / photo, gate / photo)
 
 
 # Modules a served model.py imports, copied beside it (a stub Python imports them from there, not the project).
@@ -90,7 +91,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         # The model checks the decoder it serves with on these photos when it loads (see preprocess.py).
         _copy_gate_photos(pre_dir / version)
     (pre_dir / "warmup").mkdir(parents=True, exist_ok=True)
-    photo = (Path(__file__).parents[1] / "parity_images" / "astronaut_640x480.jpg").read_bytes()
+    photo = (PHOTOS / "astronaut_640x480.jpg").read_bytes()
     # Triton reads a BYTES warm-up input as its wire form: a 4-byte little-endian length before the bytes.
     (pre_dir / "warmup" / WARMUP_IMAGE).write_bytes(struct.pack("<I", len(photo)) + photo)
     pre_config = configs.preprocess_warmup(configs.python_model(
@@ -108,7 +109,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         if sidecar.is_file():
             shutil.copy2(sidecar, cls_dir / version / "plan.json")
     if settings.engine == "inductor":  # the same Python-backend model in both flavors: torch runs in the stub
-        for name in (inductor.FILE, inductor.SIDECAR, inductor.ARTIFACTS):
+        for name in inductor.FILES:
             if onnx_file.with_name(name).is_file():  # inductor.bin only when built on a GPU
                 shutil.move(str(onnx_file.with_name(name)), cls_dir / version / name)
         _copy_python_model("classifier.py", cls_dir / version, extras=("torch_runner.py",))
@@ -145,7 +146,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         if settings.gpu_photo_path == "fused":
             engine = (cls_dir / version, torch_parameters(settings, contract))
         ens_config = write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names,
-                                     engine)
+                                    engine)
     else:
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
         ens_config = configs.ensemble(contract, batching.max_batch_size, policy, settings.response_cache)
@@ -157,7 +158,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
 
 def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],
-                    class_names: list, engine: Optional[Tuple[Path, Dict[str, str]]] = None):
+                   class_names: list, engine: Optional[Tuple[Path, Dict[str, str]]] = None):
     """The gpu photo path as one Python model under the ensemble's name (files now; its config returned).
 
     Same tensors and batch limit as the ensemble; no queue delay (a batch forms from what is queued while an
@@ -176,7 +177,7 @@ def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract
     if engine:
         source, torch_params = engine
         (version_dir / ENGINE_DIR).mkdir()
-        for name in (inductor.FILE, inductor.SIDECAR, inductor.ARTIFACTS):
+        for name in inductor.FILES:
             if (source / name).is_file():
                 _link_or_copy(source / name, version_dir / ENGINE_DIR / name)
         engine_parameters = {**torch_params, "engine_dir": ENGINE_DIR}
@@ -197,5 +198,3 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:  # another file system, or links not allowed
         shutil.copy2(source, target)
-
-

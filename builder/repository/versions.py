@@ -17,8 +17,11 @@ from builder.settings import RepoSettings
 
 log = logging.getLogger("builder")
 
+
 def _existing_versions(model_dir: Path) -> list:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()) if model_dir.is_dir() else []
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -52,7 +55,8 @@ def contract_changes(previous: dict, settings: RepoSettings, contract: Optional[
     """
     served = previous.get("settings") or {}
     changes = []
-    pairs = [("max_batch_size", previous["contract"].get("max_batch_size"), settings.classifier_batching.max_batch_size),
+    pairs = [("max_batch_size", previous["contract"].get("max_batch_size"),
+              settings.classifier_batching.max_batch_size),
              ("top_k", served.get("top_k"), settings.top_k),
              ("preprocess", served.get("preprocess"), settings.preprocess)]
     if settings.engine != "auto":  # settled once the race ran: compared again then

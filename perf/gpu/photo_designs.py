@@ -29,9 +29,11 @@ def write(repo: Path, name: str) -> None:
               if k not in ("classifier", "classifier_input", "classifier_output", "classifier_max_batch")}
     classifier = configs.read(repo / contract.classifier / "config.pbtxt")
     cls_params = {k: v.string_value for k, v in classifier.parameters.items()}
+    queue = pipeline.dynamic_batching.default_queue_policy  # the fused model queues as the pipeline does
     settings = RepoSettings(engine="inductor", preprocess="gpu", gpu_photo_path="fused",
                             classifier_batching=Batching(classifier.max_batch_size, (), 0),
-                            preprocess_batching=Batching(pipeline.max_batch_size, (), 0),
+                            preprocess_batching=Batching(pipeline.max_batch_size, (), 0, queue.max_queue_size,
+                                                         queue.default_timeout_microseconds),
                             preprocess_instances=InstanceGroup("KIND_GPU", pipeline.instance_group[0].count))
     version = sorted(p.name for p in (repo / contract.classifier).iterdir() if p.name.isdigit())[-1]
     labels = (repo / name / version / "labels.txt").read_text(encoding="utf-8").splitlines()

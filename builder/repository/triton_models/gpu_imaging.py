@@ -303,12 +303,16 @@ def load_gate(pipeline: "GpuPreprocessor", photos: Sequence[bytes], max_mean_abs
 GATE_DIR = "gate"
 
 
-def gate_folder(pipeline: "GpuPreprocessor", folder: str, parameters: Dict[str, str]) -> Dict:
-    """`load_gate` on the photos of `folder` (beside a served model.py), thresholds from its config parameters.
+def gate_model(pipeline: "GpuPreprocessor", model_dir: str, parameters: Dict[str, str]) -> Tuple[Dict, List[bytes]]:
+    """`load_gate` on the photos in `gate/` beside a served model.py, thresholds from its config parameters.
+
+    Returns:
+        The gate's figures, and the photos (a model may warm up on them).
 
     Raises:
         ValueError: No photos there, or the gate fails.
     """
+    folder = os.path.join(model_dir, GATE_DIR)
     if not os.path.isdir(folder):
         raise ValueError(f"no {GATE_DIR}/ photos beside model.py for the load-time parity gate; rebuild the "
                          "repository")
@@ -316,8 +320,9 @@ def gate_folder(pipeline: "GpuPreprocessor", folder: str, parameters: Dict[str, 
     for name in sorted(os.listdir(folder)):
         with open(os.path.join(folder, name), "rb") as f:
             photos.append(f.read())
-    return load_gate(pipeline, photos, float(parameters.get("gate_max_mean_abs", "0.03")),
-                     float(parameters.get("gate_min_cosine", "0.999")))
+    figures = load_gate(pipeline, photos, float(parameters.get("gate_max_mean_abs", "0.03")),
+                        float(parameters.get("gate_min_cosine", "0.999")))
+    return figures, photos
 
 
 class GpuPreprocessor:

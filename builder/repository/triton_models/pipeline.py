@@ -6,13 +6,16 @@ load-time gate's photos beside it. Per dynamic batch of requests:
 
 1. every request's images are decoded and transformed together on the GPU (`gpu_imaging.GpuPreprocessor`;
    the exact CPU path for what the GPU decoder cannot take, with its error messages);
-2. the rows of the requests without a failed image go to the classifier model in one BLS request per
-   `classifier_max_batch` rows, as one GPU tensor handed over by DLPack;
+2. the rows of the requests without a failed image are classified in chunks of `classifier_max_batch`
+   rows: by the classifier's inductor engine in this process (`fused`: its files in `engine/`, with
+   `torch_runner.py` beside this file), or by one BLS request to the classifier model per chunk, one GPU
+   tensor handed over by DLPack (`pipeline`);
 3. softmax and top-k on the GPU, then one copy of the small results to the host.
 
 Why one model: in the ensemble every request's tensor crossed three Python models one by one (on an H200,
 9.9 ms of output hand-off and 5.4 ms of input gathering per batch of ~21 requests). Here a batch crosses
-once. The classifier stays its own model, so direct clients and the native backends still reach it.
+once (fused: not at all). The classifier stays its own model, so direct clients and the native backends
+still reach it.
 Requests with a failed image get an error naming the item, as from the ensemble; the others are served.
 """
 
@@ -44,9 +47,8 @@ def _torch_engine():
     return TorchEngine
 
 
-
 class TritonPythonModel:
-    """Decode, classify (one BLS request per batch) and top-k, batched across requests."""
+    """Decode, classify (in this process, or one BLS request per chunk) and top-k, batched across requests."""
 
     def initialize(self, args):
         import torch
@@ -69,18 +71,17 @@ class TritonPythonModel:
         workers = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)  # the exact path's Pillow pool
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
         self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
-        here = os.path.dirname(os.path.abspath(__file__))
-        with open(os.path.join(here, "labels.txt"), encoding="utf-8") as f:
+        with open(os.path.join(_HERE, "labels.txt"), encoding="utf-8") as f:
             self.labels = np.array([line.rstrip("\n").encode("utf-8") for line in f], dtype=object)
         try:
-            figures = gpu_imaging.gate_folder(self.gpu, os.path.join(here, gpu_imaging.GATE_DIR), params)
+            figures, photos = gpu_imaging.gate_model(self.gpu, _HERE, params)
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
-        warmed = self._warm_decoder(os.path.join(here, gpu_imaging.GATE_DIR))
+        warmed = self._warm_decoder(photos)
         # `fused`: the classifier's engine runs here, in this process, instead of one BLS request per batch.
         self.engine = None
         if params.get("engine_dir"):
-            self.engine = _torch_engine()(os.path.join(here, params["engine_dir"]), device, params, self.chunk,
+            self.engine = _torch_engine()(os.path.join(_HERE, params["engine_dir"]), device, params, self.chunk,
                                           log=served.log_info)
         # profile_every N > 0: every N batches, log where the time of those batches went (phases synchronized
         # with the device, so it slows serving a little: a diagnostic, off by default). trace_dir + trace_batches
@@ -90,18 +91,17 @@ class TritonPythonModel:
         self.trace_batches = [int(v) for v in params.get("trace_batches", "20,3").split(",")]
         self.tracer = None
         self.phases, self.batches, self.clock = {}, 0, 0.0
-        served.log_info(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend} (warmed on batches of "
-             f"{warmed}), classifier {self.classifier} "
-             f"{'in this process' if self.engine else 'by BLS'} in batches of up to {self.chunk}; load-time "
-             f"parity gate passed: {json.dumps(figures)}")
+        served.log_info(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend} (warmed on "
+                        f"batches of {warmed}), classifier {self.classifier} "
+                        f"{'in this process' if self.engine else 'by BLS'} in batches of up to {self.chunk}; "
+                        f"load-time parity gate passed: {json.dumps(figures)}")
 
-    def _warm_decoder(self, folder):
-        """Runs the decoder and transform on the gate photos at every power-of-two batch up to the chunk.
+    def _warm_decoder(self, photos):
+        """Runs the decoder and transform on the gate's photos at every power-of-two batch up to the chunk.
 
         The first batches after load were the slowest of a run (the decoder's buffers grow with the batch):
         warmed here, they are not a user's. No classifier call (a BLS call at load hung an H200's load).
         """
-        photos = [open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))]
         sizes = [1 << i for i in range(self.chunk.bit_length()) if 1 << i <= self.chunk]
         for size in sizes:
             self.gpu([photos[i % len(photos)] for i in range(size)])

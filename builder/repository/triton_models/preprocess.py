@@ -32,7 +32,6 @@ else:  # imported as part of the project
     from builder.repository.triton_models import served
 
 
-
 class TritonPythonModel:
     """Decodes and transforms images, batched across requests."""
 
@@ -64,9 +63,8 @@ class TritonPythonModel:
 
     def _load_gate(self, gpu_imaging, args, params):
         """The served decoder against the exact path on the photos beside this file; the load fails if off."""
-        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), gpu_imaging.GATE_DIR)
         try:
-            figures = gpu_imaging.gate_folder(self.gpu, folder, params)
+            figures, _ = gpu_imaging.gate_model(self.gpu, _HERE, params)
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
         served.log_info(f"preprocess: load-time parity gate passed: {json.dumps(figures)}")
