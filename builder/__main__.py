@@ -76,8 +76,11 @@ def _add_repo(sub) -> None:
     p.add_argument("--torch-compile", choices=s.TORCH_COMPILE, default=None,
                    help="inductor engine: the program eager, TorchInductor, or TorchInductor with CUDA graphs per "
                         "batch bucket (default)")
-    p.add_argument("--inductor-precision", choices=("fp16", "fp32"), default=None,
-                   help="inductor engine precision on a GPU (default fp16)")
+    p.add_argument("--inductor-precision", choices=("auto", *s.INDUCTOR_PRECISIONS), default=None,
+                   help="inductor engine precision on a GPU (default auto: on a GPU build host fp16, int8 and "
+                        "fp8 race, each gated; int8/fp8 need torchao)")
+    p.add_argument("--compile-timeout-s", type=float, default=field_default(repo, "compile_timeout_s"),
+                   help="stop a TorchInductor compile of the build after this long (its candidate fails)")
     p.add_argument("--top-k", type=int, default=field_default(repo, "top_k"))
     p.add_argument("--opset", type=int, default=field_default(repo, "opset"))
     p.add_argument("--version", type=int, default=field_default(repo, "version"), help="version directory to write")
@@ -117,7 +120,7 @@ def _cmd_repo(args) -> int:
                                                             args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
         gpu_photo_path=args.gpu_photo_path, gpu_decoder=args.gpu_decoder,
-        inductor_precision=args.inductor_precision or "fp16",
+        inductor_precision=args.inductor_precision or "auto", compile_timeout_s=args.compile_timeout_s,
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=parity(args, field_default(s.RepoSettings, "parity")),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),

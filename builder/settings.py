@@ -26,6 +26,11 @@ GPU_PHOTO_PATHS = ("auto", "fused", "pipeline", "ensemble")
 GPU_DECODERS = ("auto", "torchvision", "nvimgcodec")
 ENGINES = ("auto", "onnxruntime", "inductor", "tensorrt")
 TORCH_COMPILE = ("none", "default", "reduce-overhead")
+# The inductor engine's precisions on a GPU (`engines/torch_runner.py` PRECISIONS says how each runs). int8 and
+# fp8 quantize the Linear layers with torchao (dynamic activation scales); fp8 is rowwise, fp8-tensor per tensor.
+INDUCTOR_PRECISIONS = ("fp16", "fp32", "int8", "fp8", "fp8-tensor")
+# What `auto` races on a GPU build host, where the GPU and the installed packages allow it.
+RACED_PRECISIONS = ("fp16", "int8", "fp8")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 # The tritonserver release the `container` flavor targets (NGC 24.10 ships
 # tritonserver 2.51.0, the same as the local pip-distributed server).
@@ -287,8 +292,13 @@ class RepoSettings:
         torch_compile: For the inductor engine: `none` (the exported program
             eager), `default` (TorchInductor) or `reduce-overhead` (the
             default: TorchInductor + CUDA graphs per batch bucket).
-        inductor_precision: The inductor engine's precision on a GPU: `fp16`
-            (default) or `fp32` (CPU instances always run FP32).
+        inductor_precision: The inductor engine's precision on a GPU: `auto`
+            (the default: on a GPU build host, fp16, int8 and fp8 race
+            where the GPU and torchao allow, each gated against PyTorch
+            FP32; without a GPU, fp16), `fp16`, `fp32`, `int8`, `fp8`
+            (rowwise) or `fp8-tensor` (CPU instances always run FP32).
+        compile_timeout_s: Each TorchInductor compile or load of the build
+            is stopped after this many seconds (its candidate fails).
         preprocess_parity: Thresholds of the `draft` or `gpu` preprocessing
             against `exact` (logits of the built model on real photos).
         onnxruntime_tensorrt: Container flavor without a plan: ONNX Runtime's
@@ -331,7 +341,8 @@ class RepoSettings:
     preprocess: str = "exact"
     engine: str = "auto"
     torch_compile: Optional[str] = None
-    inductor_precision: str = "fp16"
+    inductor_precision: str = "auto"
+    compile_timeout_s: float = 900
     preprocess_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
     onnxruntime_tensorrt: bool = False
     response_cache: bool = False
@@ -355,8 +366,11 @@ class RepoSettings:
             _fail("engine", f"{self.engine!r} is unknown", f"use one of {', '.join(ENGINES)}")
         if self.torch_compile is not None and self.torch_compile not in TORCH_COMPILE:
             _fail("torch_compile", f"{self.torch_compile!r} is unknown", f"use one of {', '.join(TORCH_COMPILE)}")
-        if self.inductor_precision not in ("fp16", "fp32"):
-            _fail("inductor_precision", f"{self.inductor_precision!r} is unknown", "use fp16 or fp32")
+        if self.inductor_precision not in ("auto", *INDUCTOR_PRECISIONS):
+            _fail("inductor_precision", f"{self.inductor_precision!r} is unknown",
+                  f"use one of auto, {', '.join(INDUCTOR_PRECISIONS)}")
+        if self.compile_timeout_s <= 0:
+            _fail("compile_timeout_s", f"is {self.compile_timeout_s}", "use a positive number of seconds, e.g. 900")
         if self.torch_compile is not None and self.engine not in ("inductor", "auto"):
             _fail("torch_compile", f"applies to the inductor engine, not {self.engine}",
                   "pass --engine inductor (or auto) with it")
@@ -397,6 +411,11 @@ class RepoSettings:
     def compile_mode(self) -> str:
         """The inductor engine's torch.compile mode (TorchInductor + CUDA graphs unless told otherwise)."""
         return self.torch_compile or "reduce-overhead"
+
+    @property
+    def served_precision(self) -> str:
+        """The inductor precision written into the classifier's config (`auto` unresolved: fp16)."""
+        return "fp16" if self.inductor_precision == "auto" else self.inductor_precision
 
     @property
     def model_name(self) -> str:

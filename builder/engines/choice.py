@@ -44,6 +44,7 @@ class Candidate:
         build_s: Seconds to build it (export, compile, plan build).
         parity: Its gate's figures (max abs, cosine, top-1 against PyTorch).
         chosen: Whether it is the served engine.
+        precision: The inductor engine's precision (`fp16`, `int8`, `fp8`, ...); empty for the others.
     """
 
     engine: str
@@ -53,6 +54,12 @@ class Candidate:
     build_s: Optional[float] = None
     parity: Dict = field(default_factory=dict)
     chosen: bool = False
+    precision: str = ""
+
+    @property
+    def label(self) -> str:
+        """The engine, with its precision when the race tried several (`inductor fp8`)."""
+        return f"{self.engine} {self.precision}" if self.precision else self.engine
 
     @property
     def latency_b1_ms(self) -> Optional[float]:
@@ -156,6 +163,6 @@ def markdown_table(candidates: Sequence[Candidate]) -> str:
         max_abs = f"{c.parity['max_abs']:.3g}" if "max_abs" in c.parity else "—"
         top1 = f"{c.parity['top1_agreement']:.3f}" if "top1_agreement" in c.parity else "—"
         status = "**served**" if c.chosen else c.status
-        lines.append(f"| {c.engine} | {status} | {latency} | {throughput} | {build} | {max_abs} | {top1} | "
+        lines.append(f"| {c.label} | {status} | {latency} | {throughput} | {build} | {max_abs} | {top1} | "
                      f"{c.reason} |")
     return "\n".join(lines) + "\n"

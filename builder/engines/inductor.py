@@ -15,13 +15,17 @@ on the same inputs (max abs, cosine, top-1), before anything is written.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -92,68 +96,135 @@ def environment() -> Dict[str, str]:
 
 
 def build_inductor(folder: Path, params: Dict[str, str], max_batch: int, batches: Sequence[int],
-                   photos: "np.ndarray", reference: "np.ndarray", parity: Parity) -> Dict:
+                   photos: "np.ndarray", reference: "np.ndarray", parity: Parity,
+                   timeout_s: Optional[float] = None) -> Dict:
     """Compiles the program as served on this GPU, stores Inductor's artifacts, gates and times it.
 
-    Two fresh processes, each with an empty Inductor and Triton cache, so nothing
-    but the stored file can help the second: the first compiles every batch
-    bucket from scratch and saves `inductor.bin`; the second loads the engine
-    as the served model does (artifacts checked against `engine.json`), runs the
-    parity photos and times each batch size.
+    `compile_engine`, then `load_engine`: two fresh processes, each with an
+    empty Inductor and Triton cache, so nothing but the stored file can help
+    the second. Arguments and result as theirs.
+    """
+    return load_engine(folder, params, max_batch, batches, photos, reference, parity,
+                       compile_engine(folder, params, max_batch, timeout_s), timeout_s)
+
+
+def compile_engine(folder: Path, params: Dict[str, str], max_batch: int,
+                   timeout_s: Optional[float] = None) -> Optional[float]:
+    """Compiles every batch bucket from scratch in a fresh process and saves Inductor's artifacts.
+
+    Several may run at once (the race compiles its candidates side by side: the
+    work is on the CPU); timing is `load_engine`'s, one at a time.
 
     Args:
         folder: Holds `model.pt2` and `engine.json`; `inductor.bin` is written there.
         params: The classifier's config parameters (precision, compile, buckets, input dims).
         max_batch: The config's max_batch_size.
+        timeout_s: The process is stopped after this long (None: no limit).
+
+    Returns:
+        Seconds the engine took to start from scratch; None when nothing is compiled (`compile` none).
+
+    Raises:
+        BuilderError: The process failed or ran out of time.
+    """
+    if params.get("compile", "none") == "none":
+        return None
+    log.info("compiling with TorchInductor (%s, mode %s, buckets %s): minutes on the first build",
+             params.get("precision", "fp16"), params["compile"], params["batch_buckets"])
+    with tempfile.TemporaryDirectory(prefix="inductor-") as tmp:
+        return _child("compile", folder, params, max_batch, [], tmp, timeout_s)["start_s"]
+
+
+def load_engine(folder: Path, params: Dict[str, str], max_batch: int, batches: Sequence[int],
+                photos: "np.ndarray", reference: "np.ndarray", parity: Parity, compiled_s: Optional[float],
+                timeout_s: Optional[float] = None) -> Dict:
+    """Loads the engine in a fresh process as the served model does, gates it on the photos and times it.
+
+    Args:
+        folder: Holds `model.pt2`, `engine.json` and (compiled) `inductor.bin`, checked against `engine.json`.
+        params: The classifier's config parameters.
+        max_batch: The config's max_batch_size.
         batches: Batch sizes to time.
         photos: Real photos through the exact preprocessing (N, C, H, W), float32.
         reference: PyTorch FP32 logits of `photos`.
         parity: Thresholds of the served engine (its precision) against `reference`.
+        compiled_s: `compile_engine`'s start time from scratch (recorded).
+        timeout_s: The process is stopped after this long (None: no limit).
 
     Returns:
         Start times (from scratch, from the stored artifacts), artifact size, parity figures and timings.
 
     Raises:
-        BuilderError: A process failed, or the engine misses the parity thresholds.
+        BuilderError: The process failed or ran out of time, or the engine misses the parity thresholds.
     """
+    precision = params.get("precision", "fp16")
     with tempfile.TemporaryDirectory(prefix="inductor-") as tmp:
         np.save(os.path.join(tmp, "photos.npy"), photos)
-        compiled = {"start_s": None}
-        if params.get("compile", "none") != "none":
-            log.info("compiling with TorchInductor (mode %s, buckets %s): minutes on the first build",
-                     params["compile"], params["batch_buckets"])
-            compiled = _child("compile", folder, params, max_batch, batches, tmp)
-        log.info("loading it again in a fresh process, as the served model will")
-        loaded = _child("load", folder, params, max_batch, batches, tmp)
+        log.info("loading the %s engine again in a fresh process, as the served model will", precision)
+        loaded = _child("load", folder, params, max_batch, batches, tmp, timeout_s)
         logits = np.load(os.path.join(tmp, "logits.npy"))
-    figures = gate("the TorchInductor engine", "PyTorch FP32", reference, logits, parity,
+    figures = gate(f"the TorchInductor {precision} engine", "PyTorch FP32", reference, logits, parity,
                    inputs=f"{len(photos)} bundled photos, exact preprocessing")
     artifacts = folder / ARTIFACTS
-    result = {"start_from_scratch_s": compiled["start_s"], "start_with_artifacts_s": loaded["start_s"],
+    result = {"start_from_scratch_s": compiled_s, "start_with_artifacts_s": loaded["start_s"],
               "artifacts_mb": round(artifacts.stat().st_size / 1e6, 1) if artifacts.is_file() else None,
               "parity_served": figures, "timings": loaded["timings"], "device": loaded["device"]}
     log.info("TorchInductor engine: start %s s from scratch, %.1f s with %s; %s vs FP32 max abs %.3g, top-1 %.3f",
-             compiled["start_s"], loaded["start_s"], ARTIFACTS, params.get("precision", "fp16").upper(),
-             figures["max_abs"], figures["top1_agreement"])
+             compiled_s, loaded["start_s"], ARTIFACTS, precision.upper(), figures["max_abs"],
+             figures["top1_agreement"])
     return result
 
 
+@contextlib.contextmanager
+def _deadline(child: "subprocess.Popen", timeout_s: Optional[float]):
+    """Kills `child`'s process group after `timeout_s`; yields a callable saying whether it did."""
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout_s, kill) if timeout_s else None
+    if timer:
+        timer.start()
+    try:
+        yield fired.is_set
+    finally:
+        if timer:
+            timer.cancel()
+
+
 def _child(mode: str, folder: Path, params: Dict[str, str], max_batch: int, batches: Sequence[int],
-           tmp: str) -> Dict:
+           tmp: str, timeout_s: Optional[float] = None) -> Dict:
     cache = tempfile.mkdtemp(prefix=f"{mode}-", dir=tmp)
     # Empty caches: the first start is a true cold start, the second sees only what inductor.bin holds.
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+               # Shortly before the deadline the child prints where it stands (every thread's stack) to the log.
+               BUILDER_STACKS_AT_S=str(max(timeout_s - 15, 1)) if timeout_s else "",
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                        os.environ.get("PYTHONPATH")])))
     out = os.path.join(tmp, f"{mode}.json")
     command = [sys.executable, "-m", "builder.engines.inductor", mode, str(folder), json.dumps(params), str(max_batch),
                ",".join(str(b) for b in batches), tmp, out]
-    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in result.stdout.splitlines():
-        log.info("  %s", line)
-    if result.returncode != 0 or not os.path.isfile(out):
-        tail = " | ".join(result.stdout.strip().splitlines()[-3:])
-        raise BuilderError(f"the TorchInductor {mode} step failed (exit {result.returncode}): {tail}")
+    # Its own session: on a timeout the compile workers it started go with it.
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    lines: List[str] = []
+    # Relayed as it comes: a compile takes minutes and its lines are the build's progress.
+    with _deadline(child, timeout_s) as expired:
+        for line in child.stdout:
+            lines.append(line.rstrip())
+            log.info("  %s", lines[-1])
+    child.wait()
+    if expired():
+        raise BuilderError(f"the TorchInductor {mode} step did not finish in {timeout_s:.0f} s (stopped); "
+                           "raise --compile-timeout-s, or choose another precision or engine")
+    if child.returncode != 0 or not os.path.isfile(out):
+        tail = " | ".join(lines[-3:])
+        raise BuilderError(f"the TorchInductor {mode} step failed (exit {child.returncode}): {tail}")
     with open(out) as f:
         return json.load(f)
 
@@ -182,6 +253,8 @@ def _child_main(mode: str, folder: str, params_json: str, max_batch: str, batche
 
     from builder.engines.torch_runner import TorchEngine
 
+    if os.environ.get("BUILDER_STACKS_AT_S"):
+        faulthandler.dump_traceback_later(float(os.environ["BUILDER_STACKS_AT_S"]), file=sys.stdout)
     params = json.loads(params_json)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()

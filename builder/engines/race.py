@@ -7,18 +7,22 @@ the engines' gate figures and the record the manifest and the repository's READM
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
+import os
+import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from builder.core.contract import Contract
 from builder.engines import choice as ec
 from builder.engines import inductor
 from builder.errors import BuilderError
-from builder.settings import RepoSettings
+from builder.settings import LOW_PRECISION_PARITY, RACED_PRECISIONS, RepoSettings
 from builder.timing import timing_batches
 
 log = logging.getLogger("builder")
@@ -52,7 +56,7 @@ def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, st
     # every instance's process, oversubscribed the cores: 2 instances on an H100 served 187 img/s with it and
     # 2,312 with one thread each (perf/results/h100-analyze/threads/). CPU instances compute there: torch decides.
     gpu = settings.classifier_instances.kind == "KIND_GPU"
-    return {"precision": settings.inductor_precision, "compile": settings.compile_mode,
+    return {"precision": settings.served_precision, "compile": settings.compile_mode,
             "batch_buckets": ",".join(str(b) for b in buckets),
             "input_dims": ",".join(str(d) for d in contract.pixels.dims),
             "intra_op_threads": "1" if gpu else "0",
@@ -92,43 +96,49 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
     elif requested == "auto":
         names = ["onnxruntime", "inductor"] + (["tensorrt"] if settings.plan else [])
         reason = f"fastest measured on {gpu} at batch sizes {batches}"
+    elif requested == "inductor" and settings.inductor_precision == "auto" and gpu is not None:
+        names, reason = ["inductor"], f"the fastest inductor precision measured on {gpu} at batch sizes {batches}"
     else:
         names, reason = [requested], "asked for"
-    candidates = []
+    candidates: List[ec.Candidate] = []
     for name in names:
         started = time.perf_counter()
         try:
-            candidate, figures = _candidate(name, settings, model, contract, params, onnx_file, onnx_parity, gpu,
-                                            batches)
+            if name == "inductor":
+                rows, figures = inductor_candidates(settings, model, contract, params, onnx_file.parent, gpu,
+                                                     batches, strict=requested != "auto" and settings.inductor_precision != "auto")
+            else:
+                row, figures = _candidate(name, settings, onnx_file, onnx_parity, gpu, batches)
+                rows = [row]
             gates.update(figures)
         except BuilderError as exc:
             if requested != "auto":
                 raise
-            candidate = ec.Candidate(name, "failed", str(exc))
+            rows = [ec.Candidate(name, "failed", str(exc))]
             log.warning("engine candidate %s failed: %s", name, exc)
-        if candidate.build_s is None and candidate.status != "skipped":  # a plan's build_s comes from its sidecar
-            candidate.build_s = round(time.perf_counter() - started, 1)
-        candidates.append(candidate)
-    if requested == "auto" and gpu is not None:
+        for candidate in rows:  # a plan's build_s comes from its sidecar, an inductor's from its compile
+            if candidate.build_s is None and candidate.status != "skipped":
+                candidate.build_s = round(time.perf_counter() - started, 1)
+        candidates.extend(rows)
+    if gpu is not None and len(candidates) > 1:
         try:
-            chosen = ec.choose(candidates).engine
+            winner = ec.choose(candidates)
         except ValueError:
             raise BuilderError("engine: no candidate engine could be built and timed on this host: "
-                               + "; ".join(f"{c.engine}: {c.reason}" for c in candidates)) from None
-        log.info("engine auto: %s", ", ".join(
-            f"{c.engine} {c.best['throughput_img_per_s']:,.0f} img/s" if c.best else f"{c.engine} {c.status}"
+                               + "; ".join(f"{c.label}: {c.reason}" for c in candidates)) from None
+        log.info("engine %s: %s", requested, ", ".join(
+            f"{c.label} {c.best['throughput_img_per_s']:,.0f} img/s" if c.best else f"{c.label} {c.status}"
             for c in candidates))
     else:
-        chosen = names[0]
-        candidates[0].chosen = True
-    if chosen != "inductor":  # a losing program does not ship
-        for name in inductor.FILES:
-            onnx_file.with_name(name).unlink(missing_ok=True)
-        gates.pop("inductor_vs_pytorch", None)
-        gates.pop("inductor_served_vs_pytorch", None)
-    log.info("classifier engine: %s (%s)", chosen, reason)
-    settings = dataclasses.replace(settings, engine=chosen, plan=settings.plan if chosen == "tensorrt" else None,
-                                   torch_compile=settings.torch_compile if chosen == "inductor" else None)
+        winner = candidates[0]
+        winner.chosen = True
+    chosen = winner.engine
+    _keep_winner(onnx_file.parent, winner, gates)
+    log.info("classifier engine: %s (%s)", winner.label, reason)
+    settings = dataclasses.replace(
+        settings, engine=chosen, plan=settings.plan if chosen == "tensorrt" else None,
+        torch_compile=settings.torch_compile if chosen == "inductor" else None,
+        inductor_precision=(winner.precision or settings.served_precision) if chosen == "inductor" else "auto")
     choice = {"requested": requested, "chosen": chosen, "reason": reason, "gpu": gpu, "batch_sizes": batches,
               "candidates": [c.to_dict() for c in candidates]}
     return RaceResult(settings, gates, choice)
@@ -140,30 +150,54 @@ def _gpu_name() -> Optional[str]:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
-def _candidate(name: str, settings: RepoSettings, model, contract: Contract, params, onnx_file: Path,
-               onnx_parity: Dict, gpu: Optional[str], batches) -> Tuple[ec.Candidate, Dict[str, Dict]]:
-    """Builds (and on a GPU, gates and times) one engine: its choice-table row and its gates' figures."""
+def _candidate(name: str, settings: RepoSettings, onnx_file: Path, onnx_parity: Dict, gpu: Optional[str],
+               batches) -> Tuple[ec.Candidate, Dict[str, Dict]]:
+    """ONNX Runtime's or the given plan's choice-table row (timed on a GPU) and its gates' figures."""
     if name == "onnxruntime":
         if gpu is None:
             return ec.Candidate(name, "built", "the exported ONNX (gated against PyTorch)", parity=onnx_parity), {}
         return ec.measure_onnxruntime(str(onnx_file), batches, onnx_parity), {}
-    if name == "tensorrt":
-        sidecar_path = Path(settings.plan).with_name("plan.json")
-        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8")) if sidecar_path.is_file() else {}
-        if gpu is None:
-            return ec.Candidate(name, "built", f"the given plan ({settings.plan})", parity=sidecar.get("parity") or {},
-                                build_s=sidecar.get("build_s")), {}
-        return ec.recorded_tensorrt(sidecar, gpu, batches), {}
-    staging = onnx_file.parent
-    program = inductor.export_program(model, contract, staging / inductor.FILE,
-                                      settings.classifier_batching.max_batch_size)
-    gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
-    sidecar = {"environment": inductor.environment(), "parity": gates["inductor_vs_pytorch"],
-               "precision": f"{settings.inductor_precision} on GPU, fp32 on CPU", "compile": settings.compile_mode}
-    (staging / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    sidecar_path = Path(settings.plan).with_name("plan.json")
+    sidecar = json.loads(sidecar_path.read_text(encoding="utf-8")) if sidecar_path.is_file() else {}
     if gpu is None:
-        return ec.Candidate(name, "built", "torch.export program; compiled where it is served (no GPU here)",
-                            parity=gates["inductor_vs_pytorch"]), gates
+        return ec.Candidate(name, "built", f"the given plan ({settings.plan})", parity=sidecar.get("parity") or {},
+                            build_s=sidecar.get("build_s")), {}
+    return ec.recorded_tensorrt(sidecar, gpu, batches), {}
+
+
+def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = None) -> Dict[str, Optional[str]]:
+    """The inductor precisions this build tries, each with why it cannot run here (None: it can)."""
+    import torch
+
+    if wanted is None:
+        wanted = RACED_PRECISIONS if settings.inductor_precision == "auto" else (settings.inductor_precision,)
+    found: Dict[str, Optional[str]] = {}
+    for precision in wanted:
+        found[precision] = None
+        if precision in ("int8", "fp8", "fp8-tensor") and importlib.util.find_spec("torchao") is None:
+            found[precision] = "needs torchao in the build's and the server's Python (pip install torchao)"
+        elif precision.startswith("fp8") and torch.cuda.get_device_capability(0) < (8, 9):
+            found[precision] = (f"FP8 needs compute capability 8.9 or newer (Ada, Hopper); "
+                                f"{torch.cuda.get_device_name(0)} has {torch.cuda.get_device_capability(0)}")
+    return found
+
+
+def inductor_candidates(settings: RepoSettings, model, contract: Contract, params, staging: Path,
+                        gpu: Optional[str], batches, strict: bool, precisions: Optional[Sequence[str]] = None
+                        ) -> Tuple[List[ec.Candidate], Dict[str, Dict]]:
+    """The torch.export program, and on a GPU one engine per precision: compiled side by side, timed in turn.
+
+    Each precision builds in `staging/precisions/<name>/` (the program hard-linked); `_keep_winner` moves the
+    served one's files beside the ONNX file. A precision that fails (compile, time box, gate) is a failed row
+    unless it was asked for by name (`strict`).
+    """
+    max_batch = settings.classifier_batching.max_batch_size
+    program = inductor.export_program(model, contract, staging / inductor.FILE, max_batch)
+    gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
+    if gpu is None:
+        _write_sidecar(staging, settings.served_precision, settings, gates["inductor_vs_pytorch"])
+        return [ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
+                             parity=gates["inductor_vs_pytorch"], precision=settings.served_precision)], gates
     import torch
 
     from builder.core.photos import photo_batch
@@ -171,14 +205,101 @@ def _candidate(name: str, settings: RepoSettings, model, contract: Contract, par
     photos = photo_batch(params)
     with torch.no_grad():
         reference = model.module(torch.from_numpy(photos)).numpy()
-    built = inductor.build_inductor(staging, torch_parameters(settings, contract),
-                                    settings.classifier_batching.max_batch_size, batches, photos, reference,
-                                    settings.engine_parity)
-    gates["inductor_served_vs_pytorch"] = built["parity_served"]
-    # Written before the build too: the fresh processes check stored artifacts against its environment.
-    sidecar.update({k: v for k, v in built.items() if k != "parity_served"}, parity_served=built["parity_served"])
-    (staging / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-    starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
-    row = ec.Candidate(name, "measured", f"torch {torch.__version__} {settings.inductor_precision.upper()}, "
-                       f"compile={settings.compile_mode}; {starts}", built["timings"], parity=built["parity_served"])
-    return row, gates
+    rows: Dict[str, ec.Candidate] = {}
+    folders: Dict[str, Path] = {}
+    for precision, why_not in raced_precisions(settings, precisions).items():
+        if why_not:
+            if strict:
+                raise BuilderError(f"inductor_precision: {precision} {why_not}")
+            rows[precision] = ec.Candidate("inductor", "skipped", why_not, precision=precision)
+            continue
+        folder = folders[precision] = staging / "precisions" / precision
+        folder.mkdir(parents=True)
+        os.link(program, folder / inductor.FILE)
+        _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"])
+    engine_params = {p: dict(torch_parameters(settings, contract), precision=p) for p in folders}
+    compiled = _compile_side_by_side(folders, engine_params, max_batch, settings.compile_timeout_s)
+    for precision, folder in folders.items():
+        if isinstance(compiled[precision], BuilderError):
+            if strict:
+                raise compiled[precision]
+            rows[precision] = ec.Candidate("inductor", "failed", str(compiled[precision]), precision=precision)
+            continue
+        thresholds = settings.engine_parity if PRECISION_KINDS[precision] == "float" else LOW_PRECISION_PARITY
+        try:
+            built = inductor.load_engine(folder, engine_params[precision], max_batch, batches, photos, reference,
+                                         thresholds, compiled[precision], settings.compile_timeout_s)
+        except BuilderError as exc:
+            if strict:
+                raise
+            rows[precision] = ec.Candidate("inductor", "failed", str(exc), precision=precision)
+            continue
+        _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"], built)
+        starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
+        rows[precision] = ec.Candidate(
+            "inductor", "measured", f"torch {torch.__version__} {_described(precision)}, compile={settings.compile_mode}; "
+            f"{starts}", built["timings"], built["start_from_scratch_s"], built["parity_served"], precision=precision)
+    return list(rows.values()), gates
+
+
+# A float precision is gated like FP16 (`engine_parity`); a quantized one with thresholds sized for quantization.
+PRECISION_KINDS = {"fp16": "float", "fp32": "float", "int8": "quantized", "fp8": "quantized", "fp8-tensor": "quantized"}
+
+
+def _described(precision: str) -> str:
+    return {"int8": "INT8 Linear layers (torchao, dynamic per-token scales), FP16 elsewhere",
+            "fp8": "FP8 Linear layers (torchao, rowwise dynamic scales), BF16 elsewhere",
+            "fp8-tensor": "FP8 Linear layers (torchao, per-tensor dynamic scales), FP16 elsewhere"}.get(
+        precision, precision.upper())
+
+
+def _write_sidecar(folder: Path, precision: str, settings: RepoSettings, program_parity: Dict,
+                   built: Optional[Dict] = None) -> None:
+    """engine.json: what the stored artifacts are tied to (checked at load), and the engine's figures."""
+    sidecar = {"environment": inductor.environment(), "parity": program_parity,
+               "precision": f"{precision} on GPU, fp32 on CPU", "compile": settings.compile_mode}
+    if precision in ("int8", "fp8", "fp8-tensor"):
+        sidecar["quantization"] = {"library": "torchao", "version": _version("torchao"), "layers": _described(precision),
+                                   "calibration": "none: activation scales are computed per batch at run time"}
+    if built:
+        sidecar.update({k: v for k, v in built.items() if k != "parity_served"}, parity_served=built["parity_served"])
+    (folder / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+
+
+def _version(package: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _compile_side_by_side(folders: Dict[str, Path], params: Dict[str, Dict[str, str]], max_batch: int,
+                          timeout_s: float) -> Dict[str, object]:
+    """Each precision's compile in its own process, all at once (CPU work); start seconds or the error."""
+    def one(precision: str):
+        try:
+            return inductor.compile_engine(folders[precision], params[precision], max_batch, timeout_s)
+        except BuilderError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(len(folders), 1)) as pool:
+        return dict(zip(folders, pool.map(one, folders)))
+
+
+def _keep_winner(staging: Path, winner: ec.Candidate, gates: Dict[str, Dict]) -> None:
+    """Moves the served inductor precision's files beside the program; drops the rest (and the program if lost)."""
+    precisions = staging / "precisions"
+    if winner.engine == "inductor" and (precisions / winner.precision).is_dir():
+        for name in (inductor.SIDECAR, inductor.ARTIFACTS):
+            source = precisions / winner.precision / name
+            if source.is_file():
+                os.replace(source, staging / name)
+        gates["inductor_served_vs_pytorch"] = winner.parity
+    shutil.rmtree(precisions, ignore_errors=True)
+    if winner.engine != "inductor":  # a losing program does not ship
+        for name in inductor.FILES:
+            (staging / name).unlink(missing_ok=True)
+        gates.pop("inductor_vs_pytorch", None)
+        gates.pop("inductor_served_vs_pytorch", None)

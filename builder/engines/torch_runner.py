@@ -8,6 +8,14 @@ import logging
 import os
 import time
 
+# precision -> (activation dtype, torchao quantization of the Linear layers or None). FP8 rowwise runs
+# around BF16: torch's rowwise-scaled FP8 matmul writes BF16 output only.
+PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "int8": ("float16", "int8-dynamic"),
+              "fp8": ("bfloat16", "fp8-rowwise"), "fp8-tensor": ("float16", "fp8-tensor")}
+# The head's logits are the answer: it stays in the activation dtype, like LayerNorm, softmax and the
+# attention matmuls (not Linear layers, so never quantized).
+KEEP = ("head",)
+
 
 class TorchEngine:
     """A torch.export program on one device, batches padded to a few bucket sizes.
@@ -30,9 +38,13 @@ class TorchEngine:
             # them, while a GPU instance only stacks and copies batches on the CPU.
             torch.set_num_threads(threads)
         program = torch.export.load(os.path.join(version_dir, "model.pt2")).module().to(self.device)
-        fp16 = params.get("precision", "fp16") == "fp16" and self.device.type == "cuda"
-        self.dtype = torch.float16 if fp16 else torch.float32
-        module = program.half() if fp16 else program
+        precision = params.get("precision", "fp16") if self.device.type == "cuda" else "fp32"
+        self.dtype = getattr(torch, PRECISIONS[precision][0])
+        module = program.to(self.dtype)
+        if PRECISIONS[precision][1]:
+            count = quantize_linears(module, precision)
+            self.log(f"classifier: {count} Linear layers quantized to {precision} by torchao "
+                     f"{_torchao_version()}; the head, LayerNorm, softmax and attention stay {self.dtype}")
         mode = params.get("compile", "none")
         if mode != "none" and self.device.type != "cuda":
             # Inductor's CPU code generation needs a C++ compiler where the model is served and minutes per
@@ -129,3 +141,57 @@ class TorchEngine:
 def params_shape(params):
     """The input's shape without the batch axis, from the config parameter `input_dims`."""
     return tuple(int(v) for v in params["input_dims"].split(","))
+
+
+def _torchao_version():
+    from importlib.metadata import version
+
+    return version("torchao")
+
+
+def _quantization_config(scheme):
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
+                                      PerRow, PerTensor)
+
+    # set_inductor_config=False: torchao's default turns on Inductor's coordinate-descent tuning in all
+    # directions, process-wide, which benchmarks every kernel variant of every shape on first use: Swin-T
+    # with dynamic batch buckets had not finished compiling after 9.5 minutes on an H200; without it, fp16,
+    # int8, fp8 and fp8-tensor compiled side by side in 95-120 s (perf/results/h200-precisions/).
+    if scheme == "int8-dynamic":
+        return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow() if scheme == "fp8-rowwise" else PerTensor(),
+                                                     set_inductor_config=False)
+
+
+def quantize_linears(module, precision, keep=KEEP):
+    """Quantizes the Linear layers of a torch.export program's module in place with torchao; returns how many.
+
+    torchao quantizes `nn.Linear` modules, and an exported program has none: its linears are `aten.linear`
+    calls on parameters. Each weight is quantized through a throwaway `nn.Linear` and put back, and the call
+    becomes `F.linear`, which torchao's tensors implement (`aten.linear` would decompose before reaching them).
+    Activations are quantized at run time per row or tensor (dynamic scales): no calibration data.
+    """
+    import torch
+    from torchao.quantization import quantize_
+
+    config = _quantization_config(PRECISIONS[precision][1])
+    count = 0
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,
+                                                             torch.nn.functional.linear):
+            continue
+        weight = node.args[1]
+        if weight.op != "get_attr" or weight.target.startswith(keep):
+            continue
+        path, _, name = weight.target.rpartition(".")
+        owner = module.get_submodule(path) if path else module
+        tensor = getattr(owner, name)
+        linear = torch.nn.Linear(tensor.shape[1], tensor.shape[0], bias=False, device=tensor.device,
+                                 dtype=tensor.dtype)
+        linear.weight = torch.nn.Parameter(tensor.detach(), requires_grad=False)
+        quantize_(linear, config)
+        setattr(owner, name, linear.weight)
+        node.target = torch.nn.functional.linear
+        count += 1
+    module.recompile()
+    return count

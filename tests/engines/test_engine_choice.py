@@ -95,7 +95,7 @@ def test_inductor_build_gates_and_times_in_a_fresh_process(tmp_path, tiny_model)
         assert row["throughput_img_per_s"] == pytest.approx(row["batch_size"] * 1000 / row["latency_mean_ms"])
     assert program.is_file()
     # The gate refuses what misses its thresholds (here: impossible ones), naming the engine.
-    with pytest.raises(BuilderError, match="TorchInductor engine fails parity with PyTorch FP32"):
+    with pytest.raises(BuilderError, match="TorchInductor fp16 engine fails parity with PyTorch FP32"):
         inductor.build_inductor(tmp_path, params, 8, [1], photos, reference + 1.0, s.Parity(1e-4, 0.9999))
 
 

@@ -105,10 +105,13 @@ def test_auto_race_ran_on_the_gpu(gpu_served):
     assert engine["requested"] == "auto" and "H" in (engine["gpu"] or "")  # a GPU name, e.g. NVIDIA H200
     measured = {c["engine"]: c for c in engine["candidates"] if c["status"] == "measured"}
     assert {"onnxruntime", "inductor"} <= set(measured), engine["candidates"]
+    precisions = {c["precision"] for c in engine["candidates"] if c["engine"] == "inductor"}
+    assert {"fp16", "int8", "fp8"} <= precisions  # auto races the quantized precisions too (torchao installed)
     rows = [Candidate(**{k: v for k, v in c.items() if k in Candidate.__dataclass_fields__})
             for c in engine["candidates"]]
     assert engine["chosen"] == choose(rows).engine
-    print("auto race:", json.dumps([(c["engine"], c.get("best")) for c in engine["candidates"]]))
+    print("auto race:", json.dumps([(c["engine"], c["precision"], c["status"], c["best_throughput_img_per_s"])
+                                    for c in engine["candidates"]]))
 
 
 def _infer(server, model: str, images):
@@ -224,6 +227,32 @@ def test_engine_graphs_replay_the_compiled_module(tiny_model, tmp_path):
         x = torch.randn(rows, 3, 224, 224, device="cuda")
         assert torch.allclose(graphs(x), plain(x), atol=1e-3), rows
     assert torch.allclose(kept, plain(first), atol=1e-3)  # still the first batch's logits
+
+
+def test_quantized_precisions_compile_side_by_side_and_are_gated(tiny_model, params, tmp_path):
+    """int8 and fp8 (torchao) beside fp16 on this GPU: compiled at once, each loaded again, gated and timed."""
+    import torch
+
+    from builder.core.contract import Contract
+    from builder.engines.race import inductor_candidates
+
+    if torch.cuda.get_device_capability(0) < (8, 9):
+        pytest.skip("FP8 needs compute capability 8.9 or newer")
+    settings = tiny_settings(tmp_path / "repo", engine="inductor", preprocess="gpu", compile_timeout_s=600)
+    contract = Contract("swin_tiny_patch4_window7_224", (224, 224), 1000)
+    rows, gates = inductor_candidates(settings, tiny_model, contract, params, tmp_path, "this GPU", [1, MAX_BATCH],
+                                      strict=False, precisions=["fp16", "int8", "fp8"])
+    by = {row.precision: row for row in rows}
+    print("precisions:", json.dumps({p: (r.status, r.latency_b1_ms, r.best, r.parity, r.reason[:160])
+                                     for p, r in by.items()}))
+    assert set(by) == {"fp16", "int8", "fp8"} and gates["inductor_vs_pytorch"]["max_abs"] < 1e-3
+    assert by["fp16"].status == "measured" and by["fp16"].parity["top1_agreement"] == 1.0
+    for precision in ("int8", "fp8"):  # gated with the quantization thresholds: measured, or failed by the gate
+        row = by[precision]
+        assert row.status == "measured" or "fails parity" in row.reason, row.reason
+        assert row.parity or row.status == "failed"
+    sidecar = json.loads((tmp_path / "precisions" / "fp8" / "engine.json").read_text())
+    assert sidecar["quantization"]["library"] == "torchao" and "calibration" in sidecar["quantization"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,102 @@
+"""The inductor engine's precisions: torchao quantization of an exported program's Linear layers (int8 on the CPU
+here; fp8 needs Hopper/Ada, see tests/gpu), the settings, the compile time box, and the race's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from builder import settings as s
+from builder.compare import compare_logits
+from builder.core.contract import Contract
+from builder.engines import choice as ec
+from builder.engines import inductor
+from builder.errors import BuilderError
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory, tiny_model):
+    contract = Contract("tiny", (224, 224), tiny_model.num_classes, 5)
+    return inductor.export_program(tiny_model, contract, tmp_path_factory.mktemp("p") / inductor.FILE, 8)
+
+
+def _linears(module):
+    return [n for n in module.graph.nodes if n.op == "call_function"
+            and n.target in (torch.ops.aten.linear.default, torch.nn.functional.linear)]
+
+
+def test_int8_quantizes_every_linear_but_the_head_and_keeps_the_answer(program, tiny_model):
+    from torchao.quantization import Int8Tensor
+
+    from builder.engines.torch_runner import quantize_linears
+
+    module = torch.export.load(str(program)).module()
+    linears = _linears(module)
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 3, 224, 224), dtype=np.float32))
+    with torch.no_grad():
+        reference = tiny_model.module(x).numpy()
+        count = quantize_linears(module, "int8")
+        quantized = module(x).numpy()
+    heads = [n for n in linears if n.args[1].target.startswith("head")]
+    assert len(heads) == 1 and count == len(linears) - 1 > 0
+    assert type(module.get_submodule("head.fc").weight) is torch.nn.Parameter  # the head stays FP32
+    assert isinstance(module.get_submodule("layers.0.blocks.0.mlp.fc1").weight, Int8Tensor)
+    figures = compare_logits(reference, quantized)
+    assert figures["min_cosine"] > 0.99 and figures["top1_agreement"] == 1.0
+    assert figures["max_abs"] > 0  # quantized for real: not bit-equal to FP32
+
+
+def test_precision_settings_name_the_choices():
+    assert s.RepoSettings().inductor_precision == "auto" and s.RepoSettings().served_precision == "fp16"
+    assert s.RepoSettings(engine="inductor", inductor_precision="fp8").served_precision == "fp8"
+    with pytest.raises(BuilderError, match="inductor_precision: 'int4' is unknown; use one of auto, fp16, fp32, "
+                                           "int8, fp8, fp8-tensor"):
+        s.RepoSettings(engine="inductor", inductor_precision="int4")
+    with pytest.raises(BuilderError, match="compile_timeout_s: is 0"):
+        s.RepoSettings(compile_timeout_s=0)
+
+
+def test_served_runner_knows_every_precision_the_settings_allow():
+    from builder.engines import race
+    from builder.engines.torch_runner import PRECISIONS
+
+    assert set(PRECISIONS) == set(s.INDUCTOR_PRECISIONS) == set(race.PRECISION_KINDS)
+    assert set(s.RACED_PRECISIONS) <= set(s.INDUCTOR_PRECISIONS)
+
+
+def test_a_compile_past_its_time_box_is_stopped_with_a_message(program):
+    folder = program.parent
+    (folder / inductor.SIDECAR).write_text(json.dumps({"environment": inductor.environment()}))
+    params = {"precision": "fp16", "compile": "reduce-overhead", "batch_buckets": "1,8", "input_dims": "3,224,224"}
+    with pytest.raises(BuilderError, match=r"the TorchInductor compile step did not finish in 1 s \(stopped\); "
+                                           r"raise --compile-timeout-s"):
+        inductor.compile_engine(folder, params, 8, timeout_s=1)
+
+
+def test_the_table_and_the_choice_tell_precisions_apart(tmp_path):
+    from builder.engines.race import _keep_winner
+
+    def rows(b1, b128):
+        return [{"batch_size": 1, "throughput_img_per_s": b1, "latency_p50_ms": 1000 / b1},
+                {"batch_size": 128, "throughput_img_per_s": b128, "latency_p50_ms": 128_000 / b128}]
+
+    fp16 = ec.Candidate("inductor", "measured", timings=rows(1600, 12_000), precision="fp16")
+    fp8 = ec.Candidate("inductor", "measured", timings=rows(1500, 15_000), precision="fp8",
+                       parity={"max_abs": 0.2, "top1_agreement": 1.0})
+    int8 = ec.Candidate("inductor", "failed", "fails parity", timings=rows(1700, 16_000), precision="int8")
+    assert ec.choose([fp16, fp8, int8]) is fp8  # a failed gate is never served, however fast
+    table = ec.markdown_table([fp16, fp8, int8])
+    assert "| inductor fp8 | **served** |" in table and "| inductor int8 | failed |" in table
+    # The served precision's files move beside the program; the others' go.
+    for precision in ("fp16", "fp8"):
+        (tmp_path / "precisions" / precision).mkdir(parents=True)
+        (tmp_path / "precisions" / precision / inductor.SIDECAR).write_text(precision)
+        (tmp_path / "precisions" / precision / inductor.ARTIFACTS).write_bytes(precision.encode())
+    (tmp_path / inductor.FILE).write_bytes(b"program")
+    gates = {"inductor_vs_pytorch": {}}
+    _keep_winner(tmp_path, fp8, gates)
+    assert (tmp_path / inductor.SIDECAR).read_text() == "fp8" and (tmp_path / inductor.ARTIFACTS).read_bytes() == b"fp8"
+    assert not (tmp_path / "precisions").exists() and gates["inductor_served_vs_pytorch"] == fp8.parity
