@@ -139,9 +139,23 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
         settings, engine=chosen, plan=settings.plan if chosen == "tensorrt" else None,
         torch_compile=settings.torch_compile if chosen == "inductor" else None,
         inductor_precision=(winner.precision or settings.served_precision) if chosen == "inductor" else "auto")
-    choice = {"requested": requested, "chosen": chosen, "reason": reason, "gpu": gpu, "batch_sizes": batches,
+    choice = {"requested": requested, "chosen": chosen, "precision": winner.precision or None, "reason": reason,
+              "gpu": gpu, "batch_sizes": batches, "calibration": _calibration(winner, settings),
+              "thresholds": {"float": dataclasses.asdict(settings.engine_parity),
+                             "quantized": dataclasses.asdict(LOW_PRECISION_PARITY)},
               "candidates": [c.to_dict() for c in candidates]}
     return RaceResult(settings, gates, choice)
+
+
+def _calibration(winner: ec.Candidate, settings: RepoSettings) -> Optional[str]:
+    """What the served engine's quantization was calibrated on (None: not quantized)."""
+    if winner.engine == "inductor" and PRECISION_KINDS.get(winner.precision) == "quantized":
+        return "none: torchao dynamic quantization, activation scales computed per batch at run time"
+    if winner.engine == "tensorrt" and settings.plan:
+        sidecar = Path(settings.plan).with_name("plan.json")
+        if sidecar.is_file():
+            return json.loads(sidecar.read_text(encoding="utf-8")).get("calibration_source")
+    return None
 
 
 def _gpu_name() -> Optional[str]:

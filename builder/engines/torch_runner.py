@@ -150,6 +150,11 @@ def _torchao_version():
 
 
 def _quantization_config(scheme):
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise RuntimeError(f"this classifier was built with {scheme} Linear layers, which need torchao in the "
+                           "serving Python (pip install torchao); or rebuild with --inductor-precision fp16")
     from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8DynamicActivationInt8WeightConfig,
                                       PerRow, PerTensor)
 

@@ -35,6 +35,13 @@ def render(settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict
             for c in choice.get("candidates", [])]
     if rows:
         lines += [markdown_table(rows)]
+    thresholds = choice.get("thresholds")
+    if thresholds:  # what a candidate had to meet against PyTorch FP32 on the bundled photos
+        lines += ["Gates against PyTorch FP32 on the bundled photos: " + "; ".join(
+            f"{kind} precisions max abs <= {t['max_abs']:g}, cosine >= {t['min_cosine']:g}, top-1 >= {t['min_top1']:g}"
+            for kind, t in thresholds.items()) + ". A candidate that misses them is never served.", ""]
+    if choice.get("calibration"):
+        lines += [f"Calibration of the served engine's quantization: {choice['calibration']}.", ""]
     lines += ["## Parity gates", "", "| gate | max abs | min cosine | top-1 agreement | inputs |",
               "| --- | --- | --- | --- | --- |"]
     for name, figures in gates.items():
