@@ -52,7 +52,8 @@ def _add_repo(sub) -> None:
     p.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
                    help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
     p.add_argument("--instance-count", type=int, default=instances.count, help="classifier instances per device")
-    p.add_argument("--gpus", type=ints, default=instances.gpus, help="GPU ids for KIND_GPU, e.g. 0,1")
+    p.add_argument("--gpus", type=ints, default=instances.gpus, help="GPU ids of every GPU-placed model (classifier, GPU preprocessing, photo path), e.g. 0,1 "
+                        "(default: all GPUs)")
     p.add_argument("--preprocess-instances", type=int, default=s.PYTHON_MODEL_INSTANCES,
                    help="preprocess model instances (2: one is free when the batcher looks, see the README)")
     p.add_argument("--preprocess", choices=s.PREPROCESS, default=field_default(repo, "preprocess"),
@@ -256,7 +257,11 @@ def _cmd_docker(args) -> int:
 
     from builder.serving import docker
 
-    for path in docker.write(Path(args.output), docker.context(args.model, args.precision)):
+    from builder.settings import PodSettings
+
+    pod = PodSettings(args.gpus_per_pod, args.min_gpus, args.max_gpus, args.cpus_per_gpu, args.memory_gib_per_gpu,
+                      args.cuda_memory_pool_mb)
+    for path in docker.write(Path(args.output), docker.context(args.model, args.precision, pod)):
         print(path)
     return 0
 
@@ -286,8 +291,16 @@ def _server_args(p) -> None:
 
 
 def _server(args):
+    from builder.serving import gpus
     from builder.serving.server import LocalServer, ServerSettings, admin_key
 
+    pools: List[str] = []
+    if args.command == "serve":
+        host = gpus.host_gpus()
+        problem = gpus.placement_problem(args.repository, host)
+        if problem:  # in one line now, not a model that fails to load deep in the server log
+            raise BuilderError(f"gpus: {problem}")
+        pools = gpus.memory_pool_args(args.cuda_memory_pool_mb, host)
     # Model control is always locked behind the admin key ($TRITON_ADMIN_KEY or one made in the workdir).
     key = admin_key(args.workdir, create=True) if args.command == "serve" else None
     return LocalServer(ServerSettings(
@@ -295,9 +308,7 @@ def _server(args):
         metrics_port=args.metrics_port, workdir=args.workdir,
         model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2),
         admin_key=key, extra_args=tuple(
-            ([f"--cuda-memory-pool-byte-size=0:{args.cuda_memory_pool_mb << 20}"]
-             if getattr(args, "cuda_memory_pool_mb", 0) else [])
-            + ([f"--cache-config=local,size={args.cache_mb << 20}"] if getattr(args, "cache_mb", 0) else []))))
+            pools + ([f"--cache-config=local,size={args.cache_mb << 20}"] if getattr(args, "cache_mb", 0) else []))))
 
 
 def _cmd_serve(args) -> int:
@@ -358,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="docker")
     d.add_argument("--model", default=settings_module.DEFAULT_MODEL, help="ensemble name")
     d.add_argument("--precision", default="fp16")
+    pod = settings_module.PodSettings
+    k = d.add_argument_group("Kubernetes pods (docker/k8s)")
+    k.add_argument("--gpus-per-pod", type=int, default=field_default(pod, "gpus_per_pod"),
+                   help="nvidia.com/gpu per pod; cores, memory and /dev/shm scale with it")
+    k.add_argument("--min-gpus", type=int, default=field_default(pod, "min_gpus"),
+                   help="the autoscaler's minimum, in GPUs (rounded up to whole pods)")
+    k.add_argument("--max-gpus", type=int, default=field_default(pod, "max_gpus"),
+                   help="the autoscaler's maximum, in GPUs (rounded down to whole pods)")
+    k.add_argument("--cpus-per-gpu", type=int, default=field_default(pod, "cpus_per_gpu"))
+    k.add_argument("--memory-gib-per-gpu", type=int, default=field_default(pod, "memory_gib_per_gpu"))
+    k.add_argument("--cuda-memory-pool-mb", type=int, default=field_default(pod, "cuda_memory_pool_mb"),
+                   help="each GPU's CUDA memory pool (0: Triton's 64 MiB)")
     c = sub.add_parser("check", help="check a model repository")
     c.add_argument("repository", nargs="?", default="model_repository")
     c.add_argument("--needs-torch", action="store_true",
@@ -370,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detach", action="store_true", help="run in the background (stop with `stop`)")
     s.add_argument("--cache-mb", type=int, default=0, help="response cache size for --response-cache models")
     s.add_argument("--cuda-memory-pool-mb", type=int, default=0,
-                   help="CUDA memory pool of GPU 0 for tensors passed between models on the GPU (0: Triton's 64)")
+                   help="CUDA memory pool of every GPU for tensors passed between models on the GPU (0: "
+                        "Triton's 64)")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     t = sub.add_parser("stop", help="stop a detached local tritonserver")
     _server_args(t)

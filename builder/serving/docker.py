@@ -1,4 +1,4 @@
-"""Renders docker/ (Dockerfiles, compose file) from builder/serving/templates with jinja2.
+"""Renders docker/ (Dockerfiles, compose file, the Kubernetes Deployment and autoscaler) from builder/serving/templates with jinja2.
 
 The NGC release and its versions are pinned once, in `builder.settings`;
 `python -m builder docker` writes the files and a test fails when the
@@ -9,27 +9,28 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from builder.errors import BuilderError
 from builder.core.contract import Contract
 from builder.serving.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
-from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION
+from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION, PodSettings
 
 TEMPLATES = Path(__file__).parent / "templates"
-DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml")
+DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml", "k8s/deployment.yaml",
+                "k8s/hpa.yaml")
 PILLOW_VERSION = "11.0.0"  # has wheels for the Python 3.10 in tritonserver 24.10
 # For --preprocess gpu / --engine inductor in the container: the newest pair with cp310 CUDA 12.6 wheels.
 TORCH_VERSION, TORCHVISION_VERSION = "2.7.1", "0.22.1"
 
 
-def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16") -> Dict:
-    """Values the templates use."""
+def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16", pod: Optional[PodSettings] = None) -> Dict:
+    """Values the templates use (`pod`: the Kubernetes pods' GPUs and the autoscaler's range)."""
     return {"release": TRITON_RELEASE, "triton_version": TRITON_VERSION, "tensorrt_version": TENSORRT_VERSION,
             "pillow_version": PILLOW_VERSION, "torch_version": TORCH_VERSION,
             "torchvision_version": TORCHVISION_VERSION, "http_port": 8000, "grpc_port": 8001, "metrics_port": 8002,
             "repository": "model_repository", "classifier": Contract.named(model_name).classifier,
-            "precision": precision,
+            "precision": precision, "pod": pod or PodSettings(),
             # Model control locked as in `make serve`: the key comes from the environment, never the files.
             "restricted": f"{','.join(RESTRICTED)}:{ADMIN_HEADER}", "admin_key_env": ADMIN_KEY_ENV}
 
@@ -69,13 +70,14 @@ def write(output: Path, values: Dict) -> list:
         raise BuilderError(f"output: {output} holds {', '.join(theirs)} that this tool did not generate (no "
                            f"'{GENERATED}' header); move them away, or pass another --output")
     try:
-        output.mkdir(parents=True, exist_ok=True)
         paths = []
         for name, text in rendered.items():
-            tmp = output / f".{name}.tmp"
+            path = output / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, output / name)
-            paths.append(output / name)
+            os.replace(tmp, path)
+            paths.append(path)
     except OSError as exc:
         raise BuilderError(f"output: cannot write into {output} ({exc.strerror or exc}); pass an --output you "
                            "can write") from None
