@@ -1,4 +1,4 @@
-"""Subcommands sweep, report, compare and tune (registered by perf.__main__)."""
+"""Subcommands sweep, report, compare, tails, tune and scaling (registered by perf.__main__)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,28 @@ def _cmd_tune(args) -> int:
     return 0 if result["best"] else 1
 
 
+def _cmd_scaling(args) -> int:
+    from builder.serving.gpus import host_gpus
+    from clients.api import collect_images
+    from perf import scaling
+    from perf.environment import describe, write_json
+
+    settings = scaling.ScalingSettings(
+        repository=args.repository, name=args.name, gpu_counts=tuple(args.gpu_counts), batch_size=args.batch_size,
+        concurrency_per_gpu=args.concurrency_per_gpu, images=tuple(str(p) for p in collect_images(args.images)),
+        measurement_interval_ms=args.measurement_interval_ms, cuda_memory_pool_mb=args.cuda_memory_pool_mb,
+        workdir=args.workdir)
+    result = scaling.run_scaling(settings, host_gpus())
+    result["environment"] = describe()
+    output = Path(args.output)
+    write_json(str(output), result)
+    table = scaling.markdown(result)
+    picture = scaling.plot(result, output.with_suffix(".png"))
+    print(table)
+    print(f"wrote {output}" + (f" and {picture}" if picture else ""))
+    return 0 if all("error" not in r for r in result["rows"]) else 1
+
+
 def _common(p, ints, words) -> None:
     p.add_argument("--name", default="swin_tiny_patch4_window7_224", help="ensemble name")
     p.add_argument("--http-url", default="localhost:8000")
@@ -147,3 +169,17 @@ def add_commands(sub, ints, words, naturals) -> None:
     t.add_argument("--server-workdir", default=".server", help="where `make serve` keeps its admin key")
     # The tuned model is the classifier: measure it directly (tensor input, no photos needed).
     t.set_defaults(func=_cmd_tune, models=["classifier"], output_kind="file")
+    g = sub.add_parser("scaling", help="the repository served on 1, 2, 4, ... GPUs: img/s, ratio to N x one GPU, "
+                                       "host CPU load (JSON, table, PNG)")
+    g.add_argument("--repository", default="model_repository", help="built without --gpus (every GPU)")
+    g.add_argument("--name", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    g.add_argument("--gpu-counts", type=naturals, default=[1, 2, 4, 8],
+                   help="GPUs visible to each server (the first N); 0: none, CPU instances")
+    g.add_argument("--batch-size", type=int, default=1, help="images per request, the same at every count")
+    g.add_argument("--concurrency-per-gpu", type=int, default=64)
+    g.add_argument("--images", type=words, default=["builder/parity_images"], help="image files or folders")
+    g.add_argument("--measurement-interval-ms", type=int, default=3000)
+    g.add_argument("--cuda-memory-pool-mb", type=int, default=256, help="each visible GPU's CUDA memory pool")
+    g.add_argument("--workdir", default=".scaling", help="each server's copy and log (gpus-<N>/)")
+    g.add_argument("--output", default="perf/results/local-scaling.json", help="JSON; the PNG goes beside it")
+    g.set_defaults(func=_cmd_scaling, output_kind="file")

@@ -98,6 +98,8 @@ class ServerSettings:
         admin_key: When set, the RESTRICTED APIs answer only requests with
             the header `triton-admin-key: <admin_key>` (HTTP and gRPC).
         extra_args: More tritonserver flags, passed as they are.
+        extra_env: Environment variables set for tritonserver only, as (name, value) pairs (e.g.
+            CUDA_VISIBLE_DEVICES to serve on some of the host's GPUs).
     """
 
     repository: str = "model_repository"
@@ -110,6 +112,7 @@ class ServerSettings:
     load_models: Tuple[str, ...] = ()
     admin_key: Optional[str] = None
     extra_args: Tuple[str, ...] = field(default_factory=tuple)
+    extra_env: Tuple[Tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -262,7 +265,8 @@ class LocalServer:
             shown = shown.replace(self.settings.admin_key, "<admin key>")
         log.info("starting tritonserver: %s", shown)
         with self.log_path.open("wb") as logfile:
-            self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=server_env(),
+            self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                                            env={**server_env(), **dict(self.settings.extra_env)},
                                             cwd=self.workdir, start_new_session=detach)
         self.pid_path.write_text(str(self.process.pid))
         if wait:

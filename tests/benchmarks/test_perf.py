@@ -254,3 +254,26 @@ def _gone(pid: int, wait_s: float = 5.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.mark.server
+def test_scaling_serves_each_count_and_measures_the_host_cpu(local_repo, contract, photo_paths, tmp_path):
+    """`perf scaling` for real on this host: a fresh server per count (here the CPU alone, count 0: CI has no
+    GPU), perf_analyzer at the same images per request, the host CPU's load, the table and the PNG."""
+    from conftest import one_line_error, run_module
+
+    output = tmp_path / "scaling.json"
+    result = run_module("perf", "scaling", "--repository", str(local_repo), "--name", contract.ensemble,
+                        "--gpu-counts", "0", "--batch-size", "2", "--concurrency-per-gpu", "2",
+                        "--measurement-interval-ms", "1500", "--images", ",".join(str(p) for p in photo_paths[:4]),
+                        "--workdir", str(tmp_path / "w"), "--output", str(output), timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    doc = json.loads(output.read_text())
+    (row,) = doc["rows"]
+    assert doc["kind"] == "scaling" and row["gpus"] == 0 and row["concurrency"] == 2 and row["batch_size"] == 2
+    assert row["throughput_img_per_s"] > 0 and 0 < row["host_cpu_busy"] <= 1 and row["host_cores"] >= 1
+    assert "| 0 | 2 |" in result.stdout and output.with_suffix(".png").stat().st_size > 5000
+    assert (tmp_path / "w" / "gpus-0" / "tritonserver.log").is_file()
+    # More GPUs than the host has, or a repository pinned to some GPUs: refused before any server starts.
+    one_line_error(run_module("perf", "scaling", "--repository", str(local_repo), "--gpu-counts", "1,2",
+                              "--output", str(tmp_path / "x.json")), "gpu_counts: asks for up to 2 GPUs")
