@@ -29,7 +29,7 @@ case "${1:?stage}" in
     ;;
   run)
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
-    counts=$(for n in 1 2 4 8; do [ "$n" -le "$gpus" ] && echo -n "$n,"; done)
+    counts=$(for n in 1 2 4 8; do if [ "$n" -le "$gpus" ]; then echo -n "$n,"; fi; done)
     for batch in ${BATCH_SIZES:-1 8}; do
       $SERVE_PYTHON -m perf scaling --repository "$REPO" --name "$NAME" --gpu-counts "${GPU_COUNTS:-${counts%,}}" \
         --batch-size "$batch" --concurrency-per-gpu "${CONCURRENCY_PER_GPU:-128}" --images "$IMAGES" \
