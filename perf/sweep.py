@@ -249,11 +249,11 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
             row = {"model": model, "protocol": protocol, "shared_memory": shm, "batch_size": batch,
                    "concurrency": concurrency, "command": " ".join(Path(cmd[0]).name if i == 0 else a
                                                                    for i, a in enumerate(cmd))}
-            before = model_statistics(settings.http_url)
+            before = model_statistics(settings.grpc_url)
             result = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                     timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000
                                     + settings.request_count / 2)
-            stages = stage_times(before, model_statistics(settings.http_url))
+            stages = stage_times(before, model_statistics(settings.grpc_url))
             if stages:
                 row["stages"] = stages
             if result.returncode != 0 or not csv_path.is_file():
@@ -274,14 +274,18 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
                          shm, batch, concurrency, outcome)
 
 
-def model_statistics(http_url: str) -> Dict[str, Dict]:
-    """Triton's cumulative per-model statistics (`/v2/models/stats`), keyed by model; {} when unreachable."""
-    import tritonclient.http as httpclient
+def model_statistics(grpc_url: str) -> Dict[str, Dict]:
+    """Triton's cumulative per-model statistics, keyed by model; {} when unreachable.
+
+    Over gRPC, the protocol perf_analyzer measures with: tritonclient's HTTP client needs gevent and greenlet,
+    which a serving host may lack. (Proto JSON leaves out zero counts and writes int64 as strings.)
+    """
+    import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     try:
-        with httpclient.InferenceServerClient(http_url, connection_timeout=10, network_timeout=10) as client:
-            stats = client.get_inference_statistics()["model_stats"]
+        with grpcclient.InferenceServerClient(grpc_url) as client:
+            stats = client.get_inference_statistics(as_json=True, client_timeout=10).get("model_stats", [])
     except (InferenceServerException, OSError, ValueError, KeyError):
         return {}
     return {m["name"]: m for m in stats}
@@ -294,18 +298,19 @@ def stage_times(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[str, Di
         {model: {"requests", "executions", "batch_avg", "queue_us", "compute_input_us",
         "compute_infer_us", "compute_output_us"}} for every model that served requests.
     """
+    def figure(stats: Dict, key: str, field: str) -> int:
+        return int(stats.get("inference_stats", {}).get(key, {}).get(field, 0))
+
     stages = {}
     for name, now in after.items():
         old = before.get(name, {})
-        count = int(now["inference_stats"]["success"]["count"]) - int(
-            old.get("inference_stats", {}).get("success", {}).get("count", 0))
+        count = figure(now, "success", "count") - figure(old, "success", "count")
         if count <= 0:
             continue
         executions = int(now.get("execution_count", 0)) - int(old.get("execution_count", 0))
         row = {"requests": count, "executions": executions, "batch_avg": count / executions if executions else 0.0}
         for key in ("queue", "compute_input", "compute_infer", "compute_output"):
-            ns = int(now["inference_stats"][key]["ns"]) - int(old.get("inference_stats", {}).get(key, {}).get("ns", 0))
-            row[f"{key}_us"] = ns / count / 1000.0
+            row[f"{key}_us"] = (figure(now, key, "ns") - figure(old, key, "ns")) / count / 1000.0
         stages[name] = row
     return stages
 

@@ -64,6 +64,9 @@ def test_sweep_report_and_compare(server, contract, photo_paths, tmp_path):
         little = row["concurrency"] * row["batch_size"] * 1e6 / row["latency_avg_us"]
         assert 0.5 * little <= row["throughput_img_per_s"] <= 2 * little, (row["throughput_img_per_s"], little)
         assert row["command"].startswith("perf_analyzer -m ")
+        # Triton's own statistics (over gRPC) say where each request's time went, model by model.
+        served = row["stages"][contract.classifier]
+        assert served["requests"] > 0 and served["compute_infer_us"] > 0 and served["batch_avg"] >= 1
     second = sweep_settings(server, contract, photo_paths, models=("classifier",), protocols=("http",),
                             shared_memory=("system",), concurrency=(2,), batch_sizes=(2,))
     rows2 = run_sweep(second)
