@@ -420,6 +420,9 @@ class RepoSettings:
         if self.inductor_precision not in ("auto", *INDUCTOR_PRECISIONS):
             _fail("inductor_precision", f"{self.inductor_precision!r} is unknown",
                   f"use one of auto, {', '.join(INDUCTOR_PRECISIONS)}")
+        if self.flavor == "container" and self.inductor_precision in ("int8", "fp8", "fp8-tensor"):
+            _fail("inductor_precision", f"{self.inductor_precision} needs torchao (torch >= 2.11), and the container "
+                  "image's torch is older (docker/Dockerfile.tritonserver)", "use fp16, or the local flavor")
         if self.compile_timeout_s <= 0:
             _fail("compile_timeout_s", f"is {self.compile_timeout_s}", "use a positive number of seconds, e.g. 900")
         if self.torch_compile is not None and self.engine not in ("inductor", "auto"):

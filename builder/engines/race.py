@@ -188,7 +188,10 @@ def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = N
     found: Dict[str, Optional[str]] = {}
     for precision in wanted:
         found[precision] = None
-        if precision in ("int8", "fp8", "fp8-tensor") and importlib.util.find_spec("torchao") is None:
+        if precision in ("int8", "fp8", "fp8-tensor") and settings.flavor == "container":
+            found[precision] = ("needs torchao (torch >= 2.11) where it is served; the container image's torch "
+                                "is older (docker/Dockerfile.tritonserver)")
+        elif precision in ("int8", "fp8", "fp8-tensor") and importlib.util.find_spec("torchao") is None:
             found[precision] = "needs torchao in the build's and the server's Python (pip install torchao)"
         elif precision.startswith("fp8") and torch.cuda.get_device_capability(0) < (8, 9):
             found[precision] = (f"FP8 needs compute capability 8.9 or newer (Ada, Hopper); "

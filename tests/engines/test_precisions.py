@@ -51,7 +51,7 @@ def test_int8_quantizes_every_linear_but_the_head_and_keeps_the_answer(program, 
 
 def test_precision_settings_name_the_choices():
     assert s.RepoSettings().inductor_precision == "auto" and s.RepoSettings().served_precision == "fp16"
-    assert s.RepoSettings(engine="inductor", inductor_precision="fp8").served_precision == "fp8"
+    assert s.RepoSettings(flavor="local", engine="inductor", inductor_precision="fp8").served_precision == "fp8"
     with pytest.raises(BuilderError, match="inductor_precision: 'int4' is unknown; use one of auto, fp16, fp32, "
                                            "int8, fp8, fp8-tensor"):
         s.RepoSettings(engine="inductor", inductor_precision="int4")
@@ -100,3 +100,10 @@ def test_the_table_and_the_choice_tell_precisions_apart(tmp_path):
     _keep_winner(tmp_path, fp8, gates)
     assert (tmp_path / inductor.SIDECAR).read_text() == "fp8" and (tmp_path / inductor.ARTIFACTS).read_bytes() == b"fp8"
     assert not (tmp_path / "precisions").exists() and gates["inductor_served_vs_pytorch"] == fp8.parity
+
+
+def test_the_container_image_cannot_serve_quantized_precisions():
+    with pytest.raises(BuilderError, match=r"inductor_precision: fp8 needs torchao \(torch >= 2.11\), and the "
+                                           r"container image's torch is older"):
+        s.RepoSettings(flavor="container", engine="inductor", inductor_precision="fp8")
+    assert s.RepoSettings(flavor="container", engine="inductor").inductor_precision == "auto"  # fp16 races alone
