@@ -113,7 +113,8 @@ def run_scaling(settings: ScalingSettings, host: Sequence[int]) -> Dict:
     one = next((r for r in rows if r["gpus"] == 1 and "error" not in r), None)
     for row in rows:
         if one and row["gpus"] >= 1 and "error" not in row:
-            row["ratio_to_n_times_one"] = round(row["throughput_img_per_s"] / (row["gpus"] * one["throughput_img_per_s"]), 3)
+            ideal = row["gpus"] * one["throughput_img_per_s"]
+            row["ratio_to_n_times_one"] = round(row["throughput_img_per_s"] / ideal, 3)
     return {"kind": "scaling", "settings": dataclasses.asdict(settings), "host_gpus": len(host), "rows": rows}
 
 
@@ -126,9 +127,9 @@ def markdown(result: Dict) -> str:
             lines.append(f"| {row['gpus']} | {row['concurrency']} | failed: {row['error'][:80]} | | | |")
             continue
         ratio = row.get("ratio_to_n_times_one")
+        cpu = f"{row['host_cpu_busy']:.0%} of {row['host_cores']} cores"
         lines.append(f"| {row['gpus']} | {row['concurrency']} | {row['throughput_img_per_s']:,.0f} | "
-                     f"{ratio if ratio is not None else '—'} | {row['host_cpu_busy']:.0%} of {row['host_cores']} cores | "
-                     f"{row['latency_p99_us'] / 1000:.1f} |")
+                     f"{ratio if ratio is not None else '—'} | {cpu} | {row['latency_p99_us'] / 1000:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -105,8 +105,10 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
         started = time.perf_counter()
         try:
             if name == "inductor":
+                # A precision asked for by name fails the build; raced ones fail their row.
+                strict = requested != "auto" and settings.inductor_precision != "auto"
                 rows, figures = inductor_candidates(settings, model, contract, params, onnx_file.parent, gpu,
-                                                     batches, strict=requested != "auto" and settings.inductor_precision != "auto")
+                                                     batches, strict=strict)
             else:
                 row, figures = _candidate(name, settings, onnx_file, onnx_parity, gpu, batches)
                 rows = [row]
@@ -188,10 +190,11 @@ def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = N
     found: Dict[str, Optional[str]] = {}
     for precision in wanted:
         found[precision] = None
-        if precision in ("int8", "fp8", "fp8-tensor") and settings.flavor == "container":
+        quantized = PRECISION_KINDS[precision] == "quantized"
+        if quantized and settings.flavor == "container":
             found[precision] = ("needs torchao (torch >= 2.11) where it is served; the container image's torch "
                                 "is older (docker/Dockerfile.tritonserver)")
-        elif precision in ("int8", "fp8", "fp8-tensor") and importlib.util.find_spec("torchao") is None:
+        elif quantized and importlib.util.find_spec("torchao") is None:
             found[precision] = "needs torchao in the build's and the server's Python (pip install torchao)"
         elif precision.startswith("fp8") and torch.cuda.get_device_capability(0) < (8, 9):
             found[precision] = (f"FP8 needs compute capability 8.9 or newer (Ada, Hopper); "
@@ -253,9 +256,9 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
             continue
         _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"], built)
         starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
-        rows[precision] = ec.Candidate(
-            "inductor", "measured", f"torch {torch.__version__} {_described(precision)}, compile={settings.compile_mode}; "
-            f"{starts}", built["timings"], built["start_from_scratch_s"], built["parity_served"], precision=precision)
+        note = f"torch {torch.__version__} {_described(precision)}, compile={settings.compile_mode}; {starts}"
+        rows[precision] = ec.Candidate("inductor", "measured", note, built["timings"], built["start_from_scratch_s"],
+                                       built["parity_served"], precision=precision)
     return list(rows.values()), gates
 
 
@@ -275,8 +278,9 @@ def _write_sidecar(folder: Path, precision: str, settings: RepoSettings, program
     """engine.json: what the stored artifacts are tied to (checked at load), and the engine's figures."""
     sidecar = {"environment": inductor.environment(), "parity": program_parity,
                "precision": f"{precision} on GPU, fp32 on CPU", "compile": settings.compile_mode}
-    if precision in ("int8", "fp8", "fp8-tensor"):
-        sidecar["quantization"] = {"library": "torchao", "version": _version("torchao"), "layers": _described(precision),
+    if PRECISION_KINDS[precision] == "quantized":
+        sidecar["quantization"] = {"library": "torchao", "version": _version("torchao"),
+                                   "layers": _described(precision),
                                    "calibration": "none: activation scales are computed per batch at run time"}
     if built:
         sidecar.update({k: v for k, v in built.items() if k != "parity_served"}, parity_served=built["parity_served"])

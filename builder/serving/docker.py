@@ -1,4 +1,4 @@
-"""Renders docker/ (Dockerfiles, compose file, the Kubernetes Deployment and autoscaler) from builder/serving/templates with jinja2.
+"""Renders docker/ (Dockerfiles, compose file, Kubernetes Deployment and autoscaler) from the jinja2 templates.
 
 The NGC release and its versions are pinned once, in `builder.settings`;
 `python -m builder docker` writes the files and a test fails when the
