@@ -30,6 +30,8 @@ TORCH_COMPILE = ("none", "default", "reduce-overhead")
 # The inductor engine's precisions on a GPU (`engines/torch_runner.py` PRECISIONS says how each runs). int8 and
 # fp8 quantize the Linear layers with torchao (dynamic activation scales); fp8 is rowwise, fp8-tensor per tensor.
 INDUCTOR_PRECISIONS = ("fp16", "fp32", "int8", "fp8", "fp8-tensor")
+# Those that quantize (torchao): gated with LOW_PRECISION_PARITY, and served only where torchao is installed.
+QUANTIZED_PRECISIONS = ("int8", "fp8", "fp8-tensor")
 # What `auto` races on a GPU build host, where the GPU and the installed packages allow it.
 RACED_PRECISIONS = ("fp16", "int8", "fp8")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
@@ -420,7 +422,7 @@ class RepoSettings:
         if self.inductor_precision not in ("auto", *INDUCTOR_PRECISIONS):
             _fail("inductor_precision", f"{self.inductor_precision!r} is unknown",
                   f"use one of auto, {', '.join(INDUCTOR_PRECISIONS)}")
-        if self.flavor == "container" and self.inductor_precision in ("int8", "fp8", "fp8-tensor"):
+        if self.flavor == "container" and self.inductor_precision in QUANTIZED_PRECISIONS:
             _fail("inductor_precision", f"{self.inductor_precision} needs torchao (torch >= 2.11), and the container "
                   "image's torch is older (docker/Dockerfile.tritonserver)", "use fp16, or the local flavor")
         if self.compile_timeout_s <= 0:

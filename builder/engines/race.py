@@ -22,7 +22,7 @@ from builder.core.contract import Contract
 from builder.engines import choice as ec
 from builder.engines import inductor
 from builder.errors import BuilderError
-from builder.settings import LOW_PRECISION_PARITY, RACED_PRECISIONS, RepoSettings
+from builder.settings import LOW_PRECISION_PARITY, QUANTIZED_PRECISIONS, RACED_PRECISIONS, RepoSettings
 from builder.timing import timing_batches
 
 log = logging.getLogger("builder")
@@ -151,8 +151,8 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
 
 def _calibration(winner: ec.Candidate, settings: RepoSettings) -> Optional[str]:
     """What the served engine's quantization was calibrated on (None: not quantized)."""
-    if winner.engine == "inductor" and PRECISION_KINDS.get(winner.precision) == "quantized":
-        return "none: torchao dynamic quantization, activation scales computed per batch at run time"
+    if winner.engine == "inductor" and winner.precision in QUANTIZED_PRECISIONS:
+        return DYNAMIC_CALIBRATION
     if winner.engine == "tensorrt" and settings.plan:
         sidecar = Path(settings.plan).with_name("plan.json")
         if sidecar.is_file():
@@ -190,7 +190,7 @@ def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = N
     found: Dict[str, Optional[str]] = {}
     for precision in wanted:
         found[precision] = None
-        quantized = PRECISION_KINDS[precision] == "quantized"
+        quantized = precision in QUANTIZED_PRECISIONS
         if quantized and settings.flavor == "container":
             found[precision] = ("needs torchao (torch >= 2.11) where it is served; the container image's torch "
                                 "is older (docker/Dockerfile.tritonserver)")
@@ -245,7 +245,8 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
                 raise compiled[precision]
             rows[precision] = ec.Candidate("inductor", "failed", str(compiled[precision]), precision=precision)
             continue
-        thresholds = settings.engine_parity if PRECISION_KINDS[precision] == "float" else LOW_PRECISION_PARITY
+        # A quantized precision is gated with thresholds sized for quantization, a float one like FP16.
+        thresholds = LOW_PRECISION_PARITY if precision in QUANTIZED_PRECISIONS else settings.engine_parity
         try:
             built = inductor.load_engine(folder, engine_params[precision], max_batch, batches, photos, reference,
                                          thresholds, compiled[precision], settings.compile_timeout_s)
@@ -262,8 +263,8 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
     return list(rows.values()), gates
 
 
-# A float precision is gated like FP16 (`engine_parity`); a quantized one with thresholds sized for quantization.
-PRECISION_KINDS = {"fp16": "float", "fp32": "float", "int8": "quantized", "fp8": "quantized", "fp8-tensor": "quantized"}
+# What a torchao-quantized engine was calibrated on: nothing, its activation scales are computed per batch.
+DYNAMIC_CALIBRATION = "none: torchao dynamic quantization, activation scales computed per batch at run time"
 
 
 def _described(precision: str) -> str:
@@ -278,10 +279,10 @@ def _write_sidecar(folder: Path, precision: str, settings: RepoSettings, program
     """engine.json: what the stored artifacts are tied to (checked at load), and the engine's figures."""
     sidecar = {"environment": inductor.environment(), "parity": program_parity,
                "precision": f"{precision} on GPU, fp32 on CPU", "compile": settings.compile_mode}
-    if PRECISION_KINDS[precision] == "quantized":
+    if precision in QUANTIZED_PRECISIONS:
         sidecar["quantization"] = {"library": "torchao", "version": _version("torchao"),
                                    "layers": _described(precision),
-                                   "calibration": "none: activation scales are computed per batch at run time"}
+                                   "calibration": DYNAMIC_CALIBRATION}
     if built:
         sidecar.update({k: v for k, v in built.items() if k != "parity_served"}, parity_served=built["parity_served"])
     (folder / inductor.SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")

@@ -177,9 +177,10 @@ def quantize_linears(module, precision, keep=KEEP):
     Activations are quantized at run time per row or tensor (dynamic scales): no calibration data.
     """
     import torch
+
+    config = _quantization_config(PRECISIONS[precision][1])  # first: it says what to install without torchao
     from torchao.quantization import quantize_
 
-    config = _quantization_config(PRECISIONS[precision][1])
     count = 0
     for node in module.graph.nodes:
         if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,

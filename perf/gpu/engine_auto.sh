@@ -10,6 +10,7 @@
 #   bash perf/gpu/engine_auto.sh sweep    # serve it: classifier and ensemble sweeps (gpu_data_path.sh sweep)
 # Images: builder/parity_images (the reference logits and every parity gate).
 set -euo pipefail
+source "$(dirname "$0")/gpu_repo.sh"
 PYTHON=${PYTHON:-python3}
 TRT=${TRT_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu-auto}
@@ -33,11 +34,7 @@ case "${1:?stage}" in
     ;;
   auto)
     plan=(); [ -f "$W/plan/model.plan" ] && plan=(--plan "$W/plan/model.plan")  # the plan competes when built
-    $PYTHON -m builder repo --flavor local --output "$REPO" --engine auto "${plan[@]}" \
-      --preprocess gpu --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" \
-      --preprocess-instances "${PREPROCESS_INSTANCES:-2}" --max-batch-size "$MAX_BATCH" \
-      --preferred-batch-sizes "$PREFERRED" --max-queue-delay-us "${QUEUE_DELAY_US:-500}" \
-      --max-queue-size 4096 2>&1 | grep -v "^\s*$" | tail -25
+    gpu_repo --engine auto "${plan[@]}" 2>&1 | grep -v "^\s*$" | tail -25
     cp "$REPO/manifest.json" "$OUT/manifest.json"
     cp "$REPO/README.md" "$OUT/repository-README.md"
     cp "$REPO"/*_classifier/1/engine.json "$OUT/engine.json" 2>/dev/null || true

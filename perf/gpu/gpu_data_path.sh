@@ -13,6 +13,7 @@
 # TORCH_COMPILE=reduce-overhead builds and measures the TorchInductor + CUDA graphs variant; SWEEPS picks
 # among "ensemble preprocess classifier large"; CONCURRENCY, INTERVAL_MS set the grid.
 set -euo pipefail
+source "$(dirname "$0")/gpu_repo.sh"
 PYTHON=${PYTHON:-python3}
 SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu}
@@ -29,11 +30,7 @@ cp builder/parity_images/astronaut_2048x1536.jpg "$IMAGES/large/"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   repo)
-    $PYTHON -m builder repo --flavor local --output "$REPO" --preprocess gpu --engine inductor \
-      --torch-compile "$COMPILE" --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" \
-      --preprocess-instances "${PREPROCESS_INSTANCES:-2}" --max-batch-size "$MAX_BATCH" \
-      --preferred-batch-sizes "${PREFERRED:-32,64,128}" --max-queue-delay-us "${QUEUE_DELAY_US:-500}" \
-      --max-queue-size 4096 2>&1 | tail -6
+    gpu_repo --engine inductor --torch-compile "$COMPILE" 2>&1 | tail -6
     cp "$REPO/manifest.json" "$OUT/manifest-$COMPILE.json"
     ;;
   bare)

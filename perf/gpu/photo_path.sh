@@ -10,6 +10,7 @@
 #   bash perf/gpu/photo_path.sh sweep    # serve it; perf_analyzer over the designs, 1 and 8 images per request
 # Images: builder/parity_images/*_640x480.jpg (the bundled photos, 640x480 JPEGs).
 set -euo pipefail
+source "$(dirname "$0")/gpu_repo.sh"
 PYTHON=${PYTHON:-python3}
 SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu-photo-path}
@@ -22,10 +23,7 @@ cp builder/parity_images/*_640x480.jpg "$IMAGES/"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   repo)
-    $PYTHON -m builder repo --flavor local --output "$REPO" --preprocess gpu --engine inductor \
-      --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" --preprocess-instances "${PREPROCESS_INSTANCES:-2}" \
-      --max-batch-size "${MAX_BATCH:-128}" --preferred-batch-sizes "${PREFERRED:-32,64,128}" \
-      --max-queue-delay-us "${QUEUE_DELAY_US:-500}" --max-queue-size 4096 2>&1 | grep -v "^\s*$" | tail -8
+    gpu_repo --engine inductor 2>&1 | grep -v "^\s*$" | tail -8
     # The other designs beside the pipeline, on the same classifier: `fused` (the pipeline with the inductor
     # engine in its own process) as <name>_fused, and the ensemble (three models chained by Triton) as
     # <name>_ensemble3.

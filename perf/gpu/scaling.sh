@@ -9,6 +9,7 @@
 # Images: builder/parity_images/*_640x480.jpg (the bundled photos, 640x480 JPEGs). perf_analyzer runs on the same
 # host, so the CPU load includes the client's.
 set -euo pipefail
+source "$(dirname "$0")/gpu_repo.sh"
 PYTHON=${PYTHON:-python3}
 SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu-scaling}
@@ -20,11 +21,7 @@ cp builder/parity_images/*_640x480.jpg "$IMAGES/"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   repo)
-    $PYTHON -m builder repo --flavor local --output "$REPO" --preprocess gpu --engine inductor \
-      --inductor-precision "${PRECISION:-auto}" --instance-kind KIND_GPU --instance-count "${INSTANCES:-2}" \
-      --preprocess-instances "${PREPROCESS_INSTANCES:-2}" --max-batch-size "${MAX_BATCH:-128}" \
-      --preferred-batch-sizes "${PREFERRED:-32,64,128}" --max-queue-delay-us "${QUEUE_DELAY_US:-500}" \
-      --max-queue-size 4096 2>&1 | grep -v "^\s*$" | tail -8
+    gpu_repo --engine inductor --inductor-precision "${PRECISION:-auto}" 2>&1 | grep -v "^\s*$" | tail -8
     cp "$REPO/manifest.json" "$OUT/manifest.json"
     ;;
   run)
