@@ -19,6 +19,8 @@ QUEUE_DELAY_US ?=
 MAX_QUEUE ?=
 QUEUE_TIMEOUT_US ?=
 INSTANCES ?=
+# Instances of the preprocess model (the photo path with PREPROCESS=gpu); empty: 2.
+PREPROCESS_INSTANCES ?=
 # exact | draft (large JPEGs decoded at a reduced scale, parity-gated) | gpu (batched GPU JPEG decode and resize, parity-gated)
 PREPROCESS ?=
 # auto (on a GPU host: the fastest candidate by measurement; else onnxruntime) | onnxruntime | inductor |
@@ -34,6 +36,8 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 # none | poll | explicit (`perf tune` needs explicit).
 MODEL_CONTROL ?= none
+# MPS=1: `make serve` starts a CUDA MPS daemon of its own (GPU instances share each GPU at once).
+MPS ?= 0
 PYTEST_ARGS ?=
 
 ifeq ($(WEIGHTS),pretrained)
@@ -70,6 +74,7 @@ repo: $(STAMP)
 	  $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) $(if $(QUEUE_DELAY_US),--max-queue-delay-us $(QUEUE_DELAY_US)) \
 	  $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_US),--queue-timeout-us $(QUEUE_TIMEOUT_US)) \
 	  $(if $(INSTANCES),--instance-count $(INSTANCES)) $(if $(PREPROCESS),--preprocess $(PREPROCESS)) \
+	  $(if $(PREPROCESS_INSTANCES),--preprocess-instances $(PREPROCESS_INSTANCES)) \
 	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(TORCH_COMPILE),--torch-compile $(TORCH_COMPILE)) \
 	  $(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(VERSION_POLICY),--version-policy $(VERSION_POLICY)) \
 	  $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
@@ -79,7 +84,7 @@ check: $(STAMP)
 
 serve: $(STAMP)
 	$(PY) -m builder serve --detach --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-	  --model-control $(MODEL_CONTROL)
+	  --model-control $(MODEL_CONTROL) $(if $(filter 1,$(MPS)),--mps)
 
 stop: $(STAMP)
 	$(PY) -m builder stop

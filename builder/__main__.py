@@ -307,7 +307,7 @@ def _server(args):
         repository=args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
         model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2),
-        admin_key=key, extra_args=tuple(
+        admin_key=key, mps=getattr(args, "mps", False), extra_args=tuple(
             pools + ([f"--cache-config=local,size={args.cache_mb << 20}"] if getattr(args, "cache_mb", 0) else []))))
 
 
@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-memory-pool-mb", type=int, default=0,
                    help="CUDA memory pool of every GPU for tensors passed between models on the GPU (0: "
                         "Triton's 64)")
+    s.add_argument("--mps", action="store_true",
+                   help="start a CUDA MPS control daemon of the server's own, so that GPU model instances share each "
+                        "GPU at once (several photo-path instances: see the README); quit with the server")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
     t = sub.add_parser("stop", help="stop a detached local tritonserver")
     _server_args(t)

@@ -20,7 +20,8 @@ def _sweep_settings(args):
         concurrency=tuple(args.concurrency), batch_sizes=tuple(args.batch_sizes), protocols=tuple(args.protocols),
         shared_memory=tuple(args.shared_memory), images=tuple(images),
         measurement_interval_ms=args.measurement_interval_ms, stability_percent=args.stability_percent,
-        max_trials=args.max_trials, request_count=args.request_count)
+        max_trials=args.max_trials, request_count=args.request_count,
+        client_threads=args.client_threads)
 
 
 def _cmd_sweep(args) -> int:
@@ -130,6 +131,9 @@ def _common(p, ints, words) -> None:
     p.add_argument("--request-count", type=int, default=0,
                    help="measure over this many requests instead of time windows, and report each row's tail "
                         "(p99.9, max, requests slower than 10x the median) from perf_analyzer's profile export")
+    p.add_argument("--client-threads", type=int, default=0,
+                   help="0: perf_analyzer's synchronous client, a thread per request in flight; N: its asynchronous "
+                        "client on N threads (fewer client cores at high concurrency)")
     p.add_argument("--output", default=None)
 
 

@@ -36,6 +36,16 @@ def cpu() -> str:
     return platform.processor()
 
 
+def command_line() -> str:
+    """This process's command line as typed: `python3 -m <package> ...` for a package's __main__, else the script."""
+    script = sys.argv[0] if sys.argv else ""
+    if os.path.basename(script) == "__main__.py":
+        run = ["-m", os.path.basename(os.path.dirname(script))]
+    else:
+        run = [os.path.relpath(script) if os.path.isabs(script) and script.startswith(os.getcwd()) else script]
+    return " ".join([os.path.basename(sys.executable), *run, *sys.argv[1:]])
+
+
 def describe(extra: Optional[Dict] = None) -> Dict:
     """A flat description of this machine and run."""
     return {
@@ -46,7 +56,7 @@ def describe(extra: Optional[Dict] = None) -> Dict:
         **gpu(),
         "python": platform.python_version(),
         "versions": package_versions("torch", "timm", "onnxruntime", "tensorrt", "tritonclient", "numpy"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "perf", *sys.argv[1:]]),
+        "command": command_line(),
         **(extra or {}),
     }
 

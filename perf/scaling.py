@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +71,6 @@ def check_host(settings: ScalingSettings, host: Sequence[int]) -> None:
                            "would not serve it; rebuild without --gpus (every GPU) to measure scaling")
 
 
-def cpu_times() -> Tuple[float, float]:
-    """(busy, total) jiffies of all cores from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [float(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
-
-
 def run_scaling(settings: ScalingSettings, host: Sequence[int]) -> Dict:
     """Serves and sweeps each GPU count in turn; the rows, with ratios to N x the one-GPU row."""
     from builder.serving.gpus import memory_pool_args
@@ -102,13 +93,9 @@ def run_scaling(settings: ScalingSettings, host: Sequence[int]) -> Dict:
         log.info("[%d/%d] %d GPU(s) visible (%s), concurrency %d, %d image(s) per request",
                  len(rows) + 1, len(settings.gpu_counts), count, visible or "none", concurrency, settings.batch_size)
         with server:
-            busy0, total0 = cpu_times()
             started = time.perf_counter()
-            (row,) = run_sweep(sweep, progress=True)
-            busy1, total1 = cpu_times()
-        row.update(gpus=count, seconds=round(time.perf_counter() - started, 1),
-                   host_cpu_busy=round((busy1 - busy0) / max(total1 - total0, 1.0), 3),
-                   host_cores=os.cpu_count())
+            (row,) = run_sweep(sweep, progress=True)  # its row carries the host's CPU load over the run
+        row.update(gpus=count, seconds=round(time.perf_counter() - started, 1))
         rows.append(row)
     one = next((r for r in rows if r["gpus"] == 1 and "error" not in r), None)
     for row in rows:

@@ -88,6 +88,9 @@ class SweepSettings:
         measurement_interval_ms: perf_analyzer window.
         stability_percent: Allowed variation between windows.
         max_trials: Windows tried before giving up on stability.
+        request_count: 0 for time windows, else one measurement over that many requests (tails kept).
+        client_threads: 0 for perf_analyzer's synchronous client (a thread per request in flight), else its
+            asynchronous client with that many threads (`--async --max-threads`).
     """
 
     name: str
@@ -103,6 +106,7 @@ class SweepSettings:
     stability_percent: int = 10
     max_trials: int = 10
     request_count: int = 0
+    client_threads: int = 0
 
     def __post_init__(self) -> None:
         def fail(field: str, problem: str, fix: str) -> None:
@@ -120,6 +124,8 @@ class SweepSettings:
             fail("images", "the ensemble and preprocess models need real images", "pass --images with a folder of photos")
         if self.measurement_interval_ms < 100 or self.max_trials < 1 or self.stability_percent < 1:
             fail("measurement", "interval >= 100 ms, trials >= 1, stability >= 1%", "e.g. 3000 ms, 10, 10%")
+        if self.client_threads < 0:
+            fail("client_threads", f"{self.client_threads} is negative", "pass 0 (synchronous) or a count, e.g. 8")
         if self.request_count < 0:
             fail("request_count", f"{self.request_count} is negative", "pass 0 (time windows) or a count, e.g. 3000")
         if 0 < self.request_count < max(self.concurrency):
@@ -170,6 +176,8 @@ def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch:
            "--shared-memory", shm, "-f", str(csv_path), "--verbose-csv"]
     if shm != "none":
         cmd += ["--output-shared-memory-size", str(max(1 << 20, batch * 64 * 1024))]
+    if settings.client_threads:  # many requests in flight from a few threads, not one blocked thread each
+        cmd += ["--async", "--max-threads", str(settings.client_threads)]
     cmd += ["--input-data", str(input_data) if model in ("ensemble", "preprocess") else "random"]
     if settings.request_count:  # one measurement over that many requests, each one's timestamps exported
         cmd += ["--request-count", str(settings.request_count),
@@ -250,14 +258,22 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
                    "concurrency": concurrency, "command": " ".join(Path(cmd[0]).name if i == 0 else a
                                                                    for i, a in enumerate(cmd))}
             before = model_statistics(settings.grpc_url)
+            busy, total = cpu_times()
             result = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                     timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000
                                     + settings.request_count / 2)
+            busy2, total2 = cpu_times()
+            # The host's cores busy over the row (client and server together): a saturated host caps what the
+            # GPU can be given.
+            row["host_cpu_busy"] = round((busy2 - busy) / max(total2 - total, 1.0), 3)
+            row["host_cores"] = os.cpu_count() or 1
             stages = stage_times(before, model_statistics(settings.grpc_url))
             if stages:
                 row["stages"] = stages
             if result.returncode != 0 or not csv_path.is_file():
                 row["error"] = analyzer_error(result.stdout + result.stderr, result.returncode)
+                # What perf_analyzer said last: its one-line errors ("Worker thread(s) failed ...") name no cause.
+                row["analyzer_output"] = (result.stdout + result.stderr).strip().splitlines()[-15:]
             else:
                 row.update(parse_csv(csv_path))
                 row["throughput_img_per_s"] = row["throughput_infer_per_s"]  # one inference = one image
@@ -272,6 +288,14 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
                                 f"{row['slow_requests']} of {row['requests']} over 10x the median")
                 log.info("[%d/%d] %s %s shm=%s batch=%d concurrency=%d: %s", index, len(grid), model, protocol,
                          shm, batch, concurrency, outcome)
+
+
+def cpu_times() -> Tuple[float, float]:
+    """(busy, total) jiffies of all cores from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [float(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def model_statistics(grpc_url: str) -> Dict[str, Dict]:
@@ -295,7 +319,7 @@ def stage_times(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[str, Di
     """Per-model time per request between two statistics snapshots: where each millisecond went.
 
     Returns:
-        {model: {"requests", "executions", "batch_avg", "queue_us", "compute_input_us",
+        {model: {"requests", "executions", "batch_avg", "failed", "queue_us", "compute_input_us",
         "compute_infer_us", "compute_output_us"}} for every model that served requests.
     """
     def figure(stats: Dict, key: str, field: str) -> int:
@@ -308,7 +332,9 @@ def stage_times(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[str, Di
         if count <= 0:
             continue
         executions = int(now.get("execution_count", 0)) - int(old.get("execution_count", 0))
-        row = {"requests": count, "executions": executions, "batch_avg": count / executions if executions else 0.0}
+        failed = figure(now, "fail", "count") - figure(old, "fail", "count")  # requests the server answered with an error
+        row = {"requests": count, "executions": executions, "batch_avg": count / executions if executions else 0.0,
+               "failed": failed}
         for key in ("queue", "compute_input", "compute_infer", "compute_output"):
             row[f"{key}_us"] = (figure(now, key, "ns") - figure(old, key, "ns")) / count / 1000.0
         stages[name] = row

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from builder.errors import BuilderError
+from builder.serving.mps import MpsDaemon
 
 log = logging.getLogger("builder")
 MODEL_CONTROL = ("none", "poll", "explicit")
@@ -100,6 +101,8 @@ class ServerSettings:
         extra_args: More tritonserver flags, passed as they are.
         extra_env: Environment variables set for tritonserver only, as (name, value) pairs (e.g.
             CUDA_VISIBLE_DEVICES to serve on some of the host's GPUs).
+        mps: Start a CUDA MPS control daemon of this server's own first (`builder.serving.mps`), so that its
+            GPU model instances share each GPU at once instead of in time slices; quit when the server stops.
     """
 
     repository: str = "model_repository"
@@ -113,6 +116,7 @@ class ServerSettings:
     admin_key: Optional[str] = None
     extra_args: Tuple[str, ...] = field(default_factory=tuple)
     extra_env: Tuple[Tuple[str, str], ...] = ()
+    mps: bool = False
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -263,11 +267,19 @@ class LocalServer:
         shown = " ".join(cmd)
         if self.settings.admin_key:  # logs end up in CI output and tickets: never the key itself
             shown = shown.replace(self.settings.admin_key, "<admin key>")
+        env = {**server_env(), **dict(self.settings.extra_env)}
+        if self.settings.mps:
+            daemon = MpsDaemon(self.workdir)
+            daemon.start()
+            env.update(daemon.env())
         log.info("starting tritonserver: %s", shown)
-        with self.log_path.open("wb") as logfile:
-            self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
-                                            env={**server_env(), **dict(self.settings.extra_env)},
-                                            cwd=self.workdir, start_new_session=detach)
+        try:
+            with self.log_path.open("wb") as logfile:
+                self.process = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env=env,
+                                                cwd=self.workdir, start_new_session=detach)
+        except OSError:
+            MpsDaemon(self.workdir).stop()
+            raise
         self.pid_path.write_text(str(self.process.pid))
         if wait:
             try:
@@ -395,6 +407,7 @@ class LocalServer:
                     code = self.process.wait()
         self.pid_path.unlink(missing_ok=True)
         self.process = None
+        MpsDaemon(self.workdir).stop()  # after the server and its stubs: the daemon's last clients
         return code
 
     def __enter__(self) -> "LocalServer":

@@ -3,14 +3,20 @@
     python perf/gpu/photo_designs.py write REPO NAME   # <NAME>_fused and <NAME>_ensemble3 beside the pipeline
     python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N]
                                                   [--profile N --trace-dir DIR]
+    python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,...]
+    python perf/gpu/photo_designs.py null REPO NAME   # <NAME>_null: the photo path's tensors, no work
 
 `write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
 own process, as `--gpu-photo-path fused` writes it) and `<NAME>_ensemble3` (preprocess -> classifier ->
 postprocess chained by Triton, as `--gpu-photo-path ensemble` writes it). `set` changes config parameters of the
 pipeline and fused models: the decoder, torch's CPU threads, GPU instances, and the per-phase profile and trace.
+`copy` serves a model again under another name with some knobs changed (variants side by side on one server);
+`null` writes a model with the photo path's config that answers without work: the serving stack's ceiling.
 """
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,36 +55,82 @@ def write(repo: Path, name: str) -> None:
     print("wrote", fused.name, "and", config.name)
 
 
+def _changes(args) -> dict:
+    return {"decoder": args.decoder, "intra_op_threads": args.threads, "profile_every": args.profile,
+            "trace_dir": args.trace_dir if args.profile else "", "batch_buckets": args.buckets}
+
+
+def _apply(config, args) -> None:
+    for key, value in _changes(args).items():
+        if value:
+            config.parameters[key].string_value = value
+    if args.instances:
+        config.instance_group[0].count = int(args.instances)
+
+
+def _show(config, args) -> None:
+    print(config.name, {k: v.string_value for k, v in config.parameters.items() if k in _changes(args)},
+          "instances", config.instance_group[0].count)
+
+
 def set_parameters(repo: Path, name: str, args) -> None:
-    changes = {"decoder": args.decoder, "intra_op_threads": args.threads, "profile_every": args.profile,
-               "trace_dir": args.trace_dir if args.profile else ""}
     for folder in (repo / name, repo / f"{name}_fused"):
         if not folder.is_dir():
             continue
         config = configs.read(folder / "config.pbtxt")
-        for key, value in changes.items():
-            if value:
-                config.parameters[key].string_value = value
-        if args.instances:
-            config.instance_group[0].count = int(args.instances)
+        _apply(config, args)
         configs.write(config, folder)
-        print(folder.name, {k: v.string_value for k, v in config.parameters.items() if k in changes},
-              "instances", config.instance_group[0].count)
+        _show(config, args)
+
+
+def copy(repo: Path, source: str, target: str, args) -> None:
+    """`source` again as `target` (files linked where the file system allows), with the knobs changed."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.rmtree(repo / target, ignore_errors=True)
+    shutil.copytree(repo / source, repo / target, copy_function=link, ignore=shutil.ignore_patterns("config.pbtxt"))
+    config = configs.read(repo / source / "config.pbtxt")
+    config.name = target
+    _apply(config, args)
+    configs.write(config, repo / target)
+    _show(config, args)
+
+
+def null(repo: Path, name: str) -> None:
+    """`<name>_null`: the photo-path model's config, a model.py that answers without work."""
+    config = configs.read(repo / name / "config.pbtxt")
+    config.name = f"{name}_null"
+    config.ClearField("parameters")
+    version = repo / config.name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(Path(__file__).with_name("null_model.py"), version / "model.py")
+    configs.write(config, repo / config.name)
+    print("wrote", config.name)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("write", "set"))
+    parser.add_argument("action", choices=("write", "set", "copy", "null"))
     parser.add_argument("repo", type=Path)
     parser.add_argument("name")
+    parser.add_argument("target", nargs="?", help="copy: the new model's name")
     parser.add_argument("--decoder", default="")
     parser.add_argument("--threads", default="")
     parser.add_argument("--instances", default="")
     parser.add_argument("--profile", default="")
     parser.add_argument("--trace-dir", default="")
+    parser.add_argument("--buckets", default="", help="the fused engine's CUDA-graph batch sizes, e.g. 1,2,4,...")
     args = parser.parse_args(argv)
     if args.action == "write":
         write(args.repo, args.name)
+    elif args.action == "copy":
+        copy(args.repo, args.name, args.target, args)
+    elif args.action == "null":
+        null(args.repo, args.name)
     else:
         set_parameters(args.repo, args.name, args)
     return 0

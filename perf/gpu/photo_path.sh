@@ -23,7 +23,7 @@ cp builder/parity_images/*_640x480.jpg "$IMAGES/"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   repo)
-    gpu_repo --engine inductor 2>&1 | grep -v "^\s*$" | tail -8
+    gpu_repo --engine inductor --gpu-photo-path pipeline 2>&1 | grep -v "^\s*$" | tail -8
     # The other designs beside the pipeline, on the same classifier: `fused` (the pipeline with the inductor
     # engine in its own process) as <name>_fused, and the ensemble (three models chained by Triton) as
     # <name>_ensemble3.
@@ -33,17 +33,19 @@ case "${1:?stage}" in
   sweep)
     # DECODER / THREADS / DESIGN_INSTANCES: serve the pipeline and fused models with another decoder, torch CPU
     # pool or GPU instance count; PROFILE=N: their per-phase profile every N batches in the server log, and a
-    # torch profiler trace of 3 batches (in $OUT).
+    # torch profiler trace of 3 batches (in $OUT). MPS=1: serve under the server's own CUDA MPS daemon.
+    # CLIENT_THREADS: perf_analyzer's asynchronous client on that many threads (16); 0: its synchronous client,
+    # which failed some rows at concurrency 256 on an H200 (perf/results/h200-photo-mps).
     if [ -n "${DECODER:-}${THREADS:-}${PROFILE:-}${DESIGN_INSTANCES:-}" ]; then
       $PYTHON perf/gpu/photo_designs.py set "$REPO" "$NAME" --decoder "${DECODER:-}" --threads "${THREADS:-}" \
         --instances "${DESIGN_INSTANCES:-}" --profile "${PROFILE:-}" --trace-dir "$(realpath "$OUT")"
     fi
     TAG=${TAG:-}
     $SERVE_PYTHON -m builder serve --repository "$REPO" --workdir "$WORK" --detach --timeout 600 \
-      --cuda-memory-pool-mb 4096
+      --cuda-memory-pool-mb 4096 $([ "${MPS:-0}" = 1 ] && echo --mps)
     trap '$SERVE_PYTHON -m builder stop --workdir "$WORK"; cp "$WORK/tritonserver.log" "$OUT/tritonserver$TAG.log" || true' EXIT
     common=(--protocols grpc --shared-memory none --measurement-interval-ms "${INTERVAL_MS:-3000}"
-            --stability-percent 15 --max-trials 5 --images "$IMAGES")
+            --stability-percent 15 --max-trials 5 --images "$IMAGES" --client-threads "${CLIENT_THREADS:-16}")
     for batch in ${BATCH_SIZES:-1 8}; do
       for design in ${DESIGNS:-pipeline fused ensemble3}; do
         name=$NAME; [ "$design" != pipeline ] && name=${NAME}_$design

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -266,8 +267,47 @@ def fused_served(tmp_path_factory):
         root / "repo", preprocess="gpu", engine="inductor", gpu_photo_path="fused",
         classifier_instances=s.InstanceGroup("KIND_GPU", 1), preprocess_instances=s.InstanceGroup("KIND_GPU", 1)))
     http, grpc, metrics = free_ports(3)
-    with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(root / "server"))) as server:
+    # Under the server's own MPS daemon where the host has one (as served for throughput: README).
+    mps = shutil.which("nvidia-cuda-mps-control") is not None
+    with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(root / "server"), mps=mps)) as server:
         yield repo, server
+
+
+def _mps_servers(daemon) -> list:
+    """The MPS server pids a control daemon reports (one per user with CUDA clients)."""
+    import os
+    import subprocess
+
+    done = subprocess.run(["nvidia-cuda-mps-control"], input="get_server_list\n", capture_output=True, text=True,
+                          env={**os.environ, **daemon.env()}, timeout=30)
+    return [line for line in done.stdout.split() if line.strip().isdigit()]
+
+
+@pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is None, reason="no CUDA MPS control program here")
+def test_the_servers_mps_daemon_takes_cuda_clients_and_quits(tmp_path):
+    """`builder serve --mps`'s daemon: private to the workdir, a CUDA process under its variables becomes its
+    client, and stop quits it (its control pipe answers no more)."""
+    import os
+    import subprocess
+    import sys
+
+    from builder.serving.mps import MpsDaemon
+
+    daemon = MpsDaemon(tmp_path)
+    daemon.start()
+    try:
+        assert (tmp_path / "mps-daemon").is_file()
+        client = subprocess.Popen(
+            [sys.executable, "-c", "import sys, torch; x = torch.ones(1 << 20, device='cuda'); print(float(x.sum()));"
+                                   " sys.stdout.flush(); sys.stdin.read()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **daemon.env()})
+        assert client.stdout.readline().strip() == str(float(1 << 20))
+        servers = _mps_servers(daemon)  # the MPS server started for the client
+        client.communicate("", timeout=60)
+        assert servers, "no MPS server ran for the CUDA client"
+    finally:
+        daemon.stop()
+    assert not (tmp_path / "mps-daemon").exists() and not _mps_servers(daemon)
 
 
 @pytest.mark.server

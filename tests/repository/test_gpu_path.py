@@ -375,3 +375,52 @@ def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, 
     for got, want in zip(results, exact.numpy()):
         assert got.top1.index == int(want.argmax())
         assert np.dot(got.logits, want) / np.linalg.norm(got.logits) / np.linalg.norm(want) > 0.9999
+
+
+@pytest.mark.server
+def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, photo_paths):
+    """perf/gpu/photo_designs.py, as the GPU measurements use it: `copy` serves the photo path again under
+    another name with knobs changed (answers unchanged), `null` answers with the photo path's tensors and no
+    work (the serving stack's own ceiling); swept with perf_analyzer's asynchronous client, each row with the
+    host's CPU load and the server's failed requests."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from builder.serving.server import LocalServer, ServerSettings
+    from clients import Classifier, ClientSettings
+    from perf.sweep import SweepSettings, run_sweep
+
+    root = Path(__file__).resolve().parents[2]
+    repo = tmp_path / "repo"
+    shutil.copytree(gpu_repo, repo, symlinks=True)
+    name = "swin_tiny_patch4_window7_224"
+    tool = [sys.executable, str(root / "perf" / "gpu" / "photo_designs.py")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run(tool + ["copy", str(repo), name, f"{name}_i2", "--instances", "2", "--buckets", "1,3,8"],
+                   check=True, env=env, capture_output=True)
+    subprocess.run(tool + ["null", str(repo), name], check=True, env=env, capture_output=True)
+    copied = configs.read(repo / f"{name}_i2" / "config.pbtxt")
+    assert copied.name == f"{name}_i2" and copied.instance_group[0].count == 2
+    assert copied.parameters["batch_buckets"].string_value == "1,3,8"
+    null = configs.read(repo / f"{name}_null" / "config.pbtxt")
+    assert [o.name for o in null.output] == [o.name for o in configs.read(repo / name / "config.pbtxt").output]
+    http, grpc, metrics = free_ports(3)
+    with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))) as server:
+        (row,) = run_sweep(SweepSettings(
+            name=f"{name}_null", http_url=server.http_url, grpc_url=server.grpc_url, concurrency=(2,),
+            images=tuple(str(p) for p in photo_paths[:4]), measurement_interval_ms=500, stability_percent=50,
+            max_trials=5, client_threads=2))
+        answers = {}
+        for model in (name, f"{name}_i2"):
+            with Classifier(ClientSettings(url=server.grpc_url, model=model, max_batch=MAX_BATCH)) as client:
+                answers[model] = client.classify([p.read_bytes() for p in photo_paths[:3]], return_logits=True)
+    assert "error" not in row, row
+    assert "--async --max-threads 2" in row["command"] and 0 < row["host_cpu_busy"] <= 1
+    assert row["stages"][f"{name}_null"]["failed"] == 0 and row["throughput_img_per_s"] > 0
+    for first, second in zip(answers[name], answers[f"{name}_i2"]):
+        assert first.ok and second.ok and first.top1.index == second.top1.index
+        np.testing.assert_allclose(first.logits, second.logits, atol=1e-4)
+    with pytest.raises(BuilderError, match="client_threads: -1 is negative"):
+        SweepSettings(name=name, images=("a.jpg",), client_threads=-1)

@@ -57,6 +57,18 @@ def test_serve_refuses_gpus_the_host_lacks_in_one_line(placed_repo, tmp_path):
     assert not (tmp_path / "w" / "tritonserver.pid").exists()
 
 
+def test_serve_with_mps_refuses_in_one_line_where_mps_cannot_run(local_repo, tmp_path):
+    """`builder serve --mps` without the driver's MPS control program: one line, and no server started."""
+    import shutil
+
+    if shutil.which("nvidia-cuda-mps-control"):
+        pytest.skip("this host has nvidia-cuda-mps-control: tests/gpu runs the daemon for real")
+    one_line_error(run_module("builder", "serve", "--mps", "--repository", str(local_repo), "--workdir",
+                              str(tmp_path / "w")),
+                   "mps: nvidia-cuda-mps-control is not on PATH", "serve without --mps")
+    assert not (tmp_path / "w" / "tritonserver.pid").exists() and not (tmp_path / "w" / "mps-daemon").exists()
+
+
 def test_every_gpu_gets_its_memory_pool():
     assert gpus.memory_pool_args(256, [0, 1, 2]) == [f"--cuda-memory-pool-byte-size={g}:268435456" for g in (0, 1, 2)]
     assert gpus.memory_pool_args(0, [0, 1]) == []
