@@ -114,7 +114,7 @@ def markdown(result: Dict) -> str:
             lines.append(f"| {row['gpus']} | {row['concurrency']} | failed: {row['error'][:80]} | | | |")
             continue
         ratio = row.get("ratio_to_n_times_one")
-        cpu = f"{row['host_cpu_busy']:.0%} of {row['host_cores']} cores"
+        cpu = f"{row['host_cpu_busy']:.0%} of {row['host_cores']} cores" if row.get("host_cpu_busy") is not None else "—"
         lines.append(f"| {row['gpus']} | {row['concurrency']} | {row['throughput_img_per_s']:,.0f} | "
                      f"{ratio if ratio is not None else '—'} | {cpu} | {row['latency_p99_us'] / 1000:.1f} |")
     return "\n".join(lines) + "\n"
@@ -141,7 +141,8 @@ def plot(result: Dict, path: Path) -> Optional[Path]:
     ax.set_xticks(counts)
     ax.set_ylim(bottom=0)
     cpu = ax.twinx()
-    cpu.plot(counts, [100 * r["host_cpu_busy"] for r in rows], "s:", color="tab:red", label="host CPU busy %")
+    cpu.plot(counts, [100 * r["host_cpu_busy"] if r.get("host_cpu_busy") is not None else float("nan") for r in rows],
+             "s:", color="tab:red", label="host CPU busy %")
     cpu.set_ylabel("host CPU busy (%)")
     cpu.set_ylim(0, 100)
     handles = ax.get_legend_handles_labels()[0] + cpu.get_legend_handles_labels()[0]

@@ -265,7 +265,7 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
             busy2, total2 = cpu_times()
             # The host's cores busy over the row (client and server together): a saturated host caps what the
             # GPU can be given.
-            row["host_cpu_busy"] = round((busy2 - busy) / max(total2 - total, 1.0), 3)
+            row["host_cpu_busy"] = round((busy2 - busy) / (total2 - total), 3) if total2 > total else None
             row["host_cores"] = os.cpu_count() or 1
             stages = stage_times(before, model_statistics(settings.grpc_url))
             if stages:
@@ -291,9 +291,12 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
 
 
 def cpu_times() -> Tuple[float, float]:
-    """(busy, total) jiffies of all cores from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [float(v) for v in f.readline().split()[1:]]
+    """(busy, total) jiffies of all cores from /proc/stat; (0, 0) where there is none (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
 
