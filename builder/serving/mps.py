@@ -58,6 +58,7 @@ class MpsDaemon:
                                "them, or serve without --mps")
         if not host_gpus():
             raise BuilderError("mps: this host has no GPU (nvidia-smi lists none); serve without --mps")
+        self.stop()  # a daemon left by a server of this workdir that was killed: quit before starting anew
         for folder in self.env().values():
             Path(folder).mkdir(parents=True, exist_ok=True)
         done = subprocess.run([control, "-d"], env={**os.environ, **self.env()}, capture_output=True, text=True,

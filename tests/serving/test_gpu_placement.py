@@ -67,6 +67,11 @@ def test_serve_with_mps_refuses_in_one_line_where_mps_cannot_run(local_repo, tmp
                               str(tmp_path / "w")),
                    "mps: nvidia-cuda-mps-control is not on PATH", "serve without --mps")
     assert not (tmp_path / "w" / "tritonserver.pid").exists() and not (tmp_path / "w" / "mps-daemon").exists()
+    # A daemon's marker left by a killed server is cleared by `builder stop` (the daemon quit where there is one).
+    (tmp_path / "w" / "mps-daemon").write_text("left behind")
+    done = run_module("builder", "stop", "--workdir", str(tmp_path / "w"))
+    assert done.returncode == 0 and "no tritonserver is running" in done.stdout
+    assert not (tmp_path / "w" / "mps-daemon").exists()
 
 
 def test_every_gpu_gets_its_memory_pool():
