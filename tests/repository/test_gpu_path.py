@@ -424,3 +424,20 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
         np.testing.assert_allclose(first.logits, second.logits, atol=1e-4)
     with pytest.raises(BuilderError, match="client_threads: -1 is negative"):
         SweepSettings(name=name, images=("a.jpg",), client_threads=-1)
+
+
+def test_the_repository_readme_names_the_photo_path_design_and_mps():
+    """The generated README says what the model under the ensemble's name is, and to serve many GPU photo-path
+    instances under MPS."""
+    from builder.core.contract import Contract
+    from builder.repository.readme import render
+
+    contract = Contract("swin_tiny_patch4_window7_224", (3, 224, 224), 1000)
+    choice = {"requested": "inductor", "chosen": "inductor", "reason": "asked"}
+    many = render(s.RepoSettings(preprocess="gpu", engine="inductor", gpu_photo_path="fused",
+                                 preprocess_instances=s.InstanceGroup("KIND_GPU", 6)), contract, choice, {})
+    assert "(`fused`)" in many and "6 instances per GPU" in many and "builder serve --mps" in many
+    two = render(s.RepoSettings(preprocess="gpu", engine="onnxruntime", gpu_photo_path="pipeline"), contract, choice, {})
+    assert "(`pipeline`)" in two and "--mps" not in two
+    exact = render(s.RepoSettings(), contract, choice, {})
+    assert "the three in one request (Triton ensemble)" in exact and "--mps" not in exact
