@@ -105,7 +105,8 @@ def null(repo: Path, name: str) -> None:
     config = configs.read(repo / name / "config.pbtxt")
     config.name = f"{name}_null"
     config.ClearField("parameters")
-    version = repo / config.name / "1"
+    # The source's newest version number: its version policy, copied with the config, may name it.
+    version = repo / config.name / sorted((p.name for p in (repo / name).iterdir() if p.name.isdigit()), key=int)[-1]
     version.mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(__file__).with_name("null_model.py"), version / "model.py")
     configs.write(config, repo / config.name)
