@@ -11,7 +11,6 @@
 # Images: builder/parity_images (the reference logits and every parity gate).
 set -euo pipefail
 source "$(dirname "$0")/gpu_repo.sh"
-PYTHON=${PYTHON:-python3}
 TRT=${TRT_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu-auto}
 W=${WORK_DIR:-/tmp/swin-auto}
@@ -20,7 +19,6 @@ MAX_BATCH=${MAX_BATCH:-128}
 PREFERRED=${PREFERRED:-32,64,128}
 TACTICS=${TACTICS:-edge_mask_convolutions,jit_convolutions}
 mkdir -p "$OUT" "$W"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   plan)
     $PYTHON -m builder export --output "$W/model.onnx" --images builder/parity_images \

@@ -14,20 +14,17 @@
 # among "ensemble preprocess classifier large"; CONCURRENCY, INTERVAL_MS set the grid.
 set -euo pipefail
 source "$(dirname "$0")/gpu_repo.sh"
-PYTHON=${PYTHON:-python3}
-SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu}
 REPO=${REPO:-/tmp/swin-gpu-repo}
 WORK=${WORK:-/tmp/swin-gpu-server}
 COMPILE=${TORCH_COMPILE:-none}
 MAX_BATCH=${MAX_BATCH:-128}
 IMAGES=${IMAGES:-/tmp/swin-gpu-images}
-mkdir -p "$OUT" "$IMAGES/typical" "$IMAGES/large"
-cp builder/parity_images/*_640x480.jpg "$IMAGES/typical/"
+mkdir -p "$OUT" "$IMAGES/large"
+gpu_photos "$IMAGES/typical"
 cp builder/parity_images/astronaut_2048x1536.jpg "$IMAGES/large/"
 # A 12 MP phone-camera-sized upload, made from the bundled 3 MP photo.
 [ -f "$IMAGES/large/astronaut_4032x3024.jpg" ] || $PYTHON -c "from PIL import Image; Image.open('$IMAGES/large/astronaut_2048x1536.jpg').resize((4032, 3024), Image.BICUBIC).save('$IMAGES/large/astronaut_4032x3024.jpg', quality=85)"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   repo)
     gpu_repo --engine inductor --torch-compile "$COMPILE" 2>&1 | tail -6

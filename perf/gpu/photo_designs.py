@@ -15,7 +15,6 @@ pipeline and fused models: the decoder, torch's CPU threads, GPU instances, and 
 """
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -85,14 +84,9 @@ def set_parameters(repo: Path, name: str, args) -> None:
 
 def copy(repo: Path, source: str, target: str, args) -> None:
     """`source` again as `target` (files linked where the file system allows), with the knobs changed."""
-    def link(src, dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
     shutil.rmtree(repo / target, ignore_errors=True)
-    shutil.copytree(repo / source, repo / target, copy_function=link, ignore=shutil.ignore_patterns("config.pbtxt"))
+    shutil.copytree(repo / source, repo / target, copy_function=models._link_or_copy,
+                    ignore=shutil.ignore_patterns("config.pbtxt"))
     config = configs.read(repo / source / "config.pbtxt")
     config.name = target
     _apply(config, args)

@@ -11,16 +11,12 @@
 # Images: builder/parity_images/*_640x480.jpg (the bundled photos, 640x480 JPEGs).
 set -euo pipefail
 source "$(dirname "$0")/gpu_repo.sh"
-PYTHON=${PYTHON:-python3}
-SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu-photo-path}
 REPO=${REPO:-/tmp/swin-photo-repo}
 WORK=${WORK:-/tmp/swin-photo-server}
 IMAGES=${IMAGES:-/tmp/swin-photo-images}
-NAME=swin_tiny_patch4_window7_224
-mkdir -p "$OUT" "$IMAGES"
-cp builder/parity_images/*_640x480.jpg "$IMAGES/"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+gpu_photos "$IMAGES"
 case "${1:?stage}" in
   repo)
     gpu_repo --engine inductor --gpu-photo-path pipeline 2>&1 | grep -v "^\s*$" | tail -8

@@ -10,15 +10,11 @@
 # host, so the CPU load includes the client's.
 set -euo pipefail
 source "$(dirname "$0")/gpu_repo.sh"
-PYTHON=${PYTHON:-python3}
-SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
 OUT=${OUT:-build/gpu-scaling}
 REPO=${REPO:-/tmp/swin-scaling-repo}
 IMAGES=${IMAGES:-/tmp/swin-scaling-images}
-NAME=swin_tiny_patch4_window7_224
-mkdir -p "$OUT" "$IMAGES"
-cp builder/parity_images/*_640x480.jpg "$IMAGES/"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+gpu_photos "$IMAGES"
 case "${1:?stage}" in
   repo)
     gpu_repo --engine inductor --inductor-precision "${PRECISION:-auto}" 2>&1 | grep -v "^\s*$" | tail -8
