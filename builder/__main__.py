@@ -328,12 +328,11 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_stop(args) -> int:
-    from builder.serving.mps import MpsDaemon
-
     server = _server(args)
     if not server.running_pid():
-        MpsDaemon(server.workdir).stop()  # a daemon its killed server left behind
-        print("no tritonserver is running from", server.workdir)
+        ended = server.end_leftovers()  # a killed server's stubs and MPS daemon
+        print(f"no tritonserver is running from {server.workdir}"
+              + (f" (ended {ended} model process(es) its server left)" if ended else ""))
         return 0
     server.stop()
     print("tritonserver stopped")

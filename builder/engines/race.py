@@ -44,14 +44,25 @@ class RaceResult:
     choice: Dict
 
 
+def batch_buckets(max_batch: int, preferred=()) -> list:
+    """The batch sizes the inductor engine captures a CUDA graph for: a batch pads to the next one.
+
+    Every power of two up to a step, then every multiple of the step (8 up to a max of 128, at most ~16
+    of them above), the preferred sizes and the max. Sparse buckets made batches of 2-8 cost a batch of 32
+    at low load (measured on an H100: served throughput fell from concurrency 1 to 8); powers of two alone
+    padded the batches of ~36 that six photo-path instances form under load to 64: ~40% of the engine's
+    work on padding rows. Each bucket is one CUDA graph, captured at load.
+    """
+    step = max(8, 1 << max(0, (max_batch - 1) // 16).bit_length())
+    powers = {1 << i for i in range(step.bit_length()) if 1 << i <= min(step, max_batch)}
+    steps = set(range(step, max_batch + 1, step))
+    return sorted(powers | steps | {*preferred, max_batch})
+
+
 def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, str]:
     """Config parameters of the torch-engine classifier."""
     batching = settings.classifier_batching
-    # Every power of two up to the max, and the preferred sizes: a batch pads to the next bucket, so sparse
-    # buckets (1, 32, ...) made batches of 2-8 cost a batch of 32 at low load (measured on an H100: served
-    # throughput fell from concurrency 1 to 8). Each bucket is one CUDA graph, captured at load.
-    powers = {1 << i for i in range(batching.max_batch_size.bit_length()) if 1 << i <= batching.max_batch_size}
-    buckets = sorted(powers | {*batching.preferred_batch_sizes, batching.max_batch_size})
+    buckets = batch_buckets(batching.max_batch_size, batching.preferred_batch_sizes)
     # A GPU instance only stacks and copies batches on the CPU. torch's default pool, one thread per core in
     # every instance's process, oversubscribed the cores: 2 instances on an H100 served 187 img/s with it and
     # 2,312 with one thread each (perf/results/h100-analyze/threads/). CPU instances compute there: torch decides.

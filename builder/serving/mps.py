@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict
 
 from builder.errors import BuilderError
+from builder.serving import procs
 
 log = logging.getLogger(__name__)
 CONTROL = "nvidia-cuda-mps-control"
@@ -70,15 +71,32 @@ class MpsDaemon:
         self.marker.write_text(str(self.root))
         log.info("CUDA MPS control daemon started (pipe %s)", self.env()["CUDA_MPS_PIPE_DIRECTORY"])
 
+    def pids(self):
+        """The daemon's processes (control and server): MPS programs started with this daemon's pipe folder."""
+        pipe = self.env()["CUDA_MPS_PIPE_DIRECTORY"]
+        return procs.find(lambda pid, argv: Path(argv[0]).name.startswith("nvidia-cuda-mps")
+                          and procs.environment(pid).get("CUDA_MPS_PIPE_DIRECTORY") == pipe)
+
     def stop(self) -> None:
-        """Quits the daemon if one was started for this workdir (after the server's processes have ended)."""
-        if not self.marker.is_file():
+        """Quits the daemon started for this workdir, if one runs (after the server's processes have ended).
+
+        A daemon that does not quit in 15 s (it waits for clients that no longer answer) is killed: left
+        running, it made the next `serve --mps` of this workdir fail ("already running").
+        """
+        running = self.pids()
+        if not running and not self.marker.is_file():
             return
         control = shutil.which(CONTROL)
-        if control:
+        if running:
             try:
-                subprocess.run([control], input="quit\n", env={**os.environ, **self.env()}, capture_output=True,
-                               text=True, timeout=30)
+                if control:
+                    subprocess.run([control], input="quit\n", env={**os.environ, **self.env()},
+                                   capture_output=True, text=True, timeout=15)
             except subprocess.TimeoutExpired:
-                log.warning("the CUDA MPS control daemon did not quit in 30 s (pipe %s)", self.root / "pipe")
+                pass
+            left = procs.wait_gone(self.pids(), 5.0)
+            if left:
+                log.warning("the CUDA MPS daemon (pipe %s) did not quit; killing pids %s", self.root / "pipe",
+                            " ".join(map(str, left)))
+                procs.kill(left)
         self.marker.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from builder.errors import BuilderError
+from builder.serving import procs
 from builder.serving.mps import MpsDaemon
 
 log = logging.getLogger("builder")
@@ -188,6 +189,11 @@ def server_dir(workdir: Path) -> Path:
     return target
 
 
+def stub_path(workdir: Path) -> Path:
+    """The Python-backend stub a server run from `workdir` starts its model processes with (in its copy)."""
+    return Path(workdir) / "tritonserver" / "backends" / "python" / "triton_python_backend_stub"
+
+
 def server_env(extra_lib_dirs: Sequence[str] = ()) -> dict:
     """Environment for tritonserver: bundled libraries and our venv's python3 first on PATH."""
     libs = _pytriton_root().parent / "nvidia_pytriton.libs"
@@ -262,6 +268,7 @@ class LocalServer:
         if self.running_pid():
             raise BuilderError(f"a tritonserver started from {self.workdir} is already running "
                                f"(pid {self.running_pid()}); stop it with `make stop`")
+        self.end_leftovers()  # a killed server's stubs still hold their GPU memory (and an MPS daemon's clients)
         self._check_ports()
         cmd = self.command()
         shown = " ".join(cmd)
@@ -407,8 +414,38 @@ class LocalServer:
                     code = self.process.wait()
         self.pid_path.unlink(missing_ok=True)
         self.process = None
-        MpsDaemon(self.workdir).stop()  # after the server and its stubs: the daemon's last clients
+        self.end_leftovers(grace=10.0)
         return code
+
+    def stub_pids(self):
+        """The Python-backend stub processes of a server run from this workdir (they run its copied stub)."""
+        stub = str(stub_path(self.workdir))
+        return procs.find(lambda pid, argv: argv[0] == stub)
+
+    def end_leftovers(self, grace: float = 0.0) -> int:
+        """Ends what a server of this workdir left once it is gone: its stubs, then its MPS daemon.
+
+        Stubs end on their own when the server exits; a server killed after its stop timeout left them
+        running on an H200 under MPS, for minutes, holding their CUDA contexts, and the MPS daemon, which
+        does not quit while it has clients, made the next `serve --mps` fail.
+
+        Args:
+            grace: Seconds the stubs get to end on their own before they are killed.
+
+        Returns:
+            How many stub processes had to be killed.
+        """
+        if self.running_pid():
+            return 0  # a server runs: the stubs are its own
+        left = procs.wait_gone(self.stub_pids(), grace)
+        if left:
+            log.warning("a tritonserver of %s that is gone left %d model process(es) (Python-backend stubs, "
+                        "pids %s); killing them", self.workdir, len(left), " ".join(map(str, left)))
+            stuck = procs.kill(left)
+            if stuck:
+                log.warning("model processes %s did not end after SIGKILL", " ".join(map(str, stuck)))
+        MpsDaemon(self.workdir).stop()  # after the server and its stubs: the daemon's last clients
+        return len(left)
 
     def __enter__(self) -> "LocalServer":
         return self.start()

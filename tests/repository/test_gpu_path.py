@@ -159,7 +159,7 @@ def test_settings_of_the_variants():
                                              classifier_batching=s.Batching(48, (24,), 100),
                                              classifier_instances=s.InstanceGroup("KIND_CPU", 1)),
                               Contract("x", (224, 224), 1000, 5))
-    assert params["precision"] == "fp32" and params["batch_buckets"] == "1,2,4,8,16,24,32,48"
+    assert params["precision"] == "fp32" and params["batch_buckets"] == "1,2,4,8,16,24,32,40,48"
     assert params["intra_op_threads"] == "0"  # CPU instances compute on the CPU: torch's own pool
     gpu = torch_parameters(s.RepoSettings(engine="inductor", classifier_instances=s.InstanceGroup("KIND_GPU", 2)),
                            Contract("x", (224, 224), 1000, 5))

@@ -3,6 +3,9 @@ memory pools, and Kubernetes pods of N GPUs with the autoscaler's range scaled t
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import yaml
 
@@ -67,11 +70,23 @@ def test_serve_with_mps_refuses_in_one_line_where_mps_cannot_run(local_repo, tmp
                               str(tmp_path / "w")),
                    "mps: nvidia-cuda-mps-control is not on PATH", "serve without --mps")
     assert not (tmp_path / "w" / "tritonserver.pid").exists() and not (tmp_path / "w" / "mps-daemon").exists()
-    # A daemon's marker left by a killed server is cleared by `builder stop` (the daemon quit where there is one).
+    # A daemon a killed server left (marker and processes: `-d` then said "already running") is ended by
+    # `builder stop`: quit where the control program is, else killed. A daemon of another pipe folder (another
+    # server's, or the host's own) is left alone. The processes stand in for the driver's (not on this host).
+    from builder.serving.mps import MpsDaemon
+
+    def daemon(workdir, name):
+        return subprocess.Popen([name, "600"], executable="sleep", env={**os.environ, **MpsDaemon(workdir).env()})
+
     (tmp_path / "w" / "mps-daemon").write_text("left behind")
+    ours = [daemon(tmp_path / "w", "nvidia-cuda-mps-control"), daemon(tmp_path / "w", "nvidia-cuda-mps-server")]
+    theirs = daemon(tmp_path / "other", "nvidia-cuda-mps-control")
+    assert sorted(MpsDaemon(tmp_path / "w").pids()) == sorted(p.pid for p in ours)
     done = run_module("builder", "stop", "--workdir", str(tmp_path / "w"))
     assert done.returncode == 0 and "no tritonserver is running" in done.stdout
-    assert not (tmp_path / "w" / "mps-daemon").exists()
+    assert not (tmp_path / "w" / "mps-daemon").exists() and [p.wait(timeout=10) for p in ours] == [-9, -9]
+    assert theirs.poll() is None
+    theirs.kill()
 
 
 def test_every_gpu_gets_its_memory_pool():

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from builder.errors import BuilderError
-from builder.serving.server import LocalServer, ServerSettings
+from builder.serving.server import LocalServer, ServerSettings, stub_path
 from builder.core import imaging
 from conftest import SERVED_LOGIT_ATOL, free_ports, tiny_settings
 
@@ -109,22 +109,36 @@ def test_container_flavor_is_refused_locally_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.server
+def _left_stub(workdir):
+    """A process whose command line is a Python-backend stub of `workdir`'s server (as a killed server leaves)."""
+    return subprocess.Popen([str(stub_path(workdir)), "600"], executable="sleep")
+
+
 def test_serve_detach_and_stop_cli(local_repo, tmp_path):
     http, grpc, metrics = free_ports(3)
     common = ["--repository", str(local_repo), "--http-port", str(http), "--grpc-port", str(grpc),
               "--metrics-port", str(metrics), "--workdir", str(tmp_path / "srv")]
+    # A stub left by a server of this workdir that was killed (on an H200 under MPS they lived on for minutes),
+    # and one of another workdir's server, which is not ours to end.
+    left, other = _left_stub(tmp_path / "srv"), _left_stub(tmp_path / "elsewhere")
     started = subprocess.run([sys.executable, "-m", "builder", "serve", "--detach", *common],
                              capture_output=True, text=True, timeout=200)
     assert started.returncode == 0, started.stderr
     try:
+        assert left.wait(timeout=10) == -9 and other.poll() is None  # ended before the start, the other left
+        assert "left 1 model process(es)" in started.stderr
         assert httpclient.InferenceServerClient(f"localhost:{http}").is_server_ready()
+        server = LocalServer(ServerSettings(str(local_repo), workdir=str(tmp_path / "srv")))
+        assert len(server.stub_pids()) >= 2  # the running server's own stubs: untouched
         again = subprocess.run([sys.executable, "-m", "builder", "serve", "--detach", *common],
                                capture_output=True, text=True, timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
         stopped = subprocess.run([sys.executable, "-m", "builder", "stop", *common], capture_output=True, text=True)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    assert not (tmp_path / "srv" / "tritonserver.pid").exists()
+    assert not (tmp_path / "srv" / "tritonserver.pid").exists() and not server.stub_pids()
+    assert other.poll() is None
+    other.kill()
 
 
 @pytest.mark.server
