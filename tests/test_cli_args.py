@@ -62,10 +62,11 @@ def test_make_passes_only_what_the_user_set():
         return " ".join(out.replace("\\\n", " ").split())
 
     assert command().endswith("-m builder repo --output model_repository")
-    set_by_user = command("MAX_BATCH=8", "PREPROCESS=gpu", "ENGINE=inductor", "MAX_QUEUE=0", "PREPROCESS_INSTANCES=6")
+    set_by_user = command("MAX_BATCH=8", "PREPROCESS=gpu", "ENGINE=inductor", "MAX_QUEUE=0", "PREPROCESS_INSTANCES=6",
+                          "GPU_PHOTO_PATH=pipeline")
     assert "--max-batch-size 8 --preferred" not in set_by_user
     for option in ("--max-batch-size 8", "--max-queue-size 0", "--preprocess gpu", "--engine inductor",
-                   "--preprocess-instances 6"):
+                   "--preprocess-instances 6", "--gpu-photo-path pipeline"):
         assert option in set_by_user
     assert "--max-queue-delay-us" not in set_by_user and "--model " not in set_by_user
     serve = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "serve", "MPS=1"], cwd=ROOT,

@@ -3,7 +3,7 @@
     python perf/gpu/photo_designs.py write REPO NAME   # <NAME>_fused and <NAME>_ensemble3 beside the pipeline
     python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N]
                                                   [--profile N --trace-dir DIR]
-    python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,...]
+    python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,..., --classifier M]
     python perf/gpu/photo_designs.py null REPO NAME   # <NAME>_null: the photo path's tensors, no work
 
 `write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
@@ -56,7 +56,8 @@ def write(repo: Path, name: str) -> None:
 
 def _changes(args) -> dict:
     return {"decoder": args.decoder, "intra_op_threads": args.threads, "profile_every": args.profile,
-            "trace_dir": args.trace_dir if args.profile else "", "batch_buckets": args.buckets}
+            "trace_dir": args.trace_dir if args.profile else "", "batch_buckets": args.buckets,
+            "classifier": args.classifier}
 
 
 def _apply(config, args) -> None:
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="")
     parser.add_argument("--trace-dir", default="")
     parser.add_argument("--buckets", default="", help="the fused engine's CUDA-graph batch sizes, e.g. 1,2,4,...")
+    parser.add_argument("--classifier", default="", help="the pipeline's classifier model (e.g. a copy with other "
+                        "instances)")
     args = parser.parse_args(argv)
     if args.action == "write":
         write(args.repo, args.name)
