@@ -439,6 +439,7 @@ def test_the_repository_readme_names_the_photo_path_design_and_mps():
     many = render(s.RepoSettings(preprocess="gpu", engine="inductor", gpu_photo_path="fused",
                                  preprocess_instances=s.InstanceGroup("KIND_GPU", 6)), contract, choice, {})
     assert "(`fused`)" in many and "6 instances per GPU" in many and "builder serve --mps" in many
+    assert "`--gpu-photo-path pipeline`" in many  # with many instances it served more than fused
     two = render(s.RepoSettings(preprocess="gpu", engine="onnxruntime", gpu_photo_path="pipeline"), contract, choice, {})
     assert "(`pipeline`)" in two and "--mps" not in two
     exact = render(s.RepoSettings(), contract, choice, {})
