@@ -26,10 +26,9 @@ log = logging.getLogger("builder")
 
 def _add_repo(sub) -> None:
     from builder import settings as s
-    from builder.args import add_model_args, add_parity_args, field_default, ints
+    from builder.args import add_model_args, add_parity_args, field_default
 
     repo = s.RepoSettings
-    batching, instances = s.Batching(), field_default(repo, "classifier_instances")
     p = sub.add_parser("repo", help="export the model and write the model repository",
                        description="Export a timm Swin classifier to ONNX, validate it against PyTorch, "
                                    "and write a complete Triton model repository (atomically).")
@@ -40,63 +39,118 @@ def _add_repo(sub) -> None:
                    help="container (default, for NVIDIA's tritonserver image): native onnxruntime / tensorrt_plan "
                         "backends; local (the pip tritonserver, Python backend only): the classifier runs in the "
                         "Python backend; an existing repository keeps its flavor unless this is given")
-    p.add_argument("--max-batch-size", type=int, default=batching.max_batch_size)
-    p.add_argument("--preferred-batch-sizes", type=ints, default=batching.preferred_batch_sizes, help="e.g. 8,16,32")
-    p.add_argument("--max-queue-delay-us", type=int, default=batching.max_queue_delay_us)
-    p.add_argument("--max-queue-size", type=int, default=batching.max_queue_size,
+    _repo_batching_args(p)
+    _repo_placement_args(p, repo)
+    _repo_preprocess_args(p, repo)
+    _repo_engine_args(p, repo)
+    _repo_contract_args(p, repo)
+    _repo_versions_args(p, repo)
+    add_parity_args(p, field_default(repo, "parity"), top1=False, what="the ONNX export")
+
+
+def _repo_batching_args(p) -> None:
+    """Dynamic batching and queue policy of every batched model (`repo`)."""
+    from builder import settings as s
+    from builder.args import ints
+
+    batching = s.Batching()
+    g = p.add_argument_group("batching and queues")
+    g.add_argument("--max-batch-size", type=int, default=batching.max_batch_size)
+    g.add_argument("--preferred-batch-sizes", type=ints, default=batching.preferred_batch_sizes, help="e.g. 8,16,32")
+    g.add_argument("--max-queue-delay-us", type=int, default=batching.max_queue_delay_us)
+    g.add_argument("--max-queue-size", type=int, default=batching.max_queue_size,
                    help="requests queued per model before new ones are rejected at once (0: unbounded)")
-    p.add_argument("--queue-timeout-us", type=int, default=batching.queue_timeout_us,
+    g.add_argument("--queue-timeout-us", type=int, default=batching.queue_timeout_us,
                    help="reject requests queued longer than this (0: no timeout)")
-    p.add_argument("--priority-levels", type=int, default=batching.priority_levels,
+    g.add_argument("--priority-levels", type=int, default=batching.priority_levels,
                    help="request priority levels (0: none)")
-    p.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
+
+
+def _repo_placement_args(p, repo) -> None:
+    """Instances and GPUs (`repo`)."""
+    from builder import settings as s
+    from builder.args import field_default, ints
+
+    instances = field_default(repo, "classifier_instances")
+    g = p.add_argument_group("instances and GPUs")
+    g.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
                    help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
-    p.add_argument("--instance-count", type=int, default=instances.count, help="classifier instances per device")
-    p.add_argument("--gpus", type=ints, default=instances.gpus, help="GPU ids of every GPU-placed model (classifier, GPU preprocessing, photo path), e.g. 0,1 "
+    g.add_argument("--instance-count", type=int, default=instances.count, help="classifier instances per device")
+    g.add_argument("--gpus", type=ints, default=instances.gpus,
+                   help="GPU ids of every GPU-placed model (classifier, GPU preprocessing, photo path), e.g. 0,1 "
                         "(default: all GPUs)")
-    p.add_argument("--preprocess-instances", type=int, default=s.PYTHON_MODEL_INSTANCES,
+    g.add_argument("--preprocess-instances", type=int, default=s.PYTHON_MODEL_INSTANCES,
                    help="preprocess model instances (2: one is free when the batcher looks, see the README)")
-    p.add_argument("--preprocess", choices=s.PREPROCESS, default=field_default(repo, "preprocess"),
+
+
+def _repo_preprocess_args(p, repo) -> None:
+    """The photo preprocessing and the GPU photo path (`repo`)."""
+    from builder import settings as s
+    from builder.args import field_default
+
+    g = p.add_argument_group("preprocessing and the photo path")
+    g.add_argument("--preprocess", choices=s.PREPROCESS, default=field_default(repo, "preprocess"),
                    help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
                         "decoded at 1/2, 1/4 or 1/8 scale (parity-gated against exact); gpu: batched GPU JPEG "
                         "decode + resize (parity-gated against exact; other formats take the exact path)")
-    p.add_argument("--gpu-photo-path", choices=s.GPU_PHOTO_PATHS, default=field_default(repo, "gpu_photo_path"),
+    g.add_argument("--gpu-photo-path", choices=s.GPU_PHOTO_PATHS, default=field_default(repo, "gpu_photo_path"),
                    help="--preprocess gpu: fused: one model decodes the batch on the GPU, runs the inductor "
                         "engine in its own process and does top-k on the GPU; pipeline: the same, calling the "
                         "classifier model once per batch (any engine); ensemble: Triton chains the preprocess, "
                         "classifier and postprocess models; auto (default): fused with the inductor engine, "
                         "else pipeline")
-    p.add_argument("--gpu-decoder", choices=s.GPU_DECODERS, default=field_default(repo, "gpu_decoder"),
+    g.add_argument("--gpu-decoder", choices=s.GPU_DECODERS, default=field_default(repo, "gpu_decoder"),
                    help="--preprocess gpu: JPEG decoder (auto: torchvision's nvJPEG; nvimgcodec: nvImageCodec's "
                         "hardware decoders, installed in the serving Python)")
-    p.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
+    g.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
-    p.add_argument("--engine", choices=s.ENGINES, default=field_default(repo, "engine"),
+
+
+def _repo_engine_args(p, repo) -> None:
+    """The classifier's engine (`repo`)."""
+    from builder import settings as s
+    from builder.args import field_default
+
+    g = p.add_argument_group("classifier engine")
+    g.add_argument("--engine", choices=s.ENGINES, default=field_default(repo, "engine"),
                    help="classifier engine. auto (default): on a GPU host, build, gate and time the candidates "
                         "and serve the fastest; without a GPU, onnxruntime (or tensorrt with --plan)")
-    p.add_argument("--torch-compile", choices=s.TORCH_COMPILE, default=None,
+    g.add_argument("--torch-compile", choices=s.TORCH_COMPILE, default=None,
                    help="inductor engine: the program eager, TorchInductor, or TorchInductor with CUDA graphs per "
                         "batch bucket (default)")
-    p.add_argument("--inductor-precision", choices=("auto", *s.INDUCTOR_PRECISIONS), default=None,
+    g.add_argument("--inductor-precision", choices=("auto", *s.INDUCTOR_PRECISIONS), default=None,
                    help="inductor engine precision on a GPU (default auto: on a GPU build host fp16, int8 and "
                         "fp8 race, each gated; int8/fp8 need torchao)")
-    p.add_argument("--compile-timeout-s", type=float, default=field_default(repo, "compile_timeout_s"),
+    g.add_argument("--compile-timeout-s", type=float, default=field_default(repo, "compile_timeout_s"),
                    help="stop a TorchInductor compile of the build after this long (its candidate fails)")
-    p.add_argument("--top-k", type=int, default=field_default(repo, "top_k"))
-    p.add_argument("--opset", type=int, default=field_default(repo, "opset"))
-    p.add_argument("--version", type=int, default=field_default(repo, "version"), help="version directory to write")
-    p.add_argument("--add-version", action="store_true",
-                   help="add the next version beside the served one(s) instead of replacing the repository")
-    p.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
-    p.add_argument("--plan", default=None,
+    g.add_argument("--plan", default=None,
                    help="a TensorRT plan built where TensorRT lives (python -m builder.engines.trt build): served with "
                         "--engine tensorrt, a candidate with --engine auto")
-    p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
-    p.add_argument("--onnxruntime-tensorrt", action="store_true",
+    g.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
+    g.add_argument("--onnxruntime-tensorrt", action="store_true",
                    help="container flavor without a plan: ONNX Runtime's TensorRT accelerator (FP16, engine cache)")
-    p.add_argument("--response-cache", action="store_true",
+
+
+def _repo_contract_args(p, repo) -> None:
+    """What the ensemble returns, the ONNX export, the response cache (`repo`)."""
+    from builder.args import field_default
+
+    g = p.add_argument_group("outputs and export")
+    g.add_argument("--top-k", type=int, default=field_default(repo, "top_k"))
+    g.add_argument("--opset", type=int, default=field_default(repo, "opset"))
+    g.add_argument("--response-cache", action="store_true",
                    help="cache ensemble responses (identical uploads); serve with --cache-mb")
-    add_parity_args(p, field_default(repo, "parity"), top1=False, what="the ONNX export")
+
+
+def _repo_versions_args(p, repo) -> None:
+    """Model versions (`repo`)."""
+    from builder.args import field_default
+
+    g = p.add_argument_group("versions")
+    g.add_argument("--version", type=int, default=field_default(repo, "version"), help="version directory to write")
+    g.add_argument("--add-version", action="store_true",
+                   help="add the next version beside the served one(s) instead of replacing the repository")
+    g.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
 
 
 def _cmd_repo(args) -> int:

@@ -70,23 +70,7 @@ def _versions(model_dir: Path, config: mc.ModelConfig) -> List[int]:
 
 
 def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:
-    mbs = config.max_batch_size
-    if mbs < 0:
-        problems.append(f"{name}: max_batch_size {mbs} is negative")
-    for kind, tensors in (("input", config.input), ("output", config.output)):
-        if not tensors:
-            problems.append(f"{name}: has no {kind}s")
-        for tensor in tensors:
-            if not tensor.dims:
-                problems.append(f"{name}: {kind} {tensor.name!r} has no dims")
-            if any(d == 0 or d < -1 for d in tensor.dims):
-                problems.append(f"{name}: {kind} {tensor.name!r} has invalid dims {list(tensor.dims)}")
-    if config.HasField("dynamic_batching"):
-        if mbs == 0:
-            problems.append(f"{name}: dynamic_batching needs max_batch_size > 0")
-        for size in config.dynamic_batching.preferred_batch_size:
-            if size > mbs:
-                problems.append(f"{name}: preferred batch size {size} is above max_batch_size {mbs}")
+    _check_tensors_and_batching(name, config, problems)
     if config.platform == "ensemble":
         if not _versions(model_dir, config):
             problems.append(f"{name}: no version directory (an ensemble needs an empty one, e.g. {name}/1/)")
@@ -110,6 +94,37 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
     versions = _versions(model_dir, config)
     if not versions:
         problems.append(f"{name}: no version directory matches its version policy")
+    _check_files_it_names(name, model_dir, config, backend, problems)
+    filename = config.default_model_filename or DEFAULT_FILES.get(backend)
+    for version in versions:
+        if filename and not (model_dir / str(version) / filename).is_file():
+            problems.append(f"{name}: version {version} lacks {filename}")
+        _check_version(name, model_dir / str(version), config, problems)
+
+
+def _check_tensors_and_batching(name: str, config: mc.ModelConfig, problems: List[str]) -> None:
+    mbs = config.max_batch_size
+    if mbs < 0:
+        problems.append(f"{name}: max_batch_size {mbs} is negative")
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        if not tensors:
+            problems.append(f"{name}: has no {kind}s")
+        for tensor in tensors:
+            if not tensor.dims:
+                problems.append(f"{name}: {kind} {tensor.name!r} has no dims")
+            if any(d == 0 or d < -1 for d in tensor.dims):
+                problems.append(f"{name}: {kind} {tensor.name!r} has invalid dims {list(tensor.dims)}")
+    if config.HasField("dynamic_batching"):
+        if mbs == 0:
+            problems.append(f"{name}: dynamic_batching needs max_batch_size > 0")
+        for size in config.dynamic_batching.preferred_batch_size:
+            if size > mbs:
+                problems.append(f"{name}: preferred batch size {size} is above max_batch_size {mbs}")
+
+
+def _check_files_it_names(name: str, model_dir: Path, config: mc.ModelConfig, backend: str,
+                          problems: List[str]) -> None:
+    """Labels and warm-up files the config names, and the preprocessing parameters it gives the model."""
     for tensor in config.output:
         if tensor.label_filename and not (model_dir / tensor.label_filename).is_file():
             problems.append(f"{name}: output {tensor.name!r} names labels file {tensor.label_filename!r}, "
@@ -126,29 +141,29 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
             PreprocessParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
         except (KeyError, ValueError) as exc:
             problems.append(f"{name}: its preprocessing parameters do not load: {exc}")
-    filename = config.default_model_filename or DEFAULT_FILES.get(backend)
+
+
+def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:
+    """One version's files against the config: ONNX and plan shapes, the GPU path's and fused engine's files."""
+    version = version_dir.name
+    # Every served version against the one config (the local classifier keeps its ONNX too): a version
+    # built for another image size or batch would fail its load.
+    if (version_dir / "model.onnx").is_file():
+        _check_onnx(name, version_dir / "model.onnx", config, problems)
+    if (version_dir / "model.plan").is_file():
+        _check_plan_sidecar(name, version_dir, config, problems)
     gpu_pipeline = "pipeline" in config.parameters and config.parameters["pipeline"].string_value == "gpu"
-    for version in versions:
-        if filename and not (model_dir / str(version) / filename).is_file():
-            problems.append(f"{name}: version {version} lacks {filename}")
-        onnx_file = model_dir / str(version) / "model.onnx"
-        # Every served version against the one config (the local classifier keeps its ONNX too): a version
-        # built for another image size or batch would fail its load.
-        if onnx_file.is_file():
-            _check_onnx(name, onnx_file, config, problems)
-        if (model_dir / str(version) / "model.plan").is_file():
-            _check_plan_sidecar(name, model_dir / str(version), config, problems)
-        if gpu_pipeline and not (model_dir / str(version) / "gpu_imaging.py").is_file():
-            problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
-                            "gpu_imaging.py (built for another preprocessing); rebuild the repository")
-        elif gpu_pipeline and not any((model_dir / str(version) / "gate").glob("*.jpg")):
-            problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
-                            "parity gate, so it would not load; rebuild the repository")
-        engine_dir = config.parameters["engine_dir"].string_value if "engine_dir" in config.parameters else ""
-        if engine_dir and not ((model_dir / str(version) / engine_dir / "model.pt2").is_file()
-                               and (model_dir / str(version) / "torch_runner.py").is_file()):
-            problems.append(f"{name}: the config runs the classifier's engine in this model (fused), but version "
-                            f"{version} lacks {engine_dir}/model.pt2 or torch_runner.py; rebuild the repository")
+    if gpu_pipeline and not (version_dir / "gpu_imaging.py").is_file():
+        problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
+                        "gpu_imaging.py (built for another preprocessing); rebuild the repository")
+    elif gpu_pipeline and not any((version_dir / "gate").glob("*.jpg")):
+        problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
+                        "parity gate, so it would not load; rebuild the repository")
+    engine_dir = config.parameters["engine_dir"].string_value if "engine_dir" in config.parameters else ""
+    if engine_dir and not ((version_dir / engine_dir / "model.pt2").is_file()
+                           and (version_dir / "torch_runner.py").is_file()):
+        problems.append(f"{name}: the config runs the classifier's engine in this model (fused), but version "
+                        f"{version} lacks {engine_dir}/model.pt2 or torch_runner.py; rebuild the repository")
 
 
 def _check_onnx(name: str, path: Path, config: mc.ModelConfig, problems: List[str]) -> None:

@@ -73,88 +73,99 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         preprocess_parameters: The preprocess model's config parameters.
         class_names: One label per class, for the postprocess model.
     """
-    version = str(settings.version)
-    policy = settings.version_policy
-    batching = settings.classifier_batching
+    pre_config, preprocess_parameters = _write_preprocess(root, settings, contract, preprocess_parameters)
+    cls_config = _write_classifier(root, settings, contract, onnx_file, class_names)
+    post_config = _write_postprocess(root, settings, contract, class_names)
 
+    version = str(settings.version)
+    ens_dir = root / contract.ensemble
+    if settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble":
+        engine = None
+        if settings.gpu_photo_path == "fused":
+            engine = (root / contract.classifier / version, torch_parameters(settings, contract))
+        ens_config = write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names,
+                                    engine)
+    else:
+        (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
+        ens_config = configs.ensemble(contract, settings.classifier_batching.max_batch_size,
+                                      settings.version_policy, settings.response_cache)
+
+    # config.pbtxt last: a polling server never sees a config without its files.
+    for name, config in ((contract.preprocess, pre_config), (contract.classifier, cls_config),
+                         (contract.postprocess, post_config), (contract.ensemble, ens_config)):
+        configs.write(config, root / name)
+
+
+def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str]):
+    """The preprocess model's files; returns its config and its parameters (with the GPU path's added)."""
     pre_dir = root / contract.preprocess
+    version = str(settings.version)
     gpu_pipeline = settings.preprocess == "gpu"
     _copy_python_model("preprocess.py", pre_dir / version,
                        extras=("imaging.py", "served.py") + (("gpu_imaging.py",) if gpu_pipeline else ()))
     if gpu_pipeline:
         # GPU instances only launch work on the GPU: one torch CPU thread each, as for the classifier.
         threads = "1" if settings.preprocess_instances.kind == "KIND_GPU" else "0"
-        preprocess_parameters = {**preprocess_parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
-                                 "intra_op_threads": threads,
-                                 "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
-                                 "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
+        parameters = {**parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
+                      "intra_op_threads": threads,
+                      "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
+                      "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
         # The model checks the decoder it serves with on these photos when it loads (see preprocess.py).
         _copy_gate_photos(pre_dir / version)
     (pre_dir / "warmup").mkdir(parents=True, exist_ok=True)
     photo = (PHOTOS / "astronaut_640x480.jpg").read_bytes()
     # Triton reads a BYTES warm-up input as its wire form: a 4-byte little-endian length before the bytes.
     (pre_dir / "warmup" / WARMUP_IMAGE).write_bytes(struct.pack("<I", len(photo)) + photo)
-    pre_config = configs.preprocess_warmup(configs.python_model(
+    config = configs.preprocess_warmup(configs.python_model(
         contract.preprocess, [contract.image], [contract.pixels], settings.preprocess_batching,
-        settings.preprocess_instances, policy, preprocess_parameters), contract)
+        settings.preprocess_instances, settings.version_policy, parameters), contract)
+    return config, parameters
 
+
+def _write_classifier(root: Path, settings: RepoSettings, contract: Contract, onnx_file: Path, class_names: list):
+    """The classifier's files (ONNX, plan, inductor program or Python runner, by flavor and engine); its config."""
     cls_dir = root / contract.classifier
-    (cls_dir / version).mkdir(parents=True, exist_ok=True)
+    version_dir = cls_dir / str(settings.version)
+    batching, instances, policy = settings.classifier_batching, settings.classifier_instances, settings.version_policy
+    version_dir.mkdir(parents=True, exist_ok=True)
     _write_labels(cls_dir / LABELS_FILE, class_names)
-    shutil.move(str(onnx_file), cls_dir / version / "model.onnx")
+    shutil.move(str(onnx_file), version_dir / "model.onnx")
     if settings.plan:
         # model.onnx stays beside the plan: it is what the plan is rebuilt from in the TensorRT container.
-        shutil.copy2(settings.plan, cls_dir / version / "model.plan")
+        shutil.copy2(settings.plan, version_dir / "model.plan")
         sidecar = Path(settings.plan).with_name("plan.json")
         if sidecar.is_file():
-            shutil.copy2(sidecar, cls_dir / version / "plan.json")
+            shutil.copy2(sidecar, version_dir / "plan.json")
     if settings.engine == "inductor":  # the same Python-backend model in both flavors: torch runs in the stub
         for name in inductor.FILES:
             if onnx_file.with_name(name).is_file():  # inductor.bin only when built on a GPU
-                shutil.move(str(onnx_file.with_name(name)), cls_dir / version / name)
-        _copy_python_model("classifier.py", cls_dir / version, extras=("torch_runner.py",))
-        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy,
-                                              torch_parameters(settings, contract))
-    elif settings.flavor == "local":
+                shutil.move(str(onnx_file.with_name(name)), version_dir / name)
+        _copy_python_model("classifier.py", version_dir, extras=("torch_runner.py",))
+        return configs.local_classifier(contract, batching, instances, policy, torch_parameters(settings, contract))
+    if settings.flavor == "local":
         parameters = None
         if settings.plan:  # the plan runs through builder.engines.plan_runner: copy it and its numpy-only imports
             for module in TRT_MODULES:
-                (cls_dir / version / module).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(BUILDER_DIR.parent / module, cls_dir / version / module)
+                (version_dir / module).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(BUILDER_DIR.parent / module, version_dir / module)
             # The GPU preprocessing's output stays on the GPU: the runner wraps it by DLPack.
             parameters = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-        _copy_python_model("classifier.py", cls_dir / version)
-        cls_config = configs.local_classifier(contract, batching, settings.classifier_instances, policy, parameters)
-    elif settings.plan:
-        cls_config = configs.tensorrt_classifier(contract, batching, settings.classifier_instances, policy,
-                                                 settings.cuda_graphs)
-    else:
-        cls_config = configs.onnx_classifier(contract, batching, settings.classifier_instances, policy,
-                                             settings.onnxruntime_tensorrt)
+        _copy_python_model("classifier.py", version_dir)
+        return configs.local_classifier(contract, batching, instances, policy, parameters)
+    if settings.plan:
+        return configs.tensorrt_classifier(contract, batching, instances, policy, settings.cuda_graphs)
+    return configs.onnx_classifier(contract, batching, instances, policy, settings.onnxruntime_tensorrt)
 
-    post_dir = root / contract.postprocess
-    _copy_python_model("postprocess.py", post_dir / version)
-    _write_labels(post_dir / version / "labels.txt", class_names)
-    post_batching = Batching(batching.max_batch_size, (), settings.preprocess_batching.max_queue_delay_us)
-    post_config = configs.python_model(
-        contract.postprocess, [contract.logits], list(contract.postprocess_outputs), post_batching,
-        settings.postprocess_instances, policy)
 
-    ens_dir = root / contract.ensemble
-    if gpu_pipeline and settings.gpu_photo_path != "ensemble":
-        engine = None
-        if settings.gpu_photo_path == "fused":
-            engine = (cls_dir / version, torch_parameters(settings, contract))
-        ens_config = write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names,
-                                    engine)
-    else:
-        (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
-        ens_config = configs.ensemble(contract, batching.max_batch_size, policy, settings.response_cache)
-
-    # config.pbtxt last: a polling server never sees a config without its files.
-    for model_dir, config in ((pre_dir, pre_config), (cls_dir, cls_config),
-                              (post_dir, post_config), (ens_dir, ens_config)):
-        configs.write(config, model_dir)
+def _write_postprocess(root: Path, settings: RepoSettings, contract: Contract, class_names: list):
+    """The postprocess model's files (top-k and labels); its config."""
+    version_dir = root / contract.postprocess / str(settings.version)
+    _copy_python_model("postprocess.py", version_dir)
+    _write_labels(version_dir / "labels.txt", class_names)
+    batching = Batching(settings.classifier_batching.max_batch_size, (),
+                        settings.preprocess_batching.max_queue_delay_us)
+    return configs.python_model(contract.postprocess, [contract.logits], list(contract.postprocess_outputs),
+                                batching, settings.postprocess_instances, settings.version_policy)
 
 
 def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],

@@ -60,8 +60,6 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
     """
     from builder.repository.check import check_repository
     from builder.export.onnx_export import export_onnx, validate_onnx
-    from builder.export.model import load_model
-    from builder.core.imaging import PreprocessParams
 
     # Everything about the output is checked before the model loads: a bad path fails in a second.
     output = check_output(Path(settings.output), replace=not add_version)
@@ -77,15 +75,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
     started = time.perf_counter()
     with staging_dir(output) as staging:
         log.info("[1/5] loading %s", settings.source.model_name)
-        model = load_model(settings.source)
-        _, height, width = model.data_config["input_size"]
-        contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes, settings.top_k)
-        if settings.top_k > model.num_classes:
-            raise BuilderError(f"top_k: {settings.top_k} is more than the model's {model.num_classes} classes")
-        try:
-            params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
-        except ValueError as exc:
-            raise BuilderError(f"preprocessing: {exc}") from None
+        model, contract, params = _load(settings)
         if previous is not None:  # before the export: a version that cannot be served fails in seconds
             refuse_contract_changes(contract_changes(previous, settings, contract))
         onnx_file = staging / "model.onnx"
@@ -109,15 +99,37 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         problems = check_repository(staging)
         if problems:
             raise BuilderError("the built repository fails its check: " + "; ".join(problems))
-        if add_version:
-            move_version_in(staging, output, contract, settings.version)
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            # Other models and files the user keeps in the repository move into the new tree, never away.
-            carry_over(output, staging)
-            swap_into_place(staging, output)
+        _put_in_place(staging, output, contract, settings.version, add_version)
     log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
     return output
+
+
+def _load(settings: RepoSettings):
+    """The timm model, the contract it gives (input size, classes, top-k) and its exact preprocessing."""
+    from builder.export.model import load_model
+    from builder.core.imaging import PreprocessParams
+
+    model = load_model(settings.source)
+    _, height, width = model.data_config["input_size"]
+    contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes, settings.top_k)
+    if settings.top_k > model.num_classes:
+        raise BuilderError(f"top_k: {settings.top_k} is more than the model's {model.num_classes} classes")
+    try:
+        params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
+    except ValueError as exc:
+        raise BuilderError(f"preprocessing: {exc}") from None
+    return model, contract, params
+
+
+def _put_in_place(staging: Path, output: Path, contract: Contract, version: int, add_version: bool) -> None:
+    """Moves the checked build in: the new version beside the served ones, or the whole tree swapped in."""
+    if add_version:
+        move_version_in(staging, output, contract, version)
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        # Other models and files the user keeps in the repository move into the new tree, never away.
+        carry_over(output, staging)
+        swap_into_place(staging, output)
 
 
 def _preprocess_gate(settings: RepoSettings, model, params) -> Dict[str, Dict]:
