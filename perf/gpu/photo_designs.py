@@ -3,7 +3,8 @@
     python perf/gpu/photo_designs.py write REPO NAME   # <NAME>_fused and <NAME>_ensemble3 beside the pipeline
     python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N]
                                                   [--profile N --trace-dir DIR]
-    python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,..., --classifier M]
+    python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,..., --classifier M,
+                                                                  --max-batch N]
     python perf/gpu/photo_designs.py null REPO NAME   # <NAME>_null: the photo path's tensors, no work
 
 `write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
@@ -66,11 +67,16 @@ def _apply(config, args) -> None:
             config.parameters[key].string_value = value
     if args.instances:
         config.instance_group[0].count = int(args.instances)
+    if args.max_batch:  # shorter batches: a request waits behind less work (the p99 at high concurrency)
+        config.max_batch_size = int(args.max_batch)
+        sizes = [b for b in config.dynamic_batching.preferred_batch_size if b <= config.max_batch_size]
+        del config.dynamic_batching.preferred_batch_size[:]
+        config.dynamic_batching.preferred_batch_size.extend(sizes)
 
 
 def _show(config, args) -> None:
     print(config.name, {k: v.string_value for k, v in config.parameters.items() if k in _changes(args)},
-          "instances", config.instance_group[0].count)
+          "instances", config.instance_group[0].count, "max batch", config.max_batch_size)
 
 
 def set_parameters(repo: Path, name: str, args) -> None:
@@ -120,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="")
     parser.add_argument("--trace-dir", default="")
     parser.add_argument("--buckets", default="", help="the fused engine's CUDA-graph batch sizes, e.g. 1,2,4,...")
+    parser.add_argument("--max-batch", default="", help="the model's max batch size (requests)")
     parser.add_argument("--classifier", default="", help="the pipeline's classifier model (e.g. a copy with other "
                         "instances)")
     args = parser.parse_args(argv)
