@@ -398,15 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m builder", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_repo(sub)
-    from builder import settings as settings_module
+    for add in (_add_repo, _add_export, _add_quantize, _add_docker, _add_check, _add_serve, _add_stop):
+        add(sub)
+    return parser
+
+
+def _add_export(sub) -> None:
+    from builder import settings as s
     from builder.args import add_model_args, add_parity_args, field_default
 
     e = sub.add_parser("export", help="export and validate model.onnx alone")
     add_model_args(e)
-    e.add_argument("--opset", type=int, default=field_default(settings_module.RepoSettings, "opset"))
+    e.add_argument("--opset", type=int, default=field_default(s.RepoSettings, "opset"))
     e.add_argument("--output", default="build/model.onnx")
-    add_parity_args(e, field_default(settings_module.RepoSettings, "parity"), top1=False, what="the ONNX export")
+    add_parity_args(e, field_default(s.RepoSettings, "parity"), top1=False, what="the ONNX export")
     e.add_argument("--reference", default=None, help="write inputs + PyTorch logits (.npz) for plan validation")
     e.add_argument("--calibration", default=None, help="write preprocessed images (.npy) for INT8 calibration")
     data = e.add_mutually_exclusive_group()
@@ -414,18 +419,30 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--noise", action="store_true",
                       help="use seeded Gaussian noise instead of photos (recorded as such; not for real INT8)")
     e.add_argument("--reference-batch", type=int, default=64)
+
+
+def _add_quantize(sub) -> None:
+    from builder import settings as s
+    from builder.args import add_parity_args
+
     q = sub.add_parser("quantize", help="INT8 Q/DQ ONNX with NVIDIA ModelOpt")
     q.add_argument("--onnx", required=True)
     q.add_argument("--calibration", required=True, help=".npy of preprocessed images (builder export --calibration)")
     q.add_argument("--output", required=True)
     q.add_argument("--high-precision", choices=("fp16", "fp32"), default="fp16")
     q.add_argument("--reference", default=None, help=".npz from `builder export --reference` to validate against")
-    add_parity_args(q, settings_module.LOW_PRECISION_PARITY, what="the INT8 model (with --reference)")
+    add_parity_args(q, s.LOW_PRECISION_PARITY, what="the INT8 model (with --reference)")
+
+
+def _add_docker(sub) -> None:
+    from builder import settings as s
+    from builder.args import field_default
+
     d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
     d.add_argument("--output", default="docker")
-    d.add_argument("--model", default=settings_module.DEFAULT_MODEL, help="ensemble name")
+    d.add_argument("--model", default=s.DEFAULT_MODEL, help="ensemble name")
     d.add_argument("--precision", default="fp16")
-    pod = settings_module.PodSettings
+    pod = s.PodSettings
     k = d.add_argument_group("Kubernetes pods (docker/k8s)")
     k.add_argument("--gpus-per-pod", type=int, default=field_default(pod, "gpus_per_pod"),
                    help="nvidia.com/gpu per pod; cores, memory and /dev/shm scale with it")
@@ -437,11 +454,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--memory-gib-per-gpu", type=int, default=field_default(pod, "memory_gib_per_gpu"))
     k.add_argument("--cuda-memory-pool-mb", type=int, default=field_default(pod, "cuda_memory_pool_mb"),
                    help="each GPU's CUDA memory pool (0: Triton's 64 MiB)")
+
+
+def _add_check(sub) -> None:
     c = sub.add_parser("check", help="check a model repository")
     c.add_argument("repository", nargs="?", default="model_repository")
     c.add_argument("--needs-torch", action="store_true",
                    help="print 1 if the repository runs torch in the Python backend (the container image then "
                         "needs --build-arg WITH_TORCH=1), else 0")
+
+
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="run the local tritonserver on a repository")
     _server_args(s)
     s.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
@@ -455,9 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start a CUDA MPS control daemon of the server's own, so that GPU model instances share each "
                         "GPU at once (several photo-path instances: see the README); quit with the server")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
-    t = sub.add_parser("stop", help="stop a detached local tritonserver")
+
+
+def _add_stop(sub) -> None:
+    t = sub.add_parser("stop", help="stop a detached local tritonserver (and end what a killed one left: its model "
+                                    "processes, its MPS daemon)")
     _server_args(t)
-    return parser
 
 
 COMMANDS = {"quantize": _cmd_quantize, "docker": _cmd_docker, "export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
