@@ -98,20 +98,7 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
     batching = settings.classifier_batching
     batches = timing_batches(batching.preferred_batch_sizes, batching.max_batch_size)
     gpu = _gpu_name()
-    requested = settings.engine
-    if requested == "auto" and settings.onnxruntime_tensorrt:  # the accelerator is ONNX Runtime's: no race
-        requested = "onnxruntime"
-    if requested == "auto" and gpu is None:
-        names = ["tensorrt" if settings.plan else "onnxruntime"]
-        reason = "no GPU on the build host: nothing to time, so " + (
-            "the given plan is served" if settings.plan else "ONNX Runtime is served")
-    elif requested == "auto":
-        names = ["onnxruntime", "inductor"] + (["tensorrt"] if settings.plan else [])
-        reason = f"fastest measured on {gpu} at batch sizes {batches}"
-    elif requested == "inductor" and settings.inductor_precision == "auto" and gpu is not None:
-        names, reason = ["inductor"], f"the fastest inductor precision measured on {gpu} at batch sizes {batches}"
-    else:
-        names, reason = [requested], "asked for"
+    requested, names, reason = _entrants(settings, gpu, batches)
     candidates: List[ec.Candidate] = []
     for name in names:
         started = time.perf_counter()
@@ -134,18 +121,7 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
             if candidate.build_s is None and candidate.status != "skipped":
                 candidate.build_s = round(time.perf_counter() - started, 1)
         candidates.extend(rows)
-    if gpu is not None and len(candidates) > 1:
-        try:
-            winner = ec.choose(candidates)
-        except ValueError:
-            raise BuilderError("engine: no candidate engine could be built and timed on this host: "
-                               + "; ".join(f"{c.label}: {c.reason}" for c in candidates)) from None
-        log.info("engine %s: %s", requested, ", ".join(
-            f"{c.label} {c.best['throughput_img_per_s']:,.0f} img/s" if c.best else f"{c.label} {c.status}"
-            for c in candidates))
-    else:
-        winner = candidates[0]
-        winner.chosen = True
+    winner = _winner(candidates, gpu, requested)
     chosen = winner.engine
     _keep_winner(onnx_file.parent, winner, gates)
     log.info("classifier engine: %s (%s)", winner.label, reason)
@@ -159,6 +135,39 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
                              "quantized": dataclasses.asdict(LOW_PRECISION_PARITY)},
               "candidates": [c.to_dict() for c in candidates]}
     return RaceResult(settings, gates, choice)
+
+
+def _entrants(settings: RepoSettings, gpu: Optional[str], batches) -> Tuple[str, List[str], str]:
+    """What was asked (`auto` settled where it cannot race), the engines that enter, and why."""
+    requested = settings.engine
+    if requested == "auto" and settings.onnxruntime_tensorrt:  # the accelerator is ONNX Runtime's: no race
+        requested = "onnxruntime"
+    if requested == "auto" and gpu is None:
+        return requested, ["tensorrt" if settings.plan else "onnxruntime"], (
+            "no GPU on the build host: nothing to time, so "
+            + ("the given plan is served" if settings.plan else "ONNX Runtime is served"))
+    if requested == "auto":
+        return (requested, ["onnxruntime", "inductor"] + (["tensorrt"] if settings.plan else []),
+                f"fastest measured on {gpu} at batch sizes {batches}")
+    if requested == "inductor" and settings.inductor_precision == "auto" and gpu is not None:
+        return requested, ["inductor"], f"the fastest inductor precision measured on {gpu} at batch sizes {batches}"
+    return requested, [requested], "asked for"
+
+
+def _winner(candidates: List[ec.Candidate], gpu: Optional[str], requested: str) -> ec.Candidate:
+    """The fastest candidate that passed its gate where there was a race, else the only one (marked chosen)."""
+    if gpu is None or len(candidates) < 2:
+        candidates[0].chosen = True
+        return candidates[0]
+    try:
+        winner = ec.choose(candidates)
+    except ValueError:
+        raise BuilderError("engine: no candidate engine could be built and timed on this host: "
+                           + "; ".join(f"{c.label}: {c.reason}" for c in candidates)) from None
+    log.info("engine %s: %s", requested, ", ".join(
+        f"{c.label} {c.best['throughput_img_per_s']:,.0f} img/s" if c.best else f"{c.label} {c.status}"
+        for c in candidates))
+    return winner
 
 
 def _calibration(winner: ec.Candidate, settings: RepoSettings) -> Optional[str]:
