@@ -160,6 +160,14 @@ def test_settings_of_the_variants():
                                              classifier_instances=s.InstanceGroup("KIND_CPU", 1)),
                               Contract("x", (224, 224), 1000, 5))
     assert params["precision"] == "fp32" and params["batch_buckets"] == "1,2,4,8,16,24,32,40,48"
+    from builder.engines.race import batch_buckets
+
+    # A batch pads to the next bucket: at most a step of 8 rows up to 128 (a batch of 36 ran as 64 with powers
+    # of two), about 16 graphs above the powers of two for larger maxima, the preferred sizes and max always in.
+    assert batch_buckets(128) == [1, 2, 4, 8, *range(16, 129, 8)] and batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(1) == [1] and batch_buckets(100, (36,))[-3:] == [88, 96, 100] and 36 in batch_buckets(100, (36,))
+    large = batch_buckets(1000)
+    assert large[-1] == 1000 and len(large) <= 24 and max(b - a for a, b in zip(large, large[1:])) <= 64
     assert params["intra_op_threads"] == "0"  # CPU instances compute on the CPU: torch's own pool
     gpu = torch_parameters(s.RepoSettings(engine="inductor", classifier_instances=s.InstanceGroup("KIND_GPU", 2)),
                            Contract("x", (224, 224), 1000, 5))
