@@ -385,7 +385,8 @@ class LocalServer:
         """Stops the server (SIGTERM, then SIGKILL) and returns its exit code if known.
 
         Only our own process is signalled: the one this object started, or the pid file's when it is a
-        tritonserver of our workdir.
+        tritonserver of our workdir. Then what it left is ended (`end_leftovers`): its model processes, after
+        10 s to end on their own, and its MPS daemon.
         """
         pid = self.process.pid if self.process is not None else self.running_pid()
         code = None
