@@ -45,33 +45,14 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
     """
     import torch
 
-    from builder.core import imaging
-
     if variant not in ("gpu", "draft"):
         raise ValueError(f"variant {variant!r}: the gated preprocessings are gpu and draft")
     files = photo_files(images_dir)
     items = [p.read_bytes() for p in files]
     if variant == "gpu":
-        from builder.repository.triton_models import gpu_imaging
-
-        problem = gpu_imaging.supported(params)
-        if problem:
-            raise BuilderError(f"preprocess: {problem}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipeline = gpu_imaging.GpuPreprocessor(params, device)
-        tensors, errors = pipeline(items)
-        candidate = tensors.cpu().numpy()
-        details = dict(on_gpu_path=pipeline.counts["gpu"], on_exact_path=pipeline.counts["exact"], device=device,
-                       decoder=pipeline.decoder.backend)
-        how = f"{device}, {pipeline.decoder.backend}"
+        candidate, errors, details, how = _gpu_candidate(params, items, device)
     else:
-        drafted_params = dataclasses.replace(params, jpeg_draft=True)
-        results = [imaging.try_preprocess(data, drafted_params) for data in items]
-        errors = [error for _, error in results]
-        candidate = np.stack([pixels for pixels, _ in results]) if not any(errors) else None
-        drafted = sum(imaging.decodes_reduced(data, drafted_params) for data in items)
-        details = dict(decoded_at_reduced_scale=drafted)
-        how = f"{drafted} decoded at a reduced scale"
+        candidate, errors, details, how = _draft_candidate(params, items)
     failed = [f"{f.name}: {e}" for f, e in zip(files, errors) if e]
     if failed:
         raise BuilderError(f"preprocess: the {variant} preprocessing failed on parity photos: " + "; ".join(failed))
@@ -87,3 +68,32 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
     log.info("%s preprocessing vs exact on %d photos (%s): tensor max abs %.3g, logits cosine %.6f, top-1 %.3f",
              variant, len(items), how, figures["tensor_max_abs"], figures["min_cosine"], figures["top1_agreement"])
     return figures
+
+
+def _gpu_candidate(params, items, device: Optional[str]):
+    """The GPU pipeline's tensors of `items`, their errors, what it did (figures and in words)."""
+    import torch
+
+    from builder.repository.triton_models import gpu_imaging
+
+    problem = gpu_imaging.supported(params)
+    if problem:
+        raise BuilderError(f"preprocess: {problem}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = gpu_imaging.GpuPreprocessor(params, device)
+    tensors, errors = pipeline(items)
+    details = dict(on_gpu_path=pipeline.counts["gpu"], on_exact_path=pipeline.counts["exact"], device=device,
+                   decoder=pipeline.decoder.backend)
+    return tensors.cpu().numpy(), errors, details, f"{device}, {pipeline.decoder.backend}"
+
+
+def _draft_candidate(params, items):
+    """The draft preprocessing's tensors of `items` (None when one failed), their errors, what it did."""
+    from builder.core import imaging
+
+    drafted_params = dataclasses.replace(params, jpeg_draft=True)
+    results = [imaging.try_preprocess(data, drafted_params) for data in items]
+    errors = [error for _, error in results]
+    candidate = np.stack([pixels for pixels, _ in results]) if not any(errors) else None
+    drafted = sum(imaging.decodes_reduced(data, drafted_params) for data in items)
+    return candidate, errors, dict(decoded_at_reduced_scale=drafted), f"{drafted} decoded at a reduced scale"
