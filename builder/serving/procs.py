@@ -13,16 +13,17 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 PROC = Path("/proc")
 
 
-def _argv(pid: int) -> List[str]:
+def argv(pid: int) -> Optional[List[str]]:
+    """The command line `pid` runs; None when it cannot be read (no /proc, or the process is gone)."""
     try:
         raw = (PROC / str(pid) / "cmdline").read_bytes()
     except OSError:
-        return []
+        return None
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
@@ -44,8 +45,8 @@ def find(match: Callable[[int, List[str]], bool]) -> List[int]:
     for entry in PROC.iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             pid = int(entry.name)
-            argv = _argv(pid)
-            if argv and match(pid, argv):
+            line = argv(pid)
+            if line and match(pid, line):
                 found.append(pid)
     return sorted(found)
 

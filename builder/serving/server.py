@@ -340,10 +340,10 @@ class LocalServer:
             os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        try:
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
+        line = procs.argv(pid)
+        if line is None:
             return pid  # no /proc here: the liveness check is all there is
+        argv0 = line[0] if line else ""
         if argv0 != str(self.workdir / "tritonserver" / "bin" / "tritonserver"):
             log.warning("%s names pid %d, which is not a tritonserver of %s (it runs %s); leaving it alone",
                         self.pid_path, pid, self.workdir, argv0 or "?")
