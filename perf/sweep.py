@@ -189,26 +189,41 @@ def command(settings: SweepSettings, model: str, protocol: str, shm: str, batch:
 TAIL_QUANTILES = (50, 75, 90, 95, 99, 99.5, 99.8, 99.9, 99.95, 99.98, 100)
 
 
-def tail_figures(profile_export: Path) -> Dict:
+def tail_figures(profile_export: Path, concurrency: int = 1) -> Dict:
     """Every request's latency from a perf_analyzer profile export: the tail its report leaves out.
 
     perf_analyzer reports up to p99; a stall that hits one request in a thousand shows only in p99.9, the
-    maximum and the count of requests slower than ten times the median (`slow_requests`).
+    maximum and the count of requests slower than ten times the median (`slow_requests`). The first
+    `concurrency` requests sent are the start-up wave (each client context's first request, on streams and
+    connections still being set up); `steady_*` are the same figures over the requests after it, and
+    `slow_sent_ms` says when, after the first request, the slow ones were sent.
     """
     import numpy as np
 
     # BYTES outputs are stored raw in the export: latin-1 reads any byte.
     export = json.loads(Path(profile_export).read_text(encoding="latin-1"))
-    requests = export["experiments"][0]["requests"]
-    ms = np.array([(r["response_timestamps"][-1] - r["timestamp"]) / 1e6 for r in requests if r["response_timestamps"]])
-    if not len(ms):
+    answered = sorted((r for r in export["experiments"][0]["requests"] if r["response_timestamps"]),
+                      key=lambda r: r["timestamp"])
+    if not answered:
         return {}
+    ms = np.array([(r["response_timestamps"][-1] - r["timestamp"]) / 1e6 for r in answered])
+    sent_ms = np.array([(r["timestamp"] - answered[0]["timestamp"]) / 1e6 for r in answered])
     median = float(np.median(ms))
-    slow = np.sort(ms[ms > 10 * median])[::-1]
-    return {"requests": int(len(ms)), "latency_p999_ms": float(np.percentile(ms, 99.9)),
-            "latency_max_ms": float(ms.max()), "slow_requests": int(len(slow)),
-            "slowest_ms": [round(float(v), 1) for v in slow[:10]],
-            "latency_quantiles_ms": {str(q): round(float(np.percentile(ms, q)), 3) for q in TAIL_QUANTILES}}
+    is_slow = ms > 10 * median
+    slow = np.sort(ms[is_slow])[::-1]
+    steady = ms[concurrency:] if len(ms) > concurrency else ms[-1:]
+    figures = {"requests": int(len(ms)), "latency_p999_ms": float(np.percentile(ms, 99.9)),
+               "latency_max_ms": float(ms.max()), "slow_requests": int(len(slow)),
+               "slowest_ms": [round(float(v), 1) for v in slow[:10]],
+               "latency_quantiles_ms": {str(q): round(float(np.percentile(ms, q)), 3) for q in TAIL_QUANTILES},
+               "startup_requests": int(min(concurrency, len(ms))),
+               "startup_max_ms": round(float(ms[:concurrency].max()), 1),
+               "steady_latency_p999_ms": float(np.percentile(steady, 99.9)),
+               "steady_latency_max_ms": float(steady.max()),
+               "steady_slow_requests": int((steady > 10 * median).sum())}
+    if len(slow):
+        figures["slow_sent_ms"] = [round(float(sent_ms[is_slow].min()), 1), round(float(sent_ms[is_slow].max()), 1)]
+    return figures
 
 
 def run_sweep(settings: SweepSettings, progress: bool = True) -> List[Dict]:
@@ -278,14 +293,16 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
                 row.update(parse_csv(csv_path))
                 row["throughput_img_per_s"] = row["throughput_infer_per_s"]  # one inference = one image
                 if settings.request_count:
-                    row.update(tail_figures(csv_path.with_suffix(".profile.json")))
+                    row.update(tail_figures(csv_path.with_suffix(".profile.json"), concurrency))
             rows.append(row)
             if progress:
                 outcome = (f"{row['throughput_img_per_s']:.1f} img/s, p99 {row['latency_p99_us'] / 1000:.1f} ms"
                            if "error" not in row else f"FAILED: {row['error'][:120]}")
                 if "latency_max_ms" in row:
                     outcome += (f", p99.9 {row['latency_p999_ms']:.1f} ms, max {row['latency_max_ms']:.1f} ms, "
-                                f"{row['slow_requests']} of {row['requests']} over 10x the median")
+                                f"{row['slow_requests']} of {row['requests']} over 10x the median "
+                                f"({row['steady_slow_requests']} after the first {row['startup_requests']}, "
+                                f"max {row['steady_latency_max_ms']:.1f} ms)")
                 log.info("[%d/%d] %s %s shm=%s batch=%d concurrency=%d: %s", index, len(grid), model, protocol,
                          shm, batch, concurrency, outcome)
 

@@ -43,6 +43,11 @@ def test_request_count_rows_carry_the_tail(server, contract, photo_paths, tmp_pa
     assert "--request-count 60" in row["command"] and row["requests"] >= 60
     assert row["latency_max_ms"] >= row["latency_p999_ms"] >= row["latency_p50_us"] / 1000 > 0
     assert row["slow_requests"] == len(row["slowest_ms"]) or row["slow_requests"] > 10
+    # The start-up wave (one request per client context) apart from the steady load after it.
+    assert row["startup_requests"] == 1 and row["startup_max_ms"] <= row["latency_max_ms"]
+    assert row["steady_latency_max_ms"] <= row["latency_max_ms"]
+    assert row["steady_slow_requests"] <= row["slow_requests"]
+    assert ("slow_sent_ms" in row) == (row["slow_requests"] > 0)
     quantiles = row["latency_quantiles_ms"]
     assert quantiles["100"] == pytest.approx(row["latency_max_ms"], abs=1e-3) and quantiles["50"] <= quantiles["99"]
     png = report.plot_tails([sweep_payload(settings, rows, {"label": "one instance"})], tmp_path / "tails.png")

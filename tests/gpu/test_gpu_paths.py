@@ -40,6 +40,21 @@ def test_gpu_decoder_matches_the_exact_path(params):
     print("decoder figures:", json.dumps(figures))
 
 
+def test_tensor_core_transform_is_the_cpu_transform_to_the_bit(params):
+    """float16 products of the split weights on tensor cores, float32 sums: the same values as the CPU's."""
+    import torch
+
+    from builder.repository.triton_models import gpu_imaging
+
+    gpu, cpu = gpu_imaging.GpuPreprocessor(params, "cuda"), gpu_imaging.GpuPreprocessor(params, "cpu")
+    assert gpu._dtype == torch.float16  # torch with `mm(..., out_dtype)`
+    rng = np.random.default_rng(0)
+    for width, height in ((640, 480), (4032, 3024), (333, 517)):
+        images = [torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8)) for _ in range(4)]
+        ours = gpu._transform_group([image.cuda() for image in images]).cpu()
+        assert torch.equal(ours, cpu._transform_group(images)), (width, height)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.nvimgcodec") is None if importlib.util.find_spec("nvidia")
                     else True, reason="nvImageCodec is not installed")
 def test_nvimgcodec_decoder_matches_the_exact_path(params):

@@ -96,6 +96,24 @@ def test_resample_weights_are_normalized():
             assert np.abs(weights.sum(1) - 1).max() < 1e-5
 
 
+def test_split_weights_are_exact_in_float16_and_give_pillows_resize_to_the_bit(params):
+    """The two-part weights rebuild Pillow's fixed-point ones, each part exact in float16; on the same pixels
+    the transform is Pillow's resize, crop and normalization to the last bit (a photo, a phone's size, odd)."""
+    import torch
+
+    for in_size, out_size in ((640, 331), (480, 248), (3024, 248), (100, 248)):
+        weights = gpu_imaging.resample_weights(in_size, out_size, "bicubic")
+        halves = gpu_imaging.split_weights(weights)
+        assert np.array_equal(halves.astype(np.float16).astype(np.float32), halves)
+        rebuilt = halves[:out_size].astype(np.float64) * 4096 + halves[out_size:]
+        assert np.array_equal(rebuilt / (1 << 22), weights.astype(np.float64))
+    pipeline, rng = gpu_imaging.GpuPreprocessor(params, "cpu"), np.random.default_rng(0)
+    for width, height in ((640, 480), (4032, 3024), (333, 517), (100, 60)):
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        ours = pipeline._transform_group([torch.from_numpy(pixels).permute(2, 0, 1).contiguous()])[0].numpy()
+        assert np.abs(ours - imaging.transform(Image.fromarray(pixels), params)).max() < 1e-6, (width, height)
+
+
 def test_broken_uploads_fail_alone_with_the_exact_messages(uploads, params):
     bomb = io.BytesIO()
     Image.new("L", (9000, 9000)).save(bomb, "PNG")

@@ -16,8 +16,9 @@ exact path it falls back to). Per batch:
    run this same code.
 3. Images of the same size are resized together with Pillow's own
    resampling weights, as two matrix products that compute only the pixels the
-   center crop keeps (rounded to 8-bit values after each pass, as Pillow
-   does), then scaled and normalized. What remains different from the exact
+   center crop keeps (rounded to 8-bit values after each pass with Pillow's
+   integer arithmetic; float16 tensor cores on a GPU), then scaled and
+   normalized. What remains different from the exact
    path is the decoder's (nvJPEG's IDCT and chroma upsampling vs libjpeg-turbo).
 
 The result is a float32 (B, 3, H, W) tensor on the device, rows of failed
@@ -78,6 +79,40 @@ def resample_weights(in_size: int, out_size: int, filter_name: str) -> np.ndarra
                          np.trunc(0.5 + taps * (1 << _PRECISION_BITS)))
         matrix[out, first:last] = fixed / (1 << _PRECISION_BITS)
     return matrix.astype(np.float32)
+
+
+_SPLIT = 1 << 12  # fixed-point weight = high * _SPLIT + low, both parts integers float16 holds exactly
+
+
+def split_weights(matrix: np.ndarray) -> np.ndarray:
+    """A `resample_weights` matrix (out, in) as (2 * out, in): the high parts over the low parts.
+
+    Each coefficient is an integer k over 2**22; k = high * 4096 + low with |low| <= 2048 and |high| <= 2048
+    (|k| < 2**23), integers float16 represents exactly. Products with 8-bit pixels are then exact on tensor
+    cores, and so are their float32 sums while under 2**24 (up to ~30 taps: downscales below ~8x); beyond,
+    a sum is off by a float32 rounding, as a float32 product of the whole weights would be.
+    """
+    k = np.rint(matrix.astype(np.float64) * (1 << _PRECISION_BITS))
+    high = np.rint(k / _SPLIT)
+    return np.concatenate([high, k - high * _SPLIT]).astype(np.float32)
+
+
+def _pillow_round(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Pillow's end of a pass from the split sums: (k_sum + 2**21) >> 22, clipped to 0..255, as int32."""
+    total = high.to(torch.int32).mul_(_SPLIT).add_(low.to(torch.int32))
+    return total.add_(1 << (_PRECISION_BITS - 1)).bitwise_right_shift_(_PRECISION_BITS).clamp_(0, 255)
+
+
+def _tensor_core_dtype(device: torch.device) -> torch.dtype:
+    """float16 where torch multiplies float16 matrices into float32 sums on this device, else float32."""
+    if device.type != "cuda":
+        return torch.float32
+    try:
+        probe = torch.ones((2, 2), dtype=torch.float16, device=device)
+        torch.mm(probe, probe, out_dtype=torch.float32)
+        return torch.float16
+    except (TypeError, RuntimeError):  # torch before `out_dtype`: float32 sums of float32 inputs
+        return torch.float32
 
 
 _JPEG_SOI = b"\xff\xd8"
@@ -346,15 +381,22 @@ class GpuPreprocessor:
         self.std = torch.tensor(params.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255.0
         self.counts = {"gpu": 0, "exact": 0}  # items per path, for logs and tests
         self._matrices: Dict[Tuple[int, int, int, int], torch.Tensor] = {}
+        self._dtype = _tensor_core_dtype(self.device)
         self.map = map_fn
 
-    def _matrix(self, in_size: int, out_size: int, start: int, length: int) -> torch.Tensor:
-        """Rows `start..start+length` of Pillow's resampling matrix from `in_size` to `out_size` samples."""
+    def _halves(self, in_size: int, out_size: int, start: int, length: int) -> torch.Tensor:
+        """Rows `start..start+length` of Pillow's resampling matrix, split as `split_weights` does."""
         key = (in_size, out_size, start, length)
         if key not in self._matrices:
             weights = resample_weights(in_size, out_size, self.params.interpolation)[start:start + length]
-            self._matrices[key] = torch.from_numpy(weights).to(self.device)
+            self._matrices[key] = torch.from_numpy(split_weights(weights)).to(self.device, self._dtype)
         return self._matrices[key]
+
+    def _product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a @ b with float32 sums: float16 inputs on tensor cores where torch can, float32 elsewhere."""
+        if self._dtype == torch.float16:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.mm(a, b)
 
     def _transform_group(self, images: List[torch.Tensor]) -> torch.Tensor:
         """Resize (shorter edge), center crop and normalize images of one size, in one call.
@@ -362,27 +404,33 @@ class GpuPreprocessor:
         The resize is Pillow's, as two matrix products: its separable filter
         weights (fixed point, as Pillow rounds them) for only the rows and
         columns the crop keeps, horizontal pass first, each pass rounded and
-        clipped to 8-bit values as Pillow's is. On an H100 it runs as fast as
-        torch's antialiased interpolate of the whole image and, unlike it,
-        gives Pillow's values.
+        clipped to 8-bit values with Pillow's integer arithmetic. The weights
+        are split in two parts that float16 holds exactly (`split_weights`),
+        so on a GPU both passes run on tensor cores with float32 sums.
         """
         crop_h, crop_w = self.params.image_size
         _, height, width = images[0].shape
         new_w, new_h = imaging._resized_size(width, height, self.params)
-        batch = torch.stack(images).float()
+        batch = torch.stack(images).to(self._dtype)  # 8-bit values: exact in float16
+        count = batch.shape[0]
         if new_h >= crop_h and new_w >= crop_w:
             top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
             rows, cols = (top, crop_h), (left, crop_w)
         else:
             rows, cols = (0, new_h), (0, new_w)
         if new_w != width:  # Pillow skips a pass whose size does not change
-            batch = torch.matmul(batch, self._matrix(width, new_w, *cols).T).add_(0.5).floor_().clamp_(0, 255)
+            sums = self._product(batch.reshape(-1, width), self._halves(width, new_w, *cols).T)
+            batch = _pillow_round(*sums.tensor_split(2, dim=1)).view(count, 3, height, cols[1])
         else:
             batch = batch[..., cols[0]:cols[0] + cols[1]]
         if new_h != height:
-            batch = torch.matmul(self._matrix(height, new_h, *rows), batch).add_(0.5).floor_().clamp_(0, 255)
+            # Rows become the matrices' inner dimension: (height, every image's and channel's columns).
+            columns = batch.permute(2, 0, 1, 3).to(self._dtype, memory_format=torch.contiguous_format)
+            sums = self._product(self._halves(height, new_h, *rows), columns.view(height, -1))
+            batch = _pillow_round(*sums.tensor_split(2, dim=0)).view(rows[1], count, 3, -1).permute(1, 2, 0, 3)
         else:
             batch = batch[..., rows[0]:rows[0] + rows[1], :]
+        batch = torch.empty(batch.shape, dtype=torch.float32, device=self.device).copy_(batch)
         if tuple(batch.shape[-2:]) != (crop_h, crop_w):  # smaller than the crop: zero padding, as CenterCrop pads
             pad_h, pad_w = max(crop_h - new_h, 0), max(crop_w - new_w, 0)
             batch = F.pad(batch, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))

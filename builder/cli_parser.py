@@ -1,0 +1,241 @@
+"""The `python -m builder` argument parser: every subcommand's options, each declared once.
+
+Defaults come from the settings dataclasses (`builder.args.field_default`); the commands that use the parsed
+arguments live in `builder.__main__`. Only argparse and the settings are imported, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = "`python -m builder`: build, check and serve a Triton model repository."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m builder", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_repo, _add_export, _add_quantize, _add_docker, _add_check, _add_serve, _add_stop):
+        add(sub)
+    return parser
+
+
+def _add_export(sub) -> None:
+    from builder import settings as s
+    from builder.args import add_model_args, add_parity_args, field_default
+
+    e = sub.add_parser("export", help="export and validate model.onnx alone")
+    add_model_args(e)
+    e.add_argument("--opset", type=int, default=field_default(s.RepoSettings, "opset"))
+    e.add_argument("--output", default="build/model.onnx")
+    add_parity_args(e, field_default(s.RepoSettings, "parity"), top1=False, what="the ONNX export")
+    e.add_argument("--reference", default=None, help="write inputs + PyTorch logits (.npz) for plan validation")
+    e.add_argument("--calibration", default=None, help="write preprocessed images (.npy) for INT8 calibration")
+    data = e.add_mutually_exclusive_group()
+    data.add_argument("--images", default=None, help="folder of photos for --reference/--calibration")
+    data.add_argument("--noise", action="store_true",
+                      help="use seeded Gaussian noise instead of photos (recorded as such; not for real INT8)")
+    e.add_argument("--reference-batch", type=int, default=64)
+
+
+def _add_quantize(sub) -> None:
+    from builder import settings as s
+    from builder.args import add_parity_args
+
+    q = sub.add_parser("quantize", help="INT8 Q/DQ ONNX with NVIDIA ModelOpt")
+    q.add_argument("--onnx", required=True)
+    q.add_argument("--calibration", required=True, help=".npy of preprocessed images (builder export --calibration)")
+    q.add_argument("--output", required=True)
+    q.add_argument("--high-precision", choices=("fp16", "fp32"), default="fp16")
+    q.add_argument("--reference", default=None, help=".npz from `builder export --reference` to validate against")
+    add_parity_args(q, s.LOW_PRECISION_PARITY, what="the INT8 model (with --reference)")
+
+
+def _add_docker(sub) -> None:
+    from builder import settings as s
+    from builder.args import field_default
+
+    d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
+    d.add_argument("--output", default="docker")
+    d.add_argument("--model", default=s.DEFAULT_MODEL, help="ensemble name")
+    d.add_argument("--precision", default="fp16")
+    pod = s.PodSettings
+    k = d.add_argument_group("Kubernetes pods (docker/k8s)")
+    k.add_argument("--gpus-per-pod", type=int, default=field_default(pod, "gpus_per_pod"),
+                   help="nvidia.com/gpu per pod; cores, memory and /dev/shm scale with it")
+    k.add_argument("--min-gpus", type=int, default=field_default(pod, "min_gpus"),
+                   help="the autoscaler's minimum, in GPUs (rounded up to whole pods)")
+    k.add_argument("--max-gpus", type=int, default=field_default(pod, "max_gpus"),
+                   help="the autoscaler's maximum, in GPUs (rounded down to whole pods)")
+    k.add_argument("--cpus-per-gpu", type=int, default=field_default(pod, "cpus_per_gpu"))
+    k.add_argument("--memory-gib-per-gpu", type=int, default=field_default(pod, "memory_gib_per_gpu"))
+    k.add_argument("--cuda-memory-pool-mb", type=int, default=field_default(pod, "cuda_memory_pool_mb"),
+                   help="each GPU's CUDA memory pool (0: Triton's 64 MiB)")
+
+
+def _add_check(sub) -> None:
+    c = sub.add_parser("check", help="check a model repository")
+    c.add_argument("repository", nargs="?", default="model_repository")
+    c.add_argument("--needs-torch", action="store_true",
+                   help="print 1 if the repository runs torch in the Python backend (the container image then "
+                        "needs --build-arg WITH_TORCH=1), else 0")
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="run the local tritonserver on a repository")
+    _server_args(s)
+    s.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
+    s.add_argument("--poll-seconds", type=int, default=2)
+    s.add_argument("--detach", action="store_true", help="run in the background (stop with `stop`)")
+    s.add_argument("--cache-mb", type=int, default=0, help="response cache size for --response-cache models")
+    s.add_argument("--cuda-memory-pool-mb", type=int, default=0,
+                   help="CUDA memory pool of every GPU for tensors passed between models on the GPU (0: "
+                        "Triton's 64)")
+    s.add_argument("--mps", action="store_true",
+                   help="start a CUDA MPS control daemon of the server's own, so that GPU model instances share each "
+                        "GPU at once (several photo-path instances: see the README); quit with the server")
+    s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+
+
+def _add_stop(sub) -> None:
+    t = sub.add_parser("stop", help="stop a detached local tritonserver (and end what a killed one left: its model "
+                                    "processes, its MPS daemon)")
+    _server_args(t)
+
+
+def _add_repo(sub) -> None:
+    from builder import settings as s
+    from builder.args import add_model_args, add_parity_args, field_default
+
+    repo = s.RepoSettings
+    p = sub.add_parser("repo", help="export the model and write the model repository",
+                       description="Export a timm Swin classifier to ONNX, validate it against PyTorch, "
+                                   "and write a complete Triton model repository (atomically).")
+    add_model_args(p)
+    p.add_argument("--name", default=None, help="ensemble name (default: the timm model name)")
+    p.add_argument("--output", default=field_default(repo, "output"), help="repository folder")
+    p.add_argument("--flavor", choices=("container", "local"), default=None,
+                   help="container (default, for NVIDIA's tritonserver image): native onnxruntime / tensorrt_plan "
+                        "backends; local (the pip tritonserver, Python backend only): the classifier runs in the "
+                        "Python backend; an existing repository keeps its flavor unless this is given")
+    _repo_batching_args(p)
+    _repo_placement_args(p, repo)
+    _repo_preprocess_args(p, repo)
+    _repo_engine_args(p, repo)
+    _repo_contract_args(p, repo)
+    _repo_versions_args(p, repo)
+    add_parity_args(p, field_default(repo, "parity"), top1=False, what="the ONNX export")
+
+
+def _repo_batching_args(p) -> None:
+    """Dynamic batching and queue policy of every batched model (`repo`)."""
+    from builder import settings as s
+    from builder.args import ints
+
+    batching = s.Batching()
+    g = p.add_argument_group("batching and queues")
+    g.add_argument("--max-batch-size", type=int, default=batching.max_batch_size)
+    g.add_argument("--preferred-batch-sizes", type=ints, default=batching.preferred_batch_sizes, help="e.g. 8,16,32")
+    g.add_argument("--max-queue-delay-us", type=int, default=batching.max_queue_delay_us)
+    g.add_argument("--max-queue-size", type=int, default=batching.max_queue_size,
+                   help="requests queued per model before new ones are rejected at once (0: unbounded)")
+    g.add_argument("--queue-timeout-us", type=int, default=batching.queue_timeout_us,
+                   help="reject requests queued longer than this (0: no timeout)")
+    g.add_argument("--priority-levels", type=int, default=batching.priority_levels,
+                   help="request priority levels (0: none)")
+
+
+def _repo_placement_args(p, repo) -> None:
+    """Instances and GPUs (`repo`)."""
+    from builder import settings as s
+    from builder.args import field_default, ints
+
+    instances = field_default(repo, "classifier_instances")
+    g = p.add_argument_group("instances and GPUs")
+    g.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
+                   help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
+    g.add_argument("--instance-count", type=int, default=instances.count, help="classifier instances per device")
+    g.add_argument("--gpus", type=ints, default=instances.gpus,
+                   help="GPU ids of every GPU-placed model (classifier, GPU preprocessing, photo path), e.g. 0,1 "
+                        "(default: all GPUs)")
+    g.add_argument("--preprocess-instances", type=int, default=s.PYTHON_MODEL_INSTANCES,
+                   help="preprocess model instances (2: one is free when the batcher looks, see the README)")
+
+
+def _repo_preprocess_args(p, repo) -> None:
+    """The photo preprocessing and the GPU photo path (`repo`)."""
+    from builder import settings as s
+    from builder.args import field_default
+
+    g = p.add_argument_group("preprocessing and the photo path")
+    g.add_argument("--preprocess", choices=s.PREPROCESS, default=field_default(repo, "preprocess"),
+                   help="exact: Pillow on the CPU, bit-identical to timm; draft: the same, with large JPEGs "
+                        "decoded at 1/2, 1/4 or 1/8 scale (parity-gated against exact); gpu: batched GPU JPEG "
+                        "decode + resize (parity-gated against exact; other formats take the exact path)")
+    g.add_argument("--gpu-photo-path", choices=s.GPU_PHOTO_PATHS, default=field_default(repo, "gpu_photo_path"),
+                   help="--preprocess gpu: fused: one model decodes the batch on the GPU, runs the inductor "
+                        "engine in its own process and does top-k on the GPU; pipeline: the same, calling the "
+                        "classifier model once per batch (any engine); ensemble: Triton chains the preprocess, "
+                        "classifier and postprocess models; auto (default): fused with the inductor engine, "
+                        "else pipeline")
+    g.add_argument("--gpu-decoder", choices=s.GPU_DECODERS, default=field_default(repo, "gpu_decoder"),
+                   help="--preprocess gpu: JPEG decoder (auto: torchvision's nvJPEG; nvimgcodec: nvImageCodec's "
+                        "hardware decoders, installed in the serving Python)")
+    g.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
+                   help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
+
+
+def _repo_engine_args(p, repo) -> None:
+    """The classifier's engine (`repo`)."""
+    from builder import settings as s
+    from builder.args import field_default
+
+    g = p.add_argument_group("classifier engine")
+    g.add_argument("--engine", choices=s.ENGINES, default=field_default(repo, "engine"),
+                   help="classifier engine. auto (default): on a GPU host, build, gate and time the candidates "
+                        "and serve the fastest; without a GPU, onnxruntime (or tensorrt with --plan)")
+    g.add_argument("--torch-compile", choices=s.TORCH_COMPILE, default=None,
+                   help="inductor engine: the program eager, TorchInductor, or TorchInductor with CUDA graphs per "
+                        "batch bucket (default)")
+    g.add_argument("--inductor-precision", choices=("auto", *s.INDUCTOR_PRECISIONS), default=None,
+                   help="inductor engine precision on a GPU (default auto: on a GPU build host fp16, int8 and "
+                        "fp8 race, each gated; int8/fp8 need torchao)")
+    g.add_argument("--compile-timeout-s", type=float, default=field_default(repo, "compile_timeout_s"),
+                   help="stop a TorchInductor compile of the build after this long (its candidate fails)")
+    g.add_argument("--plan", default=None,
+                   help="a TensorRT plan built where TensorRT lives (python -m builder.engines.trt build): served with "
+                        "--engine tensorrt, a candidate with --engine auto")
+    g.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs for the TensorRT classifier")
+    g.add_argument("--onnxruntime-tensorrt", action="store_true",
+                   help="container flavor without a plan: ONNX Runtime's TensorRT accelerator (FP16, engine cache)")
+
+
+def _repo_contract_args(p, repo) -> None:
+    """What the ensemble returns, the ONNX export, the response cache (`repo`)."""
+    from builder.args import field_default
+
+    g = p.add_argument_group("outputs and export")
+    g.add_argument("--top-k", type=int, default=field_default(repo, "top_k"))
+    g.add_argument("--opset", type=int, default=field_default(repo, "opset"))
+    g.add_argument("--response-cache", action="store_true",
+                   help="cache ensemble responses (identical uploads); serve with --cache-mb")
+
+
+def _repo_versions_args(p, repo) -> None:
+    """Model versions (`repo`)."""
+    from builder.args import field_default
+
+    g = p.add_argument_group("versions")
+    g.add_argument("--version", type=int, default=field_default(repo, "version"), help="version directory to write")
+    g.add_argument("--add-version", action="store_true",
+                   help="add the next version beside the served one(s) instead of replacing the repository")
+    g.add_argument("--version-policy", default="latest", help="latest[:N] | all | specific:1,2")
+
+
+def _server_args(p) -> None:
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--workdir", default=".server", help="server copy, log and pid file")

@@ -1,0 +1,130 @@
+"""GPU time per image of the photo path's resize/crop/normalize, against its float32 predecessor, and the decode.
+
+    python perf/gpu/transform_speed.py --output build/transform.json [--batches 32,128] [--decoder auto]
+
+The bundled 640x480 JPEGs (`builder/parity_images/*_640x480.jpg`), decoded once on the GPU and repeated to
+each batch size; each phase timed with CUDA events over `--repeats` runs after a warm-up (`*_ms_per_image`:
+wall time on the GPU's clock), and its CUDA kernels summed under torch.profiler (`kernel_ms_per_image`: what
+the phase takes from the multiprocessors that other processes share; the JPEG engines' work is not a kernel). `exact_vs_cpu` is
+the largest difference between the GPU's transform and the same code on the CPU (float32 sums): 0 when the
+float16 tensor-core products are exact, as `split_weights` intends. Needs a CUDA GPU, torch, torchvision, timm.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def float32_transform(pipe, images):
+    """The transform as it was before the split weights: float32 products, rounding by floor(x + 0.5)."""
+    import torch
+
+    from builder.core import imaging
+    from builder.repository.triton_models.gpu_imaging import resample_weights
+
+    crop_h, crop_w = pipe.params.image_size
+    _, height, width = images[0].shape
+    new_w, new_h = imaging._resized_size(width, height, pipe.params)
+    top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+
+    def matrix(size, new, start, length):
+        key = ("float32", size, new, start, length)  # cached, as the predecessor cached its matrices
+        if key not in pipe._matrices:
+            weights = resample_weights(size, new, pipe.params.interpolation)[start:start + length]
+            pipe._matrices[key] = torch.from_numpy(weights).to(pipe.device)
+        return pipe._matrices[key]
+
+    batch = torch.stack(images).float()
+    batch = torch.matmul(batch, matrix(width, new_w, left, crop_w).T).add_(0.5).floor_().clamp_(0, 255)
+    batch = torch.matmul(matrix(height, new_h, top, crop_h), batch).add_(0.5).floor_().clamp_(0, 255)
+    return (batch - pipe.mean) / pipe.std
+
+
+def timed(fn, repeats):
+    """Milliseconds per call on the GPU (CUDA events), after two warm-up calls."""
+    import torch
+
+    for _ in range(2):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def kernel_ms(fn, repeats):
+    """Milliseconds of CUDA kernels per call (torch.profiler's device time), whatever overlaps on the host."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    return sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1000.0 / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--batches", default="32,128")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--decoder", default="auto")
+    parser.add_argument("--model", default="swin_tiny_patch4_window7_224")
+    args = parser.parse_args()
+
+    import timm
+    import torch
+    import torchvision
+
+    from builder.core import imaging
+    from builder.core.photos import photo_files
+    from builder.repository.triton_models.gpu_imaging import GpuPreprocessor
+
+    config = timm.data.resolve_data_config({}, model=timm.create_model(args.model, pretrained=False))
+    params = imaging.PreprocessParams.from_timm(config)
+    photos = [p.read_bytes() for p in photo_files() if p.name.endswith("_640x480.jpg")]
+    pipe = GpuPreprocessor(params, "cuda", args.decoder)
+    on_cpu = GpuPreprocessor(params, "cpu")
+    decoded = pipe.decoder(photos, [1] * len(photos))
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        images = [decoded[i % len(decoded)] for i in range(batch)]
+        items = [photos[i % len(photos)] for i in range(batch)]
+        new, old = pipe._transform_group(images), float32_transform(pipe, images)
+        cpu = on_cpu._transform_group([image.cpu() for image in images])
+        row = {
+            "batch": batch,
+            "decode_ms_per_image": timed(lambda: pipe.decoder(items, [1] * batch), args.repeats) / batch,
+            "transform_ms_per_image": timed(lambda: pipe._transform_group(images), args.repeats) / batch,
+            "float32_transform_ms_per_image": timed(lambda: float32_transform(pipe, images), args.repeats) / batch,
+            "whole_ms_per_image": timed(lambda: pipe(items), args.repeats) / batch,
+            "kernel_ms_per_image": {
+                "decode": kernel_ms(lambda: pipe.decoder(items, [1] * batch), args.repeats) / batch,
+                "transform": kernel_ms(lambda: pipe._transform_group(images), args.repeats) / batch,
+                "float32_transform": kernel_ms(lambda: float32_transform(pipe, images), args.repeats) / batch,
+            },
+            "exact_vs_cpu": float((new.cpu() - cpu).abs().max()),
+            "float32_vs_new_max_abs": float((new - old).abs().max()),
+            "float32_vs_new_pixels_differing": float(((new - old).abs() > 1e-4).float().mean()),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"kind": "transform_speed", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "torchvision": torchvision.__version__, "decoder": pipe.decoder.backend,
+              "product_dtype": str(pipe._dtype), "photos": len(photos), "repeats": args.repeats, "rows": rows}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
