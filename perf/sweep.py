@@ -274,6 +274,7 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
                                                                    for i, a in enumerate(cmd))}
             before = model_statistics(settings.grpc_url)
             busy, total = cpu_times()
+            tcp = tcp_counters()
             result = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                     timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000
                                     + settings.request_count / 2)
@@ -282,6 +283,9 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
             # GPU can be given.
             row["host_cpu_busy"] = round((busy2 - busy) / (total2 - total), 3) if total2 > total else None
             row["host_cores"] = os.cpu_count() or 1
+            tcp_after = tcp_counters()
+            row["tcp"] = {k: tcp_after[k] - v for k, v in tcp.items() if k in tcp_after}
+            row["tcp_somaxconn"] = somaxconn()
             stages = stage_times(before, model_statistics(settings.grpc_url))
             if stages:
                 row["stages"] = stages
@@ -296,15 +300,25 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
                     row.update(tail_figures(csv_path.with_suffix(".profile.json"), concurrency))
             rows.append(row)
             if progress:
-                outcome = (f"{row['throughput_img_per_s']:.1f} img/s, p99 {row['latency_p99_us'] / 1000:.1f} ms"
-                           if "error" not in row else f"FAILED: {row['error'][:120]}")
-                if "latency_max_ms" in row:
-                    outcome += (f", p99.9 {row['latency_p999_ms']:.1f} ms, max {row['latency_max_ms']:.1f} ms, "
-                                f"{row['slow_requests']} of {row['requests']} over 10x the median "
-                                f"({row['steady_slow_requests']} after the first {row['startup_requests']}, "
-                                f"max {row['steady_latency_max_ms']:.1f} ms)")
                 log.info("[%d/%d] %s %s shm=%s batch=%d concurrency=%d: %s", index, len(grid), model, protocol,
-                         shm, batch, concurrency, outcome)
+                         shm, batch, concurrency, _outcome(row))
+
+
+def _outcome(row: Dict) -> str:
+    """A row in one line for the progress log: throughput and p99, the tail where measured, TCP trouble."""
+    if "error" in row:
+        return f"FAILED: {row['error'][:120]}"
+    outcome = f"{row['throughput_img_per_s']:.1f} img/s, p99 {row['latency_p99_us'] / 1000:.1f} ms"
+    if "latency_max_ms" in row:
+        outcome += (f", p99.9 {row['latency_p999_ms']:.1f} ms, max {row['latency_max_ms']:.1f} ms, "
+                    f"{row['slow_requests']} of {row['requests']} over 10x the median "
+                    f"({row['steady_slow_requests']} after the first {row['startup_requests']}, "
+                    f"max {row['steady_latency_max_ms']:.1f} ms)")
+    troubles = {k: v for k, v in row.get("tcp", {}).items()
+                if v and k in ("ListenOverflows", "ListenDrops", "TCPSynRetrans", "AttemptFails")}
+    if troubles:  # connections that opened late or not at all: the slow start of a row's first requests
+        outcome += ", TCP " + ", ".join(f"{k} {v}" for k, v in troubles.items())
+    return outcome
 
 
 def cpu_times() -> Tuple[float, float]:
@@ -316,6 +330,38 @@ def cpu_times() -> Tuple[float, float]:
         return 0.0, 0.0
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+# TCP counters whose growth during a row says connections had trouble opening: the listening socket's queue
+# overflowed (ListenOverflows, ListenDrops), a connect was retried (TCPSynRetrans) or refused or reset
+# (AttemptFails, EstabResets), segments were sent again (RetransSegs, TCPTimeouts).
+TCP_COUNTERS = {"TcpExt": ("ListenOverflows", "ListenDrops", "TCPSynRetrans", "TCPTimeouts", "TCPAbortOnOverflow"),
+                "Tcp": ("ActiveOpens", "AttemptFails", "EstabResets", "RetransSegs")}
+
+
+def tcp_counters() -> Dict[str, int]:
+    """This network namespace's TCP counters named in TCP_COUNTERS (client and server alike); {} without /proc."""
+    counters: Dict[str, int] = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for names, values in zip(lines[::2], lines[1::2]):  # a header line, then its values
+            group, _, header = names.partition(":")
+            if group in TCP_COUNTERS:
+                table = dict(zip(header.split(), values.partition(":")[2].split()))
+                counters.update({k: int(table[k]) for k in TCP_COUNTERS[group] if k in table})
+    return counters
+
+
+def somaxconn() -> Optional[int]:
+    """The kernel's cap on a listening socket's accept queue (gRPC servers ask for it), None where unknown."""
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def model_statistics(grpc_url: str) -> Dict[str, Dict]:

@@ -48,6 +48,9 @@ def test_request_count_rows_carry_the_tail(server, contract, photo_paths, tmp_pa
     assert row["steady_latency_max_ms"] <= row["latency_max_ms"]
     assert row["steady_slow_requests"] <= row["slow_requests"]
     assert ("slow_sent_ms" in row) == (row["slow_requests"] > 0)
+    # The host's TCP counters over the row: perf_analyzer opened its connection(s); none had to be retried here.
+    assert row["tcp"]["ActiveOpens"] >= 1 and row["tcp"]["ListenOverflows"] == 0, row["tcp"]
+    assert all(v >= 0 for v in row["tcp"].values()) and row["tcp_somaxconn"] > 0
     quantiles = row["latency_quantiles_ms"]
     assert quantiles["100"] == pytest.approx(row["latency_max_ms"], abs=1e-3) and quantiles["50"] <= quantiles["99"]
     png = report.plot_tails([sweep_payload(settings, rows, {"label": "one instance"})], tmp_path / "tails.png")
