@@ -120,7 +120,7 @@ def _bare_inputs(args):
     return model, kwargs, onnx
 
 
-def _served_program(repository: str, compile_mode):
+def _served_program(repository: str, compile_mode, tuning=None):
     """The repository's torch-engine classifier: version folder, config parameters, max batch."""
     from pathlib import Path
 
@@ -137,6 +137,8 @@ def _served_program(repository: str, compile_mode):
     params = {k: v.string_value for k, v in config.parameters.items()}
     if compile_mode:
         params["compile"] = compile_mode
+    if tuning:
+        params["inductor_tuning"] = tuning
     return str(version_dir), params, config.max_batch_size
 
 
@@ -159,7 +161,7 @@ def _cmd_bare(args) -> int:
         for plan in args.plans:
             rows += bare.bench_tensorrt(plan, args.batches, args.warmup, args.iterations)
     if "program" in args.engines:
-        version_dir, params, max_batch = _served_program(args.repository, args.compile_mode)
+        version_dir, params, max_batch = _served_program(args.repository, args.compile_mode, args.inductor_tuning)
         rows += bare.bench_program(version_dir, params, max_batch, args.batches, device, args.warmup,
                                    args.iterations)
     payload = {"kind": "bare", "environment": describe({"model": model, "model_kwargs": kwargs, "onnx": onnx,
@@ -278,6 +280,7 @@ def _cmd_analyze(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
+    from builder.engines.torch_runner import TUNINGS  # a light module: torch loads when an engine starts
     from perf import cli_sweep
 
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
@@ -294,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="also torch.compile FP16")
     b.add_argument("--compile-mode", default=None, choices=("none", "default", "reduce-overhead"),
                    help="program engine: override the repository's torch compile mode")
+    b.add_argument("--inductor-tuning", default=None, choices=tuple(TUNINGS),
+                   help="program engine: TorchInductor's kernel tuning (a candidate; the repository's by default)")
     b.add_argument("--batches", type=_counts, default=[1, 8, 32])
     b.add_argument("--warmup", type=_natural, default=10)
     b.add_argument("--iterations", type=_count, default=50)

@@ -15,6 +15,12 @@ PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "int8": ("fl
 # The head's logits are the answer: it stays in the activation dtype, like LayerNorm, softmax and the
 # attention matmuls (not Linear layers, so never quantized).
 KEEP = ("head",)
+# TorchInductor's tuning of the compiled kernels (config parameter `inductor_tuning`): none by default. The
+# others trade build and load time for kernels timed on this GPU: coordinate descent over the block sizes of
+# the fused elementwise and reduction kernels (Swin-T is bound by memory traffic), max-autotune over matmul
+# templates as well. CUDA graphs stay this class's own in every case.
+TUNINGS = {"none": {}, "coordinate-descent": {"coordinate_descent_tuning": True},
+           "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
 
 
 class TorchEngine:
@@ -46,6 +52,9 @@ class TorchEngine:
             self.log(f"classifier: {count} Linear layers quantized to {precision} by torchao "
                      f"{_torchao_version()}; the head, LayerNorm, softmax and attention stay {self.dtype}")
         mode = params.get("compile", "none")
+        tuning = params.get("inductor_tuning") or "none"
+        if tuning not in TUNINGS:  # checked on every device: a repository is often checked without its GPU
+            raise ValueError(f"inductor_tuning {tuning!r} is unknown; use one of {', '.join(TUNINGS)}")
         if mode != "none" and self.device.type != "cuda":
             # Inductor's CPU code generation needs a C++ compiler where the model is served and minutes per
             # load for a few percent; CPU instances run the program as exported.
@@ -57,7 +66,7 @@ class TorchEngine:
             # captures itself. torch.compile's own reduce-overhead mode (CUDA graph trees) checks guards and
             # graph state in Python on every call: ~1.1 ms of host time per call on an H200 host, more than
             # Swin-T's whole batch-1 forward pass; a replay of a captured graph costs tens of microseconds.
-            module = torch.compile(module, dynamic=True)
+            module = torch.compile(module, dynamic=True, options=TUNINGS[tuning] or None)
         self.module = module
         self.graphs = {}  # bucket -> (static input, static output, CUDA graph)
         self.capture = mode == "reduce-overhead"
@@ -78,7 +87,8 @@ class TorchEngine:
             if self.capture:
                 self._capture(inputs[:bucket], pool)
             self(torch.zeros(bucket, *shape, device=self.device))
-        self.log(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode}, "
+        self.log(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode} "
+                 f"(tuning {tuning}), "
                  f"buckets {self.buckets} warmed in {time.perf_counter() - started:.1f} s")
 
     def _load_artifacts(self, version_dir):

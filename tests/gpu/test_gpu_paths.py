@@ -245,6 +245,26 @@ def test_engine_graphs_replay_the_compiled_module(tiny_model, tmp_path):
     assert torch.allclose(kept, plain(first), atol=1e-3)  # still the first batch's logits
 
 
+@pytest.mark.parametrize("tuning", ["coordinate-descent"])
+def test_tuned_engine_matches_the_plain_program(tiny_model, tmp_path, tuning):
+    """Inductor's kernel tuning (a candidate, `perf bare --inductor-tuning`) compiles, captures its graphs and
+    gives the plain program's logits."""
+    import torch
+
+    from builder.engines.inductor import export_program
+    from builder.core.contract import Contract
+    from builder.engines.torch_runner import TorchEngine
+
+    contract = Contract("swin_tiny_patch4_window7_224", (224, 224), 1000)
+    export_program(tiny_model, contract, tmp_path / "model.pt2", MAX_BATCH)
+    params = {"precision": "fp32", "batch_buckets": "1,4", "input_dims": "3,224,224", "intra_op_threads": "1"}
+    tuned = TorchEngine(str(tmp_path), "cuda", {**params, "compile": "reduce-overhead", "inductor_tuning": tuning},
+                        MAX_BATCH)
+    plain = TorchEngine(str(tmp_path), "cuda", {**params, "compile": "none"}, MAX_BATCH)
+    x = torch.randn(3, 3, 224, 224, device="cuda")
+    assert torch.allclose(tuned(x), plain(x), atol=1e-3)
+
+
 def test_quantized_precisions_compile_side_by_side_and_are_gated(tiny_model, params, tmp_path):
     """int8 and fp8 (torchao) beside fp16 on this GPU: compiled at once, each loaded again, gated and timed."""
     import torch

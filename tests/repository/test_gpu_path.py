@@ -294,6 +294,8 @@ def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, caplog):
     with torch.no_grad():
         reference = tiny_model.module(x)
     assert torch.allclose(engine(x), reference, atol=1e-4)  # padded to bucket 4, cut back to 3 rows
+    with pytest.raises(ValueError, match="inductor_tuning 'fastest' is unknown; use one of none, coordinate-descent"):
+        TorchEngine(str(version_dir), "cpu", {**params, "inductor_tuning": "fastest"}, MAX_BATCH)
     threads = torch.get_num_threads()
     try:  # the instance's CPU pool follows intra_op_threads (GPU instances get 1 from the builder)
         TorchEngine(str(version_dir), "cpu", {**params, "intra_op_threads": "1"}, MAX_BATCH)
