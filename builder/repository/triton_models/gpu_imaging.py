@@ -94,6 +94,8 @@ def split_weights(matrix: np.ndarray) -> np.ndarray:
     """
     k = np.rint(matrix.astype(np.float64) * (1 << _PRECISION_BITS))
     high = np.rint(k / _SPLIT)
+    if np.abs(high).max(initial=0) > 2048:  # a weight over 2: no resampling filter has one
+        raise ValueError("resampling weights beyond float16's exact integers; use --preprocess exact")
     return np.concatenate([high, k - high * _SPLIT]).astype(np.float32)
 
 
