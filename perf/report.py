@@ -154,11 +154,19 @@ def plot(results: Dict, out_dir: Path) -> List[Path]:
     return paths
 
 
+def _tail_points(quantiles: Dict[str, float], requests: int):
+    """(shares of slower requests in %, latencies) of a row's quantiles; the maximum at one request's share."""
+    points = sorted((100.0 - float(q), v) for q, v in quantiles.items())
+    points = [(max(share, 100.0 / max(requests, 1)), v) for share, v in points]
+    return [s for s, _ in points], [v for _, v in points]
+
+
 def plot_tails(docs: List[Dict], path: Path) -> Path:
     """One PNG of the latency tails of sweeps run with `--request-count`: latency against the share of slower requests.
 
     Each row with `latency_quantiles_ms` is a line, labelled with its sweep's label and concurrency, so
-    a stall that hits one request in a thousand shows as a jump at 0.1%.
+    a stall that hits one request in a thousand shows as a jump at 0.1%. Rows that have them add a dashed
+    line of the same colour: the steady load, without the start-up wave (`steady_latency_quantiles_ms`).
     """
     import matplotlib
 
@@ -172,12 +180,13 @@ def plot_tails(docs: List[Dict], path: Path) -> Path:
             quantiles = row.get("latency_quantiles_ms")
             if not quantiles:
                 continue
-            points = sorted((100.0 - float(q), v) for q, v in quantiles.items())
-            # The maximum (q = 100) is drawn at one request's share.
-            points = [(max(share, 100.0 / row["requests"]), v) for share, v in points]
             name = doc.get("environment", {}).get("label") or row["model"]
-            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3,
-                    label=f"{name}, concurrency {row['concurrency']}")
+            line, = ax.plot(*_tail_points(quantiles, row["requests"]), marker="o", markersize=3,
+                            label=f"{name}, concurrency {row['concurrency']}")
+            steady = row.get("steady_latency_quantiles_ms")
+            if steady:
+                ax.plot(*_tail_points(steady, row["requests"] - row.get("startup_requests", 0)), linestyle="--",
+                        color=line.get_color(), label=f"{name}, after the first {row.get('startup_requests')}")
             lines += 1
     if not lines:
         raise BuilderError("no row has latency quantiles: run `perf sweep --request-count N`")

@@ -220,7 +220,9 @@ def tail_figures(profile_export: Path, concurrency: int = 1) -> Dict:
                "startup_max_ms": round(float(ms[:concurrency].max()), 1),
                "steady_latency_p999_ms": float(np.percentile(steady, 99.9)),
                "steady_latency_max_ms": float(steady.max()),
-               "steady_slow_requests": int((steady > 10 * median).sum())}
+               "steady_slow_requests": int((steady > 10 * median).sum()),
+               "steady_latency_quantiles_ms": {str(q): round(float(np.percentile(steady, q)), 3)
+                                               for q in TAIL_QUANTILES}}
     if len(slow):
         figures["slow_sent_ms"] = [round(float(sent_ms[is_slow].min()), 1), round(float(sent_ms[is_slow].max()), 1)]
     return figures

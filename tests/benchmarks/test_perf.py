@@ -47,6 +47,7 @@ def test_request_count_rows_carry_the_tail(server, contract, photo_paths, tmp_pa
     assert row["startup_requests"] == 1 and row["startup_max_ms"] <= row["latency_max_ms"]
     assert row["steady_latency_max_ms"] <= row["latency_max_ms"]
     assert row["steady_slow_requests"] <= row["slow_requests"]
+    assert row["steady_latency_quantiles_ms"]["100"] == pytest.approx(row["steady_latency_max_ms"], abs=1e-3)
     assert ("slow_sent_ms" in row) == (row["slow_requests"] > 0)
     # The host's TCP counters over the row: perf_analyzer opened its connection(s); none had to be retried here.
     assert row["tcp"]["ActiveOpens"] >= 1 and row["tcp"]["ListenOverflows"] == 0, row["tcp"]
