@@ -4,7 +4,7 @@
     python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N]
                                                   [--profile N --trace-dir DIR]
     python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,..., --classifier M,
-                                                                  --max-batch N]
+                                                                  --max-batch N, --queue-delay-us N]
     python perf/gpu/photo_designs.py null REPO NAME   # <NAME>_null: the photo path's tensors, no work
 
 `write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
@@ -67,6 +67,8 @@ def _apply(config, args) -> None:
             config.parameters[key].string_value = value
     if args.instances:
         config.instance_group[0].count = int(args.instances)
+    if args.queue_delay_us:  # a classifier that waits longer for company runs fuller (cheaper) batches
+        config.dynamic_batching.max_queue_delay_microseconds = int(args.queue_delay_us)
     if args.max_batch:  # shorter batches: a request waits behind less work (the p99 at high concurrency)
         config.max_batch_size = int(args.max_batch)
         sizes = [b for b in config.dynamic_batching.preferred_batch_size if b <= config.max_batch_size]
@@ -76,7 +78,8 @@ def _apply(config, args) -> None:
 
 def _show(config, args) -> None:
     print(config.name, {k: v.string_value for k, v in config.parameters.items() if k in _changes(args)},
-          "instances", config.instance_group[0].count, "max batch", config.max_batch_size)
+          "instances", config.instance_group[0].count, "max batch", config.max_batch_size,
+          "queue delay us", config.dynamic_batching.max_queue_delay_microseconds)
 
 
 def set_parameters(repo: Path, name: str, args) -> None:
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trace-dir", default="")
     parser.add_argument("--buckets", default="", help="the fused engine's CUDA-graph batch sizes, e.g. 1,2,4,...")
     parser.add_argument("--max-batch", default="", help="the model's max batch size (requests)")
+    parser.add_argument("--queue-delay-us", default="", help="the model's dynamic batcher delay (microseconds)")
     parser.add_argument("--classifier", default="", help="the pipeline's classifier model (e.g. a copy with other "
                         "instances)")
     args = parser.parse_args(argv)

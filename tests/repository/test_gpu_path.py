@@ -427,11 +427,12 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
     tool = [sys.executable, str(root / "perf" / "gpu" / "photo_designs.py")]
     env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run(tool + ["copy", str(repo), name, f"{name}_i2", "--instances", "2", "--buckets", "1,3,8",
-                          "--classifier", f"{name}_classifier", "--max-batch", "4"],
+                          "--classifier", f"{name}_classifier", "--max-batch", "4", "--queue-delay-us", "2000"],
                    check=True, env=env, capture_output=True)
     subprocess.run(tool + ["null", str(repo), name], check=True, env=env, capture_output=True)
     copied = configs.read(repo / f"{name}_i2" / "config.pbtxt")
     assert copied.name == f"{name}_i2" and copied.instance_group[0].count == 2 and copied.max_batch_size == 4
+    assert copied.dynamic_batching.max_queue_delay_microseconds == 2000
     assert copied.parameters["batch_buckets"].string_value == "1,3,8"
     assert copied.parameters["classifier"].string_value == f"{name}_classifier"
     null = configs.read(repo / f"{name}_null" / "config.pbtxt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,9 +82,12 @@ def test_interrupted_build_leaves_previous_repository(tmp_path):
     build_repository(tiny_settings(output))
     before = file_hashes(output)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
+    # Ctrl-C's default action in the child, whatever this process inherited: a shell's background job (how
+    # some CI runners start suites) ignores SIGINT, and Python then installs no KeyboardInterrupt for it.
     proc = subprocess.Popen([sys.executable, "-m", "builder", "repo", "--flavor", "local", "--output", str(output),
                              "--model-kwargs", TINY_KWARGS, "--seed", "3"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # interrupt it in the middle of the export
         if "[2/5]" in line:
             proc.send_signal(2)
