@@ -102,8 +102,8 @@ def _cmd_scaling(args) -> int:
     settings = scaling.ScalingSettings(
         repository=args.repository, name=args.name, gpu_counts=tuple(args.gpu_counts), batch_size=args.batch_size,
         concurrency_per_gpu=args.concurrency_per_gpu, images=tuple(str(p) for p in collect_images(args.images)),
-        measurement_interval_ms=args.measurement_interval_ms, cuda_memory_pool_mb=args.cuda_memory_pool_mb,
-        workdir=args.workdir)
+        measurement_interval_ms=args.measurement_interval_ms, stability_percent=args.stability_percent,
+        max_trials=args.max_trials, cuda_memory_pool_mb=args.cuda_memory_pool_mb, workdir=args.workdir)
     result = scaling.run_scaling(settings, host_gpus())
     result["environment"] = describe()
     output = Path(args.output)
@@ -113,6 +113,18 @@ def _cmd_scaling(args) -> int:
     print(table)
     print(f"wrote {output}" + (f" and {picture}" if picture else ""))
     return 0 if all("error" not in r for r in result["rows"]) else 1
+
+
+def _windows(p) -> None:
+    """perf_analyzer's measurement windows (sweep and scaling), defaults from SweepSettings."""
+    from builder.args import field_default
+    from perf.sweep import SweepSettings
+
+    for option, field, what in (("--measurement-interval-ms", "measurement_interval_ms", "each window's length"),
+                                ("--stability-percent", "stability_percent",
+                                 "allowed variation between windows (loosen it on a busy or small host)"),
+                                ("--max-trials", "max_trials", "windows tried before giving up on stability")):
+        p.add_argument(option, type=int, default=field_default(SweepSettings, field), help=what)
 
 
 def _common(p, ints, words) -> None:
@@ -125,9 +137,7 @@ def _common(p, ints, words) -> None:
     p.add_argument("--protocols", type=words, default=["grpc"], help="grpc,http")
     p.add_argument("--shared-memory", type=words, default=["none"], help="none,system,cuda")
     p.add_argument("--images", type=words, default=[], help="image files or folders (ensemble input data)")
-    p.add_argument("--measurement-interval-ms", type=int, default=3000)
-    p.add_argument("--stability-percent", type=int, default=10)
-    p.add_argument("--max-trials", type=int, default=10)
+    _windows(p)
     p.add_argument("--request-count", type=int, default=0,
                    help="measure over this many requests instead of time windows, and report each row's tail "
                         "(p99.9, max, requests slower than 10x the median) from perf_analyzer's profile export")
@@ -182,7 +192,7 @@ def add_commands(sub, ints, words, naturals) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="images per request, the same at every count")
     g.add_argument("--concurrency-per-gpu", type=int, default=64)
     g.add_argument("--images", type=words, default=["builder/parity_images"], help="image files or folders")
-    g.add_argument("--measurement-interval-ms", type=int, default=3000)
+    _windows(g)
     g.add_argument("--cuda-memory-pool-mb", type=int, default=256, help="each visible GPU's CUDA memory pool")
     g.add_argument("--workdir", default=".scaling", help="each server's copy and log (gpus-<N>/)")
     g.add_argument("--output", default="perf/results/local-scaling.json", help="JSON; the PNG goes beside it")

@@ -32,6 +32,8 @@ class ScalingSettings:
         concurrency_per_gpu: Requests in flight per GPU (the CPU run counts as one).
         images: Photos sent (real data).
         measurement_interval_ms: perf_analyzer's window.
+        stability_percent: Allowed variation between windows.
+        max_trials: Windows tried before giving up on stability.
         cuda_memory_pool_mb: Each visible GPU's CUDA memory pool.
         workdir: Where each server's copy and log live (`<workdir>/gpus-<N>`).
     """
@@ -43,6 +45,8 @@ class ScalingSettings:
     concurrency_per_gpu: int = 64
     images: Tuple[str, ...] = ()
     measurement_interval_ms: int = 3000
+    stability_percent: int = 10
+    max_trials: int = 10
     cuda_memory_pool_mb: int = 256
     workdir: str = ".scaling"
 
@@ -89,7 +93,8 @@ def run_scaling(settings: ScalingSettings, host: Sequence[int]) -> Dict:
         concurrency = settings.concurrency_per_gpu * max(count, 1)
         sweep = SweepSettings(name=settings.name, http_url=server.http_url, grpc_url=server.grpc_url,
                               concurrency=(concurrency,), batch_sizes=(settings.batch_size,),
-                              images=settings.images, measurement_interval_ms=settings.measurement_interval_ms)
+                              images=settings.images, measurement_interval_ms=settings.measurement_interval_ms,
+                              stability_percent=settings.stability_percent, max_trials=settings.max_trials)
         log.info("[%d/%d] %d GPU(s) visible (%s), concurrency %d, %d image(s) per request",
                  len(rows) + 1, len(settings.gpu_counts), count, visible or "none", concurrency, settings.batch_size)
         with server:

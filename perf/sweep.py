@@ -217,7 +217,7 @@ def tail_figures(profile_export: Path, concurrency: int = 1) -> Dict:
                "slowest_ms": [round(float(v), 1) for v in slow[:10]],
                "latency_quantiles_ms": {str(q): round(float(np.percentile(ms, q)), 3) for q in TAIL_QUANTILES},
                "startup_requests": int(min(concurrency, len(ms))),
-               "startup_max_ms": round(float(ms[:concurrency].max()), 1),
+               "startup_max_ms": float(ms[:concurrency].max()),
                "steady_latency_p999_ms": float(np.percentile(steady, 99.9)),
                "steady_latency_max_ms": float(steady.max()),
                "steady_slow_requests": int((steady > 10 * median).sum()),

@@ -277,7 +277,8 @@ def test_scaling_serves_each_count_and_measures_the_host_cpu(local_repo, contrac
     output = tmp_path / "scaling.json"
     result = run_module("perf", "scaling", "--repository", str(local_repo), "--name", contract.ensemble,
                         "--gpu-counts", "0", "--batch-size", "2", "--concurrency-per-gpu", "2",
-                        "--measurement-interval-ms", "1500", "--images", ",".join(str(p) for p in photo_paths[:4]),
+                        "--measurement-interval-ms", "1500", "--stability-percent", "99", "--max-trials", "4",
+                        "--images", ",".join(str(p) for p in photo_paths[:4]),
                         "--workdir", str(tmp_path / "w"), "--output", str(output), timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     doc = json.loads(output.read_text())
