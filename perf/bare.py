@@ -90,6 +90,6 @@ def bench_program(version_dir: str, params: Dict[str, str], max_batch: int, batc
     started = time.perf_counter()
     engine = TorchEngine(version_dir, device, params, max_batch)
     load_s = time.perf_counter() - started
-    variant = f"{engine.dtype} compile={params.get('compile', 'none')} tuning={params.get('inductor_tuning') or 'none'}"
+    variant = f"{engine.dtype} compile={params.get('compile', 'none')} tuning={engine.tuning}"
     return [{"engine": "program", "variant": variant, **row, "load_s": round(load_s, 2)}
             for row in time_engine(engine, params, batches, warmup, iterations, budget_s=None)]

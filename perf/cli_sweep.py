@@ -115,16 +115,15 @@ def _cmd_scaling(args) -> int:
     return 0 if all("error" not in r for r in result["rows"]) else 1
 
 
-def _windows(p) -> None:
-    """perf_analyzer's measurement windows (sweep and scaling), defaults from SweepSettings."""
+def _windows(p, settings) -> None:
+    """perf_analyzer's measurement windows (sweep and scaling), defaults from the command's settings class."""
     from builder.args import field_default
-    from perf.sweep import SweepSettings
 
     for option, field, what in (("--measurement-interval-ms", "measurement_interval_ms", "each window's length"),
                                 ("--stability-percent", "stability_percent",
                                  "allowed variation between windows (loosen it on a busy or small host)"),
                                 ("--max-trials", "max_trials", "windows tried before giving up on stability")):
-        p.add_argument(option, type=int, default=field_default(SweepSettings, field), help=what)
+        p.add_argument(option, type=int, default=field_default(settings, field), help=what)
 
 
 def _common(p, ints, words) -> None:
@@ -137,7 +136,9 @@ def _common(p, ints, words) -> None:
     p.add_argument("--protocols", type=words, default=["grpc"], help="grpc,http")
     p.add_argument("--shared-memory", type=words, default=["none"], help="none,system,cuda")
     p.add_argument("--images", type=words, default=[], help="image files or folders (ensemble input data)")
-    _windows(p)
+    from perf.sweep import SweepSettings
+
+    _windows(p, SweepSettings)
     p.add_argument("--request-count", type=int, default=0,
                    help="measure over this many requests instead of time windows, and report each row's tail "
                         "(p99.9, max, requests slower than 10x the median) from perf_analyzer's profile export")
@@ -192,7 +193,9 @@ def add_commands(sub, ints, words, naturals) -> None:
     g.add_argument("--batch-size", type=int, default=1, help="images per request, the same at every count")
     g.add_argument("--concurrency-per-gpu", type=int, default=64)
     g.add_argument("--images", type=words, default=["builder/parity_images"], help="image files or folders")
-    _windows(g)
+    from perf.scaling import ScalingSettings
+
+    _windows(g, ScalingSettings)
     g.add_argument("--cuda-memory-pool-mb", type=int, default=256, help="each visible GPU's CUDA memory pool")
     g.add_argument("--workdir", default=".scaling", help="each server's copy and log (gpus-<N>/)")
     g.add_argument("--output", default="perf/results/local-scaling.json", help="JSON; the PNG goes beside it")

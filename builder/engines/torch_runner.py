@@ -52,7 +52,7 @@ class TorchEngine:
             self.log(f"classifier: {count} Linear layers quantized to {precision} by torchao "
                      f"{_torchao_version()}; the head, LayerNorm, softmax and attention stay {self.dtype}")
         mode = params.get("compile", "none")
-        tuning = params.get("inductor_tuning") or "none"
+        self.tuning = tuning = params.get("inductor_tuning") or "none"
         if tuning not in TUNINGS:  # checked on every device: a repository is often checked without its GPU
             raise ValueError(f"inductor_tuning {tuning!r} is unknown; use one of {', '.join(TUNINGS)}")
         if mode != "none" and self.device.type != "cuda":
