@@ -21,6 +21,8 @@ QUEUE_TIMEOUT_US ?=
 INSTANCES ?=
 # Instances of the preprocess model (the photo path with PREPROCESS=gpu); empty: 2.
 PREPROCESS_INSTANCES ?=
+# Largest batch of the preprocess model (the photo path with PREPROCESS=gpu); empty: MAX_BATCH.
+PREPROCESS_MAX_BATCH ?=
 # The GPU photo path's design: auto (fused with the inductor engine, else pipeline) | fused | pipeline | ensemble
 GPU_PHOTO_PATH ?=
 # exact | draft (large JPEGs decoded at a reduced scale, parity-gated) | gpu (batched GPU JPEG decode and resize, parity-gated)
@@ -77,6 +79,7 @@ repo: $(STAMP)
 	  $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_US),--queue-timeout-us $(QUEUE_TIMEOUT_US)) \
 	  $(if $(INSTANCES),--instance-count $(INSTANCES)) $(if $(PREPROCESS),--preprocess $(PREPROCESS)) \
 	  $(if $(PREPROCESS_INSTANCES),--preprocess-instances $(PREPROCESS_INSTANCES)) \
+	  $(if $(PREPROCESS_MAX_BATCH),--preprocess-max-batch-size $(PREPROCESS_MAX_BATCH)) \
 	  $(if $(GPU_PHOTO_PATH),--gpu-photo-path $(GPU_PHOTO_PATH)) \
 	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(TORCH_COMPILE),--torch-compile $(TORCH_COMPILE)) \
 	  $(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(VERSION_POLICY),--version-policy $(VERSION_POLICY)) \

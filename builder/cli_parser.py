@@ -136,6 +136,10 @@ def _repo_batching_args(p) -> None:
     batching = s.Batching()
     g = p.add_argument_group("batching and queues")
     g.add_argument("--max-batch-size", type=int, default=batching.max_batch_size)
+    g.add_argument("--preprocess-max-batch-size", type=int, default=None,
+                   help="largest batch of the preprocess model, or of the GPU photo path's model (default: "
+                        "--max-batch-size); 32 with 8 photo-path instances under MPS served the most one-image "
+                        "requests on an H200 (see the README)")
     g.add_argument("--preferred-batch-sizes", type=ints, default=batching.preferred_batch_sizes, help="e.g. 8,16,32")
     g.add_argument("--max-queue-delay-us", type=int, default=batching.max_queue_delay_us)
     g.add_argument("--max-queue-size", type=int, default=batching.max_queue_size,
@@ -234,8 +238,10 @@ def _repo_versions_args(p, repo) -> None:
 
 
 def _server_args(p) -> None:
+    from builder.core import contract as C
+
     p.add_argument("--repository", default="model_repository")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=C.HTTP_PORT)
+    p.add_argument("--grpc-port", type=int, default=C.GRPC_PORT)
+    p.add_argument("--metrics-port", type=int, default=C.METRICS_PORT)
     p.add_argument("--workdir", default=".server", help="server copy, log and pid file")

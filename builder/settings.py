@@ -311,7 +311,9 @@ class RepoSettings:
         top_k: Classes returned by the postprocess model.
         opset: ONNX opset (>= 17 for native LayerNormalization).
         classifier_batching: Batching of the classifier.
-        preprocess_batching: Batching of the preprocess model.
+        preprocess_batching: Batching of the preprocess model, and of the photo
+            path's model with `preprocess="gpu"` (its max batch may differ from
+            the classifier's; the ensemble's is the smaller of the two).
         classifier_instances: Instance group of the classifier.
         preprocess_instances: Instance group of the preprocess model, and of
             the photo path's model with `preprocess="gpu"` (default: two
@@ -487,6 +489,11 @@ class RepoSettings:
     def served_precision(self) -> str:
         """The inductor precision written into the classifier's config (`auto` unresolved: fp16)."""
         return "fp16" if self.inductor_precision == "auto" else self.inductor_precision
+
+    @property
+    def ensemble_max_batch(self) -> int:
+        """The most images one request to the ensemble's name may carry: no step takes more than its own max."""
+        return min(self.classifier_batching.max_batch_size, self.preprocess_batching.max_batch_size)
 
     @property
     def model_name(self) -> str:

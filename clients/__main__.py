@@ -1,6 +1,6 @@
 """`python -m clients`: classify images against a running Triton server.
 
-  python -m clients classify --url localhost:8001 --protocol grpc [--top-k 5] [--json] PATH...
+  python -m clients classify --url 127.0.0.1:8001 --protocol grpc [--top-k 5] [--json] PATH...
 
 PATHs are image files or folders (searched recursively). Prints a row (or a
 JSON line with --json) per image as its answer arrives, in completion order;
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("classify", help="classify image files and folders")
     c.add_argument("paths", nargs="+", metavar="PATH")
-    c.add_argument("--url", default=None, help="host:port (default localhost:8001 for grpc, :8000 for http)")
+    c.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 for grpc, :8000 for http)")
     c.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     c.add_argument("--model", default="swin_tiny_patch4_window7_224", help="ensemble name")
     c.add_argument("--model-version", default="", help="pin a model version")
@@ -81,7 +81,9 @@ def _classify(args) -> int:
     from clients.api import Classifier, ClientSettings, collect_images
     from clients.errors import ClientError
 
-    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    from builder.core.contract import LOCAL_GRPC_URL, LOCAL_HTTP_URL
+
+    url = args.url or (LOCAL_GRPC_URL if args.protocol == "grpc" else LOCAL_HTTP_URL)
     if args.top_k < 1:
         print(f"error: --top-k is {args.top_k}; use 1 or more", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
     from clients import Classifier, ClientSettings
 
-    with Classifier(ClientSettings(url="localhost:8001", model="swin_tiny_patch4_window7_224")) as c:
+    with Classifier(ClientSettings(url="127.0.0.1:8001", model="swin_tiny_patch4_window7_224")) as c:
         for result in c.classify(["cat.jpg", open("dog.png", "rb").read()], top_k=3):
             print(result.source, result.top1.label if result.ok else result.error)
 

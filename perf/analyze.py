@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from builder.core.contract import LOOPBACK
 from builder.errors import BuilderError
 
 log = logging.getLogger("perf")
@@ -85,9 +86,9 @@ def analyzer_config(repository: Path, models: Sequence[str], workdir: Path, imag
         "export_path": str(workdir / "reports"),
         "checkpoint_directory": str(workdir / "checkpoints"),
         "triton_launch_mode": "remote",
-        "triton_http_endpoint": f"localhost:{http}",
-        "triton_grpc_endpoint": f"localhost:{grpc}",
-        "triton_metrics_url": f"http://localhost:{metrics}/metrics",
+        "triton_http_endpoint": f"{LOOPBACK}:{http}",
+        "triton_grpc_endpoint": f"{LOOPBACK}:{grpc}",
+        "triton_metrics_url": f"http://{LOOPBACK}:{metrics}/metrics",
         # GPU metrics come from the server's /metrics in remote mode; DCGM (not in pip installs) stays off.
         "dcgm_disable": True,
         "perf_analyzer_path": perf_analyzer_path(),

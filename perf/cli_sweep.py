@@ -127,17 +127,17 @@ def _windows(p, settings) -> None:
 
 
 def _common(p, ints, words) -> None:
+    from perf.sweep import SweepSettings
+
     p.add_argument("--name", default="swin_tiny_patch4_window7_224", help="ensemble name")
-    p.add_argument("--http-url", default="localhost:8000")
-    p.add_argument("--grpc-url", default="localhost:8001")
+    p.add_argument("--http-url", default=SweepSettings.http_url)
+    p.add_argument("--grpc-url", default=SweepSettings.grpc_url)
     p.add_argument("--models", type=words, default=["ensemble"], help="ensemble,classifier,preprocess")
     p.add_argument("--concurrency", type=ints, default=[1, 4, 16])
     p.add_argument("--batch-sizes", type=ints, default=[1])
     p.add_argument("--protocols", type=words, default=["grpc"], help="grpc,http")
     p.add_argument("--shared-memory", type=words, default=["none"], help="none,system,cuda")
     p.add_argument("--images", type=words, default=[], help="image files or folders (ensemble input data)")
-    from perf.sweep import SweepSettings
-
     _windows(p, SweepSettings)
     p.add_argument("--request-count", type=int, default=0,
                    help="measure over this many requests instead of time windows, and report each row's tail "

@@ -94,8 +94,8 @@ class SweepSettings:
     """
 
     name: str
-    http_url: str = "localhost:8000"
-    grpc_url: str = "localhost:8001"
+    http_url: str = C.LOCAL_HTTP_URL
+    grpc_url: str = C.LOCAL_GRPC_URL
     models: Tuple[str, ...] = ("ensemble",)
     concurrency: Tuple[int, ...] = (1, 4, 16)
     batch_sizes: Tuple[int, ...] = (1,)

@@ -79,7 +79,7 @@ def test_readme_commands_run_as_written(tmp_path, photo_paths, tiny_model):
     env.pop("MAKEFLAGS", None)
 
     def ports(text: str) -> str:
-        return text.replace("localhost:8001", f"localhost:{grpc}").replace("localhost:8000", f"localhost:{http}")
+        return text.replace("127.0.0.1:8001", f"127.0.0.1:{grpc}").replace("127.0.0.1:8000", f"127.0.0.1:{http}")
 
     ran, skipped = [], []
     try:
@@ -94,7 +94,7 @@ def test_readme_commands_run_as_written(tmp_path, photo_paths, tiny_model):
                 assert "…" not in command, f"README command is not runnable as written: {command}"
                 shell_command = ports(command)
                 if "-m perf sweep" in command or "-m perf tune" in command:
-                    shell_command += f" --http-url localhost:{http} --grpc-url localhost:{grpc}" + FAST_PERF
+                    shell_command += f" --http-url 127.0.0.1:{http} --grpc-url 127.0.0.1:{grpc}" + FAST_PERF
                 argv, shell = shell_command, True
             result = subprocess.run(argv, shell=shell, cwd=work, env=env, capture_output=True, text=True,
                                     timeout=600, executable="/bin/bash" if shell else None)

@@ -44,20 +44,25 @@ class RaceResult:
     choice: Dict
 
 
+FINE_BUCKETS_UP_TO = 64  # batches this small pad by at most 3 rows
+
+
 def batch_buckets(max_batch: int, preferred=()) -> list:
     """The batch sizes the inductor engine captures a CUDA graph for: a batch pads to the next one.
 
-    Every power of two up to a step, then every multiple of the step (8 up to a max of 128, at most ~16
-    of them above), the preferred sizes and the max. Sparse buckets made batches of 2-8 cost a batch of 32
-    at low load (measured on an H100: served throughput fell from concurrency 1 to 8); powers of two alone
-    ran the batches of ~36 that six photo-path instances form under load as batches of 64: these buckets
-    served 9% more one-image requests on an H200 (perf/results/h200-photo-buckets). Each bucket is one CUDA
-    graph, captured at load (19 at a max of 128: ~10 s per instance).
+    1, 2, then every multiple of 4 up to 64, then every multiple of a coarser step (8 up to a max of 128, at
+    most ~16 of them above 64), the preferred sizes and the max. Sparse buckets made batches of 2-8 cost a
+    batch of 32 at low load (measured on an H100: served throughput fell from concurrency 1 to 8); powers of
+    two alone ran the batches of ~36 that six photo-path instances form under load as batches of 64 (these
+    buckets' step of 8 served 9% more one-image requests on an H200, perf/results/h200-photo-buckets); the
+    classifier's batches of ~25 from eight instances padded to 32 with a step of 8, and a step of 4 up to 64
+    served 5% more (7,375 against 7,033-7,046 img/s, perf/results/h200-photo-batching). Each bucket is one
+    CUDA graph, captured at load (26 at a max of 128).
     """
+    fine = {1, 2, *range(4, min(FINE_BUCKETS_UP_TO, max_batch) + 1, 4)}
     step = max(8, 1 << max(0, (max_batch - 1) // 16).bit_length())
-    powers = {1 << i for i in range(step.bit_length()) if 1 << i <= min(step, max_batch)}
-    steps = set(range(step, max_batch + 1, step))
-    return sorted(powers | steps | {*preferred, max_batch})
+    coarse = {b for b in range(step, max_batch + 1, step) if b > FINE_BUCKETS_UP_TO}
+    return sorted(b for b in fine | coarse | {*preferred, max_batch} if b <= max_batch)
 
 
 def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, str]:

@@ -87,7 +87,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
                                     engine)
     else:
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
-        ens_config = configs.ensemble(contract, settings.classifier_batching.max_batch_size,
+        ens_config = configs.ensemble(contract, settings.ensemble_max_batch,
                                       settings.version_policy, settings.response_cache)
 
     # config.pbtxt last: a polling server never sees a config without its files.

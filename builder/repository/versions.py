@@ -55,7 +55,8 @@ def contract_changes(previous: dict, settings: RepoSettings, contract: Optional[
     """
     served = previous.get("settings") or {}
     changes = []
-    pairs = [("max_batch_size", previous["contract"].get("max_batch_size"),
+    pairs = [("max_batch_size", previous["contract"].get("max_batch_size"), settings.ensemble_max_batch),
+             ("classifier max_batch_size", (served.get("classifier_batching") or {}).get("max_batch_size"),
               settings.classifier_batching.max_batch_size),
              ("top_k", served.get("top_k"), settings.top_k),
              ("preprocess", served.get("preprocess"), settings.preprocess)]

@@ -166,7 +166,7 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
         "contract": {
             "ensemble": contract.ensemble, "models": list(contract.model_names),
             "tensors": contract_tensors(contract),
-            "max_batch_size": settings.classifier_batching.max_batch_size,
+            "max_batch_size": settings.ensemble_max_batch,  # the most images a request may carry
         },
         "model_version": settings.version,
         "model_versions": versions or [_version_entry(settings, model, parity)],

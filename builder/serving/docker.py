@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from builder.errors import BuilderError
+from builder.core import contract as C
 from builder.core.contract import Contract
 from builder.serving.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
 from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION, PodSettings
@@ -28,7 +29,7 @@ def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16", pod: Optio
     """Values the templates use (`pod`: the Kubernetes pods' GPUs and the autoscaler's range)."""
     return {"release": TRITON_RELEASE, "triton_version": TRITON_VERSION, "tensorrt_version": TENSORRT_VERSION,
             "pillow_version": PILLOW_VERSION, "torch_version": TORCH_VERSION,
-            "torchvision_version": TORCHVISION_VERSION, "http_port": 8000, "grpc_port": 8001, "metrics_port": 8002,
+            "torchvision_version": TORCHVISION_VERSION, "http_port": C.HTTP_PORT, "grpc_port": C.GRPC_PORT, "metrics_port": C.METRICS_PORT,
             "repository": "model_repository", "classifier": Contract.named(model_name).classifier,
             "precision": precision, "pod": pod or PodSettings(),
             # Model control locked as in `make serve`: the key comes from the environment, never the files.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
+from builder.core import contract as C
 from builder.errors import BuilderError
 from builder.serving import procs
 from builder.serving.mps import MpsDaemon
@@ -107,9 +108,9 @@ class ServerSettings:
     """
 
     repository: str = "model_repository"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    http_port: int = C.HTTP_PORT
+    grpc_port: int = C.GRPC_PORT
+    metrics_port: int = C.METRICS_PORT
     workdir: str = ".server"
     model_control: str = "none"
     poll_seconds: int = 2
@@ -221,11 +222,11 @@ class LocalServer:
 
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.settings.http_port}"
+        return f"{C.LOOPBACK}:{self.settings.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.settings.grpc_port}"
+        return f"{C.LOOPBACK}:{self.settings.grpc_port}"
 
     def command(self) -> list:
         """The tritonserver command line."""

@@ -22,8 +22,8 @@ case "${1:?stage}" in
     gpu_repo --engine inductor --gpu-photo-path pipeline 2>&1 | grep -v "^\s*$" | tail -8
     # The other designs beside the pipeline, on the same classifier: `fused` (the pipeline with the inductor
     # engine in its own process) as <name>_fused, and the ensemble (three models chained by Triton) as
-    # <name>_ensemble3.
-    $PYTHON perf/gpu/photo_designs.py write "$REPO" "$NAME"
+    # <name>_ensemble3. WRITE_DESIGNS=0: the pipeline alone (MPS takes at most 48 model processes a GPU).
+    [ "${WRITE_DESIGNS:-1}" = 0 ] || $PYTHON perf/gpu/photo_designs.py write "$REPO" "$NAME"
     cp "$REPO/manifest.json" "$OUT/manifest.json"
     ;;
   sweep)

@@ -216,8 +216,8 @@ def test_model_analyzer_config_points_at_this_server(local_repo, tmp_path):
     with pytest.raises(BuilderError, match="concurrency: need 1 <= min"):
         SearchSettings(min_concurrency=32, max_concurrency=16)
     assert config["triton_launch_mode"] == "remote" and config["dcgm_disable"] is True
-    assert config["triton_grpc_endpoint"] == "localhost:18001"
-    assert config["triton_metrics_url"] == "http://localhost:18002/metrics"
+    assert config["triton_grpc_endpoint"] == "127.0.0.1:18001"
+    assert config["triton_metrics_url"] == "http://127.0.0.1:18002/metrics"
     # No GPU: every candidate and composing model on the CPU.
     assert config["profile_models"] == {"swin_tiny_patch4_window7_224": {"cpu_only": True}}
     assert config["cpu_only_composing_models"] == ["pre", "cls", "post"]

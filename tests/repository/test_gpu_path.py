@@ -177,15 +177,16 @@ def test_settings_of_the_variants():
                                              classifier_batching=s.Batching(48, (24,), 100),
                                              classifier_instances=s.InstanceGroup("KIND_CPU", 1)),
                               Contract("x", (224, 224), 1000, 5))
-    assert params["precision"] == "fp32" and params["batch_buckets"] == "1,2,4,8,16,24,32,40,48"
+    assert params["precision"] == "fp32" and params["batch_buckets"] == ",".join(map(str, [1, 2, *range(4, 49, 4)]))
     from builder.engines.race import batch_buckets
 
-    # A batch pads to the next bucket: at most a step of 8 rows up to 128 (a batch of 36 ran as 64 with powers
-    # of two), about 16 graphs above the powers of two for larger maxima, the preferred sizes and max always in.
-    assert batch_buckets(128) == [1, 2, 4, 8, *range(16, 129, 8)] and batch_buckets(8) == [1, 2, 4, 8]
+    # A batch pads to the next bucket: by at most 3 rows up to 64 (a batch of 25 ran as 32 with a step of 8),
+    # 7 up to 128, about 16 graphs above 64 for larger maxima, the preferred sizes and max always in.
+    assert batch_buckets(128) == [1, 2, *range(4, 65, 4), *range(72, 129, 8)] and batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(3) == [1, 2, 3]
     assert batch_buckets(1) == [1] and batch_buckets(100, (36,))[-3:] == [88, 96, 100] and 36 in batch_buckets(100, (36,))
     large = batch_buckets(1000)
-    assert large[-1] == 1000 and len(large) <= 24 and max(b - a for a, b in zip(large, large[1:])) <= 64
+    assert large[-1] == 1000 and len(large) <= 34 and max(b - a for a, b in zip(large, large[1:])) <= 64
     assert params["intra_op_threads"] == "0"  # CPU instances compute on the CPU: torch's own pool
     gpu = torch_parameters(s.RepoSettings(engine="inductor", classifier_instances=s.InstanceGroup("KIND_GPU", 2)),
                            Contract("x", (224, 224), 1000, 5))
@@ -243,10 +244,15 @@ def test_variant_repository(gpu_repo, tmp_path):
 
 def test_the_ensemble_design_of_the_gpu_photo_path(tmp_path):
     """`--gpu-photo-path ensemble`: the three models chained by Triton, as before the pipeline model."""
+    # The preprocess model takes smaller batches than the classifier (--preprocess-max-batch-size): the
+    # ensemble takes the smaller of the two, as Triton requires of every step.
     repo = build_repository(tiny_settings(tmp_path / "repo", preprocess="gpu", gpu_photo_path="ensemble",
+                                          preprocess_batching=s.Batching(MAX_BATCH // 2, (), 2000, max_queue_size=0),
                                           preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
     config = configs.read(repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
     assert config.platform == "ensemble" and len(config.ensemble_scheduling.step) == 3
+    assert config.max_batch_size == MAX_BATCH // 2 == read_manifest(repo)["contract"]["max_batch_size"]
+    assert configs.read(repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").max_batch_size == MAX_BATCH
     from builder.repository.check import check_repository
 
     assert check_repository(repo) == []

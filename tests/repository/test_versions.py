@@ -108,3 +108,18 @@ def test_hot_update_with_no_failed_request(local_repo, contract, photos, tmp_pat
     assert not np.allclose(old, new)  # the new weights really serve now
     assert any(np.array_equal(x, old) for x in seen) and any(np.array_equal(x, new) for x in seen)
     assert len(seen) > 20
+
+
+def test_a_new_version_keeps_both_batch_limits(tmp_path):
+    """Versions share one config per model: the ensemble's limit and the classifier's are both compared."""
+    from builder.repository.versions import contract_changes
+
+    served = tiny_settings(tmp_path / "repo")
+    previous = {"contract": {"max_batch_size": served.ensemble_max_batch},
+                "settings": {"classifier_batching": {"max_batch_size": served.classifier_batching.max_batch_size},
+                             "top_k": served.top_k, "preprocess": served.preprocess}}
+    assert contract_changes(previous, served) == []
+    smaller_photo_batches = tiny_settings(tmp_path / "repo", preprocess_batching=s.Batching(2, (), 2000))
+    assert contract_changes(previous, smaller_photo_batches) == [("max_batch_size", served.ensemble_max_batch, 2)]
+    larger_classifier = tiny_settings(tmp_path / "repo", classifier_batching=s.Batching(16, (), 2000))
+    assert [name for name, _, _ in contract_changes(previous, larger_classifier)] == ["classifier max_batch_size"]
