@@ -4,7 +4,7 @@
 # Needs only bash, curl and perl (for the 4-byte length prefix).
 set -euo pipefail
 image=$1
-server=${2:-localhost:8000}
+server=${2:-127.0.0.1:8000}
 model=${3:-swin_tiny_patch4_window7_224}
 size=$(stat -c %s "$image")
 # A BYTES element on the wire is a little-endian uint32 length followed by the bytes.

@@ -26,7 +26,7 @@ P
   $SERVE_PYTHON -m builder serve --repository "$R" --workdir "/tmp/threads-server-$threads" --detach --timeout 600 \
     2>&1 | tail -1
   for c in 16 64; do
-    perf_analyzer -m $M -i grpc -u localhost:8001 --concurrency-range $c --measurement-interval 4000 \
+    perf_analyzer -m $M -i grpc -u 127.0.0.1:8001 --concurrency-range $c --measurement-interval 4000 \
       --stability-percentage 25 --max-trials 6 -f "$OUT/perf_analyzer-threads$threads-$c.csv" > "$OUT/pa.log" 2>&1
     echo "intra_op_threads=$threads concurrency=$c: $(grep -E 'Throughput|p99 latency' "$OUT/pa.log" | tr -s ' ' | tr '\n' ' ')"
   done

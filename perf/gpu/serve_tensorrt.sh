@@ -38,7 +38,7 @@ case "$stage" in
     trap '$SERVE -m builder stop --workdir /tmp/swin-server' EXIT
     for mode in ensemble classifier; do
       for shm in none system cuda; do
-        $SERVE -m clients classify --url localhost:8001 --json --top-k 3 --mode $mode --shared-memory $shm \
+        $SERVE -m clients classify --url 127.0.0.1:8001 --json --top-k 3 --mode $mode --shared-memory $shm \
           "$IMAGES" | sort > "$OUT/client-$mode-$shm.jsonl"
       done
       cmp "$OUT/client-$mode-none.jsonl" "$OUT/client-$mode-system.jsonl"
