@@ -80,7 +80,6 @@ NOT_SENT = "not classified: "
 def _classify(args) -> int:
     from clients.api import Classifier, ClientSettings, collect_images
     from clients.errors import ClientError
-
     from builder.core.contract import LOCAL_GRPC_URL, LOCAL_HTTP_URL
 
     url = args.url or (LOCAL_GRPC_URL if args.protocol == "grpc" else LOCAL_HTTP_URL)

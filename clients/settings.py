@@ -86,7 +86,8 @@ class ClientSettings:
             fail("shared_memory", f"{self.shared_memory!r} is unknown", f"use one of {SHARED_MEMORY}")
         grpc_target = self.protocol == "grpc" and self.url.startswith(("dns:", "ipv4:", "ipv6:", "unix:"))
         if not grpc_target and ("://" in self.url or ":" not in self.url):
-            fail("url", f"{self.url!r} is not host:port", f"e.g. {C.LOCAL_GRPC_URL} (no scheme; gRPC also takes dns:///host:port)")
+            fail("url", f"{self.url!r} is not host:port",
+                 f"e.g. {C.LOCAL_GRPC_URL} (no scheme; gRPC also takes dns:///host:port)")
         if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
             fail("timeout_s", "timeouts must be positive", "use seconds > 0")
         if self.retries < 0 or self.backoff_s < 0:

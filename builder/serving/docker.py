@@ -29,7 +29,8 @@ def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16", pod: Optio
     """Values the templates use (`pod`: the Kubernetes pods' GPUs and the autoscaler's range)."""
     return {"release": TRITON_RELEASE, "triton_version": TRITON_VERSION, "tensorrt_version": TENSORRT_VERSION,
             "pillow_version": PILLOW_VERSION, "torch_version": TORCH_VERSION,
-            "torchvision_version": TORCHVISION_VERSION, "http_port": C.HTTP_PORT, "grpc_port": C.GRPC_PORT, "metrics_port": C.METRICS_PORT,
+            "torchvision_version": TORCHVISION_VERSION,
+            "http_port": C.HTTP_PORT, "grpc_port": C.GRPC_PORT, "metrics_port": C.METRICS_PORT,
             "repository": "model_repository", "classifier": Contract.named(model_name).classifier,
             "precision": precision, "pod": pod or PodSettings(),
             # Model control locked as in `make serve`: the key comes from the environment, never the files.
