@@ -73,12 +73,13 @@ def kernel_ms(fn, repeats):
     return sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()) / 1000.0 / repeats
 
 
-def compiled_rounding(pipe, on_cpu, decoded, args):
-    """Candidate: each pass's integer rounding (7 elementwise kernels in eager mode) as one compiled kernel.
+def rounding_candidates(pipe, on_cpu, decoded, args):
+    """Candidates for each pass's integer rounding (7 elementwise kernels in eager mode) as one kernel.
 
-    `gpu_imaging._pillow_round` is swapped for `torch.compile(..., dynamic=True)` of itself for the
-    measurement and put back after; rows give the transform's kernel time, the first call's compile time and
-    the difference from the CPU's values (0: still exact).
+    `compiled rounding`: `torch.compile(..., dynamic=True)` of `gpu_imaging._pillow_round`; `triton rounding`:
+    the hand-written kernel of `perf/gpu/round_kernel.py` (no guards, one launch). Each is swapped in for
+    `_pillow_round` for its measurement and the eager one put back after; rows give the transform's wall and
+    kernel time, the first call's time (compilation) and the difference from the CPU's values (0: still exact).
     """
     import time
 
@@ -87,23 +88,34 @@ def compiled_rounding(pipe, on_cpu, decoded, args):
     from builder.repository.triton_models import gpu_imaging
 
     eager = gpu_imaging._pillow_round
-    gpu_imaging._pillow_round = torch.compile(eager, dynamic=True)
+
+    def triton_rounding():
+        from perf.gpu.round_kernel import pillow_round
+
+        return pillow_round
+
     rows = []
-    try:
-        for batch in (int(b) for b in args.batches.split(",")):
-            images = [decoded[i % len(decoded)] for i in range(batch)]
-            started = time.perf_counter()
-            out = pipe._transform_group(images)
-            torch.cuda.synchronize()
-            first_s = time.perf_counter() - started
-            cpu = on_cpu._transform_group([image.cpu() for image in images])
-            rows.append({"candidate": "compiled rounding", "batch": batch, "first_call_s": round(first_s, 2),
-                         "transform_ms_per_image": timed(lambda: pipe._transform_group(images), args.repeats) / batch,
-                         "kernel_ms_per_image": kernel_ms(lambda: pipe._transform_group(images), args.repeats) / batch,
-                         "exact_vs_cpu": float((out.cpu() - cpu).abs().max())})
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        gpu_imaging._pillow_round = eager
+    for name, make in (("compiled rounding", lambda: torch.compile(eager, dynamic=True)),
+                       ("triton rounding", triton_rounding)):
+        gpu_imaging._pillow_round = make()
+        try:
+            for batch in (int(b) for b in args.batches.split(",")):
+                images = [decoded[i % len(decoded)] for i in range(batch)]
+                started = time.perf_counter()
+                out = pipe._transform_group(images)
+                torch.cuda.synchronize()
+                first_s = time.perf_counter() - started
+                cpu = on_cpu._transform_group([image.cpu() for image in images])
+                def run():
+                    return pipe._transform_group(images)
+
+                rows.append({"candidate": name, "batch": batch, "first_call_s": round(first_s, 2),
+                             "transform_ms_per_image": timed(run, args.repeats) / batch,
+                             "kernel_ms_per_image": kernel_ms(run, args.repeats) / batch,
+                             "exact_vs_cpu": float((out.cpu() - cpu).abs().max())})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            gpu_imaging._pillow_round = eager
     return rows
 
 
@@ -115,7 +127,7 @@ def main() -> None:
     parser.add_argument("--decoder", default="auto")
     parser.add_argument("--model", default="swin_tiny_patch4_window7_224")
     parser.add_argument("--no-candidates", dest="candidates", action="store_false",
-                        help="skip the candidate designs (a torch.compile'd rounding)")
+                        help="skip the candidate roundings (torch.compile'd, a hand-written Triton kernel)")
     args = parser.parse_args()
 
     import timm
@@ -155,7 +167,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    candidates = compiled_rounding(pipe, on_cpu, decoded, args) if args.candidates else []
+    candidates = rounding_candidates(pipe, on_cpu, decoded, args) if args.candidates else []
     report = {"kind": "transform_speed", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "torchvision": torchvision.__version__, "decoder": pipe.decoder.backend,
               "product_dtype": str(pipe._dtype), "photos": len(photos), "repeats": args.repeats, "rows": rows, "candidates": candidates}

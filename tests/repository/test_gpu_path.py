@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import json
 from pathlib import Path
 
@@ -112,6 +113,35 @@ def test_split_weights_are_exact_in_float16_and_give_pillows_resize_to_the_bit(p
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         ours = pipeline._transform_group([torch.from_numpy(pixels).permute(2, 0, 1).contiguous()])[0].numpy()
         assert np.abs(ours - imaging.transform(Image.fromarray(pixels), params)).max() < 1e-6, (width, height)
+
+
+def test_the_triton_rounding_candidate_rounds_as_the_eager_code(params):
+    """`perf/gpu/round_kernel.py` (a benchmark candidate) on Triton's CPU interpreter: the same transform to the
+    bit as `_pillow_round`'s seven eager kernels, on both passes' `tensor_split` views."""
+    import dataclasses as dc
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np, torch
+from builder.core import imaging
+from builder.repository.triton_models import gpu_imaging as g
+from perf.gpu.round_kernel import pillow_round
+params = imaging.PreprocessParams(**{dc.asdict(params)!r})
+pipe, rng = g.GpuPreprocessor(params, "cpu"), np.random.default_rng(0)
+eager_round = g._pillow_round
+for width, height in ((640, 480), (333, 517)):
+    images = [torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8)) for _ in range(2)]
+    eager = pipe._transform_group(images)
+    g._pillow_round = pillow_round
+    fused = pipe._transform_group(images)
+    g._pillow_round = eager_round
+    assert torch.equal(eager, fused), (width, height)
+print("same")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2], env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.stdout.strip() == "same", result.stderr[-2000:]
 
 
 def test_broken_uploads_fail_alone_with_the_exact_messages(uploads, params):
