@@ -23,8 +23,10 @@ INSTANCES ?=
 PREPROCESS_INSTANCES ?=
 # Largest batch of the preprocess model (the photo path with PREPROCESS=gpu); empty: MAX_BATCH.
 PREPROCESS_MAX_BATCH ?=
-# The GPU photo path's design: auto (fused with the inductor engine, else pipeline) | fused | pipeline | ensemble
+# The GPU photo path's design: auto (fused with the inductor engine, else pipeline) | fused | pipeline | hybrid | ensemble
 GPU_PHOTO_PATH ?=
+# hybrid: the largest batch (images) the photo path classifies in its own process; empty: 8.
+HYBRID_LOCAL_BATCH ?=
 # exact | draft (large JPEGs decoded at a reduced scale, parity-gated) | gpu (batched GPU JPEG decode and resize, parity-gated)
 PREPROCESS ?=
 # auto (on a GPU host: the fastest candidate by measurement; else onnxruntime) | onnxruntime | inductor |
@@ -80,7 +82,7 @@ repo: $(STAMP)
 	  $(if $(INSTANCES),--instance-count $(INSTANCES)) $(if $(PREPROCESS),--preprocess $(PREPROCESS)) \
 	  $(if $(PREPROCESS_INSTANCES),--preprocess-instances $(PREPROCESS_INSTANCES)) \
 	  $(if $(PREPROCESS_MAX_BATCH),--preprocess-max-batch-size $(PREPROCESS_MAX_BATCH)) \
-	  $(if $(GPU_PHOTO_PATH),--gpu-photo-path $(GPU_PHOTO_PATH)) \
+	  $(if $(GPU_PHOTO_PATH),--gpu-photo-path $(GPU_PHOTO_PATH)) $(if $(HYBRID_LOCAL_BATCH),--hybrid-local-batch $(HYBRID_LOCAL_BATCH)) \
 	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(TORCH_COMPILE),--torch-compile $(TORCH_COMPILE)) \
 	  $(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(VERSION_POLICY),--version-policy $(VERSION_POLICY)) \
 	  $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)

@@ -47,6 +47,7 @@ def _cmd_repo(args) -> int:
                                                             args.preprocess_instances),
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
         gpu_photo_path=args.gpu_photo_path, gpu_decoder=args.gpu_decoder,
+        hybrid_local_batch=args.hybrid_local_batch,
         inductor_precision=args.inductor_precision or "auto", compile_timeout_s=args.compile_timeout_s,
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=parity(args, field_default(s.RepoSettings, "parity")),

@@ -180,9 +180,13 @@ def _repo_preprocess_args(p, repo) -> None:
     g.add_argument("--gpu-photo-path", choices=s.GPU_PHOTO_PATHS, default=field_default(repo, "gpu_photo_path"),
                    help="--preprocess gpu: fused: one model decodes the batch on the GPU, runs the inductor "
                         "engine in its own process and does top-k on the GPU; pipeline: the same, calling the "
-                        "classifier model once per batch (any engine); ensemble: Triton chains the preprocess, "
+                        "classifier model once per batch (any engine); hybrid: fused for batches of up to "
+                        "--hybrid-local-batch images, pipeline above; ensemble: Triton chains the preprocess, "
                         "classifier and postprocess models; auto (default): fused with the inductor engine, "
                         "else pipeline")
+    g.add_argument("--hybrid-local-batch", type=int, default=field_default(repo, "hybrid_local_batch"),
+                   help="--gpu-photo-path hybrid: the largest batch (images) classified in the photo path's own "
+                        "process; larger ones go to the classifier model (default %(default)s)")
     g.add_argument("--gpu-decoder", choices=s.GPU_DECODERS, default=field_default(repo, "gpu_decoder"),
                    help="--preprocess gpu: JPEG decoder (auto: torchvision's nvJPEG; nvimgcodec: nvImageCodec's "
                         "hardware decoders, installed in the serving Python)")

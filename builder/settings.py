@@ -19,9 +19,12 @@ DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that runs the inductor engine itself
-# (`fused`) or calls the classifier once per batch (`pipeline`, BLS), the ensemble of three models (`ensemble`),
-# or `auto` (fused with the inductor engine, else pipeline); see the README's GPU data path.
-GPU_PHOTO_PATHS = ("auto", "fused", "pipeline", "ensemble")
+# (`fused`), calls the classifier once per batch (`pipeline`, BLS), or does the first for small batches and the
+# second for larger ones (`hybrid`); the ensemble of three models (`ensemble`), or `auto` (fused with the
+# inductor engine, else pipeline); see the README's GPU data path.
+GPU_PHOTO_PATHS = ("auto", "fused", "pipeline", "hybrid", "ensemble")
+# The photo-path designs that run the classifier's inductor engine in their own process.
+IN_PROCESS_PHOTO_PATHS = ("fused", "hybrid")
 # The gpu preprocessing's JPEG decoder: torchvision's nvJPEG batch decode (`auto`) or nvImageCodec (hardware JPEG
 # engines first, then CUDA).
 GPU_DECODERS = ("auto", "torchvision", "nvimgcodec")
@@ -366,13 +369,19 @@ class RepoSettings:
             on the GPU, runs the classifier's inductor engine in its own
             process and does top-k on the GPU; the classifier model stays for
             direct clients), `pipeline` (the same model calling the classifier
-            model once per batch by BLS: any engine), `ensemble` (preprocess,
+            model once per batch by BLS: any engine), `hybrid` (fused for
+            batches of up to `hybrid_local_batch` images, pipeline for larger
+            ones: a lone photo skips the hop, a full batch joins the
+            classifier's batches), `ensemble` (preprocess,
             classifier and postprocess models chained by Triton) or `auto`
             (the default: fused when the engine is inductor, else pipeline).
         gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
             batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
             hardware JPEG decoders first; the package must be installed in
             the serving Python).
+        hybrid_local_batch: With `gpu_photo_path="hybrid"`: the largest
+            batch (images) the photo path classifies in its own process (at
+            most the classifier's max batch).
     """
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -403,6 +412,7 @@ class RepoSettings:
     engine_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
     gpu_photo_path: str = "auto"
     gpu_decoder: str = "auto"
+    hybrid_local_batch: int = 8
 
     def __post_init__(self) -> None:
         if self.preprocess_instances is None:  # the GPU path's models run on the GPU
@@ -412,9 +422,12 @@ class RepoSettings:
             _fail("gpu_decoder", f"{self.gpu_decoder!r} is unknown", f"use one of {', '.join(GPU_DECODERS)}")
         if self.gpu_photo_path not in GPU_PHOTO_PATHS:
             _fail("gpu_photo_path", f"{self.gpu_photo_path!r} is unknown", f"use one of {', '.join(GPU_PHOTO_PATHS)}")
-        if self.gpu_photo_path == "fused" and self.engine not in ("inductor", "auto"):
-            _fail("gpu_photo_path", f"fused runs the inductor engine in the photo path's process, not {self.engine}",
-                  "pass --engine inductor, or --gpu-photo-path pipeline")
+        if self.gpu_photo_path in IN_PROCESS_PHOTO_PATHS and self.engine not in ("inductor", "auto"):
+            _fail("gpu_photo_path", f"{self.gpu_photo_path} runs the inductor engine in the photo path's process, "
+                  f"not {self.engine}", "pass --engine inductor, or --gpu-photo-path pipeline")
+        if self.hybrid_local_batch < 1:
+            _fail("hybrid_local_batch", f"is {self.hybrid_local_batch}",
+                  "use 1 or more images (--gpu-photo-path pipeline sends every batch to the classifier model)")
         if self.preprocess not in PREPROCESS:
             _fail("preprocess", f"{self.preprocess!r} is unknown", f"use one of {', '.join(PREPROCESS)}")
         if self.engine not in ENGINES:

@@ -30,6 +30,7 @@ def test_repo_defaults_are_the_settings_defaults():
             args.gpu_decoder) == (repo.top_k, repo.opset, repo.version, repo.output, repo.preprocess, repo.engine,
                                   repo.gpu_photo_path, repo.gpu_decoder)
     assert args.preprocess_max_batch_size is None  # the same as --max-batch-size
+    assert args.hybrid_local_batch == repo.hybrid_local_batch
     assert args.instance_count == repo.classifier_instances.count
     assert args.preprocess_instances == repo.preprocess_instances.count
     assert (args.max_abs, args.min_cosine) == (repo.parity.max_abs, repo.parity.min_cosine)
@@ -64,13 +65,14 @@ def test_make_passes_only_what_the_user_set():
 
     assert command().endswith("-m builder repo --output model_repository")
     set_by_user = command("MAX_BATCH=8", "PREPROCESS=gpu", "ENGINE=inductor", "MAX_QUEUE=0", "PREPROCESS_INSTANCES=6",
-                          "GPU_PHOTO_PATH=pipeline", "PREPROCESS_MAX_BATCH=4")
+                          "GPU_PHOTO_PATH=hybrid", "PREPROCESS_MAX_BATCH=4", "HYBRID_LOCAL_BATCH=2")
     assert "--max-batch-size 8 --preferred" not in set_by_user
     for option in ("--max-batch-size 8", "--max-queue-size 0", "--preprocess gpu", "--engine inductor",
-                   "--preprocess-instances 6", "--gpu-photo-path pipeline", "--preprocess-max-batch-size 4"):
+                   "--preprocess-instances 6", "--gpu-photo-path hybrid", "--preprocess-max-batch-size 4",
+                   "--hybrid-local-batch 2"):
         assert option in set_by_user
     assert "--max-queue-delay-us" not in set_by_user and "--model " not in set_by_user
-    assert "--preprocess-max-batch-size" not in command()
+    assert "--preprocess-max-batch-size" not in command() and "--hybrid-local-batch" not in command()
     serve = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "serve", "MPS=1"], cwd=ROOT,
                            env=env, capture_output=True, text=True, check=True).stdout
     assert "--mps" in serve and "--mps" not in command()

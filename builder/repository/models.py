@@ -15,7 +15,7 @@ from builder.core.photos import PHOTOS
 from builder.engines import inductor
 from builder.engines.race import torch_parameters
 from builder.repository import configs
-from builder.settings import Batching, RepoSettings
+from builder.settings import IN_PROCESS_PHOTO_PATHS, Batching, RepoSettings
 
 log = logging.getLogger("builder")
 
@@ -81,7 +81,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     ens_dir = root / contract.ensemble
     if settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble":
         engine = None
-        if settings.gpu_photo_path == "fused":
+        if settings.gpu_photo_path in IN_PROCESS_PHOTO_PATHS:
             engine = (root / contract.classifier / version, torch_parameters(settings, contract))
         ens_config = write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names,
                                     engine)
@@ -177,8 +177,9 @@ def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract
     warm-up hung the model's load on an H200; the model warms its decoder itself).
 
     Args:
-        engine: For `fused`: the classifier's version folder and its torch parameters. Its engine files are
-            linked into `engine/` here (no copy on the same file system), so the version folder is whole.
+        engine: For `fused` and `hybrid`: the classifier's version folder and its torch parameters. Its engine
+            files are linked into `engine/` here (no copy on the same file system), so the version folder is
+            whole.
     """
     extras = ("imaging.py", "gpu_imaging.py", "served.py") + (("torch_runner.py",) if engine else ())
     _copy_python_model("pipeline.py", version_dir, extras=extras)
@@ -192,6 +193,9 @@ def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract
             if (source / name).is_file():
                 _link_or_copy(source / name, version_dir / ENGINE_DIR / name)
         engine_parameters = {**torch_params, "engine_dir": ENGINE_DIR}
+        if settings.gpu_photo_path == "hybrid":  # larger batches go to the classifier model
+            local = min(settings.hybrid_local_batch, settings.classifier_batching.max_batch_size)
+            engine_parameters["local_max_batch"] = str(local)
     batching = settings.preprocess_batching
     return configs.python_model(
         contract.ensemble, [contract.image], list(contract.ensemble_outputs),

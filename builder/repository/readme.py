@@ -61,6 +61,10 @@ def _photo_path_role(settings: RepoSettings, contract: Contract) -> str:
     if design == "pipeline":
         return (f"the photo path in one Python model: the batch decoded and transformed on the GPU, one request to "
                 f"{contract.classifier} per batch (BLS), top-k on the GPU (`pipeline`)")
+    if design == "hybrid":
+        return (f"the photo path in one Python model: the batch decoded and transformed on the GPU, classified in "
+                f"the same process up to {settings.hybrid_local_batch} images, larger batches by one request to "
+                f"{contract.classifier} (BLS), top-k on the GPU (`hybrid`)")
     return "the three in one request (Triton ensemble)"
 
 

@@ -4,7 +4,7 @@
     python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N]
                                                   [--profile N --trace-dir DIR]
     python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,..., --classifier M,
-                                                                  --max-batch N, --queue-delay-us N]
+                                                                  --max-batch N, --queue-delay-us N, --local-batch N]
     python perf/gpu/photo_designs.py null REPO NAME   # <NAME>_null: the photo path's tensors, no work
 
 `write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
@@ -32,7 +32,8 @@ def write(repo: Path, name: str) -> None:
                         manifest["model"]["num_classes"])
     pipeline = configs.read(repo / name / "config.pbtxt")
     params = {k: v.string_value for k, v in pipeline.parameters.items()
-              if k not in ("classifier", "classifier_input", "classifier_output", "classifier_max_batch")}
+              if k not in ("classifier", "classifier_input", "classifier_output", "classifier_max_batch",
+                           "local_max_batch")}
     classifier = configs.read(repo / contract.classifier / "config.pbtxt")
     cls_params = {k: v.string_value for k, v in classifier.parameters.items()}
     queue = pipeline.dynamic_batching.default_queue_policy  # the fused model queues as the pipeline does
@@ -58,7 +59,7 @@ def write(repo: Path, name: str) -> None:
 def _changes(args) -> dict:
     return {"decoder": args.decoder, "intra_op_threads": args.threads, "profile_every": args.profile,
             "trace_dir": args.trace_dir if args.profile else "", "batch_buckets": args.buckets,
-            "classifier": args.classifier}
+            "classifier": args.classifier, "local_max_batch": args.local_batch}
 
 
 def _apply(config, args) -> None:
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trace-dir", default="")
     parser.add_argument("--buckets", default="", help="the fused engine's CUDA-graph batch sizes, e.g. 1,2,4,...")
     parser.add_argument("--max-batch", default="", help="the model's max batch size (requests)")
+    parser.add_argument("--local-batch", default="", help="a fused or hybrid model's largest batch classified in "
+                                                           "its own process (larger: BLS; 0: BLS only)")
     parser.add_argument("--queue-delay-us", default="", help="the model's dynamic batcher delay (microseconds)")
     parser.add_argument("--classifier", default="", help="the pipeline's classifier model (e.g. a copy with other "
                         "instances)")

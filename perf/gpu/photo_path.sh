@@ -19,7 +19,9 @@ mkdir -p "$OUT"
 gpu_photos "$IMAGES"
 case "${1:?stage}" in
   repo)
-    gpu_repo --engine inductor --gpu-photo-path pipeline 2>&1 | grep -v "^\s*$" | tail -8
+    # GPU_PHOTO_PATH: the design under the model's own name (pipeline; hybrid with HYBRID_LOCAL_BATCH).
+    gpu_repo --engine inductor --gpu-photo-path "${GPU_PHOTO_PATH:-pipeline}" \
+      ${HYBRID_LOCAL_BATCH:+--hybrid-local-batch "$HYBRID_LOCAL_BATCH"} 2>&1 | grep -v "^\s*$" | tail -8
     # The other designs beside the pipeline, on the same classifier: `fused` (the pipeline with the inductor
     # engine in its own process) as <name>_fused, and the ensemble (three models chained by Triton) as
     # <name>_ensemble3. WRITE_DESIGNS=0: the pipeline alone (MPS takes at most 48 model processes a GPU).

@@ -297,10 +297,19 @@ def fused_served(tmp_path_factory):
     from builder.repository.writer import build_repository
     from builder.serving.server import LocalServer, ServerSettings
 
+    from builder.repository import configs
+
     root = tmp_path_factory.mktemp("fused-served")
     repo = build_repository(tiny_settings(
         root / "repo", preprocess="gpu", engine="inductor", gpu_photo_path="fused",
         classifier_instances=s.InstanceGroup("KIND_GPU", 1), preprocess_instances=s.InstanceGroup("KIND_GPU", 1)))
+    # Beside it, the same model made hybrid: batches of 1-2 images in its process, larger ones by BLS.
+    name = "swin_tiny_patch4_window7_224"
+    shutil.copytree(repo / name, repo / f"{name}_hybrid", ignore=shutil.ignore_patterns("config.pbtxt"))
+    config = configs.read(repo / name / "config.pbtxt")
+    config.name = f"{name}_hybrid"
+    config.parameters["local_max_batch"].string_value = "2"
+    configs.write(config, repo / config.name)
     http, grpc, metrics = free_ports(3)
     # Under the server's own MPS daemon where the host has one (as served for throughput: README).
     mps = shutil.which("nvidia-cuda-mps-control") is not None
@@ -366,3 +375,10 @@ def test_fused_photo_path_matches_the_exact_path(fused_served, tiny_model, param
     log = server.log_path.read_text(errors="replace")
     assert "in this process" in log and "load-time parity gate passed" in log, log[-3000:]
     assert "compiling from scratch" not in log  # the engine's links to inductor.bin were used
+    # The hybrid copy: one image in its own process, the batch by BLS to the classifier; the same answers.
+    assert "in this process up to 2 images, by BLS above" in log
+    hybrid = np.concatenate([_infer(server, "swin_tiny_patch4_window7_224_hybrid", images[:1]),
+                             _infer(server, "swin_tiny_patch4_window7_224_hybrid", images)])
+    figures = compare_logits(np.concatenate([got[:1], got]), hybrid)
+    print("hybrid vs fused:", json.dumps(figures))
+    assert figures["min_cosine"] >= 0.9999 and figures["top1_agreement"] == 1.0, figures

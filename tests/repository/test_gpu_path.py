@@ -454,6 +454,8 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
 
     from builder.serving.server import LocalServer, ServerSettings
     from clients import Classifier, ClientSettings
+    import tritonclient.http
+
     from perf.sweep import SweepSettings, run_sweep
 
     root = Path(__file__).resolve().parents[2]
@@ -462,8 +464,10 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
     name = "swin_tiny_patch4_window7_224"
     tool = [sys.executable, str(root / "perf" / "gpu" / "photo_designs.py")]
     env = {**os.environ, "PYTHONPATH": str(root)}
+    # The copy is hybrid: batches of 1-2 images classified in its process, larger ones by BLS.
     subprocess.run(tool + ["copy", str(repo), name, f"{name}_i2", "--instances", "2", "--buckets", "1,3,8",
-                          "--classifier", f"{name}_classifier", "--max-batch", "4", "--queue-delay-us", "2000"],
+                          "--classifier", f"{name}_classifier", "--max-batch", "4", "--queue-delay-us", "2000",
+                          "--local-batch", "2"],
                    check=True, env=env, capture_output=True)
     subprocess.run(tool + ["null", str(repo), name], check=True, env=env, capture_output=True)
     copied = configs.read(repo / f"{name}_i2" / "config.pbtxt")
@@ -471,6 +475,7 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
     assert copied.dynamic_batching.max_queue_delay_microseconds == 2000
     assert copied.parameters["batch_buckets"].string_value == "1,3,8"
     assert copied.parameters["classifier"].string_value == f"{name}_classifier"
+    assert copied.parameters["local_max_batch"].string_value == "2"
     null = configs.read(repo / f"{name}_null" / "config.pbtxt")
     assert [o.name for o in null.output] == [o.name for o in configs.read(repo / name / "config.pbtxt").output]
     http, grpc, metrics = free_ports(3)
@@ -479,10 +484,25 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
             name=f"{name}_null", http_url=server.http_url, grpc_url=server.grpc_url, concurrency=(2,),
             images=tuple(str(p) for p in photo_paths[:4]), measurement_interval_ms=500, stability_percent=99,
             max_trials=4, client_threads=2))  # any window: a busy 2-core host is never stable
-        answers = {}
+        stats = tritonclient.http.InferenceServerClient(server.http_url)
+
+        def classifier_requests():
+            (model,) = stats.get_inference_statistics(f"{name}_classifier")["model_stats"]
+            return int(model["inference_stats"]["success"]["count"])
+
+        answers, calls = {}, []
         for model in (name, f"{name}_i2"):
             with Classifier(ClientSettings(url=server.grpc_url, model=model, max_batch=MAX_BATCH)) as client:
+                # One request of three images (BLS in the hybrid copy), then one of a single image (in its process).
+                calls.append(classifier_requests())
                 answers[model] = client.classify([p.read_bytes() for p in photo_paths[:3]], return_logits=True)
+                calls.append(classifier_requests())
+                answers[model] += client.classify([photo_paths[3].read_bytes()], return_logits=True)
+                calls.append(classifier_requests())
+        log = (tmp_path / "srv" / "tritonserver.log").read_text(errors="replace")
+    assert "classifier swin_tiny_patch4_window7_224_classifier in this process up to 2 images, by BLS above" in log
+    # The fused model never asks the classifier model; the hybrid copy asks once, for its batch of three.
+    assert np.diff(calls).tolist() == [0, 0, 0, 1, 0], calls
     assert "error" not in row, row
     assert "--async --max-threads 2" in row["command"] and 0 < row["host_cpu_busy"] <= 1
     assert row["stages"][f"{name}_null"]["failed"] == 0 and row["throughput_img_per_s"] > 0
@@ -491,6 +511,32 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
         np.testing.assert_allclose(first.logits, second.logits, atol=1e-4)
     with pytest.raises(BuilderError, match="client_threads: -1 is negative"):
         SweepSettings(name=name, images=("a.jpg",), client_threads=-1)
+
+
+def test_the_hybrid_design_is_written_with_its_local_limit(gpu_repo, tmp_path):
+    """`--gpu-photo-path hybrid`: the fused model's files, and the largest batch it keeps in its process (at
+    most the classifier's max batch); refused with another engine or a limit below 1."""
+    from builder.core.contract import Contract
+    from builder.repository import models
+    from builder.repository.readme import render
+
+    manifest = read_manifest(gpu_repo)
+    contract = Contract("swin_tiny_patch4_window7_224", tuple(manifest["contract"]["tensors"]["input"]["dims"][1:]),
+                        manifest["model"]["num_classes"])
+    classifier = gpu_repo / contract.classifier / "1"
+    for local, written in ((2, "2"), (1000, str(MAX_BATCH))):
+        settings = tiny_settings(tmp_path / "unused", preprocess="gpu", engine="inductor", gpu_photo_path="hybrid",
+                                 hybrid_local_batch=local)
+        version = tmp_path / f"hybrid{local}" / "1"
+        config = models.write_pipeline(version, settings, contract, {}, ["a", "b"], (classifier, {"compile": "none"}))
+        assert config.parameters["local_max_batch"].string_value == written
+        assert config.parameters["engine_dir"].string_value == "engine" and (version / "engine" / "model.pt2").is_file()
+    readme = render(settings, contract, {"requested": "inductor", "chosen": "inductor", "reason": "asked"}, {})
+    assert "(`hybrid`)" in readme and f"up to {settings.hybrid_local_batch} images" in readme
+    with pytest.raises(BuilderError, match="hybrid_local_batch: is 0; use 1 or more images"):
+        s.RepoSettings(preprocess="gpu", gpu_photo_path="hybrid", hybrid_local_batch=0)
+    with pytest.raises(BuilderError, match="gpu_photo_path: hybrid runs the inductor engine in the photo path's"):
+        s.RepoSettings(preprocess="gpu", gpu_photo_path="hybrid", engine="onnxruntime")
 
 
 def test_the_repository_readme_names_the_photo_path_design_and_mps():

@@ -9,7 +9,8 @@ load-time gate's photos beside it. Per dynamic batch of requests:
 2. the rows of the requests without a failed image are classified in chunks of `classifier_max_batch`
    rows: by the classifier's inductor engine in this process (`fused`: its files in `engine/`, with
    `torch_runner.py` beside this file), or by one BLS request to the classifier model per chunk, one GPU
-   tensor handed over by DLPack (`pipeline`);
+   tensor handed over by DLPack (`pipeline`), or the first for chunks of up to `local_max_batch` rows and the
+   second above (`hybrid`);
 3. softmax and top-k on the GPU, then one copy of the small results to the host.
 
 Why one model: in the ensemble every request's tensor crossed three Python models one by one (on an H200,
@@ -79,10 +80,14 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{args.get('model_name')}: {exc}") from None
         warmed = self._warm_decoder(photos)
         # `fused`: the classifier's engine runs here, in this process, instead of one BLS request per batch.
-        self.engine = None
+        # `hybrid`: here for batches of up to `local_max_batch` images (a lone photo skips the hop), by BLS
+        # above (a full batch joins other instances' batches in the classifier model). "0": BLS only.
+        self.engine, self.local_max = None, 0
         if params.get("engine_dir"):
-            self.engine = _torch_engine()(os.path.join(_HERE, params["engine_dir"]), device, params, self.chunk,
-                                          log=served.log_info)
+            self.local_max = min(int(params.get("local_max_batch", self.chunk)), self.chunk)
+        if self.local_max > 0:
+            self.engine = _torch_engine()(os.path.join(_HERE, params["engine_dir"]), device, params,
+                                          self.local_max, log=served.log_info)
         # profile_every N > 0: every N batches, log where the time of those batches went (phases synchronized
         # with the device, so it slows serving a little: a diagnostic, off by default). trace_dir + trace_batches
         # "first,count": a torch profiler trace of those batches, one Chrome trace file per instance.
@@ -93,8 +98,16 @@ class TritonPythonModel:
         self.phases, self.batches, self.clock = {}, 0, 0.0
         served.log_info(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend} (warmed on "
                         f"batches of {warmed}), classifier {self.classifier} "
-                        f"{'in this process' if self.engine else 'by BLS'} in batches of up to {self.chunk}; "
+                        f"{self._where()} in batches of up to {self.chunk}; "
                         f"load-time parity gate passed: {json.dumps(figures)}")
+
+    def _where(self):
+        """Where the classifier runs, for the load log."""
+        if self.engine is None:
+            return "by BLS"
+        if self.local_max < self.chunk:
+            return f"in this process up to {self.local_max} images, by BLS above"
+        return "in this process"
 
     def _warm_decoder(self, photos):
         """Runs the decoder and transform on the gate's photos at every power-of-two batch up to the chunk.
@@ -199,7 +212,7 @@ class TritonPythonModel:
                 np.ascontiguousarray(packed[:, 2 * k:]))
 
     def _logits(self, pixels):
-        if self.engine is not None:
+        if len(pixels) <= self.local_max:
             return self.engine(pixels)
         from torch.utils.dlpack import from_dlpack, to_dlpack
 
