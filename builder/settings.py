@@ -20,8 +20,8 @@ FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that runs the inductor engine itself
 # (`fused`), calls the classifier once per batch (`pipeline`, BLS), or does the first for small batches and the
-# second for larger ones (`hybrid`); the ensemble of three models (`ensemble`), or `auto` (fused with the
-# inductor engine, else pipeline); see the README's GPU data path.
+# second for larger ones (`hybrid`); the ensemble of three models (`ensemble`), or `auto` (with the inductor
+# engine fused, hybrid from 6 GPU instances; else pipeline); see the README's GPU data path.
 GPU_PHOTO_PATHS = ("auto", "fused", "pipeline", "hybrid", "ensemble")
 # The photo-path designs that run the classifier's inductor engine in their own process.
 IN_PROCESS_PHOTO_PATHS = ("fused", "hybrid")
@@ -374,7 +374,8 @@ class RepoSettings:
             ones: a lone photo skips the hop, a full batch joins the
             classifier's batches), `ensemble` (preprocess,
             classifier and postprocess models chained by Triton) or `auto`
-            (the default: fused when the engine is inductor, else pipeline).
+            (the default: with the inductor engine fused, or hybrid from 6
+            GPU photo-path instances; else pipeline).
         gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
             batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
             hardware JPEG decoders first; the package must be installed in

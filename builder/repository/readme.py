@@ -77,11 +77,13 @@ def _serving_notes(settings: RepoSettings) -> list:
              "under CUDA MPS (`python -m builder serve --mps`, or the NVIDIA device plugin's MPS sharing in "
              "Kubernetes), or the GPU runs one instance at a time (on an H200, 6 instances served 5,490 one-image "
              "requests a second under MPS and 4,660 without)."]
-    if settings.gpu_photo_path == "fused" and pre.count >= 6:
-        # Measured: perf/results/h200-photo-buckets (the classifier model batches several instances' batches).
-        notes.append("With this many instances the `pipeline` design (`--gpu-photo-path pipeline`) served more on "
-                     "an H200 under MPS: 6,924 one-image requests a second with 8 instances against 6,473 for "
-                     "`fused`, at the price of one image at concurrency 1 (p50 4.95 ms instead of 2.6).")
+    if settings.gpu_photo_path in ("fused", "pipeline") and pre.count >= 6:
+        # Measured: perf/results/h200-photo-buckets and h200-photo-hybrid (the classifier model batches several
+        # instances' batches; hybrid keeps a lone photo in the photo path's process).
+        notes.append("With this many instances the `hybrid` design (`--gpu-photo-path hybrid`, what `auto` picks "
+                     "here) served more on an H200 under MPS: 7,493 one-image requests a second with 8 instances "
+                     "(pipeline 6,924-7,367, fused 6,473), and one image at concurrency 1 in p50 3.7 ms (pipeline "
+                     "5.4).")
     return ["## Serving", "", *(line for note in notes for line in (note, ""))]
 
 

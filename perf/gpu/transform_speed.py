@@ -97,8 +97,8 @@ def rounding_candidates(pipe, on_cpu, decoded, args):
     rows = []
     for name, make in (("compiled rounding", lambda: torch.compile(eager, dynamic=True)),
                        ("triton rounding", triton_rounding)):
-        gpu_imaging._pillow_round = make()
         try:
+            gpu_imaging._pillow_round = make()
             for batch in (int(b) for b in args.batches.split(",")):
                 images = [decoded[i % len(decoded)] for i in range(batch)]
                 started = time.perf_counter()
@@ -114,6 +114,9 @@ def rounding_candidates(pipe, on_cpu, decoded, args):
                              "kernel_ms_per_image": kernel_ms(run, args.repeats) / batch,
                              "exact_vs_cpu": float((out.cpu() - cpu).abs().max())})
                 print(json.dumps(rows[-1]), flush=True)
+        except Exception as exc:  # a candidate that fails is a row saying why; the others are still measured
+            rows.append({"candidate": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+            print(json.dumps(rows[-1]), flush=True)
         finally:
             gpu_imaging._pillow_round = eager
     return rows

@@ -423,6 +423,10 @@ def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, 
 
     for engine, design in (("inductor", "fused"), ("onnxruntime", "pipeline")):
         assert _photo_path(s.RepoSettings(preprocess="gpu", engine=engine)).gpu_photo_path == design
+    # Many GPU photo-path instances: hybrid with the inductor engine (the classifier model joins their batches).
+    for count, kind, design in ((6, "KIND_GPU", "hybrid"), (5, "KIND_GPU", "fused"), (8, "KIND_CPU", "fused")):
+        many = s.RepoSettings(preprocess="gpu", engine="inductor", preprocess_instances=s.InstanceGroup(kind, count))
+        assert _photo_path(many).gpu_photo_path == design, (count, kind)
     with pytest.raises(BuilderError, match="fused runs the inductor engine in the photo path's process, not onnx"):
         dataclasses.replace(s.RepoSettings(preprocess="gpu", gpu_photo_path="fused", engine="auto"),
                             engine="onnxruntime")
@@ -550,7 +554,7 @@ def test_the_repository_readme_names_the_photo_path_design_and_mps():
     many = render(s.RepoSettings(preprocess="gpu", engine="inductor", gpu_photo_path="fused",
                                  preprocess_instances=s.InstanceGroup("KIND_GPU", 6)), contract, choice, {})
     assert "(`fused`)" in many and "6 instances per GPU" in many and "builder serve --mps" in many
-    assert "`--gpu-photo-path pipeline`" in many  # with many instances it served more than fused
+    assert "`--gpu-photo-path hybrid`" in many  # with many instances it served more than fused and pipeline
     two = render(s.RepoSettings(preprocess="gpu", engine="onnxruntime", gpu_photo_path="pipeline"), contract, choice, {})
     assert "(`pipeline`)" in two and "--mps" not in two
     exact = render(s.RepoSettings(), contract, choice, {})
