@@ -2,7 +2,8 @@
 # The GPU photo path, three designs side by side on one GPU host, one server: `pipeline` (one Python model under
 # the ensemble's name: GPU decode of the batch, one BLS request to the classifier per batch, top-k on the GPU),
 # `fused` (the same model with the inductor engine in its own process, as <name>_fused) and `ensemble`
-# (preprocess -> classifier -> postprocess chained by Triton, as <name>_ensemble3).
+# (preprocess -> classifier -> postprocess chained by Triton, as <name>_ensemble3). GPU_PHOTO_PATH=hybrid: the
+# hybrid design (the engine in the process up to HYBRID_LOCAL_BATCH images, BLS above) in the pipeline's place.
 # Needs: an NVIDIA driver; PYTHON with torch (CUDA) + torchvision, timm, onnx, onnxruntime, tritonclient==2.51.0;
 # SERVE_PYTHON: a Python whose numpy is < 2 (tritonserver 2.51's Python backend breaks BYTES inputs under numpy 2)
 # with torch and nvidia-pytriton==0.7.0; perf_analyzer on PATH. Run from the checkout root:
@@ -15,12 +16,13 @@ OUT=${OUT:-build/gpu-photo-path}
 REPO=${REPO:-/tmp/swin-photo-repo}
 WORK=${WORK:-/tmp/swin-photo-server}
 IMAGES=${IMAGES:-/tmp/swin-photo-images}
+BASE=${GPU_PHOTO_PATH:-pipeline}  # the design under the model's own name (`repo` builds it; `sweep` names it so)
 mkdir -p "$OUT"
 gpu_photos "$IMAGES"
 case "${1:?stage}" in
   repo)
     # GPU_PHOTO_PATH: the design under the model's own name (pipeline; hybrid with HYBRID_LOCAL_BATCH).
-    gpu_repo --engine inductor --gpu-photo-path "${GPU_PHOTO_PATH:-pipeline}" \
+    gpu_repo --engine inductor --gpu-photo-path "$BASE" \
       ${HYBRID_LOCAL_BATCH:+--hybrid-local-batch "$HYBRID_LOCAL_BATCH"} 2>&1 | grep -v "^\s*$" | tail -8
     # The other designs beside the pipeline, on the same classifier: `fused` (the pipeline with the inductor
     # engine in its own process) as <name>_fused, and the ensemble (three models chained by Triton) as
@@ -45,8 +47,8 @@ case "${1:?stage}" in
     common=(--protocols grpc --shared-memory none --measurement-interval-ms "${INTERVAL_MS:-3000}"
             --stability-percent 15 --max-trials 5 --images "$IMAGES" --client-threads "${CLIENT_THREADS:-16}")
     for batch in ${BATCH_SIZES:-1 8}; do
-      for design in ${DESIGNS:-pipeline fused ensemble3}; do
-        name=$NAME; [ "$design" != pipeline ] && name=${NAME}_$design
+      for design in ${DESIGNS:-$BASE fused ensemble3}; do
+        name=$NAME; [ "$design" != "$BASE" ] && name=${NAME}_$design
         $PYTHON -m perf sweep --name "$name" --models ensemble --batch-sizes "$batch" \
           --concurrency "${CONCURRENCY:-1,16,64,128,256}" "${common[@]}" \
           --label "$design$TAG, $batch x 640x480 JPEG per request" --output "$OUT/sweep-$design$TAG-b$batch.json"
