@@ -184,7 +184,7 @@ def _cmd_docker(args) -> int:
 
     from builder.serving import docker
 
-    from builder.settings import PodSettings
+    from builder.pod import PodSettings
 
     pod = PodSettings(args.gpus_per_pod, args.min_gpus, args.max_gpus, args.cpus_per_gpu, args.memory_gib_per_gpu,
                       args.cuda_memory_pool_mb)

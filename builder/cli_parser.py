@@ -60,7 +60,8 @@ def _add_docker(sub) -> None:
     d.add_argument("--output", default="docker")
     d.add_argument("--model", default=s.DEFAULT_MODEL, help="ensemble name")
     d.add_argument("--precision", default="fp16")
-    pod = s.PodSettings
+    from builder.pod import PodSettings as pod
+
     k = d.add_argument_group("Kubernetes pods (docker/k8s)")
     k.add_argument("--gpus-per-pod", type=int, default=field_default(pod, "gpus_per_pod"),
                    help="nvidia.com/gpu per pod; cores, memory and /dev/shm scale with it")

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from builder.errors import BuilderError
+from builder.errors import BuilderError, field_error
 
 DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 FLAVORS = ("container", "local")
@@ -50,7 +50,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def _fail(field_name: str, problem: str, fix: str) -> None:
-    raise BuilderError(f"{field_name}: {problem}; {fix}")
+    raise field_error(field_name, problem, fix)
 
 
 @dataclass(frozen=True)
@@ -166,55 +166,6 @@ class InstanceGroup:
             _fail("instance gpus", f"given for {self.kind}", "list GPUs only with KIND_GPU")
         if any(g < 0 for g in self.gpus):
             _fail("instance gpus", "has a negative id", "use GPU ids as nvidia-smi lists them")
-
-
-@dataclass(frozen=True)
-class PodSettings:
-    """The Kubernetes Deployment's pods (`builder docker`): GPUs per pod, and the autoscaler's range in GPUs.
-
-    Attributes:
-        gpus_per_pod: `nvidia.com/gpu` of each pod; tritonserver places every GPU model on all of them.
-        min_gpus: GPUs the autoscaler keeps at least (rounded up to whole pods).
-        max_gpus: GPUs it may grow to (rounded down to whole pods, at least the minimum).
-        cpus_per_gpu: Cores requested per GPU (decode, gRPC and Python-backend stubs run on them).
-        memory_gib_per_gpu: Memory requested per GPU (the limit is twice that).
-        cuda_memory_pool_mb: Each GPU's CUDA memory pool for tensors between models (0: Triton's 64 MiB).
-    """
-
-    gpus_per_pod: int = 1
-    min_gpus: int = 2
-    max_gpus: int = 8
-    cpus_per_gpu: int = 4
-    memory_gib_per_gpu: int = 8
-    cuda_memory_pool_mb: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.gpus_per_pod <= 16:
-            _fail("gpus_per_pod", f"is {self.gpus_per_pod}", "use 1 to 16 (the GPUs of one node)")
-        if self.min_gpus < 1 or self.max_gpus < self.min_gpus:
-            _fail("min_gpus/max_gpus", f"are {self.min_gpus}/{self.max_gpus}", "use 1 <= min <= max, e.g. 2 and 8")
-        if self.max_gpus < self.gpus_per_pod:
-            _fail("max_gpus", f"{self.max_gpus} is less than one pod's {self.gpus_per_pod} GPUs",
-                  f"use at least {self.gpus_per_pod}")
-        if self.cpus_per_gpu < 1 or self.memory_gib_per_gpu < 1 or self.cuda_memory_pool_mb < 0:
-            _fail("pod resources", "cpus and memory per GPU must be >= 1, the memory pool >= 0",
-                  "e.g. 4 cores, 8 GiB, pool 0")
-
-    @property
-    def min_replicas(self) -> int:
-        return -(-self.min_gpus // self.gpus_per_pod)
-
-    @property
-    def max_replicas(self) -> int:
-        return max(self.min_replicas, self.max_gpus // self.gpus_per_pod)
-
-    @property
-    def cpus(self) -> int:
-        return self.cpus_per_gpu * self.gpus_per_pod
-
-    @property
-    def memory_gib(self) -> int:
-        return self.memory_gib_per_gpu * self.gpus_per_pod
 
 
 @dataclass(frozen=True)
@@ -419,16 +370,7 @@ class RepoSettings:
         if self.preprocess_instances is None:  # the GPU path's models run on the GPU
             object.__setattr__(self, "preprocess_instances", default_preprocess_instances(self.preprocess))
         self._place_gpu_models_together()
-        if self.gpu_decoder not in GPU_DECODERS:
-            _fail("gpu_decoder", f"{self.gpu_decoder!r} is unknown", f"use one of {', '.join(GPU_DECODERS)}")
-        if self.gpu_photo_path not in GPU_PHOTO_PATHS:
-            _fail("gpu_photo_path", f"{self.gpu_photo_path!r} is unknown", f"use one of {', '.join(GPU_PHOTO_PATHS)}")
-        if self.gpu_photo_path in IN_PROCESS_PHOTO_PATHS and self.engine not in ("inductor", "auto"):
-            _fail("gpu_photo_path", f"{self.gpu_photo_path} runs the inductor engine in the photo path's process, "
-                  f"not {self.engine}", "pass --engine inductor, or --gpu-photo-path pipeline")
-        if self.hybrid_local_batch < 1:
-            _fail("hybrid_local_batch", f"is {self.hybrid_local_batch}",
-                  "use 1 or more images (--gpu-photo-path pipeline sends every batch to the classifier model)")
+        self._check_gpu_photo_path()
         if self.preprocess not in PREPROCESS:
             _fail("preprocess", f"{self.preprocess!r} is unknown", f"use one of {', '.join(PREPROCESS)}")
         if self.engine not in ENGINES:
@@ -478,6 +420,19 @@ class RepoSettings:
             _fail("version", f"is {self.version}", "Triton versions start at 1")
         if self.max_image_pixels < 1:
             _fail("max_image_pixels", "must be positive", "use e.g. 64000000")
+
+    def _check_gpu_photo_path(self) -> None:
+        """The GPU photo path's decoder, design and hybrid limit."""
+        if self.gpu_decoder not in GPU_DECODERS:
+            _fail("gpu_decoder", f"{self.gpu_decoder!r} is unknown", f"use one of {', '.join(GPU_DECODERS)}")
+        if self.gpu_photo_path not in GPU_PHOTO_PATHS:
+            _fail("gpu_photo_path", f"{self.gpu_photo_path!r} is unknown", f"use one of {', '.join(GPU_PHOTO_PATHS)}")
+        if self.gpu_photo_path in IN_PROCESS_PHOTO_PATHS and self.engine not in ("inductor", "auto"):
+            _fail("gpu_photo_path", f"{self.gpu_photo_path} runs the inductor engine in the photo path's process, "
+                  f"not {self.engine}", "pass --engine inductor, or --gpu-photo-path pipeline")
+        if self.hybrid_local_batch < 1:
+            _fail("hybrid_local_batch", f"is {self.hybrid_local_batch}",
+                  "use 1 or more images (--gpu-photo-path pipeline sends every batch to the classifier model)")
 
     def _place_gpu_models_together(self) -> None:
         """Every GPU-placed model on the same GPUs: the preprocess (or photo path) model follows `--gpus`.

@@ -28,6 +28,8 @@ SKIPPED = {
     "make plan-docker": "needs a Docker engine and a GPU",
     "make serve-docker": "needs a Docker engine and a GPU",
     "bash perf/gpu/": "needs a GPU",
+    "make repo PREPROCESS=gpu ENGINE=inductor PREPROCESS_INSTANCES=8": "the GPU throughput recipe: needs a GPU",
+    "make serve MPS=1": "needs a GPU and CUDA MPS",
 }
 # perf_analyzer measures briefly here: the grid is the README's, the windows are short.
 FAST_PERF = " --measurement-interval-ms 400 --max-trials 3 --stability-percent 50"

@@ -15,7 +15,8 @@ from builder.errors import BuilderError
 from builder.core import contract as C
 from builder.core.contract import Contract
 from builder.serving.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
-from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION, PodSettings
+from builder.pod import PodSettings
+from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION
 
 TEMPLATES = Path(__file__).parent / "templates"
 DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml", "k8s/deployment.yaml",

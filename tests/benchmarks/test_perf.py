@@ -15,7 +15,7 @@ from builder.repository.check import check_repository
 from builder.serving.server import LocalServer, ServerSettings
 from conftest import free_ports
 from perf import report
-from perf.sweep import SweepSettings, run_sweep, sweep_payload
+from perf.sweep import SweepSettings, run_sweep, stage_times, sweep_payload
 from perf.tune import candidates, tune
 
 # Short windows and a loose stability bound: this checks the machinery, not the numbers (2 shared CPU cores).
@@ -290,3 +290,17 @@ def test_scaling_serves_each_count_and_measures_the_host_cpu(local_repo, contrac
     # More GPUs than the host has, or a repository pinned to some GPUs: refused before any server starts.
     one_line_error(run_module("perf", "scaling", "--repository", str(local_repo), "--gpu-counts", "1,2",
                               "--output", str(tmp_path / "x.json")), "gpu_counts: asks for up to 2 GPUs")
+
+
+def test_stage_times_from_statistics():
+    def stats(count, executions, ns):
+        return {"execution_count": executions, "inference_stats": {
+            "success": {"count": count}, **{k: {"ns": ns} for k in ("queue", "compute_input", "compute_infer",
+                                                                    "compute_output")}}}
+
+    before = {"m": stats(10, 5, 1_000_000), "idle": stats(3, 3, 0)}
+    after = {"m": stats(30, 10, 5_000_000), "idle": stats(3, 3, 0)}
+    stages = stage_times(before, after)
+    assert list(stages) == ["m"]
+    assert stages["m"]["requests"] == 20 and stages["m"]["batch_avg"] == 4.0
+    assert stages["m"]["compute_infer_us"] == pytest.approx(200.0)

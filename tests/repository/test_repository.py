@@ -1,4 +1,4 @@
-"""Real export, ONNX Runtime validation, manifest, atomic writes, weights sources."""
+"""Real export, ONNX Runtime validation, manifest, atomic writes, weights sources, the designs written."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch
 from builder import settings as s
 from builder.errors import BuilderError
 from builder.core.manifest import file_hashes, read_manifest
+from builder.repository import configs
 from builder.repository.writer import build_repository
-from conftest import TINY_KWARGS, tiny_settings
+from conftest import MAX_BATCH, TINY_KWARGS, tiny_settings
 
 
 def test_onnx_export_contract(local_repo, contract, tiny_model):
@@ -156,3 +157,52 @@ def test_swinv2_builds_with_its_own_data_config(tmp_path):
     assert manifest["contract"]["tensors"]["input"]["dims"] == [3, 256, 256]
     assert manifest["preprocess"]["image_size"] == "256,256" and manifest["preprocess"]["scale_size"] == "284,284"
     assert manifest["parity"]["onnxruntime_vs_pytorch"]["top1_agreement"] == 1.0
+
+
+def test_the_ensemble_design_of_the_gpu_photo_path(tmp_path):
+    """`--gpu-photo-path ensemble`: the three models chained by Triton, as before the pipeline model."""
+    # The preprocess model takes smaller batches than the classifier (--preprocess-max-batch-size): the
+    # ensemble takes the smaller of the two, as Triton requires of every step.
+    repo = build_repository(tiny_settings(tmp_path / "repo", preprocess="gpu", gpu_photo_path="ensemble",
+                                          preprocess_batching=s.Batching(MAX_BATCH // 2, (), 2000, max_queue_size=0),
+                                          preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
+    config = configs.read(repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
+    assert config.platform == "ensemble" and len(config.ensemble_scheduling.step) == 3
+    assert config.max_batch_size == MAX_BATCH // 2 == read_manifest(repo)["contract"]["max_batch_size"]
+    assert configs.read(repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").max_batch_size == MAX_BATCH
+    from builder.repository.check import check_repository
+
+    assert check_repository(repo) == []
+    with pytest.raises(BuilderError, match="gpu_photo_path: 'bls' is unknown"):
+        s.RepoSettings(gpu_photo_path="bls")
+
+
+def test_inductor_engine_in_the_container_flavor(tmp_path):
+    """The same Python-backend classifier in the container flavor (an image built WITH_TORCH=1 runs it)."""
+    from builder.repository.check import check_repository
+
+    repo = build_repository(tiny_settings(tmp_path / "repo", flavor="container", engine="inductor",
+                                          torch_compile="none"))
+    classifier = repo / "swin_tiny_patch4_window7_224_classifier"
+    assert 'backend: "python"' in (classifier / "config.pbtxt").read_text()
+    assert (classifier / "1" / "model.pt2").is_file() and check_repository(repo) == []
+    assert read_manifest(repo)["engine"] == {**read_manifest(repo)["engine"], "requested": "inductor",
+                                             "chosen": "inductor"}
+
+
+def test_the_repository_readme_names_the_photo_path_design_and_mps():
+    """The generated README says what the model under the ensemble's name is, and to serve many GPU photo-path
+    instances under MPS."""
+    from builder.core.contract import Contract
+    from builder.repository.readme import render
+
+    contract = Contract("swin_tiny_patch4_window7_224", (3, 224, 224), 1000)
+    choice = {"requested": "inductor", "chosen": "inductor", "reason": "asked"}
+    many = render(s.RepoSettings(preprocess="gpu", engine="inductor", gpu_photo_path="fused",
+                                 preprocess_instances=s.InstanceGroup("KIND_GPU", 6)), contract, choice, {})
+    assert "(`fused`)" in many and "6 instances per GPU" in many and "builder serve --mps" in many
+    assert "`--gpu-photo-path hybrid`" in many  # with many instances it served more than fused and pipeline
+    two = render(s.RepoSettings(preprocess="gpu", engine="onnxruntime", gpu_photo_path="pipeline"), contract, choice, {})
+    assert "(`pipeline`)" in two and "--mps" not in two
+    exact = render(s.RepoSettings(), contract, choice, {})
+    assert "the three in one request (Triton ensemble)" in exact and "--mps" not in exact

@@ -11,6 +11,7 @@ import yaml
 
 from builder import settings as s
 from builder.errors import BuilderError
+from builder.pod import PodSettings
 from builder.repository import configs
 from builder.serving import gpus
 from conftest import one_line_error, run_module, tiny_settings
@@ -99,7 +100,7 @@ def test_kubernetes_pods_of_n_gpus_scale_their_resources_and_the_autoscaler(tmp_
 
     from builder.serving import docker
 
-    rendered = docker.render(docker.context(pod=s.PodSettings(gpus_per_pod=4, cuda_memory_pool_mb=256)))
+    rendered = docker.render(docker.context(pod=PodSettings(gpus_per_pod=4, cuda_memory_pool_mb=256)))
     deployment, budget = [d for d in yaml.safe_load_all(rendered["k8s/deployment.yaml"]) if d]
     hpa = yaml.safe_load(rendered["k8s/hpa.yaml"])
     for doc in (deployment, budget, hpa):
