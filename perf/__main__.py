@@ -363,6 +363,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # The interrupt may have landed inside a constructor (a gRPC client's): the half-built object's __del__
+        # then fails when it is collected, and Python prints that traceback. The run is over; one line says so.
+        sys.unraisablehook = lambda unraisable: None
         print("interrupted: the finished results were written, nothing is left running", file=sys.stderr)
         return 130
 

@@ -118,6 +118,32 @@ def test_client_refuses_a_batch_above_the_models(server, contract, photo_paths):
     _error(result, "max_batch: 64 is above", "max_batch_size 8")
 
 
+def test_an_interrupt_inside_a_constructor_still_ends_in_one_line():
+    """A signal that lands inside a client's constructor leaves a half-built object whose __del__ fails when
+    collected (tritonclient's gRPC client: no `_stream` yet); `perf` still ends with its one line, no traceback."""
+    code = """
+import argparse, sys
+from perf import __main__ as cli
+
+class HalfBuilt:
+    def __init__(self):
+        raise KeyboardInterrupt  # the signal, before the attribute below exists
+    def __del__(self):
+        self._stream.close()
+
+def parser():
+    p = argparse.ArgumentParser()
+    p.set_defaults(func=lambda args: HalfBuilt())
+    return p
+
+cli.build_parser = parser
+sys.exit(cli.main([]))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("interrupted")
+
+
 @pytest.mark.server
 def test_sigterm_ends_perf_first_request_cleanly(local_repo, tmp_path):
     out = tmp_path / "first.json"
