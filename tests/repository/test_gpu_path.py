@@ -487,6 +487,16 @@ def test_the_hybrid_design_is_written_with_its_local_limit(gpu_repo, tmp_path):
         config = models.write_pipeline(version, settings, contract, {}, ["a", "b"], (classifier, {"compile": "none"}))
         assert config.parameters["local_max_batch"].string_value == written
         assert config.parameters["engine_dir"].string_value == "engine" and (version / "engine" / "model.pt2").is_file()
+    import shutil
+
+    from builder.repository.check import check_repository
+
+    hybrid = tmp_path / "repo"
+    shutil.copytree(gpu_repo, hybrid, symlinks=True)
+    model = configs.read(hybrid / contract.ensemble / "config.pbtxt")
+    model.parameters["local_max_batch"].string_value = "eight"
+    configs.write(model, hybrid / contract.ensemble)
+    assert any("local_max_batch 'eight' is not a whole number" in p for p in check_repository(hybrid))
     readme = render(settings, contract, {"requested": "inductor", "chosen": "inductor", "reason": "asked"}, {})
     assert "(`hybrid`)" in readme and f"up to {settings.hybrid_local_batch} images" in readme
     with pytest.raises(BuilderError, match="hybrid_local_batch: is 0; use 1 or more images"):
