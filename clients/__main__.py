@@ -157,6 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _classify(args)
     except KeyboardInterrupt:
+        # A Ctrl-C inside tritonclient's constructor leaves a half-built client whose __del__ fails when collected.
+        sys.unraisablehook = lambda unraisable: None
         return 130
 
 
