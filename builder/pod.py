@@ -31,13 +31,14 @@ class PodSettings:
         if not 1 <= self.gpus_per_pod <= 16:
             raise field_error("gpus_per_pod", f"is {self.gpus_per_pod}", "use 1 to 16 (the GPUs of one node)")
         if self.min_gpus < 1 or self.max_gpus < self.min_gpus:
-            raise field_error("min_gpus/max_gpus", f"are {self.min_gpus}/{self.max_gpus}", "use 1 <= min <= max, e.g. 2 and 8")
+            raise field_error("min_gpus/max_gpus", f"are {self.min_gpus}/{self.max_gpus}",
+                              "use 1 <= min <= max, e.g. 2 and 8")
         if self.max_gpus < self.gpus_per_pod:
             raise field_error("max_gpus", f"{self.max_gpus} is less than one pod's {self.gpus_per_pod} GPUs",
-                  f"use at least {self.gpus_per_pod}")
+                              f"use at least {self.gpus_per_pod}")
         if self.cpus_per_gpu < 1 or self.memory_gib_per_gpu < 1 or self.cuda_memory_pool_mb < 0:
             raise field_error("pod resources", "cpus and memory per GPU must be >= 1, the memory pool >= 0",
-                  "e.g. 4 cores, 8 GiB, pool 0")
+                              "e.g. 4 cores, 8 GiB, pool 0")
 
     @property
     def min_replicas(self) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from builder.core import contract as C
-from builder.errors import BuilderError
+from builder.errors import BuilderError, field_error
 
 log = logging.getLogger("perf")
 CSV_FIELDS = {  # perf_analyzer CSV column -> our key (all latencies in microseconds)
@@ -110,7 +110,7 @@ class SweepSettings:
 
     def __post_init__(self) -> None:
         def fail(field: str, problem: str, fix: str) -> None:
-            raise BuilderError(f"{field}: {problem}; {fix}")
+            raise field_error(field, problem, fix)
 
         if not set(self.models) <= set(MODELS) or not self.models:
             fail("models", f"{self.models}", f"use {', '.join(MODELS)}")

@@ -141,10 +141,10 @@ def _check_files_it_names(name: str, model_dir: Path, config: mc.ModelConfig, ba
             PreprocessParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
         except (KeyError, ValueError) as exc:
             problems.append(f"{name}: its preprocessing parameters do not load: {exc}")
-    if "local_max_batch" in config.parameters and not config.parameters["local_max_batch"].string_value.isdigit():
-        # The hybrid photo path reads it at load: anything but a whole number stops the model.
-        problems.append(f"{name}: local_max_batch {config.parameters['local_max_batch'].string_value!r} is not a "
-                        "whole number of images; use e.g. 8 (0: every batch to the classifier model)")
+    local = config.parameters["local_max_batch"].string_value if "local_max_batch" in config.parameters else "0"
+    if not local.isdigit():  # the hybrid photo path reads it at load: anything but a whole number stops the model
+        problems.append(f"{name}: local_max_batch {local!r} is not a whole number of images; use e.g. 8 "
+                        "(0: every batch to the classifier model)")
 
 
 def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:
