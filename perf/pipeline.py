@@ -39,7 +39,7 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
         parity = {"tensor_max_abs": float(diff.max()), "tensor_mean_abs": float(diff.mean())}
         for batch in batches:
             items = [data[i % len(data)] for i in range(batch)]
-            orientations = [gpu_imaging.gpu_candidate(d, params.max_pixels) or 1 for d in items]
+            orientations = [imaging.gpu_candidate(d, params.max_pixels) or 1 for d in items]
             for stage, fn in (("decode", lambda: pipeline.decoder(items, orientations)),
                               ("decode+transform", lambda: pipeline(items))):
                 row = {"decoder": pipeline.decoder.backend, "stage": stage, "device": device,

@@ -324,6 +324,105 @@ def preprocess_many(
     return batch, errors
 
 
+# The JPEG markers read without decoding: which uploads the GPU path's decoder takes (`gpu_imaging`).
+_JPEG_SOI = b"\xff\xd8"
+
+# Start-of-frame markers nvJPEG decodes: baseline, extended sequential and progressive, Huffman-coded.
+_SOF_HUFFMAN = {0xC0, 0xC1, 0xC2}
+_SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # lossless, hierarchical, arithmetic
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 in an EXIF block's TIFF data; 1 when absent or unreadable."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for entry in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+        at = ifd + 2 + 12 * entry
+        if at + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[at:at + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[at + 8:at + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def gpu_candidate(data: bytes, max_pixels: int) -> Optional[int]:
+    """The EXIF orientation of a JPEG the GPU path takes, or None to use the exact CPU path.
+
+    Reads the JPEG markers up to the frame header (a few microseconds, no
+    pixels): 8-bit Huffman-coded JPEGs with 1 (gray) or 3 (YCbCr) components
+    within the pixel limit go to the GPU; CMYK/YCCK, 12-bit, arithmetic-coded,
+    Adobe RGB-transform and anything unusual take the exact path, which also
+    gives broken or oversized uploads their error messages.
+    """
+    if not data.startswith(_JPEG_SOI):
+        return None
+    orientation, at, size, seen = 1, 2, len(data), set()
+    while at + 4 <= size:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        segment = data[at + 4:at + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            orientation = _exif_orientation(segment[6:])
+        elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12 and segment[11] == 0:
+            return None  # Adobe transform 0: RGB or CMYK samples without YCbCr; Pillow knows them
+        elif marker in _SOF_HUFFMAN:
+            if len(segment) < 6 or segment[0] != 8 or segment[5] not in (1, 3):
+                return None
+            height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+            if not 0 < width * height <= max_pixels:
+                return None
+            return orientation if _complete_after_frame(data, at + 2 + length, seen) else None
+        elif marker in _SOF_OTHER or marker == 0xDA:  # other codings, or scan data before any frame
+            return None
+        seen.add(marker)
+        at += 2 + length
+    return None
+
+
+def _complete_after_frame(data: bytes, at: int, seen: set) -> bool:
+    """Whether a JPEG's stream after its frame header is whole: tables, a scan, and the end marker after it.
+
+    nvJPEG decodes a JPEG cut short (and fills in the rest) where libjpeg, and so the exact path, refuses
+    it ("image file is truncated"). What the exact path would refuse must get its message, so only whole
+    streams go to the GPU: the segments up to the first scan are walked (each length inside the file,
+    quantization and Huffman tables present), and an end-of-image marker must follow the scan's start.
+    Entropy-coded data cannot hold the bytes FF D9 (an FF there is followed by 00 or a restart marker), so
+    the last FF D9 of the file lies after the first scan exactly when the file was not cut inside the scans.
+    Anything else, cut short or unusual, takes the exact path and gets its answer there.
+    """
+    size, seen = len(data), set(seen)  # the markers before the frame count too
+    while at + 4 <= size:
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:
+            at += 1
+            continue
+        if marker == 0xD9 or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # image ends, or an odd bare marker
+            return False
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if length < 2 or at + 2 + length > size:
+            return False
+        if marker == 0xDA:
+            return {0xDB, 0xC4} <= seen and data.rfind(b"\xff\xd9") >= at + 2 + length
+        seen.add(marker)
+        at += 2 + length
+    return False
+
+
 def as_bytes(item: Union[bytes, bytearray, memoryview, np.ndarray, np.generic]) -> bytes:
     """Normalizes one element of a Triton BYTES tensor to `bytes`."""
     if isinstance(item, (bytes, bytearray, memoryview)):

@@ -145,6 +145,10 @@ def _check_files_it_names(name: str, model_dir: Path, config: mc.ModelConfig, ba
     if not local.isdigit():  # the hybrid photo path reads it at load: anything but a whole number stops the model
         problems.append(f"{name}: local_max_batch {local!r} is not a whole number of images; use e.g. 8 "
                         "(0: every batch to the classifier model)")
+    graphs = config.parameters["transform_graphs"].string_value if "transform_graphs" in config.parameters else "1"
+    if graphs not in ("0", "1"):  # the GPU models take anything but "0" as on
+        problems.append(f"{name}: transform_graphs {graphs!r} is neither \"1\" (small batches' transforms as CUDA "
+                        "graphs) nor \"0\" (eager); use one of them")
 
 
 def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problems: List[str]) -> None:

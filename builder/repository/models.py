@@ -108,6 +108,8 @@ def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, pa
         threads = "1" if settings.preprocess_instances.kind == "KIND_GPU" else "0"
         parameters = {**parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
                       "intra_op_threads": threads,
+                      # Small batches' transforms replay as CUDA graphs ("0": eager; see gpu_imaging.TransformGraphs).
+                      "transform_graphs": "1",
                       "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
                       "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
         # The model checks the decoder it serves with on these photos when it loads (see preprocess.py).

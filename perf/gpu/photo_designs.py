@@ -1,7 +1,7 @@
 """The photo path's other designs beside a `--preprocess gpu` repository's pipeline model, and their knobs.
 
     python perf/gpu/photo_designs.py write REPO NAME   # <NAME>_fused and <NAME>_ensemble3 beside the pipeline
-    python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N]
+    python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N] [--graphs 0|1]
                                                   [--profile N --trace-dir DIR]
     python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,..., --classifier M,
                                                                   --max-batch N, --queue-delay-us N, --local-batch N]
@@ -10,7 +10,8 @@
 `write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
 own process, as `--gpu-photo-path fused` writes it) and `<NAME>_ensemble3` (preprocess -> classifier ->
 postprocess chained by Triton, as `--gpu-photo-path ensemble` writes it). `set` changes config parameters of the
-pipeline and fused models: the decoder, torch's CPU threads, GPU instances, and the per-phase profile and trace.
+pipeline and fused models: the decoder, torch's CPU threads, GPU instances, the transform's CUDA graphs, and the
+per-phase profile and trace.
 `copy` serves a model again under another name with some knobs changed (variants side by side on one server);
 `null` writes a model with the photo path's config that answers without work: the serving stack's ceiling.
 """
@@ -59,7 +60,7 @@ def write(repo: Path, name: str) -> None:
 def _changes(args) -> dict:
     return {"decoder": args.decoder, "intra_op_threads": args.threads, "profile_every": args.profile,
             "trace_dir": args.trace_dir if args.profile else "", "batch_buckets": args.buckets,
-            "classifier": args.classifier, "local_max_batch": args.local_batch}
+            "classifier": args.classifier, "local_max_batch": args.local_batch, "transform_graphs": args.graphs}
 
 
 def _apply(config, args) -> None:
@@ -128,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", default="")
     parser.add_argument("--instances", default="")
     parser.add_argument("--profile", default="")
+    parser.add_argument("--graphs", default="", choices=("", "0", "1"),
+                        help="small batches' transforms as CUDA graphs (1) or eager (0)")
     parser.add_argument("--trace-dir", default="")
     parser.add_argument("--buckets", default="", help="the fused engine's CUDA-graph batch sizes, e.g. 1,2,4,...")
     parser.add_argument("--max-batch", default="", help="the model's max batch size (requests)")

@@ -5,9 +5,11 @@
 The bundled 640x480 JPEGs (`builder/parity_images/*_640x480.jpg`), decoded once on the GPU and repeated to
 each batch size; each phase timed with CUDA events over `--repeats` runs after a warm-up (`*_ms_per_image`:
 wall time on the GPU's clock), and its CUDA kernels summed under torch.profiler (`kernel_ms_per_image`: what
-the phase takes from the multiprocessors that other processes share; the JPEG engines' work is not a kernel). `exact_vs_cpu` is
-the largest difference between the GPU's transform and the same code on the CPU (float32 sums): 0 when the
-float16 tensor-core products are exact, as `split_weights` intends. Needs a CUDA GPU, torch, torchvision, timm.
+the phase takes from the multiprocessors that other processes share; the JPEG engines' work is not a kernel).
+`exact_vs_cpu` is the largest difference between the GPU's transform and the same code on the CPU (float32
+sums): 0 when the float16 tensor-core products are exact, as `split_weights` intends. `graphed_*`: the same as served, small
+batches replayed as CUDA graphs (`gpu_imaging.TransformGraphs`; `graphed_vs_eager_max_abs` 0 when bitwise equal).
+Needs a CUDA GPU, torch, torchvision, timm.
 """
 
 import argparse
@@ -95,17 +97,21 @@ def rounding_candidates(pipe, on_cpu, decoded, args):
         return pillow_round
 
     rows = []
+    batches = [int(b) for b in args.batches.split(",")]
+    # The CPU's values first, with the eager rounding: a candidate swapped in is for CUDA tensors only.
+    cpu_values = {b: on_cpu._transform_group([decoded[i % len(decoded)].cpu() for i in range(b)]) for b in batches}
     for name, make in (("compiled rounding", lambda: torch.compile(eager, dynamic=True)),
                        ("triton rounding", triton_rounding)):
         try:
             gpu_imaging._pillow_round = make()
-            for batch in (int(b) for b in args.batches.split(",")):
+            for batch in batches:
                 images = [decoded[i % len(decoded)] for i in range(batch)]
                 started = time.perf_counter()
                 out = pipe._transform_group(images)
                 torch.cuda.synchronize()
                 first_s = time.perf_counter() - started
-                cpu = on_cpu._transform_group([image.cpu() for image in images])
+                cpu = cpu_values[batch]
+
                 def run():
                     return pipe._transform_group(images)
 
@@ -144,7 +150,8 @@ def main() -> None:
     config = timm.data.resolve_data_config({}, model=timm.create_model(args.model, pretrained=False))
     params = imaging.PreprocessParams.from_timm(config)
     photos = [p.read_bytes() for p in photo_files() if p.name.endswith("_640x480.jpg")]
-    pipe = GpuPreprocessor(params, "cuda", args.decoder)
+    pipe = GpuPreprocessor(params, "cuda", args.decoder, graphs=False)  # eager: the rows' transform
+    graphed = GpuPreprocessor(params, "cuda", args.decoder)  # as served: small batches replay CUDA graphs
     on_cpu = GpuPreprocessor(params, "cpu")
     decoded = pipe.decoder(photos, [1] * len(photos))
     rows = []
@@ -158,16 +165,28 @@ def main() -> None:
             "decode_ms_per_image": timed(lambda: pipe.decoder(items, [1] * batch), args.repeats) / batch,
             "transform_ms_per_image": timed(lambda: pipe._transform_group(images), args.repeats) / batch,
             "float32_transform_ms_per_image": timed(lambda: float32_transform(pipe, images), args.repeats) / batch,
+            "graphed_transform_ms_per_image": timed(lambda: graphed._transform_group(images), args.repeats) / batch,
             "whole_ms_per_image": timed(lambda: pipe(items), args.repeats) / batch,
+            "graphed_whole_ms_per_image": timed(lambda: graphed(items), args.repeats) / batch,
             "kernel_ms_per_image": {
                 "decode": kernel_ms(lambda: pipe.decoder(items, [1] * batch), args.repeats) / batch,
                 "transform": kernel_ms(lambda: pipe._transform_group(images), args.repeats) / batch,
                 "float32_transform": kernel_ms(lambda: float32_transform(pipe, images), args.repeats) / batch,
             },
             "exact_vs_cpu": float((new.cpu() - cpu).abs().max()),
+            "graphed_vs_eager_max_abs": float((graphed._transform_group(images) - new).abs().max()),
+            "graph_captured": (1 << (batch - 1).bit_length(), *images[0].shape) in graphed.graphs.kept,
             "float32_vs_new_max_abs": float((new - old).abs().max()),
             "float32_vs_new_pixels_differing": float(((new - old).abs() > 1e-4).float().mean()),
         }
+        if batch == 1 and pipe.decoder.backend == "torchvision":  # a lone photo: the one-image call vs a list of one
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            encoded = torch.frombuffer(bytearray(items[0]), dtype=torch.uint8)
+            row["decode_one_image_call_ms"] = timed(
+                lambda: decode_jpeg(encoded, mode=ImageReadMode.RGB, device=pipe.device), args.repeats)
+            row["decode_list_of_one_ms"] = timed(
+                lambda: decode_jpeg([encoded], mode=ImageReadMode.RGB, device=pipe.device), args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
     candidates = rounding_candidates(pipe, on_cpu, decoded, args) if args.candidates else []

@@ -55,6 +55,40 @@ def test_tensor_core_transform_is_the_cpu_transform_to_the_bit(params):
         assert torch.equal(ours, cpu._transform_group(images)), (width, height)
 
 
+
+def test_graphed_transform_is_the_eager_transform_to_the_bit(params):
+    """Small batches replay CUDA graphs (captured on a key's second sighting; 3 images in the graph of 4),
+    interleaved, sharing one pool: each output equals the eager transform's, whatever ran between; large
+    batches stay eager."""
+    import torch
+
+    from builder.repository.triton_models import gpu_imaging
+
+    graphed = gpu_imaging.GpuPreprocessor(params, "cuda")
+    eager = gpu_imaging.GpuPreprocessor(params, "cuda", graphs=False)
+    graphs = graphed.graphs
+    graphs.keep = 2  # three keys below: the least recently used is dropped and captured again later
+    rng = np.random.default_rng(1)
+
+    def batch(count, width, height):
+        return [torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8)).cuda()
+                for _ in range(count)]
+
+    shapes = [(1, 640, 480), (4, 640, 480), (2, 333, 517), (3, 640, 480)] * 4 + [(1, 4032, 3024)] * 2
+    outputs = []
+    for shape in shapes:
+        images = batch(*shape)
+        outputs.append((graphed._transform_group(images), eager._transform_group(images)))
+    for (ours, reference), shape in zip(outputs, shapes):  # compared after all ran: no output was overwritten
+        assert torch.equal(ours, reference), shape
+    assert (1, 3, 3024, 4032) not in graphs.kept and graphs.seen.get((1, 3, 3024, 4032)) is None  # over max_pixels
+    assert len(graphs.kept) == 2 and graphs.captures >= 4  # 3 shapes in 2 slots: recaptured after eviction
+    photos = [p.read_bytes() for p in JPEGS]
+    for _ in range(3):
+        ours, errors = graphed(photos[:1])
+        assert torch.equal(ours, eager(photos[:1])[0]) and errors == [None]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.nvimgcodec") is None if importlib.util.find_spec("nvidia")
                     else True, reason="nvImageCodec is not installed")
 def test_nvimgcodec_decoder_matches_the_exact_path(params):

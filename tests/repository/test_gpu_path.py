@@ -71,8 +71,8 @@ def _pillow_orientation(data: bytes):
 def test_header_routing_agrees_with_pillow(uploads):
     broken = {"empty": b"", "soi only": b"\xff\xd8", "garbage": b"\xff\xd8garbage", "png": b"\x89PNG\r\n"}
     for name, data in {**uploads, **broken}.items():
-        assert gpu_imaging.gpu_candidate(data, 64_000_000) == _pillow_orientation(data), name
-    assert gpu_imaging.gpu_candidate(uploads["photo3"], 100) is None  # above the pixel limit: exact path
+        assert imaging.gpu_candidate(data, 64_000_000) == _pillow_orientation(data), name
+    assert imaging.gpu_candidate(uploads["photo3"], 100) is None  # above the pixel limit: exact path
 
 
 def test_pipeline_matches_the_exact_path(uploads, params):
@@ -80,9 +80,10 @@ def test_pipeline_matches_the_exact_path(uploads, params):
     pipeline = gpu_imaging.GpuPreprocessor(params, "cpu")
     batch, errors = pipeline([uploads[n] for n in names])
     assert errors == [None] * len(names)
-    exact_path = [n for n in names if gpu_imaging.gpu_candidate(uploads[n], params.max_pixels) is None]
+    exact_path = [n for n in names if imaging.gpu_candidate(uploads[n], params.max_pixels) is None]
     assert "cmyk" in exact_path and "chelsea.png" in exact_path and "exif6" not in exact_path
     assert pipeline.counts == {"gpu": len(names) - len(exact_path), "exact": len(exact_path)}
+    assert pipeline.graphs is None  # CUDA graphs on a CUDA device only (tests/gpu checks them to the bit)
     for row, name in zip(batch.numpy(), names):
         diff = np.abs(row - imaging.preprocess(uploads[name], params))
         # Pillow's weights, Pillow's rounding: at most one 8-bit step, on a few pixels.
@@ -168,8 +169,8 @@ def test_broken_jpegs_get_the_exact_answer(params):
     broken = broken_jpegs(photo)
     # What libjpeg refuses must never reach a GPU decoder that would answer it: routed by the header walk.
     for name in CUT_SHORT + ("no end marker", "segment length past the end", "no Huffman tables", "width zero"):
-        assert gpu_imaging.gpu_candidate(broken[name], params.max_pixels) is None, name
-    assert gpu_imaging.gpu_candidate(broken["trailing garbage"], params.max_pixels) == 1
+        assert imaging.gpu_candidate(broken[name], params.max_pixels) is None, name
+    assert imaging.gpu_candidate(broken["trailing garbage"], params.max_pixels) == 1
     _, errors = gpu_imaging.GpuPreprocessor(params, "cpu")(list(broken.values()))
     for (name, data), error in zip(broken.items(), errors):
         assert error == imaging.try_preprocess(data, params)[1], name
@@ -430,7 +431,7 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
     # The copy is hybrid: batches of 1-2 images classified in its process, larger ones by BLS.
     subprocess.run(tool + ["copy", str(repo), name, f"{name}_i2", "--instances", "2", "--buckets", "1,3,8",
                           "--classifier", f"{name}_classifier", "--max-batch", "4", "--queue-delay-us", "2000",
-                          "--local-batch", "2"],
+                          "--local-batch", "2", "--graphs", "0"],
                    check=True, env=env, capture_output=True)
     subprocess.run(tool + ["null", str(repo), name], check=True, env=env, capture_output=True)
     copied = configs.read(repo / f"{name}_i2" / "config.pbtxt")
@@ -439,6 +440,9 @@ def test_photo_design_variants_and_the_null_ceiling_serve(gpu_repo, tmp_path, ph
     assert copied.parameters["batch_buckets"].string_value == "1,3,8"
     assert copied.parameters["classifier"].string_value == f"{name}_classifier"
     assert copied.parameters["local_max_batch"].string_value == "2"
+    # Small batches' transforms as CUDA graphs: on as built, off in the copy (a CPU instance has none either way).
+    assert configs.read(repo / name / "config.pbtxt").parameters["transform_graphs"].string_value == "1"
+    assert copied.parameters["transform_graphs"].string_value == "0"
     null = configs.read(repo / f"{name}_null" / "config.pbtxt")
     assert [o.name for o in null.output] == [o.name for o in configs.read(repo / name / "config.pbtxt").output]
     http, grpc, metrics = free_ports(3)
@@ -495,8 +499,11 @@ def test_the_hybrid_design_is_written_with_its_local_limit(gpu_repo, tmp_path):
     shutil.copytree(gpu_repo, hybrid, symlinks=True)
     model = configs.read(hybrid / contract.ensemble / "config.pbtxt")
     model.parameters["local_max_batch"].string_value = "eight"
+    model.parameters["transform_graphs"].string_value = "off"
     configs.write(model, hybrid / contract.ensemble)
-    assert any("local_max_batch 'eight' is not a whole number" in p for p in check_repository(hybrid))
+    problems = check_repository(hybrid)
+    assert any("local_max_batch 'eight' is not a whole number" in p for p in problems)
+    assert any("transform_graphs 'off' is neither" in p for p in problems)
     readme = render(settings, contract, {"requested": "inductor", "chosen": "inductor", "reason": "asked"}, {})
     assert "(`hybrid`)" in readme and f"up to {settings.hybrid_local_batch} images" in readme
     with pytest.raises(BuilderError, match="hybrid_local_batch: is 0; use 1 or more images"):

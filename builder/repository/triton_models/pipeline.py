@@ -71,7 +71,8 @@ class TritonPythonModel:
         device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
         workers = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)  # the exact path's Pillow pool
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
-        self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map)
+        self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map,
+                                               graphs=params.get("transform_graphs", "1") != "0")
         with open(os.path.join(_HERE, "labels.txt"), encoding="utf-8") as f:
             self.labels = np.array([line.rstrip("\n").encode("utf-8") for line in f], dtype=object)
         try:
@@ -183,8 +184,10 @@ class TritonPythonModel:
             self.phases["images"] = self.phases.get("images", 0) + len(flat)
             if self.batches % self.profile_every == 0:
                 images = self.phases.pop("images")
+                graphs = self.gpu.graphs.captures if self.gpu.graphs is not None else "off"
                 served.log_info(f"pipeline profile over {self.profile_every} batches, {images} images: " + ", ".join(
-                    f"{k} {v * 1e3 / images:.3f} ms/image" for k, v in self.phases.items()))
+                    f"{k} {v * 1e3 / images:.3f} ms/image" for k, v in self.phases.items())
+                    + f" (transform graphs captured: {graphs})")
                 self.phases = {}
         return responses
 
