@@ -267,7 +267,8 @@ def _cmd_analyze(args) -> int:
     # The server the analyzer works against: ours, explicit model control, every model loaded, no admin key
     # (its ports are private to this run and only the analyzer talks to it).
     server = ServerSettings(str(repository), *ports, workdir=str(workdir / "server"), model_control="explicit")
-    logging.getLogger("perf").info("starting tritonserver for Model Analyzer (%s instances)", "KIND_GPU" if gpu else "KIND_CPU")
+    logging.getLogger("perf").info("starting tritonserver for Model Analyzer (%s instances)",
+                                   "KIND_GPU" if gpu else "KIND_CPU")
     with LocalServer(server):
         reports = run_analyzer(args.analyzer, config, workdir)
     rows = best_configs(reports)
@@ -279,14 +280,23 @@ def _cmd_analyze(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's argument parser."""
-    from builder.engines.torch_runner import TUNINGS  # a light module: torch loads when an engine starts
+    """The CLI's argument parser: one function per command, the sweep's in `perf.cli_sweep`."""
     from perf import cli_sweep
 
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_bare, _add_pipeline, _add_first_request, _add_analyze):
+        add(sub)
+    cli_sweep.add_commands(sub, _counts, _words, _ints)
+    return parser
+
+
+def _add_bare(sub) -> None:
+    from builder.engines.torch_runner import TUNINGS  # a light module: torch loads when an engine starts
+
     b = sub.add_parser("bare", help="time the classifier without a server")
-    b.add_argument("--engines", type=_words, default=["onnxruntime"], help="torch,onnxruntime,tensorrt,program (the repository's inductor engine as served)")
+    b.add_argument("--engines", type=_words, default=["onnxruntime"],
+                   help="torch,onnxruntime,tensorrt,program (the repository's inductor engine as served)")
     b.add_argument("--repository", default="model_repository",
                    help="where the ONNX file and timm model come from when --onnx/--model are not given")
     b.add_argument("--model", default=None, help="timm model for the torch engine (default: the repository's)")
@@ -304,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=_count, default=50)
     b.add_argument("--output", default="perf/results/local-bare.json")
     b.set_defaults(func=_cmd_bare, output_kind="file")
+
+
+def _add_pipeline(sub) -> None:
     g = sub.add_parser("pipeline", help="time the preprocessings alone (no server): gpu, and exact/draft on the CPU")
     g.add_argument("--images", type=_words, default=["builder/parity_images"], help="image files or folders")
     g.add_argument("--repository", default="model_repository", help="its manifest gives the transform")
@@ -319,12 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--iterations", type=_count, default=10)
     g.add_argument("--output", default="perf/results/local-pipeline.json")
     g.set_defaults(func=_cmd_pipeline, output_kind="file")
+
+
+def _add_first_request(sub) -> None:
     f = sub.add_parser("first-request", help="first-request latency after a load, with and without warm-up")
     f.add_argument("--repository", default="model_repository")
     f.add_argument("--images", type=_words, default=["builder/parity_images"])
     f.add_argument("--repeat", type=_count, default=1)
     f.add_argument("--output", default="perf/results/local-first-request.json")
     f.set_defaults(func=_cmd_first_request, output_kind="file")
+
+
+def _add_analyze(sub) -> None:
     a = sub.add_parser("analyze", help="Triton's Model Analyzer on the repository (local tritonserver)")
     a.add_argument("--repository", default="model_repository")
     a.add_argument("--models", type=_words, default=["classifier"], help="classifier,preprocess,ensemble or names")
@@ -339,8 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-batch", type=int, default=8, help="largest max_batch_size searched")
     a.add_argument("--output", default="perf/results/local-analyze")
     a.set_defaults(func=_cmd_analyze, output_kind="folder")
-    cli_sweep.add_commands(sub, _counts, _words, _ints)
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
