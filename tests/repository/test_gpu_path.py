@@ -84,6 +84,14 @@ def test_pipeline_matches_the_exact_path(uploads, params):
     assert "cmyk" in exact_path and "chelsea.png" in exact_path and "exif6" not in exact_path
     assert pipeline.counts == {"gpu": len(names) - len(exact_path), "exact": len(exact_path)}
     assert pipeline.graphs is None  # CUDA graphs on a CUDA device only (tests/gpu checks them to the bit)
+    # A capture that fails (here for real: this host has no CUDA) turns graphs off, warns once, serves eager.
+    warned = []
+    graphs = gpu_imaging.TransformGraphs(pipeline._transform_batch, warned.append)
+    decoded = pipeline.decoder([uploads["exif6"]], [1])
+    expected = pipeline._transform_group(decoded)
+    for _ in range(3):  # eager, the failed capture, eager
+        assert torch.equal(graphs(decoded), expected)
+    assert graphs.failure and not graphs.kept and len(warned) == 1 and "eager transform serves" in warned[0]
     for row, name in zip(batch.numpy(), names):
         diff = np.abs(row - imaging.preprocess(uploads[name], params))
         # Pillow's weights, Pillow's rounding: at most one 8-bit step, on a few pixels.

@@ -281,11 +281,14 @@ class TransformGraphs:
     does not recapture on every batch.
 
     The graphs share one memory pool: they replay one at a time on one stream and each output is copied
-    out before anything else replays, so no graph reads what another wrote.
+    out before anything else replays, so no graph reads what another wrote. A capture that fails (a torch
+    or GPU that refuses one) turns graphs off for good, says so once through `warn`, and the eager
+    transform serves: no request fails for it.
     """
 
-    def __init__(self, transform, max_pixels: int = 4_000_000, keep: int = 32):
-        self.transform, self.max_pixels, self.keep = transform, max_pixels, keep
+    def __init__(self, transform, warn=log.warning, max_pixels: int = 4_000_000, keep: int = 32):
+        self.transform, self.warn, self.max_pixels, self.keep = transform, warn, max_pixels, keep
+        self.failure: Optional[str] = None
         self.seen: Dict[Tuple[int, ...], int] = {}
         self.kept: "OrderedDict[Tuple[int, ...], Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]]" = \
             OrderedDict()
@@ -302,7 +305,7 @@ class TransformGraphs:
             torch.stack(images, out=static_in[:count])
             graph.replay()
             return static_out[:count].clone()
-        if key[0] * key[2] * key[3] > self.max_pixels:
+        if self.failure is not None or key[0] * key[2] * key[3] > self.max_pixels:
             return self.transform(torch.stack(images))
         if len(self.seen) >= 4096:  # the sightings table stays small whatever sizes come
             self.seen.clear()
@@ -311,7 +314,14 @@ class TransformGraphs:
             return self.transform(torch.stack(images))
         static_in = torch.zeros(key, dtype=torch.uint8, device=images[0].device)
         torch.stack(images, out=static_in[:count])
-        return self._capture(key, static_in)[:count].clone()
+        try:
+            return self._capture(key, static_in)[:count].clone()
+        except Exception as exc:  # whatever the capture raised, the eager transform still serves
+            self.failure = f"{type(exc).__name__}: {exc}"[:500]
+            self.kept.clear()
+            self.warn(f"transform CUDA graphs off after a failed capture ({self.failure}); the eager transform "
+                      "serves; set the model's transform_graphs to \"0\" to skip the attempt")
+            return self.transform(torch.stack(images))
 
     def _capture(self, key: Tuple[int, ...], static_in: torch.Tensor) -> torch.Tensor:
         """Captures the transform of `static_in` (warmed up on a side stream first); replays it; its output."""
@@ -344,10 +354,11 @@ class GpuPreprocessor:
         decoder: `auto` or `torchvision` (nvJPEG through torchvision), or `nvimgcodec`.
         map_fn: How the exact-path items run (e.g. a thread pool's `map`: Pillow releases the GIL).
         graphs: On a CUDA device, replay small batches' transforms as CUDA graphs (`TransformGraphs`).
+        warn: Where a warning goes (a served model passes the server's log).
     """
 
     def __init__(self, params: "imaging.PreprocessParams", device="cuda", decoder: str = "auto", map_fn=map,
-                 graphs: bool = True):
+                 graphs: bool = True, warn=log.warning):
         problem = supported(params)
         if problem:
             raise ValueError(problem)
@@ -360,7 +371,7 @@ class GpuPreprocessor:
         self._matrices: Dict[Tuple[int, int, int, int], torch.Tensor] = {}
         self._dtype = _tensor_core_dtype(self.device)
         self.map = map_fn
-        self.graphs = TransformGraphs(self._transform_batch) if self.device.type == "cuda" and graphs else None
+        self.graphs = TransformGraphs(self._transform_batch, warn) if self.device.type == "cuda" and graphs else None
 
     def _halves(self, in_size: int, out_size: int, start: int, length: int) -> torch.Tensor:
         """Rows `start..start+length` of Pillow's resampling matrix, split as `split_weights` does."""

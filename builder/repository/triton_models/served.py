@@ -12,6 +12,11 @@ def log_info(message: str) -> None:
     pb_utils.Logger.log_info(message)
 
 
+def log_warn(message: str) -> None:
+    """Logs a warning through the server's log."""
+    pb_utils.Logger.log_warn(message)
+
+
 def error_response(message: str):
     """A response that fails one request with `message` as a client error (INVALID_ARG, HTTP 400)."""
     code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
