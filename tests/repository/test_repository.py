@@ -204,5 +204,7 @@ def test_the_repository_readme_names_the_photo_path_design_and_mps():
     assert "`--gpu-photo-path hybrid`" in many  # with many instances it served more than fused and pipeline
     two = render(s.RepoSettings(preprocess="gpu", engine="onnxruntime", gpu_photo_path="pipeline"), contract, choice, {})
     assert "(`pipeline`)" in two and "--mps" not in two
+    assert "`transform_graphs`" in two and "`transform_graphs`" in many  # every GPU photo path: how to turn off
     exact = render(s.RepoSettings(), contract, choice, {})
     assert "the three in one request (Triton ensemble)" in exact and "--mps" not in exact
+    assert "transform_graphs" not in exact
