@@ -226,7 +226,7 @@ def build_plan(options: PlanOptions) -> Dict:
         BuilderError: Parse failure, unsupported precision, failed build.
     """
     trt = tensorrt_module()
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
 
     qdq = _onnx_has_qdq(options.onnx)
     flags = _precision_flags(trt, options.precision, qdq, options.calibration)
@@ -240,6 +240,27 @@ def build_plan(options: PlanOptions) -> Dict:
     if any(d < 0 for d in shape):
         raise BuilderError(f"input {options.input_name!r} has dynamic non-batch dims {shape}; export with a fixed size")
     opt = options.opt_batch or options.max_batch
+    config = _builder_config(trt, options, flags, qdq, shape, opt)
+    log.info("building %s plan from %s (profile %d/%d/%d) with TensorRT %s ...", options.precision, options.onnx,
+             options.min_batch, opt, options.max_batch, trt.__version__)
+    start = time.perf_counter()
+    try:
+        serialized = EngineBytesFromNetwork(network, config, save_timing_cache=options.timing_cache)()
+    except polygraphy_errors() as exc:
+        raise BuilderError(f"TensorRT failed to build the plan: {exc}") from None
+    build_s = time.perf_counter() - start
+    parity = _write_validated(options, serialized)
+    log.info("built %s (%.1f MB) in %.0f s", options.plan, os.path.getsize(options.plan) / 1e6, build_s)
+    sidecar = _sidecar(trt, options, qdq, shape, opt, build_s, parity)
+    with open(os.path.join(os.path.dirname(os.path.abspath(options.plan)), "plan.json"), "w") as f:
+        json.dump(sidecar, f, indent=2)
+    return sidecar
+
+
+def _builder_config(trt, options: PlanOptions, flags: Dict, qdq: bool, shape: tuple, opt: int):
+    """Polygraphy's builder-config loader: precision flags, the batch profile, calibration, pools, tactics."""
+    from polygraphy.backend.trt import CreateConfig, Profile
+
     tactics = []
     for name in options.tactic_sources:
         source = getattr(trt.TacticSource, name.upper(), None)
@@ -248,7 +269,7 @@ def build_plan(options: PlanOptions) -> Dict:
         tactics.append(source)
     calibrator, with_calibration_profile = (_calibration(options, shape) if flags.get("int8") and not qdq
                                             else (None, lambda config: config))
-    config = with_calibration_profile(CreateConfig(
+    return with_calibration_profile(CreateConfig(
         **flags,
         profiles=[Profile().add(options.input_name, min=(options.min_batch, *shape), opt=(opt, *shape),
                                 max=(options.max_batch, *shape))],
@@ -259,14 +280,13 @@ def build_plan(options: PlanOptions) -> Dict:
         tactic_sources=tactics or None,
         profiling_verbosity=trt.ProfilingVerbosity.DETAILED if options.inspect else None))
 
-    log.info("building %s plan from %s (profile %d/%d/%d) with TensorRT %s ...", options.precision, options.onnx,
-             options.min_batch, opt, options.max_batch, trt.__version__)
-    start = time.perf_counter()
-    try:
-        serialized = EngineBytesFromNetwork(network, config, save_timing_cache=options.timing_cache)()
-    except polygraphy_errors() as exc:
-        raise BuilderError(f"TensorRT failed to build the plan: {exc}") from None
-    build_s = time.perf_counter() - start
+
+def _write_validated(options: PlanOptions, serialized) -> Dict:
+    """Writes the plan under a temporary name, gates it against the reference, then renames it into place.
+
+    Returns:
+        The parity figures ({} without a reference).
+    """
     os.makedirs(os.path.dirname(os.path.abspath(options.plan)), exist_ok=True)
     tmp = options.plan + ".tmp"
     with open(tmp, "wb") as f:
@@ -279,15 +299,18 @@ def build_plan(options: PlanOptions) -> Dict:
             os.remove(tmp)  # a plan outside the thresholds never replaces the previous one
             raise
     os.replace(tmp, options.plan)  # never a half-written or unvalidated plan under the real name
-    log.info("built %s (%.1f MB) in %.0f s", options.plan, os.path.getsize(options.plan) / 1e6, build_s)
+    return parity
 
+
+def _sidecar(trt, options: PlanOptions, qdq: bool, shape: tuple, opt: int, build_s: float, parity: Dict) -> Dict:
+    """`plan.json`: how the plan was built, on what, its layers' precisions, parity and timings."""
     layers = inspect_plan(options.plan) if options.inspect else {}
     # Timed here, where the plan was built for this GPU, so `--engine auto` can compare it with engines
     # built in another Python (TensorRT and torch rarely share one).
     with PlanRunner(options.plan) as runner:
         timings = [runner.time(b, warmup=10, iterations=50)
                    for b in (options.timing_batches or sorted({options.min_batch, opt, options.max_batch}))]
-    sidecar = {
+    return {
         "tensorrt_version": trt.__version__,
         **gpu_info(),
         "precision": options.precision,
@@ -305,9 +328,6 @@ def build_plan(options: PlanOptions) -> Dict:
         "calibration_source": _calibration_source(options.calibration),
         "options": asdict(options),
     }
-    with open(os.path.join(os.path.dirname(os.path.abspath(options.plan)), "plan.json"), "w") as f:
-        json.dump(sidecar, f, indent=2)
-    return sidecar
 
 
 def inspect_plan(plan: str) -> Dict:
@@ -335,7 +355,8 @@ def inspect_plan(plan: str) -> Dict:
         if isinstance(layer, dict):
             for out in layer.get("Outputs", []):
                 fmt = str(out.get("Format/Datatype", "?"))
-                kind = next((k for k in ("Int8", "FP8", "Half", "Float", "Int32", "Bool") if k.lower() in fmt.lower()), fmt)
+                kind = next((k for k in ("Int8", "FP8", "Half", "Float", "Int32", "Bool") if k.lower() in fmt.lower()),
+                            fmt)
                 precisions[kind] = precisions.get(kind, 0) + 1
     return {"precisions": precisions}
 
