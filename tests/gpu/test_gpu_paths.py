@@ -83,6 +83,11 @@ def test_graphed_transform_is_the_eager_transform_to_the_bit(params):
         assert torch.equal(ours, reference), shape
     assert (1, 3, 3024, 4032) not in graphs.kept and graphs.seen.get((1, 3, 3024, 4032)) is None  # over max_pixels
     assert len(graphs.kept) == 2 and graphs.captures >= 4  # 3 shapes in 2 slots: recaptured after eviction
+    graphs.max_captures = graphs.captures  # the capture budget spent: a new key stays eager, the kept still replay
+    for shape in [(1, 200, 100)] * 3 + [(4, 640, 480)]:
+        images = batch(*shape)
+        assert torch.equal(graphed._transform_group(images), eager._transform_group(images)), shape
+    assert (1, 3, 100, 200) not in graphs.kept and graphs.captures == graphs.max_captures
     photos = [p.read_bytes() for p in JPEGS]
     for _ in range(3):
         ours, errors = graphed(photos[:1])

@@ -278,7 +278,8 @@ class TransformGraphs:
     `max_pixels` input pixels are captured (larger batches are kernel-bound, and a graph keeps its memory);
     a key is captured when seen a second time, so one-off sizes never cost a capture. At most `keep` graphs
     are kept, the least recently used dropped: a few sizes times buckets 1, 2, 4, 8 fit, and mixed traffic
-    does not recapture on every batch.
+    does not recapture on every batch. Traffic of many more sizes would: after `max_captures` captures
+    (a few ms each) the graphs kept then stay, and new keys run eager.
 
     The graphs share one memory pool: they replay one at a time on one stream and each output is copied
     out before anything else replays, so no graph reads what another wrote. A capture that fails (a torch
@@ -286,8 +287,10 @@ class TransformGraphs:
     transform serves: no request fails for it.
     """
 
-    def __init__(self, transform, warn=log.warning, max_pixels: int = 4_000_000, keep: int = 32):
+    def __init__(self, transform, warn=log.warning, max_pixels: int = 4_000_000, keep: int = 32,
+                 max_captures: int = 256):
         self.transform, self.warn, self.max_pixels, self.keep = transform, warn, max_pixels, keep
+        self.max_captures = max_captures
         self.failure: Optional[str] = None
         self.seen: Dict[Tuple[int, ...], int] = {}
         self.kept: "OrderedDict[Tuple[int, ...], Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]]" = \
@@ -305,7 +308,8 @@ class TransformGraphs:
             torch.stack(images, out=static_in[:count])
             graph.replay()
             return static_out[:count].clone()
-        if self.failure is not None or key[0] * key[2] * key[3] > self.max_pixels:
+        if (self.failure is not None or self.captures >= self.max_captures
+                or key[0] * key[2] * key[3] > self.max_pixels):
             return self.transform(torch.stack(images))
         if len(self.seen) >= 4096:  # the sightings table stays small whatever sizes come
             self.seen.clear()
@@ -334,11 +338,14 @@ class TransformGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the model's other threads (the exact path's Pillow pool) may touch CUDA meanwhile.
+        # thread_local: a CUDA call from another thread of the process meanwhile is not this capture's error.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_out = self.transform(static_in)
         self.kept[key] = (graph, static_in, static_out)
         self.captures += 1
+        if self.captures == self.max_captures:
+            self.warn(f"transform CUDA graphs: {self.captures} captured (traffic of many image sizes); the "
+                      f"{len(self.kept)} kept replay, new batch shapes run eager from now on")
         while len(self.kept) > self.keep:
             self.kept.popitem(last=False)
         graph.replay()
