@@ -174,6 +174,14 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def params(tiny_model):
+    """The tiny Swin's exact preprocessing parameters (timm's data config)."""
+    from builder.core import imaging
+
+    return imaging.PreprocessParams.from_timm(tiny_model.data_config)
+
+
+@pytest.fixture(scope="session")
 def timm_reference(tiny_model):
     """timm's own eval transform + PyTorch forward: logits for a list of image bytes."""
     import io

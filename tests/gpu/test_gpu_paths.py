@@ -22,13 +22,6 @@ pytestmark = pytest.mark.gpu
 JPEGS = [p for p in photo_files() if p.suffix == ".jpg"]
 
 
-@pytest.fixture(scope="module")
-def params(tiny_model):
-    from builder.core import imaging
-
-    return imaging.PreprocessParams.from_timm(tiny_model.data_config)
-
-
 def test_gpu_decoder_matches_the_exact_path(params):
     """nvJPEG (torchvision) on the GPU against libjpeg on every bundled JPEG, with the load-time gate's figures."""
     from builder.repository.triton_models import gpu_imaging

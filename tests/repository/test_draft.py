@@ -24,11 +24,6 @@ LARGE = PHOTOS / "astronaut_2048x1536.jpg"
 
 
 @pytest.fixture(scope="module")
-def params(tiny_model):
-    return imaging.PreprocessParams.from_timm(tiny_model.data_config)
-
-
-@pytest.fixture(scope="module")
 def drafted(params):
     return dataclasses.replace(params, jpeg_draft=True)
 

@@ -19,11 +19,6 @@ PHOTO_ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def params(tiny_model):
-    return imaging.PreprocessParams.from_timm(tiny_model.data_config)
-
-
-@pytest.fixture(scope="module")
 def timm_transform(tiny_model):
     import timm.data
 
