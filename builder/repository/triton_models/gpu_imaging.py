@@ -380,6 +380,13 @@ class GpuPreprocessor:
         self.map = map_fn
         self.graphs = TransformGraphs(self._transform_batch, warn) if self.device.type == "cuda" and graphs else None
 
+    @classmethod
+    def from_config(cls, params: "imaging.PreprocessParams", parameters: Dict[str, str], device, map_fn=map,
+                    warn=log.warning) -> "GpuPreprocessor":
+        """As a served model's config asks: its `decoder` and `transform_graphs` ("0": eager) parameters."""
+        return cls(params, device, parameters.get("decoder", "auto"), map_fn,
+                   graphs=parameters.get("transform_graphs", "1") != "0", warn=warn)
+
     def _halves(self, in_size: int, out_size: int, start: int, length: int) -> torch.Tensor:
         """Rows `start..start+length` of Pillow's resampling matrix, split as `split_weights` does."""
         key = (in_size, out_size, start, length)

@@ -71,9 +71,7 @@ class TritonPythonModel:
         device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
         workers = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)  # the exact path's Pillow pool
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
-        self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"), self.pool.map,
-                                               graphs=params.get("transform_graphs", "1") != "0",
-                                               warn=served.log_warn)
+        self.gpu = gpu_imaging.GpuPreprocessor.from_config(self.params, params, device, self.pool.map, served.log_warn)
         with open(os.path.join(_HERE, "labels.txt"), encoding="utf-8") as f:
             self.labels = np.array([line.rstrip("\n").encode("utf-8") for line in f], dtype=object)
         try:

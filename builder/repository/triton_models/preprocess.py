@@ -57,9 +57,8 @@ class TritonPythonModel:
                 torch.set_num_threads(int(params["intra_op_threads"]))
             on_gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
-            self.gpu = gpu_imaging.GpuPreprocessor(self.params, device, params.get("decoder", "auto"),
-                                                   self.pool.map, graphs=params.get("transform_graphs", "1") != "0",
-                                                   warn=served.log_warn)
+            self.gpu = gpu_imaging.GpuPreprocessor.from_config(self.params, params, device, self.pool.map,
+                                                               served.log_warn)
             served.log_info(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
             self._load_gate(gpu_imaging, args, params)
 
