@@ -141,11 +141,11 @@ def _check_files_it_names(name: str, model_dir: Path, config: mc.ModelConfig, ba
             PreprocessParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
         except (KeyError, ValueError) as exc:
             problems.append(f"{name}: its preprocessing parameters do not load: {exc}")
-    local = config.parameters["local_max_batch"].string_value if "local_max_batch" in config.parameters else "0"
+    local = configs.parameter(config, "local_max_batch", "0")
     if not local.isdigit():  # the hybrid photo path reads it at load: anything but a whole number stops the model
         problems.append(f"{name}: local_max_batch {local!r} is not a whole number of images; use e.g. 8 "
                         "(0: every batch to the classifier model)")
-    graphs = config.parameters["transform_graphs"].string_value if "transform_graphs" in config.parameters else "1"
+    graphs = configs.parameter(config, "transform_graphs", "1")
     if graphs not in ("0", "1"):  # the GPU models take anything but "0" as on
         problems.append(f"{name}: transform_graphs {graphs!r} is neither \"1\" (small batches' transforms as CUDA "
                         "graphs) nor \"0\" (eager); use one of them")
@@ -160,14 +160,14 @@ def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problem
         _check_onnx(name, version_dir / "model.onnx", config, problems)
     if (version_dir / "model.plan").is_file():
         _check_plan_sidecar(name, version_dir, config, problems)
-    gpu_pipeline = "pipeline" in config.parameters and config.parameters["pipeline"].string_value == "gpu"
+    gpu_pipeline = configs.parameter(config, "pipeline") == "gpu"
     if gpu_pipeline and not (version_dir / "gpu_imaging.py").is_file():
         problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
                         "gpu_imaging.py (built for another preprocessing); rebuild the repository")
     elif gpu_pipeline and not any((version_dir / "gate").glob("*.jpg")):
         problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
                         "parity gate, so it would not load; rebuild the repository")
-    engine_dir = config.parameters["engine_dir"].string_value if "engine_dir" in config.parameters else ""
+    engine_dir = configs.parameter(config, "engine_dir")
     if engine_dir and not ((version_dir / engine_dir / "model.pt2").is_file()
                            and (version_dir / "torch_runner.py").is_file()):
         problems.append(f"{name}: the config runs the classifier's engine in this model (fused), but version "

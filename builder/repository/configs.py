@@ -71,6 +71,11 @@ def _parameters(config: mc.ModelConfig, parameters: Mapping[str, str]) -> None:
         config.parameters[key].string_value = str(value)
 
 
+def parameter(config: mc.ModelConfig, key: str, default: str = "") -> str:
+    """A config parameter's string value, or `default` when the config has none."""
+    return config.parameters[key].string_value if key in config.parameters else default
+
+
 def _base(name: str, batching: Batching, policy: VersionPolicy) -> mc.ModelConfig:
     config = mc.ModelConfig(name=name, max_batch_size=batching.max_batch_size)
     _version_policy(config, policy)

@@ -7,8 +7,9 @@ each batch size; each phase timed with CUDA events over `--repeats` runs after a
 wall time on the GPU's clock), and its CUDA kernels summed under torch.profiler (`kernel_ms_per_image`: what
 the phase takes from the multiprocessors that other processes share; the JPEG engines' work is not a kernel).
 `exact_vs_cpu` is the largest difference between the GPU's transform and the same code on the CPU (float32
-sums): 0 when the float16 tensor-core products are exact, as `split_weights` intends. `graphed_*`: the same as served, small
-batches replayed as CUDA graphs (`gpu_imaging.TransformGraphs`; `graphed_vs_eager_max_abs` 0 when bitwise equal).
+sums): 0 when the float16 tensor-core products are exact, as `split_weights` intends. `graphed_*`: the same
+as served, small batches replayed as CUDA graphs (`gpu_imaging.TransformGraphs`; `graphed_vs_eager_max_abs` 0
+when bitwise equal).
 Needs a CUDA GPU, torch, torchvision, timm.
 """
 
@@ -175,7 +176,7 @@ def main() -> None:
             },
             "exact_vs_cpu": float((new.cpu() - cpu).abs().max()),
             "graphed_vs_eager_max_abs": float((graphed._transform_group(images) - new).abs().max()),
-            "graph_captured": (1 << (batch - 1).bit_length(), *images[0].shape) in graphed.graphs.kept,
+            "graph_captured": graphed.graphs.key(images) in graphed.graphs.kept,
             "float32_vs_new_max_abs": float((new - old).abs().max()),
             "float32_vs_new_pixels_differing": float(((new - old).abs() > 1e-4).float().mean()),
         }

@@ -298,9 +298,13 @@ class TransformGraphs:
         self.pool = None
         self.captures = 0  # for logs and tests
 
+    @staticmethod
+    def key(images: List[torch.Tensor]) -> Tuple[int, ...]:
+        """The graph a batch replays: (its power-of-two bucket, channels, height, width)."""
+        return (1 << (len(images) - 1).bit_length(), *images[0].shape)
+
     def __call__(self, images: List[torch.Tensor]) -> torch.Tensor:
-        count = len(images)
-        key = (1 << (count - 1).bit_length(), *images[0].shape)  # (bucket, channels, height, width)
+        count, key = len(images), self.key(images)
         kept = self.kept.get(key)
         if kept is not None:
             graph, static_in, static_out = kept
@@ -308,24 +312,27 @@ class TransformGraphs:
             torch.stack(images, out=static_in[:count])
             graph.replay()
             return static_out[:count].clone()
+        if self._capture_due(key):
+            static_in = torch.zeros(key, dtype=torch.uint8, device=images[0].device)
+            torch.stack(images, out=static_in[:count])
+            try:
+                return self._capture(key, static_in)[:count].clone()
+            except Exception as exc:  # whatever the capture raised, the eager transform still serves
+                self.failure = f"{type(exc).__name__}: {exc}"[:500]
+                self.kept.clear()
+                self.warn(f"transform CUDA graphs off after a failed capture ({self.failure}); the eager "
+                          "transform serves; set the model's transform_graphs to \"0\" to skip the attempt")
+        return self.transform(torch.stack(images))
+
+    def _capture_due(self, key: Tuple[int, ...]) -> bool:
+        """Whether to capture `key` now: graphs on, captures left, a small bucket, and its second sighting."""
         if (self.failure is not None or self.captures >= self.max_captures
                 or key[0] * key[2] * key[3] > self.max_pixels):
-            return self.transform(torch.stack(images))
+            return False
         if len(self.seen) >= 4096:  # the sightings table stays small whatever sizes come
             self.seen.clear()
         self.seen[key] = self.seen.get(key, 0) + 1
-        if self.seen[key] < 2:
-            return self.transform(torch.stack(images))
-        static_in = torch.zeros(key, dtype=torch.uint8, device=images[0].device)
-        torch.stack(images, out=static_in[:count])
-        try:
-            return self._capture(key, static_in)[:count].clone()
-        except Exception as exc:  # whatever the capture raised, the eager transform still serves
-            self.failure = f"{type(exc).__name__}: {exc}"[:500]
-            self.kept.clear()
-            self.warn(f"transform CUDA graphs off after a failed capture ({self.failure}); the eager transform "
-                      "serves; set the model's transform_graphs to \"0\" to skip the attempt")
-            return self.transform(torch.stack(images))
+        return self.seen[key] >= 2
 
     def _capture(self, key: Tuple[int, ...], static_in: torch.Tensor) -> torch.Tensor:
         """Captures the transform of `static_in` (warmed up on a side stream first); replays it; its output."""
