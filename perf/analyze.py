@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from builder.core.contract import LOOPBACK
-from builder.errors import BuilderError
+from builder.errors import BuilderError, field_error
 
 log = logging.getLogger("perf")
 
@@ -57,7 +57,7 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         if self.search not in ("brute", "quick"):
-            raise BuilderError(f"search: {self.search!r} is unknown; use brute or quick")
+            raise field_error("search", f"{self.search!r} is unknown", "use brute or quick")
         for low, high, name in ((self.min_concurrency, self.max_concurrency, "concurrency"),
                                 (self.min_batch, self.max_batch, "batch")):
             if not 1 <= low <= high:
