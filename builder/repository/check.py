@@ -164,6 +164,10 @@ def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problem
     if gpu_pipeline and not (version_dir / "gpu_imaging.py").is_file():
         problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
                         "gpu_imaging.py (built for another preprocessing); rebuild the repository")
+    # The photo-path model (it names a classifier; the ensemble design's preprocess does not) needs the head too.
+    elif gpu_pipeline and configs.parameter(config, "classifier") and not (version_dir / "torch_runner.py").is_file():
+        problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
+                        "torch_runner.py (its top-k head; built by an older builder); rebuild the repository")
     elif gpu_pipeline and not any((version_dir / "gate").glob("*.jpg")):
         problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
                         "parity gate, so it would not load; rebuild the repository")

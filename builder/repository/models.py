@@ -183,7 +183,8 @@ def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract
             files are linked into `engine/` here (no copy on the same file system), so the version folder is
             whole.
     """
-    extras = ("imaging.py", "gpu_imaging.py", "served.py") + (("torch_runner.py",) if engine else ())
+    # torch_runner.py in every design: its head (softmax, top-k) serves the BLS path's logits too.
+    extras = ("imaging.py", "gpu_imaging.py", "served.py", "torch_runner.py")
     _copy_python_model("pipeline.py", version_dir, extras=extras)
     _copy_gate_photos(version_dir)
     _write_labels(version_dir / "labels.txt", class_names)

@@ -247,6 +247,8 @@ def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, caplog):
     with torch.no_grad():
         reference = tiny_model.module(x)
     assert torch.allclose(engine(x), reference, atol=1e-4)  # padded to bucket 4, cut back to 3 rows
+    headed = TorchEngine(str(version_dir), "cpu", params, MAX_BATCH, head=lambda logits: logits.topk(2, dim=1).values)
+    assert torch.allclose(headed(x), reference.topk(2, dim=1).values, atol=1e-4)  # the head of the cut rows
     with pytest.raises(ValueError, match="inductor_tuning 'fastest' is unknown; use one of none, coordinate-descent"):
         TorchEngine(str(version_dir), "cpu", {**params, "inductor_tuning": "fastest"}, MAX_BATCH)
     threads = torch.get_num_threads()
@@ -316,6 +318,9 @@ def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, 
     (engine / "model.pt2").rename(tmp_path / "aside.pt2")
     assert any("lacks engine/model.pt2" in p for p in check_repository(repo))
     (tmp_path / "aside.pt2").rename(engine / "model.pt2")
+    (fused / "1" / "torch_runner.py").rename(tmp_path / "aside.py")  # as built by a builder before the head
+    assert any("has no torch_runner.py (its top-k head" in p for p in check_repository(repo))
+    (tmp_path / "aside.py").rename(fused / "1" / "torch_runner.py")
     with pytest.raises(BuilderError, match="gpu_photo_path: fused runs the inductor engine"):
         s.RepoSettings(preprocess="gpu", gpu_photo_path="fused", engine="onnxruntime")
     # auto: fused with the inductor engine, the BLS pipeline with any other; fused after an auto race that
