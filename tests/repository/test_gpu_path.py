@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -462,3 +463,23 @@ def test_the_hybrid_design_is_written_with_its_local_limit(gpu_repo, tmp_path):
         s.RepoSettings(preprocess="gpu", gpu_photo_path="hybrid", hybrid_local_batch=0)
     with pytest.raises(BuilderError, match="gpu_photo_path: hybrid runs the inductor engine in the photo path's"):
         s.RepoSettings(preprocess="gpu", gpu_photo_path="hybrid", engine="onnxruntime")
+
+
+def test_photo_ceiling_runs_the_served_code_in_processes(gpu_repo, tmp_path):
+    """perf/gpu/photo_ceiling.py (the photo path with no server, as the GPU measurements run it), on the CPU:
+    a row for every process count and batch, and the head-in-graph latency pair (equal code paths here)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "ceiling.json"
+    subprocess.run([sys.executable, str(root / "perf" / "gpu" / "photo_ceiling.py"), "--repository", str(gpu_repo),
+                    "--model", "swin_tiny_patch4_window7_224", "--batches", "1,2", "--processes", "1,2",
+                    "--seconds", "0.2", "--device", "cpu", "--output", str(out)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["kind"] == "photo_ceiling" and result["gpu"] == "none" and result["device"] == "cpu"
+    assert [(r["processes"], r["batch"]) for r in result["rows"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r["img_per_s"] > 0 and r["images"] >= 20 * r["batch"] * r["processes"] for r in result["rows"])
+    assert [r["batch"] for r in result["latency"]] == [1, 8]
+    assert all(r["head_in_graph_p50_ms"] > 0 and r["head_after_p50_ms"] > 0 for r in result["latency"])

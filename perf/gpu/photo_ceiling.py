@@ -1,0 +1,180 @@
+"""Photos to labels with no server: what one GPU does for the photo path at all (JSON).
+
+The served photo path's own code, outside Triton: `gpu_imaging.GpuPreprocessor` (decode, resize, crop,
+normalize) and the classifier's inductor engine (`torch_runner.TorchEngine`, softmax and top-k in its CUDA
+graphs), from JPEG bytes in host memory to top-k arrays in host memory, on batches of B photos, in P processes
+at once (each its own CUDA context, as Triton's Python-backend instances are; under a CUDA MPS daemon of its own
+with --mps, as `builder serve --mps`). No gRPC, no queue, no hand-off: the served photo path can at best reach
+these rows, so they say how much of the gap to the bare engine is the server's and how much the photos' own
+work on the GPU.
+
+    python perf/gpu/photo_ceiling.py --repository /tmp/swin-photo-repo --model swin_tiny_patch4_window7_224 \
+        --batches 8,32,128 --processes 1,4,8 --seconds 6 --mps --output ceiling.json
+
+`rows`: {processes, batch, images, seconds, img_per_s, batch_p50_ms} for every pair. `latency`: one process,
+batches of 1 and 8, the head inside the engine's graphs against the same head launched after them (p50 ms,
+bytes in to arrays out; what `TorchEngine(head=...)` took off one photo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def _load(version_dir: str, params: dict, max_batch: int, head: bool):
+    """The photo path's preprocessor and engine on params["device"]: a function of JPEG bytes -> host arrays."""
+    from builder.core import imaging
+    from builder.engines import torch_runner
+    from builder.repository.triton_models import gpu_imaging
+
+    k = int(params.get("top_k", "5"))
+    device = params["device"]
+    pre = gpu_imaging.GpuPreprocessor.from_config(imaging.PreprocessParams.from_parameters(params), params, device,
+                                                  map, print)
+    topk = lambda logits: torch_runner.topk_packed(logits, k)  # noqa: E731
+    engine = torch_runner.TorchEngine(os.path.join(version_dir, params["engine_dir"]), device, params, max_batch,
+                                      log=lambda message: None, head=topk if head else None)
+
+    def labels(items):
+        pixels, _ = pre(items)
+        out = engine(pixels)
+        return (out if head else topk(out)).cpu().numpy()
+
+    return labels
+
+
+def _timed(fn, items, seconds: float, minimum: int = 20):
+    """Runs fn(items) for `seconds` (at least `minimum` times); the time of each call in ms."""
+    times, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds or len(times) < minimum:
+        t = time.perf_counter()
+        fn(items)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def _worker(version_dir, params, photos, batches, seconds, barrier, results):
+    """One process: load, then each batch size in step with the others (the barrier), timed."""
+    labels = _load(version_dir, params, max(batches), head=True)
+    for batch in batches:
+        items = [photos[i % len(photos)] for i in range(batch)]
+        for _ in range(5):
+            labels(items)
+        barrier.wait()
+        started = time.perf_counter()
+        times = _timed(labels, items, seconds)
+        results.put({"batch": batch, "images": batch * len(times), "wall": time.perf_counter() - started,
+                     "p50": statistics.median(times)})
+
+
+def _latency(version_dir, params, photos, seconds, results):
+    """One process: batches of 1 and 8 with the head in the engine's graphs and after them, interleaved."""
+    import torch
+
+    engines = {head: _load(version_dir, params, 8, head) for head in (True, False)}
+    on_gpu = torch.cuda.is_available() and params["device"].startswith("cuda")
+    rows = [{"gpu": torch.cuda.get_device_name(0) if on_gpu else "none", "torch": torch.__version__}]
+    for batch in (1, 8):
+        items = [photos[i % len(photos)] for i in range(batch)]
+        times = {True: [], False: []}
+        for _ in range(4):  # interleaved rounds: the two variants see the same clocks and neighbours
+            for head, fn in engines.items():
+                times[head] += _timed(fn, items, seconds / 8)
+        rows.append({"batch": batch, "head_in_graph_p50_ms": round(statistics.median(times[True]), 4),
+                     "head_after_p50_ms": round(statistics.median(times[False]), 4),
+                     "calls": len(times[True])})
+    results.put(rows)
+
+
+def run(repository: Path, model: str, batches, processes, seconds: float, photos, device: str = "cuda:0") -> dict:
+    """The ceiling rows and the latency A/B (see the module's docstring)."""
+    from builder.repository import configs
+
+    model_dir = repository / model
+    config = configs.read(model_dir / "config.pbtxt")
+    params = {key: value.string_value for key, value in config.parameters.items()}
+    if not params.get("engine_dir"):
+        raise SystemExit(f"{model} runs no engine in its process (the BLS pipeline design); build the photo path "
+                         "with --gpu-photo-path fused or hybrid")
+    params.update(top_k=str(config.output[0].dims[0]), device=device)
+    version_dir = str(max((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)))
+    context = multiprocessing.get_context("spawn")  # each process its own CUDA context; the parent has none
+    results = context.Queue()
+    latency = context.Process(target=_latency, args=(version_dir, params, photos, seconds, results))
+    latency.start()
+    environment, *rows = results.get(timeout=900)
+    out = {**environment, "latency": rows}
+    latency.join()
+    out["rows"] = []
+    for count in processes:
+        barrier = context.Barrier(count)
+        workers = [context.Process(target=_worker, args=(version_dir, params, photos, batches, seconds, barrier,
+                                                         results)) for _ in range(count)]
+        for p in workers:
+            p.start()
+        got = [results.get(timeout=900) for _ in range(count * len(batches))]
+        for p in workers:
+            p.join()
+        for batch in batches:
+            mine = [g for g in got if g["batch"] == batch]
+            wall = max(g["wall"] for g in mine)
+            images = sum(g["images"] for g in mine)
+            row = {"processes": count, "batch": batch, "images": images, "seconds": round(wall, 2),
+                   "img_per_s": round(images / wall, 1),
+                   "batch_p50_ms": round(statistics.median(g["p50"] for g in mine), 3)}
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", required=True, type=Path)
+    parser.add_argument("--model", required=True, help="the photo-path model (fused or hybrid)")
+    parser.add_argument("--batches", default="8,32,128")
+    parser.add_argument("--processes", default="1,4,8")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--images", type=Path, help="a folder of photos (default: the bundled 640x480 JPEGs)")
+    parser.add_argument("--mps", action="store_true", help="under a CUDA MPS daemon of its own")
+    parser.add_argument("--device", default="cuda:0", help="cpu: the same code on the CPU (a smoke test)")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    from builder.core.photos import photo_files
+
+    files = photo_files(args.images) if args.images else [p for p in photo_files() if p.name.endswith("_640x480.jpg")]
+    photos = [p.read_bytes() for p in files]
+    batches = [int(b) for b in args.batches.split(",")]
+    processes = [int(p) for p in args.processes.split(",")]
+    daemon = None
+    if args.mps:
+        from builder.serving.mps import MpsDaemon
+
+        daemon = MpsDaemon(Path(tempfile.mkdtemp(prefix="photo-ceiling-")))
+        daemon.start()
+        os.environ.update(daemon.env())  # the spawned processes are its clients
+    try:
+        out = run(args.repository, args.model, batches, processes, args.seconds, photos, args.device)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+    out = {"kind": "photo_ceiling", "mps": args.mps, "device": args.device, "photos": [p.name for p in files],
+           "seconds": args.seconds,
+           "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])), **out}
+    Path(args.output).write_text(json.dumps(out, indent=1))
+    for row in out["latency"]:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
