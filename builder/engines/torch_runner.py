@@ -29,27 +29,15 @@ class TorchEngine:
     Buckets bound what TorchInductor compiles and what CUDA graphs capture
     (one graph per bucket in reduce-overhead mode); every bucket runs once at
     load, so the first request is as fast as the tenth.
-
-    Args:
-        version_dir: The folder holding `model.pt2` (and `inductor.bin`, `engine.json` when stored).
-        device: Where it runs ("cuda:0", "cpu").
-        params: The model's config parameters (`precision`, `compile`, `batch_buckets`, `input_dims`, ...).
-        max_batch: The largest batch a call gets.
-        log: Where load messages go (Triton's logger when served).
-        head: A function of the float32 logits whose result a call returns instead (the photo path's softmax
-            and top-k). It is captured in each bucket's graph after the model, so its few small kernels replay
-            with the model's instead of being launched one by one from Python. Rows must be independent through
-            it (padded rows go through it too).
     """
 
-    def __init__(self, version_dir, device, params, max_batch, log=None, head=None):
+    def __init__(self, version_dir, device, params, max_batch, log=None):
         import torch
 
         # Served models pass Triton's logger; elsewhere (the build's timing, `perf bare`) this module's logger.
         self.log = log or logging.getLogger(__name__).info
         self.torch = torch
         self.device = torch.device(device)
-        self.head = head
         threads = int(params.get("intra_op_threads", "0"))
         if threads > 0:
             # Each instance is a stub process; torch's default pool has one thread per core in every one of
@@ -142,7 +130,7 @@ class TorchEngine:
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                static_out = self._finish(self.module(static_in))
+                static_out = self.module(static_in)
         self.graphs[static_in.shape[0]] = (static_in, static_out, graph)
 
     def __call__(self, batch):
@@ -157,24 +145,18 @@ class TorchEngine:
                 static_in[:rows].copy_(batch, non_blocking=True)
                 graph.replay()
                 # A new tensor: the next replay overwrites static_out.
-                return static_out[:rows].clone()
+                return static_out[:rows].to(torch.float32, copy=True)
             x = batch.to(self.device, self.dtype, non_blocking=True)
             if bucket != rows:
                 x = torch.cat([x, x.new_zeros((bucket - rows, *x.shape[1:]))])
-            return self._finish(self.module(x)[:rows])
-
-    def _finish(self, logits):
-        """What a call returns for the model's output: the head of its float32 logits, or those logits."""
-        logits = logits.float()
-        return logits if self.head is None else self.head(logits)
+            return self.module(x)[:rows].float()
 
 
 def topk_packed(logits, k):
     """Softmax and top-k of float32 logits on their device, packed as rows of [scores | classes | logits].
 
     The photo path's head: one tensor so that one device-to-host copy brings all three back (each `.cpu()`
-    synchronizes), and graph-capturable (`TorchEngine(head=...)`). Class indices travel as float32: exact below
-    2**24 classes.
+    synchronizes). Class indices travel as float32: exact below 2**24 classes.
     """
     import torch
 

@@ -1,19 +1,18 @@
 """Photos to labels with no server: what one GPU does for the photo path at all (JSON).
 
 The served photo path's own code, outside Triton: `gpu_imaging.GpuPreprocessor` (decode, resize, crop,
-normalize) and the classifier's inductor engine (`torch_runner.TorchEngine`, softmax and top-k in its CUDA
-graphs), from JPEG bytes in host memory to top-k arrays in host memory, on batches of B photos, in P processes
-at once (each its own CUDA context, as Triton's Python-backend instances are; under a CUDA MPS daemon of its own
-with --mps, as `builder serve --mps`). No gRPC, no queue, no hand-off: the served photo path can at best reach
-these rows, so they say how much of the gap to the bare engine is the server's and how much the photos' own
-work on the GPU.
+normalize), the classifier's inductor engine (`torch_runner.TorchEngine`, its CUDA graphs) and the head
+(`torch_runner.topk_packed`: softmax, top-k, one copy back), from JPEG bytes in host memory to top-k arrays
+in host memory, on batches of B photos, in P processes at once (each its own CUDA context, as Triton's
+Python-backend instances are; under a CUDA MPS daemon of its own with --mps, as `builder serve --mps`). No gRPC,
+no queue, no hand-off: set beside the served rows on the same host, they say what the server costs and what the
+photos' own work (decode, transform) takes from the bare engine.
 
     python perf/gpu/photo_ceiling.py --repository /tmp/swin-photo-repo --model swin_tiny_patch4_window7_224 \
         --batches 8,32,128 --processes 1,4,8 --seconds 6 --mps --output ceiling.json
 
-`rows`: {processes, batch, images, seconds, img_per_s, batch_p50_ms} for every pair. `latency`: one process,
-batches of 1 and 8, the head inside the engine's graphs against the same head launched after them (p50 ms,
-bytes in to arrays out; what `TorchEngine(head=...)` took off one photo).
+`rows`: {processes, batch, images, seconds, img_per_s, batch_p50_ms} for every pair (batch_p50_ms: one
+batch, bytes in to arrays out, the median over the processes' medians).
 """
 
 from __future__ import annotations
@@ -31,24 +30,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def _load(version_dir: str, params: dict, max_batch: int, head: bool):
-    """The photo path's preprocessor and engine on params["device"]: a function of JPEG bytes -> host arrays."""
+def _load(version_dir: str, params: dict, max_batch: int):
+    """The photo path's preprocessor, engine and head on params["device"]: a function of JPEG bytes -> arrays."""
     from builder.core import imaging
     from builder.engines import torch_runner
     from builder.repository.triton_models import gpu_imaging
 
-    k = int(params.get("top_k", "5"))
+    k = int(params["top_k"])
     device = params["device"]
     pre = gpu_imaging.GpuPreprocessor.from_config(imaging.PreprocessParams.from_parameters(params), params, device,
                                                   map, print)
-    topk = lambda logits: torch_runner.topk_packed(logits, k)  # noqa: E731
     engine = torch_runner.TorchEngine(os.path.join(version_dir, params["engine_dir"]), device, params, max_batch,
-                                      log=lambda message: None, head=topk if head else None)
+                                      log=lambda message: None)
 
     def labels(items):
         pixels, _ = pre(items)
-        out = engine(pixels)
-        return (out if head else topk(out)).cpu().numpy()
+        return torch_runner.topk_packed(engine(pixels), k).cpu().numpy()
 
     return labels
 
@@ -63,9 +60,14 @@ def _timed(fn, items, seconds: float, minimum: int = 20):
     return times
 
 
-def _worker(version_dir, params, photos, batches, seconds, barrier, results):
+def _worker(index, version_dir, params, photos, batches, seconds, barrier, results):
     """One process: load, then each batch size in step with the others (the barrier), timed."""
-    labels = _load(version_dir, params, max(batches), head=True)
+    import torch
+
+    labels = _load(version_dir, params, max(batches))
+    if index == 0:  # one process says where it ran
+        on_gpu = params["device"].startswith("cuda")
+        results.put({"gpu": torch.cuda.get_device_name(0) if on_gpu else "none", "torch": torch.__version__})
     for batch in batches:
         items = [photos[i % len(photos)] for i in range(batch)]
         for _ in range(5):
@@ -75,25 +77,6 @@ def _worker(version_dir, params, photos, batches, seconds, barrier, results):
         times = _timed(labels, items, seconds)
         results.put({"batch": batch, "images": batch * len(times), "wall": time.perf_counter() - started,
                      "p50": statistics.median(times)})
-
-
-def _latency(version_dir, params, photos, seconds, results):
-    """One process: batches of 1 and 8 with the head in the engine's graphs and after them, interleaved."""
-    import torch
-
-    engines = {head: _load(version_dir, params, 8, head) for head in (True, False)}
-    on_gpu = torch.cuda.is_available() and params["device"].startswith("cuda")
-    rows = [{"gpu": torch.cuda.get_device_name(0) if on_gpu else "none", "torch": torch.__version__}]
-    for batch in (1, 8):
-        items = [photos[i % len(photos)] for i in range(batch)]
-        times = {True: [], False: []}
-        for _ in range(4):  # interleaved rounds: the two variants see the same clocks and neighbours
-            for head, fn in engines.items():
-                times[head] += _timed(fn, items, seconds / 8)
-        rows.append({"batch": batch, "head_in_graph_p50_ms": round(statistics.median(times[True]), 4),
-                     "head_after_p50_ms": round(statistics.median(times[False]), 4),
-                     "calls": len(times[True])})
-    results.put(rows)
 
 
 def run(repository: Path, model: str, batches, processes, seconds: float, photos, device: str = "cuda:0") -> dict:
@@ -110,23 +93,19 @@ def run(repository: Path, model: str, batches, processes, seconds: float, photos
     version_dir = str(max((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)))
     context = multiprocessing.get_context("spawn")  # each process its own CUDA context; the parent has none
     results = context.Queue()
-    latency = context.Process(target=_latency, args=(version_dir, params, photos, seconds, results))
-    latency.start()
-    environment, *rows = results.get(timeout=900)
-    out = {**environment, "latency": rows}
-    latency.join()
-    out["rows"] = []
+    out = {"rows": []}
     for count in processes:
         barrier = context.Barrier(count)
-        workers = [context.Process(target=_worker, args=(version_dir, params, photos, batches, seconds, barrier,
-                                                         results)) for _ in range(count)]
+        workers = [context.Process(target=_worker, args=(i, version_dir, params, photos, batches, seconds, barrier,
+                                                         results)) for i in range(count)]
         for p in workers:
             p.start()
-        got = [results.get(timeout=900) for _ in range(count * len(batches))]
+        got = [results.get(timeout=900) for _ in range(count * len(batches) + 1)]
         for p in workers:
             p.join()
+        out.update(next(g for g in got if "gpu" in g))
         for batch in batches:
-            mine = [g for g in got if g["batch"] == batch]
+            mine = [g for g in got if g.get("batch") == batch]
             wall = max(g["wall"] for g in mine)
             images = sum(g["images"] for g in mine)
             row = {"processes": count, "batch": batch, "images": images, "seconds": round(wall, 2),
@@ -171,8 +150,6 @@ def main(argv=None) -> int:
            "seconds": args.seconds,
            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])), **out}
     Path(args.output).write_text(json.dumps(out, indent=1))
-    for row in out["latency"]:
-        print(json.dumps(row))
     return 0
 
 

@@ -275,17 +275,6 @@ def test_engine_graphs_replay_the_compiled_module(tiny_model, tmp_path):
         x = torch.randn(rows, 3, 224, 224, device="cuda")
         assert torch.allclose(graphs(x), plain(x), atol=1e-3), rows
     assert torch.allclose(kept, plain(first), atol=1e-3)  # still the first batch's logits
-    # A head (the photo path's softmax and top-k) captured in the same graphs: to the bit what it gives applied
-    # after the headless graphs (the same compiled kernels for the model).
-    def head(logits):
-        scores, classes = torch.topk(torch.softmax(logits, dim=1), 5, dim=1)
-        return torch.cat([scores, classes.float(), logits], dim=1)
-
-    headed = TorchEngine(str(tmp_path), "cuda", {**params, "compile": "reduce-overhead"}, MAX_BATCH, head=head)
-    for rows in (1, 3, 8):
-        x = torch.randn(rows, 3, 224, 224, device="cuda")
-        got = headed(x)
-        assert got.shape == (rows, 1010) and torch.equal(got, head(graphs(x))), rows
 
 
 @pytest.mark.parametrize("tuning", ["coordinate-descent"])

@@ -80,10 +80,8 @@ class TritonPythonModel:
         if params.get("engine_dir"):
             self.local_max = min(int(params.get("local_max_batch", self.chunk)), self.chunk)
         if self.local_max > 0:
-            # The softmax and top-k run inside the engine's CUDA graph of each bucket (~0.1-0.2 ms of kernel
-            # launches at batch 1 on an H200 host, on top of the model's ~0.6 ms).
             self.engine = torch_runner.TorchEngine(os.path.join(_HERE, params["engine_dir"]), device, params,
-                                                   self.local_max, log=served.log_info, head=self._head)
+                                                   self.local_max, log=served.log_info)
         # profile_every N > 0: every N batches, log where the time of those batches went (phases synchronized
         # with the device, so it slows serving a little: a diagnostic, off by default). trace_dir + trace_batches
         # "first,count": a torch profiler trace of those batches, one Chrome trace file per instance.
@@ -210,10 +208,9 @@ class TritonPythonModel:
         return torch_runner.topk_packed(logits, self.k)
 
     def _packed(self, pixels):
-        """`_head` of the logits of one chunk: from the engine here (the head in its graph) or by BLS."""
-        if len(pixels) <= self.local_max:
-            return self.engine(pixels)
-        return self._head(self._bls_logits(pixels).float())
+        """`_head` of the logits of one chunk, from the engine here or by BLS."""
+        logits = self.engine(pixels) if len(pixels) <= self.local_max else self._bls_logits(pixels).float()
+        return self._head(logits)
 
     def _bls_logits(self, pixels):
         """The classifier model's logits of `pixels`: one BLS request, one GPU tensor handed over by DLPack."""
