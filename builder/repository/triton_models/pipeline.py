@@ -7,11 +7,10 @@ preprocessings put the ensemble), with `imaging.py`, `gpu_imaging.py`, `torch_ru
 1. every request's images are decoded and transformed together on the GPU (`gpu_imaging.GpuPreprocessor`;
    the exact CPU path for what the GPU decoder cannot take, with its error messages);
 2. the rows of the requests without a failed image are classified in chunks of `classifier_max_batch`
-   rows: by the classifier's inductor engine in this process (`fused`: its files in `engine/`, with
-   `torch_runner.py` beside this file), or by one BLS request to the classifier model per chunk, one GPU
-   tensor handed over by DLPack (`pipeline`), or the first for chunks of up to `local_max_batch` rows and the
-   second above (`hybrid`);
-3. softmax and top-k on the GPU, then one copy of the small results to the host.
+   rows: by the classifier's inductor engine in this process (`fused`: its files in `engine/`), or by one
+   BLS request to the classifier model per chunk, one GPU tensor handed over by DLPack (`pipeline`), or the
+   first for chunks of up to `local_max_batch` rows and the second above (`hybrid`);
+3. softmax and top-k on the GPU (`torch_runner.topk_packed`), then one copy of the small results to the host.
 
 Why one model: in the ensemble every request's tensor crossed three Python models one by one (on an H200,
 9.9 ms of output hand-off and 5.4 ms of input gathering per batch of ~21 requests). Here a batch crosses
