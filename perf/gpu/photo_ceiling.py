@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import queue
 import statistics
 import sys
 import tempfile
@@ -79,6 +80,23 @@ def _worker(index, version_dir, params, photos, batches, seconds, barrier, resul
                      "p50": statistics.median(times)})
 
 
+def _collect(results, workers, count: int) -> list:
+    """`count` results from the workers; exits with a message as soon as one of them has failed (not after a
+    timeout: a worker that cannot load, e.g. on a host without the GPU it names, would otherwise be waited for)."""
+    got = []
+    while len(got) < count:
+        try:
+            got.append(results.get(timeout=2))
+        except queue.Empty:
+            failed = [p.exitcode for p in workers if p.exitcode not in (None, 0)]
+            if failed:
+                for p in workers:
+                    p.kill()
+                raise SystemExit(f"photo_ceiling: a measuring process failed (exit code {failed[0]}; its error is "
+                                 "above)")
+    return got
+
+
 def run(repository: Path, model: str, batches, processes, seconds: float, photos, device: str = "cuda:0") -> dict:
     """The ceiling rows and the latency A/B (see the module's docstring)."""
     from builder.repository import configs
@@ -100,7 +118,7 @@ def run(repository: Path, model: str, batches, processes, seconds: float, photos
                                                          results)) for i in range(count)]
         for p in workers:
             p.start()
-        got = [results.get(timeout=900) for _ in range(count * len(batches) + 1)]
+        got = _collect(results, workers, count * len(batches) + 1)
         for p in workers:
             p.join()
         out.update(next(g for g in got if "gpu" in g))
@@ -132,8 +150,13 @@ def main(argv=None) -> int:
 
     files = photo_files(args.images) if args.images else [p for p in photo_files() if p.name.endswith("_640x480.jpg")]
     photos = [p.read_bytes() for p in files]
-    batches = [int(b) for b in args.batches.split(",")]
-    processes = [int(p) for p in args.processes.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+        processes = [int(p) for p in args.processes.split(",")]
+    except ValueError:
+        parser.error("--batches and --processes are comma-separated whole numbers, e.g. 8,32,128")
+    if min(batches + processes) < 1:
+        parser.error("--batches and --processes must be 1 or more")
     daemon = None
     if args.mps:
         from builder.serving.mps import MpsDaemon

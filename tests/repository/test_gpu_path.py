@@ -479,3 +479,10 @@ def test_photo_ceiling_runs_the_served_code_in_processes(gpu_repo, tmp_path):
     assert result["kind"] == "photo_ceiling" and result["gpu"] == "none" and result["device"] == "cpu"
     assert [(r["processes"], r["batch"]) for r in result["rows"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(r["img_per_s"] > 0 and r["images"] >= 20 * r["batch"] * r["processes"] for r in result["rows"])
+    # A measuring process that cannot load (here: a GPU this host lacks) ends the run at once, in one line.
+    failed = subprocess.run([sys.executable, str(root / "perf" / "gpu" / "photo_ceiling.py"), "--repository",
+                             str(gpu_repo), "--model", "swin_tiny_patch4_window7_224", "--batches", "1",
+                             "--processes", "1", "--device", "cuda:0", "--output", str(tmp_path / "x.json")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert failed.returncode == 1 and "photo_ceiling: a measuring process failed" in failed.stderr
+    assert not (tmp_path / "x.json").exists()
