@@ -17,11 +17,11 @@ def timing_batches(preferred: Sequence[int], max_batch: int) -> List[int]:
 
 
 def timed(fn: Callable[[], object], sync: Callable[[], None], warmup: int, iterations: int,
-          budget_s: Optional[float] = None) -> List[float]:
+          budget_s: Optional[float] = None, min_calls: int = 3) -> List[float]:
     """Seconds per call of `fn` after `warmup` calls, each call synchronized with `sync`.
 
-    With `budget_s`, measurement stops after that many seconds (at least 3 calls), so a slow engine at a
-    large batch (ONNX Runtime on a CPU) costs seconds, not minutes.
+    With `budget_s`, measurement stops after that many seconds (at least `min_calls` calls), so a slow engine
+    at a large batch (ONNX Runtime on a CPU) costs seconds, not minutes.
     """
     for _ in range(warmup):
         fn()
@@ -33,7 +33,7 @@ def timed(fn: Callable[[], object], sync: Callable[[], None], warmup: int, itera
         fn()
         sync()
         samples.append(time.perf_counter() - start)
-        if deadline and len(samples) >= 3 and time.perf_counter() > deadline:
+        if deadline and len(samples) >= min_calls and time.perf_counter() > deadline:
             break
     return samples
 

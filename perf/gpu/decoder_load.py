@@ -74,9 +74,9 @@ def main(argv=None) -> int:
     import torch
 
     from builder.core import imaging
-    from builder.core.photos import photo_files
+    from builder.core.photos import load_photo_files
 
-    photos = [p.read_bytes() for p in photo_files() if p.name.endswith("_640x480.jpg")]
+    photos = [p.read_bytes() for p in load_photo_files()]
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
     params = imaging.PreprocessParams.from_timm(timm.data.resolve_data_config({}, model=model))
     rows = [measure(d, photos, params, args.batch, args.seconds) for d in args.decoders.split(",")]

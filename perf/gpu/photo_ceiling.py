@@ -51,19 +51,11 @@ def _load(version_dir: str, params: dict, max_batch: int):
     return labels
 
 
-def _timed(fn, items, seconds: float, minimum: int = 20):
-    """Runs fn(items) for `seconds` (at least `minimum` times); the time of each call in ms."""
-    times, started = [], time.perf_counter()
-    while time.perf_counter() - started < seconds or len(times) < minimum:
-        t = time.perf_counter()
-        fn(items)
-        times.append((time.perf_counter() - t) * 1e3)
-    return times
-
-
 def _worker(index, version_dir, params, photos, batches, seconds, barrier, results):
     """One process: load, then each batch size in step with the others (the barrier), timed."""
     import torch
+
+    from builder.timing import timed
 
     labels = _load(version_dir, params, max(batches))
     if index == 0:  # one process says where it ran
@@ -75,9 +67,10 @@ def _worker(index, version_dir, params, photos, batches, seconds, barrier, resul
             labels(items)
         barrier.wait()
         started = time.perf_counter()
-        times = _timed(labels, items, seconds)
-        results.put({"batch": batch, "images": batch * len(times), "wall": time.perf_counter() - started,
-                     "p50": statistics.median(times)})
+        # `.cpu()` in `labels` waits for the device: nothing more to synchronize.
+        seconds_each = timed(lambda: labels(items), lambda: None, 0, sys.maxsize, budget_s=seconds, min_calls=20)
+        results.put({"batch": batch, "images": batch * len(seconds_each), "wall": time.perf_counter() - started,
+                     "p50": statistics.median(seconds_each) * 1e3})
 
 
 def _collect(results, workers, count: int) -> list:
@@ -146,9 +139,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda:0", help="cpu: the same code on the CPU (a smoke test)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    from builder.core.photos import photo_files
+    from builder.core.photos import load_photo_files, photo_files
 
-    files = photo_files(args.images) if args.images else [p for p in photo_files() if p.name.endswith("_640x480.jpg")]
+    files = photo_files(args.images) if args.images else load_photo_files()
     photos = [p.read_bytes() for p in files]
     try:
         batches = [int(b) for b in args.batches.split(",")]

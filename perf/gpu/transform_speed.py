@@ -145,12 +145,12 @@ def main() -> None:
     import torchvision
 
     from builder.core import imaging
-    from builder.core.photos import photo_files
+    from builder.core.photos import load_photo_files
     from builder.repository.triton_models.gpu_imaging import GpuPreprocessor
 
     config = timm.data.resolve_data_config({}, model=timm.create_model(args.model, pretrained=False))
     params = imaging.PreprocessParams.from_timm(config)
-    photos = [p.read_bytes() for p in photo_files() if p.name.endswith("_640x480.jpg")]
+    photos = [p.read_bytes() for p in load_photo_files()]
     pipe = GpuPreprocessor(params, "cuda", args.decoder, graphs=False)  # eager: the rows' transform
     graphed = GpuPreprocessor(params, "cuda", args.decoder)  # as served: small batches replay CUDA graphs
     on_cpu = GpuPreprocessor(params, "cpu")

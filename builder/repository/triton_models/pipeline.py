@@ -194,22 +194,17 @@ class TritonPythonModel:
     def _classify(self, pixels):
         """Top-k scores, classes and logits of `pixels` as host arrays: one device-to-host copy for all three.
 
-        Each `.cpu()` is a synchronizing copy of its own, so the three travel packed in one tensor (`_head`).
+        Each `.cpu()` is a synchronizing copy of its own, so the three travel packed in one tensor (`_packed`).
         """
-        torch = self.torch
+        torch, k = self.torch, self.k
         chunks = [self._packed(pixels[i:i + self.chunk]) for i in range(0, len(pixels), self.chunk)]
         packed = (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).cpu().numpy()
-        k = self.k
         return packed[:, :k].copy(), packed[:, k:2 * k].astype(np.int64), packed[:, 2 * k:].copy()
 
-    def _head(self, logits):
-        """Softmax and top-k of float32 logits, packed for one copy back (`torch_runner.topk_packed`)."""
-        return torch_runner.topk_packed(logits, self.k)
-
     def _packed(self, pixels):
-        """`_head` of the logits of one chunk, from the engine here or by BLS."""
+        """Top-k of one chunk's logits (from the engine here or by BLS), packed by `torch_runner.topk_packed`."""
         logits = self.engine(pixels) if len(pixels) <= self.local_max else self._bls_logits(pixels).float()
-        return self._head(logits)
+        return torch_runner.topk_packed(logits, self.k)
 
     def _bls_logits(self, pixels):
         """The classifier model's logits of `pixels`: one BLS request, one GPU tensor handed over by DLPack."""
