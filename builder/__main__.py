@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from builder.cli_parser import build_parser
+from builder.cli_parser import build_parser, given_options
 from builder.errors import BuilderError
 
 log = logging.getLogger("builder")
@@ -37,7 +37,7 @@ def _cmd_repo(args) -> int:
     queue = (args.max_queue_size, args.queue_timeout_us, args.priority_levels)
     settings = s.RepoSettings(
         source=model_source(args),
-        output=args.output, flavor=flavor, name=args.name, top_k=args.top_k, opset=args.opset,
+        output=args.output, flavor=flavor, name=args.name, opset=args.opset,
         classifier_batching=s.Batching(args.max_batch_size, args.preferred_batch_sizes, args.max_queue_delay_us,
                                        *queue),
         preprocess_batching=s.Batching(args.preprocess_max_batch_size or args.max_batch_size, (),
@@ -54,7 +54,7 @@ def _cmd_repo(args) -> int:
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
         plan=args.plan, cuda_graphs=args.cuda_graphs,
     )
-    build_repository(settings, add_version=args.add_version)
+    build_repository(settings, add_version=args.add_version, overrides=args.given)
     return 0
 
 
@@ -137,6 +137,11 @@ def _cmd_quantize(args) -> int:
     if args.reference:
         _existing_file("reference", args.reference, "the .npz that `builder export --reference` writes")
     _writable("output", args.output)
+    from pathlib import Path
+
+    if Path(args.output).resolve() == Path(args.onnx).resolve():
+        raise BuilderError(f"output: {args.output} is the --onnx model itself; the FP32 export would be "
+                           "overwritten: pass another path, e.g. model_int8.onnx")
     import numpy as np
 
     from builder import settings as settings_module
@@ -155,28 +160,46 @@ def _cmd_quantize(args) -> int:
     except Exception as exc:  # protobuf's DecodeError: not an ONNX file, or a truncated one
         raise BuilderError(f"onnx: {args.onnx} is not a readable ONNX model ({type(exc).__name__}); "
                            "pass the model.onnx that `builder export` writes") from None
-    _calibration_fits(args, graph, calibration)
+    _fits_the_input("calibration", args.calibration, graph, calibration)
+    reference = _reference(args, graph) if args.reference else None  # checked before the quantization runs
     output = quantize_int8(args.onnx, calibration, args.output, args.high_precision)
     print(f"{output}: {count_qdq(output)} QuantizeLinear nodes")
-    if args.reference:
-        figures = validate_quantized(output, dict(np.load(args.reference)),
-                                     parity(args, settings_module.LOW_PRECISION_PARITY))
+    if reference is not None:
+        figures = validate_quantized(output, reference, parity(args, settings_module.LOW_PRECISION_PARITY))
         print(figures)
     return 0
 
 
-def _calibration_fits(args, graph, calibration) -> None:
-    """The calibration images must have the ONNX input's shape (batch aside), checked before ModelOpt runs."""
+def _fits_the_input(option: str, path: str, graph, images) -> None:
+    """Images (calibration, reference) must have the ONNX input's shape (batch aside), checked before ModelOpt."""
     initializers = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
     if not inputs:
         return
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    shape = list(calibration.shape)
+    shape = list(images.shape)
     if len(shape) != len(dims) or any(d is not None and d != c for d, c in zip(dims[1:], shape[1:])):
-        raise BuilderError(f"calibration: {args.calibration} holds images of shape {shape[1:]}, the ONNX input "
+        raise BuilderError(f"{option}: {path} holds images of shape {shape[1:]}, the ONNX input "
                            f"{inputs[0].name!r} takes {['N' if d is None else d for d in dims][1:]}; write them "
-                           "for this model with `builder export --calibration`")
+                           f"for this model with `builder export --{option}`")
+
+
+def _reference(args, graph) -> dict:
+    """quantize's --reference (inputs and PyTorch logits, `builder export --reference`), checked whole."""
+    import numpy as np
+
+    try:
+        with np.load(args.reference) as data:
+            reference = {key: data[key] for key in ("inputs", "logits")}
+    except (ValueError, OSError, KeyError, AttributeError) as exc:
+        raise BuilderError(f"reference: {args.reference} is not the .npz of inputs and logits that `builder "
+                           f"export --reference` writes ({type(exc).__name__}: {exc})") from None
+    _fits_the_input("reference", args.reference, graph, reference["inputs"])
+    if len(reference["logits"]) != len(reference["inputs"]):
+        raise BuilderError(f"reference: {args.reference} holds {len(reference['inputs'])} inputs but "
+                           f"{len(reference['logits'])} rows of logits; write it again with `builder export "
+                           "--reference`")
+    return reference
 
 
 def _cmd_docker(args) -> int:
@@ -264,6 +287,7 @@ COMMANDS = {"quantize": _cmd_quantize, "docker": _cmd_docker, "export": _cmd_exp
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs the CLI; user errors print one line and return 1."""
     args = build_parser().parse_args(argv)
+    args.given = given_options(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -21,6 +21,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv=None) -> frozenset:
+    """The options given on the command line (dest names), told apart from those left at their defaults."""
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        for action in stack.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+            elif action.dest != "help":
+                action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv))) - {"command"}
+
+
 def _add_export(sub) -> None:
     from builder import settings as s
     from builder.args import add_model_args, add_parity_args, field_default
@@ -221,11 +234,10 @@ def _repo_engine_args(p, repo) -> None:
 
 
 def _repo_contract_args(p, repo) -> None:
-    """What the ensemble returns, the ONNX export, the response cache (`repo`)."""
+    """The ONNX export, the response cache (`repo`)."""
     from builder.args import field_default
 
     g = p.add_argument_group("outputs and export")
-    g.add_argument("--top-k", type=int, default=field_default(repo, "top_k"))
     g.add_argument("--opset", type=int, default=field_default(repo, "opset"))
     g.add_argument("--response-cache", action="store_true",
                    help="cache ensemble responses (identical uploads); serve with --cache-mb")

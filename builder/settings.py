@@ -262,7 +262,6 @@ class RepoSettings:
         flavor: `container` (native onnxruntime backend) or `local`
             (ONNX Runtime inside the Python backend, for pip tritonserver).
         name: Ensemble name; defaults to the timm model name.
-        top_k: Classes returned by the postprocess model.
         opset: ONNX opset (>= 17 for native LayerNormalization).
         classifier_batching: Batching of the classifier.
         preprocess_batching: Batching of the preprocess model, and of the photo
@@ -340,7 +339,6 @@ class RepoSettings:
     output: str = "model_repository"
     flavor: str = "container"
     name: Optional[str] = None
-    top_k: int = 5
     opset: int = 17
     classifier_batching: Batching = field(default_factory=Batching)
     preprocess_batching: Batching = field(default_factory=lambda: Batching(32, (), 100))
@@ -412,8 +410,6 @@ class RepoSettings:
                   "use letters, digits, '_', '.' and '-'")
         if not self.output:
             _fail("output", "is empty", "name the repository folder, e.g. model_repository")
-        if self.top_k < 1:
-            _fail("top_k", f"is {self.top_k}", "use 1 or more")
         if self.opset < 17:
             _fail("opset", f"is {self.opset}", "use 17 or newer (native LayerNormalization)")
         if self.version < 1:

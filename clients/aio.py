@@ -9,7 +9,7 @@ from typing import List, Sequence
 from clients.errors import InvalidImage, Overloaded, RequestTimeout, SettingsError
 from clients.settings import Classification, ClientSettings, ImageLike
 from clients.transport import (_Engine, _infer_kwargs, _load_all, _make_client, _module, _with_retries_async,
-                               rejected, to_client_error)
+                               checked_request, rejected, to_client_error)
 
 
 class AsyncClassifier:
@@ -47,7 +47,7 @@ class AsyncClassifier:
 
     async def _classify_chunk(self, items, top_k: int, want_logits: bool) -> List[Classification]:
         sources = [s for s, _ in items]
-        tensor, array, outputs = self._engine.ensemble_request([b for _, b in items], want_logits)
+        tensor, array, outputs = self._engine.ensemble_request([b for _, b in items], top_k, want_logits)
         tensor.set_data_from_numpy(array)
         kwargs = _infer_kwargs(self.settings)
 
@@ -67,11 +67,12 @@ class AsyncClassifier:
                 return [Classification(sources[0], error=str(exc))]
             parts = await asyncio.gather(*(self._classify_chunk([item], top_k, want_logits) for item in items))
             return [r for part in parts for r in part]
-        return self._engine.results(sources, response, top_k, want_logits)
+        return self._engine.results(sources, response, want_logits)
 
     async def classify(self, images: Sequence[ImageLike], top_k: int = 5,
                        return_logits: bool = False) -> List[Classification]:
         """Async twin of :meth:`Classifier.classify` (same results, same errors)."""
+        images = checked_request(images, top_k)
         loaded, results = _load_all(images)
         chunks = self._engine.chunks([x for _, x in loaded])
         parts = await asyncio.gather(*(self._classify_chunk([loaded[i][1] for i in c], top_k, return_logits)

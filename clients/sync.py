@@ -10,8 +10,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from builder.core import contract as C
 from clients.errors import ClientError, InvalidImage, Overloaded, RequestTimeout, SettingsError
 from clients.settings import Classification, ClientSettings, ImageLike
-from clients.transport import (_Engine, _ensemble_outputs, _infer_kwargs, _load_all, _make_client,
-                               _params_from_config, _parse_topk, _SharedMemory, _source_name, _with_retries,
+from clients.transport import (_class_outputs, _Engine, _infer_kwargs, _load_all, _make_client, _params_from_config,
+                               _SharedMemory, _source_name, _with_retries, checked_request, parse_classifications,
                                rejected, to_client_error)
 
 class Classifier:
@@ -94,7 +94,7 @@ class Classifier:
         sources = [s for s, _ in items]
         if self.settings.mode == "classifier":
             return self._classify_chunk_bare(items, top_k, want_logits)
-        tensor, array, outputs = self._engine.ensemble_request([b for _, b in items], want_logits)
+        tensor, array, outputs = self._engine.ensemble_request([b for _, b in items], top_k, want_logits)
         try:
             response = _with_retries(self.settings, lambda: self._infer(
                 self.settings.model, [tensor], outputs, [array]))
@@ -106,7 +106,7 @@ class Classifier:
             # One bad image fails its whole request: resend one by one so the
             # others are served and the bad one names itself.
             return [r for item in items for r in self._classify_chunk([item], top_k, want_logits)]
-        return self._engine.results(sources, response, top_k, want_logits)
+        return self._engine.results(sources, response, want_logits)
 
     def _preprocess_params(self):
         if self._params is None:
@@ -136,11 +136,11 @@ class Classifier:
         response = _with_retries(self.settings, lambda: self._infer(
             names.classifier, [pixels], [module.InferRequestedOutput(C.LOGITS)], [batch[good]]))
         logits = response.as_numpy(C.LOGITS)
-        # Top-k and class names from the postprocess model: one source of truth for labels.
+        # Probabilities from the postprocess model, ranked and labelled by the server (one source of truth).
         tensor = module.InferInput(C.LOGITS, list(logits.shape), "FP32")
-        topk = _with_retries(self.settings, lambda: self._infer(
-            names.postprocess, [tensor], _ensemble_outputs(module, False), [logits]))
-        rows = _parse_topk(topk.as_numpy(C.SCORES), topk.as_numpy(C.CLASSES), topk.as_numpy(C.LABELS), top_k)
+        ranked = _with_retries(self.settings, lambda: self._infer(
+            names.postprocess, [tensor], _class_outputs(module, top_k, False), [logits]))
+        rows = parse_classifications(ranked.as_numpy(C.PROBABILITIES))
         for row, i in enumerate(good):
             results[i] = Classification(items[i][0], rows[row], logits[row] if want_logits else None)
 
@@ -150,7 +150,7 @@ class Classifier:
 
         Args:
             images: Encoded bytes, paths, HWC uint8 arrays or PIL images.
-            top_k: Classes per image (at most the server's k in ensemble mode).
+            top_k: Classes per image (Triton's classification extension ranks them; at most the model's classes).
             return_logits: Also return the raw logits.
             progress: Called with the number of images finished per request.
 
@@ -164,6 +164,7 @@ class Classifier:
                 are reported in their Classifications). The error's `results`
                 holds every image's result, the answered ones included.
         """
+        images = checked_request(images, top_k)
         results: Dict[int, Classification] = {}
         try:
             for position, result in self.iter_classify(images, top_k, return_logits, raise_errors=True):
@@ -194,6 +195,7 @@ class Classifier:
             return_logits: Also return the raw logits.
             raise_errors: Raise request-level failures instead of reporting them per image.
         """
+        images = checked_request(images, top_k)
         chunks = self._engine.chunks(list(range(len(images))))
         pending: Dict[Future, List[int]] = {}
         done_positions: set = set()

@@ -14,7 +14,7 @@ import numpy as np
 
 from builder.core import contract as C
 from clients.errors import (ClientError, InferenceFailed, InvalidImage, ModelNotFound, Overloaded, RequestTimeout,
-                            ServerUnavailable)
+                            ServerUnavailable, SettingsError)
 from clients.settings import Classification, ClientSettings, ImageLike, Prediction, load_image
 
 
@@ -243,15 +243,32 @@ class _SharedMemory:
         self.handle, self.size = None, 0
 
 
-def _ensemble_outputs(module, want_logits: bool) -> list:
-    names = [C.SCORES, C.CLASSES, C.LABELS] + ([C.LOGITS] if want_logits else [])
-    return [module.InferRequestedOutput(n) for n in names]
+def _class_outputs(module, top_k: int, want_logits: bool) -> list:
+    """The probabilities' top-k by Triton's classification extension (the server ranks and labels them), and the
+    logits whole when wanted."""
+    outputs = [module.InferRequestedOutput(C.PROBABILITIES, class_count=top_k)]
+    return outputs + ([module.InferRequestedOutput(C.LOGITS)] if want_logits else [])
 
 
 def _image_input(module, images: Sequence[bytes]):
     array = np.array(list(images), dtype=object).reshape(-1, 1)
     tensor = module.InferInput(C.IMAGE, list(array.shape), "BYTES")
     return tensor, array
+
+
+def checked_request(images, top_k) -> list:
+    """A classify call's arguments checked as the CLI checks them: the images as a list, top_k a count.
+
+    One path or one encoded image given alone is one image (not a list of its characters or bytes).
+
+    Raises:
+        SettingsError: top_k is not a whole number of 1 or more.
+    """
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise SettingsError(f"top_k: is {top_k!r}; use a whole number of 1 or more")
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)):
+        return [images]
+    return list(images)
 
 
 def _source_name(image: ImageLike, position: int) -> str:
@@ -275,11 +292,19 @@ def _load_all(images: Sequence[ImageLike], positions: Optional[Sequence[int]] = 
     return loaded, failed
 
 
-def _parse_topk(scores, classes, labels, top_k: int) -> List[Tuple[Prediction, ...]]:
+def parse_classifications(entries) -> List[Tuple[Prediction, ...]]:
+    """Rows of Triton's classification strings ("score:index:label", best first) as Predictions.
+
+    The label is everything after the second colon (class names may hold colons); an output without a labels
+    file has no third field, and its label is the index.
+    """
     rows = []
-    for s_row, c_row, l_row in zip(scores, classes, labels):
-        rows.append(tuple(Prediction(int(c), (l.decode("utf-8") if isinstance(l, bytes) else str(l)), float(s))
-                          for s, c, l in list(zip(s_row, c_row, l_row))[:top_k]))
+    for row in entries:
+        predictions = []
+        for entry in row:
+            score, index, *label = (entry.decode("utf-8") if isinstance(entry, bytes) else str(entry)).split(":", 2)
+            predictions.append(Prediction(int(index), label[0] if label else index, float(score)))
+        rows.append(tuple(predictions))
     return rows
 
 
@@ -302,13 +327,12 @@ class _Engine:
         size = self.settings.max_batch
         return [list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size)]
 
-    def ensemble_request(self, images: Sequence[bytes], want_logits: bool):
+    def ensemble_request(self, images: Sequence[bytes], top_k: int, want_logits: bool):
         tensor, array = _image_input(self.module, images)
-        return tensor, array, _ensemble_outputs(self.module, want_logits)
+        return tensor, array, _class_outputs(self.module, top_k, want_logits)
 
-    def results(self, sources, response, top_k: int, want_logits: bool) -> List[Classification]:
-        rows = _parse_topk(response.as_numpy(C.SCORES), response.as_numpy(C.CLASSES),
-                           response.as_numpy(C.LABELS), top_k)
+    def results(self, sources, response, want_logits: bool) -> List[Classification]:
+        rows = parse_classifications(response.as_numpy(C.PROBABILITIES))
         logits = response.as_numpy(C.LOGITS) if want_logits else None
         return [Classification(src, row, None if logits is None else logits[i], None)
                 for i, (src, row) in enumerate(zip(sources, rows))]

@@ -271,3 +271,80 @@ def pytest_sessionfinish(session, exitstatus):
               "python": platform.python_version(), "environment": describe(), "tests": _OUTCOMES}
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
+
+
+# -- Triton's classification extension: any client may ask for `class_count` on any output of any model.
+
+def class_count_on_every_output(server, photos, class_count: int = 3) -> dict:
+    """Asks every served model for `class_count` on each of its outputs, over gRPC and HTTP, one request each.
+
+    Inputs come from the model's metadata: BYTES inputs get a photo, numeric ones zeros of their shape.
+
+    Returns:
+        {(protocol, model, output): the first row of classification strings, or the error text}.
+    """
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    answers = {}
+    for protocol, module, url in (("grpc", grpcclient, server.grpc_url), ("http", httpclient, server.http_url)):
+        client = module.InferenceServerClient(url)
+        index = client.get_model_repository_index(**({"as_json": True} if protocol == "grpc" else {}))
+        for entry in index.get("models", index) if isinstance(index, dict) else index:
+            model = entry["name"]
+            meta = client.get_model_metadata(model, **({"as_json": True} if protocol == "grpc" else {}))
+            inputs, arrays = [], []
+            for spec in meta["inputs"]:
+                shape = [1 if int(d) < 0 else int(d) for d in spec["shape"]]
+                if spec["datatype"] == "BYTES":
+                    array = np.array([photos[0]] * int(np.prod(shape)), dtype=object).reshape(shape)
+                else:
+                    array = np.zeros(shape, dtype=spec["datatype"].lower().replace("fp", "float"))
+                inputs.append(module.InferInput(spec["name"], shape, spec["datatype"]))
+                inputs[-1].set_data_from_numpy(array)
+            for output in meta["outputs"]:
+                requested = module.InferRequestedOutput(output["name"], class_count=class_count)
+                try:
+                    row = client.infer(model, inputs, outputs=[requested]).as_numpy(output["name"])[0]
+                    answers[(protocol, model, output["name"])] = [v.decode() for v in row]
+                except InferenceServerException as exc:
+                    answers[(protocol, model, output["name"])] = str(exc)
+                assert server.is_ready(), f"the server died on class_count for {model}'s {output['name']}"
+    return answers
+
+
+# NVIDIA's example clients (triton-inference-server/client, src/python/examples) are not on PyPI and their code
+# stays out of this repository: point TRITON_CLIENT_EXAMPLES at a checkout's folder to run them unchanged.
+TRITON_CLIENT_EXAMPLES = os.environ.get("TRITON_CLIENT_EXAMPLES", "")
+needs_nvidia_examples = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(TRITON_CLIENT_EXAMPLES, "ensemble_image_client.py")),
+    reason="set TRITON_CLIENT_EXAMPLES to triton-inference-server/client's src/python/examples")
+
+
+def nvidia_ensemble_image_client(url: str, protocol: str, model: str, folder: Path, classes: int = 3) -> dict:
+    """Runs NVIDIA's `ensemble_image_client.py` as it is on a folder of images.
+
+    Returns:
+        {file name: {output name: [(score, index, label), ...]}} from what it printed.
+    """
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, os.path.join(TRITON_CLIENT_EXAMPLES, "ensemble_image_client.py"),
+                             "-m", model, "-c", str(classes), "-u", url, "-i", protocol, str(folder)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("PASS"), result.stdout + result.stderr
+    printed, name, output = {}, None, None
+    for line in result.stdout.splitlines():
+        if line.startswith('"'):
+            name = Path(line.strip('":')).name
+            printed[name] = {}
+        elif line.strip().startswith("[") and line.strip().endswith("]:"):
+            output = line.strip()[1:-2]
+            printed[name][output] = []
+        elif " = " in line and name:
+            head, label = line.strip().split(" = ", 1)
+            score, index = head.split(" (")
+            printed[name][output].append((float(score), int(index.rstrip(")")), label))
+    return printed

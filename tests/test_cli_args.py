@@ -26,8 +26,8 @@ def test_repo_defaults_are_the_settings_defaults():
     assert (args.max_batch_size, args.max_queue_delay_us, args.max_queue_size, args.queue_timeout_us,
             args.priority_levels) == (batching.max_batch_size, batching.max_queue_delay_us, batching.max_queue_size,
                                       batching.queue_timeout_us, batching.priority_levels)
-    assert (args.top_k, args.opset, args.version, args.output, args.preprocess, args.engine, args.gpu_photo_path,
-            args.gpu_decoder) == (repo.top_k, repo.opset, repo.version, repo.output, repo.preprocess, repo.engine,
+    assert (args.opset, args.version, args.output, args.preprocess, args.engine, args.gpu_photo_path,
+            args.gpu_decoder) == (repo.opset, repo.version, repo.output, repo.preprocess, repo.engine,
                                   repo.gpu_photo_path, repo.gpu_decoder)
     assert args.preprocess_max_batch_size is None  # the same as --max-batch-size
     assert args.hybrid_local_batch == repo.hybrid_local_batch

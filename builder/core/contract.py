@@ -42,11 +42,14 @@ class TensorSpec:
         name: Tensor name, as written in configs and sent by clients.
         dtype: Triton wire dtype ("FP32", "BYTES", ...).
         dims: Shape without the batch dimension (-1 for a variable dimension).
+        label_filename: For an output indexed by class: the labels file its config names, so Triton's
+            classification extension (`class_count`) answers with "score:index:label" strings.
     """
 
     name: str
     dtype: str
     dims: Tuple[int, ...]
+    label_filename: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -64,7 +67,7 @@ class TensorSpec:
 
     def with_dtype(self, dtype: str) -> "TensorSpec":
         """Returns the same tensor with another wire dtype (e.g. FP16 I/O)."""
-        return TensorSpec(self.name, dtype, self.dims)
+        return TensorSpec(self.name, dtype, self.dims, self.label_filename)
 
 
 def dtype_from_config(config_dtype: str) -> str:
@@ -78,10 +81,12 @@ def dtype_from_config(config_dtype: str) -> str:
 # Fixed tensor names of the contract.
 IMAGE = "image"            # encoded image bytes, one element per image
 PIXELS = "input"           # normalized NCHW float tensor (the ONNX input)
-LOGITS = "logits"          # raw classifier scores (the ONNX output)
-SCORES = "scores"          # top-k softmax probabilities, best first
-CLASSES = "classes"        # top-k class indices
-LABELS = "labels"          # top-k human-readable class names
+LOGITS = "logits"          # raw classifier scores (the ONNX output), in class order
+PROBABILITIES = "probabilities"  # softmax of the logits, in class order
+# Top-k with class names is Triton's classification extension on either output above (a request's
+# `class_count`: "score:index:label" strings, best first). No served output is BYTES: tritonserver 2.51 dies
+# of a divide error (SIGFPE) when a request asks for `class_count` on a BYTES output, so a top-k label
+# tensor of our own would let any client stop the server.
 # Ensemble-internal name of the classifier's logits on their way to the
 # postprocess model, which passes them on as the ensemble's `logits` output.
 # tritonserver 2.51 fails a request that asks for a subset of the outputs
@@ -102,13 +107,11 @@ class Contract:
         name: Ensemble name; the step models are named after it.
         image_size: (height, width) the classifier takes.
         num_classes: Number of logits.
-        top_k: Number of classes the postprocess model returns.
     """
 
     name: str
     image_size: Tuple[int, int]
     num_classes: int
-    top_k: int = 5
 
     @classmethod
     def named(cls, name: str) -> "Contract":
@@ -147,29 +150,17 @@ class Contract:
 
     @property
     def logits(self) -> TensorSpec:
-        return TensorSpec(LOGITS, "FP32", (self.num_classes,))
+        return TensorSpec(LOGITS, "FP32", (self.num_classes,), LABELS_FILE)
 
     @property
-    def scores(self) -> TensorSpec:
-        return TensorSpec(SCORES, "FP32", (self.top_k,))
-
-    @property
-    def classes(self) -> TensorSpec:
-        return TensorSpec(CLASSES, "INT64", (self.top_k,))
-
-    @property
-    def labels(self) -> TensorSpec:
-        return TensorSpec(LABELS, "BYTES", (self.top_k,))
-
-    @property
-    def topk_outputs(self) -> Tuple[TensorSpec, TensorSpec, TensorSpec]:
-        return (self.scores, self.classes, self.labels)
+    def probabilities(self) -> TensorSpec:
+        return TensorSpec(PROBABILITIES, "FP32", (self.num_classes,), LABELS_FILE)
 
     @property
     def postprocess_outputs(self) -> Tuple[TensorSpec, ...]:
-        # Top-k plus the raw logits passed through, so they stay reachable
-        # through the ensemble for clients that want their own postprocessing.
-        return (*self.topk_outputs, self.logits)
+        # The probabilities plus the raw logits passed through, so they stay reachable through the ensemble
+        # for clients that want their own postprocessing. Both are indexed by class and carry the labels.
+        return (self.probabilities, self.logits)
 
     @property
     def ensemble_outputs(self) -> Tuple[TensorSpec, ...]:

@@ -11,6 +11,7 @@ Calibration runs on the CPU with ONNX Runtime over preprocessed real images
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -55,16 +56,26 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, output: Path, high_p
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     log.info("quantizing %s to INT8 Q/DQ with %d calibration images ...", onnx_path, len(calibration))
-    tmp = output.with_name(output.name + ".tmp.onnx")
     with tempfile.TemporaryDirectory(prefix="quantize-") as work:
-        # ModelOpt rewrites files next to its input (seen: the input model itself changed), so it
-        # works on a copy: the exported model, which a repository may serve, is never touched.
-        source = Path(work) / "model.onnx"
+        # ModelOpt writes and deletes files beside its input and its output (seen: the input model changed;
+        # `model_reconciled.onnx` written into the output folder and removed, a user's file of that name with
+        # it), so both live in a folder of the tool's own: nothing of the user's is touched but `output`.
+        source, result = Path(work) / "model.onnx", Path(work) / "out" / "model_int8.onnx"
+        result.parent.mkdir()
         shutil.copy2(onnx_path, source)
         quantize(str(source), quantize_mode="int8", calibration_data={PIXELS: calibration},
-                 calibration_eps=["cpu"], output_path=str(tmp), high_precision_dtype=high_precision,
+                 calibration_eps=["cpu"], output_path=str(result), high_precision_dtype=high_precision,
                  log_level="WARNING")
-    tmp.replace(output)  # never a half-written model under the real name
+        # A name of the tool's own beside `output`, then one rename: never a half-written model under the real
+        # name, and no user's file is replaced but `output`.
+        handle, staged = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+        os.close(handle)
+        try:
+            shutil.copyfile(result, staged)
+            os.replace(staged, output)
+        except BaseException:
+            Path(staged).unlink(missing_ok=True)
+            raise
     log.info("wrote %s in %.1f s", output, time.perf_counter() - started)
     return output
 

@@ -152,16 +152,15 @@ class TorchEngine:
             return self.module(x)[:rows].float()
 
 
-def topk_packed(logits, k):
-    """Softmax and top-k of float32 logits on their device, packed as rows of [scores | classes | logits].
+def class_outputs_packed(logits):
+    """Softmax of float32 logits on their device, packed as rows of [probabilities | logits].
 
-    The photo path's head: one tensor so that one device-to-host copy brings all three back (each `.cpu()`
-    synchronizes). Class indices travel as float32: exact below 2**24 classes.
+    The photo path's head: one tensor so that one device-to-host copy brings both back (each `.cpu()`
+    synchronizes). Top-k and class names are Triton's classification extension on these outputs.
     """
     import torch
 
-    scores, classes = torch.topk(torch.softmax(logits, dim=1), k, dim=1)
-    return torch.cat([scores, classes.float(), logits], dim=1)
+    return torch.cat([torch.softmax(logits, dim=1), logits], dim=1)
 
 
 def params_shape(params):

@@ -167,7 +167,7 @@ def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problem
     # The photo-path model (it names a classifier; the ensemble design's preprocess does not) needs the head too.
     elif gpu_pipeline and configs.parameter(config, "classifier") and not (version_dir / "torch_runner.py").is_file():
         problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
-                        "torch_runner.py (its top-k head; built by an older builder); rebuild the repository")
+                        "torch_runner.py (its softmax head; built by an older builder); rebuild the repository")
     elif gpu_pipeline and not any((version_dir / "gate").glob("*.jpg")):
         problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
                         "parity gate, so it would not load; rebuild the repository")
@@ -325,6 +325,39 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
                             f"(manifest.json); the models mix flavors: rebuild with --flavor {flavor}")
 
 
+def _check_served_files(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], problems: List[str]) -> None:
+    """Every served version holds what the build wrote into it (manifest.json's files), and its Python compiles.
+
+    A local classifier loads `model.onnx`, a plan or the inductor program through its `model.py`, and a Python
+    model imports the modules copied beside it: none of them is named by the config, so the config alone
+    cannot say that one is missing. The manifest can, in every flavor and engine.
+    """
+    try:
+        built = json.loads((root / MANIFEST).read_text(encoding="utf-8")).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        built = {}  # not written by this tool: only the Python is checked
+    for name, (model_dir, config) in models.items():
+        # The file the config names is _check_model's to report (one cause, one line).
+        named = config.default_model_filename or DEFAULT_FILES.get(config.backend or _PLATFORM_BACKEND.get(
+            config.platform, ""))
+        for version in _versions(model_dir, config) if config.platform != "ensemble" else ():
+            prefix = f"{name}/{version}/"
+            missing = sorted(path[len(prefix):] for path in built if path.startswith(prefix)
+                             and path[len(prefix):] != named and not (root / path).is_file())
+            if missing:
+                problems.append(f"{name}: version {version} lacks {', '.join(missing[:3])}"
+                                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}, which the build "
+                                "wrote and the model loads; restore it or rebuild the repository")
+            for source in sorted((model_dir / str(version)).glob("*.py")):
+                try:
+                    compile(source.read_bytes(), str(source), "exec")
+                except (SyntaxError, ValueError) as exc:
+                    where = f", line {exc.lineno}" if getattr(exc, "lineno", None) else ""
+                    problems.append(f"{name}: version {version}'s {source.name} does not compile "
+                                    f"({getattr(exc, 'msg', exc)}{where}), so the model would not load; fix it "
+                                    "or rebuild the repository")
+
+
 def needs_torch(root) -> bool:
     """Whether the repository's Python models run torch (the inductor engine or the gpu preprocessing).
 
@@ -370,6 +403,7 @@ def check_repository(root: Path) -> List[str]:
     if not models and not problems:
         problems.append(f"{root} holds no models")
     _check_flavor(root, models, problems)
+    _check_served_files(root, models, problems)
     for name, (model_dir, config) in models.items():
         _check_model(name, model_dir, config, problems)
         if config.platform == "ensemble":

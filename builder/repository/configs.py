@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from builder.core.contract import CLASSIFIER_LOGITS, LABELS_FILE, WARMUP_IMAGE, Contract, TensorSpec
+from builder.core.contract import CLASSIFIER_LOGITS, WARMUP_IMAGE, Contract, TensorSpec
 from builder.settings import Batching, InstanceGroup, VersionPolicy
 
 ModelConfig = mc.ModelConfig
@@ -33,6 +33,8 @@ def _add_io(config: mc.ModelConfig, inputs: Iterable[TensorSpec], outputs: Itera
         _tensor(config.input.add(), spec)
     for spec in outputs:
         _tensor(config.output.add(), spec)
+        if spec.label_filename:  # an output indexed by class: Triton's classification extension names them
+            config.output[-1].label_filename = spec.label_filename
 
 
 def _version_policy(config: mc.ModelConfig, policy: VersionPolicy) -> None:
@@ -118,13 +120,11 @@ def _classification(config: mc.ModelConfig, contract: Contract, batching: Batchi
     """What makes the classifier a Triton image classifier for any client and tool.
 
     The image input declares its layout (FORMAT_NCHW, which generic image
-    clients require), the logits carry the labels file, so Triton's
-    classification extension answers `class_count` requests with
-    "score:index:label" strings, and a zero-filled warm-up runs at every
+    clients require; the logits carry the labels file as every class-indexed output
+    of the contract does), and a zero-filled warm-up runs at every
     preferred batch size, so the first real request is as fast as the tenth.
     """
     config.input[0].format = mc.ModelInput.FORMAT_NCHW
-    config.output[0].label_filename = LABELS_FILE
     for size in sorted({1, *batching.preferred_batch_sizes}):
         warmup = config.model_warmup.add(name=f"zeros_batch_{size}", batch_size=size)
         tensor = warmup.inputs[contract.pixels.name]
@@ -202,8 +202,9 @@ def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy,
              response_cache: bool = False) -> mc.ModelConfig:
     """The ensemble: image bytes -> preprocess -> classifier -> postprocess.
 
-    Its outputs are the top-k tensors plus the classifier's raw logits, all
-    produced by the postprocess step (see `contract.CLASSIFIER_LOGITS`).
+    Its outputs are the probabilities plus the classifier's raw logits, both
+    produced by the postprocess step (see `contract.CLASSIFIER_LOGITS`) and both
+    labelled (the ensemble's own `labels.txt`).
     """
     config = mc.ModelConfig(name=contract.ensemble, platform="ensemble", max_batch_size=max_batch_size)
     if response_cache:  # assigning even False would write an empty `response_cache {}` block
@@ -225,6 +226,11 @@ def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy,
         step.input_map.update(input_map)
         step.output_map.update(output_map)
     return config
+
+
+def one_line(message) -> str:
+    """A config message (or part of one) as one line of config text."""
+    return text_format.MessageToString(message, as_one_line=True)
 
 
 def to_text(config: mc.ModelConfig) -> str:

@@ -87,6 +87,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
                                     engine)
     else:
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
+        _write_labels(ens_dir / LABELS_FILE, class_names)  # the labels its outputs carry
         ens_config = configs.ensemble(contract, settings.ensemble_max_batch,
                                       settings.version_policy, settings.response_cache)
 
@@ -160,10 +161,10 @@ def _write_classifier(root: Path, settings: RepoSettings, contract: Contract, on
 
 
 def _write_postprocess(root: Path, settings: RepoSettings, contract: Contract, class_names: list):
-    """The postprocess model's files (top-k and labels); its config."""
+    """The postprocess model's files (softmax; the labels its outputs carry); its config."""
     version_dir = root / contract.postprocess / str(settings.version)
     _copy_python_model("postprocess.py", version_dir)
-    _write_labels(version_dir / "labels.txt", class_names)
+    _write_labels(root / contract.postprocess / LABELS_FILE, class_names)
     batching = Batching(settings.classifier_batching.max_batch_size, (),
                         settings.preprocess_batching.max_queue_delay_us)
     return configs.python_model(contract.postprocess, [contract.logits], list(contract.postprocess_outputs),
@@ -183,11 +184,11 @@ def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract
             files are linked into `engine/` here (no copy on the same file system), so the version folder is
             whole.
     """
-    # torch_runner.py in every design: its head (softmax, top-k) serves the BLS path's logits too.
+    # torch_runner.py in every design: its head (softmax) serves the BLS path's logits too.
     extras = ("imaging.py", "gpu_imaging.py", "served.py", "torch_runner.py")
     _copy_python_model("pipeline.py", version_dir, extras=extras)
     _copy_gate_photos(version_dir)
-    _write_labels(version_dir / "labels.txt", class_names)
+    _write_labels(version_dir.parent / LABELS_FILE, class_names)
     engine_parameters = {}
     if engine:
         source, torch_params = engine

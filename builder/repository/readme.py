@@ -21,13 +21,14 @@ def render(settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict
     lines = [f"# {contract.ensemble}: Triton model repository", "",
              f"Written by `python -m builder repo` ({settings.flavor} flavor, timm `{settings.source.model_name}`). "
              f"Clients call the ensemble `{contract.ensemble}`: encoded images in (`{contract.image.name}`, BYTES), "
-             f"top-{settings.top_k} labels and scores out. `manifest.json` holds the same facts for machines.", "",
+             f"`{contract.probabilities.name}` and `{contract.logits.name}` out (one value per class, labelled: top-k "
+             "with class names is Triton's `class_count`). `manifest.json` holds the same facts for machines.", "",
              "| model | role |", "| --- | --- |",
              f"| {contract.preprocess} | encoded image -> `{contract.pixels.name}` ({settings.preprocess} "
              "preprocessing) |",
              f"| {contract.classifier} | `{contract.pixels.name}` -> `{contract.logits.name}` "
              f"(engine: {choice['chosen']}) |",
-             f"| {contract.postprocess} | logits -> top-k labels and scores |",
+             f"| {contract.postprocess} | logits -> probabilities (softmax) |",
              f"| {contract.ensemble} | {_photo_path_role(settings, contract)} |", "",
              *_serving_notes(settings),
              "## Classifier engine", "",
@@ -57,14 +58,14 @@ def _photo_path_role(settings: RepoSettings, contract: Contract) -> str:
     design = settings.gpu_photo_path if settings.preprocess == "gpu" else "ensemble"
     if design == "fused":
         return ("the photo path in one Python model: the batch decoded and transformed on the GPU, classified by "
-                "the classifier's engine in the same process, top-k on the GPU (`fused`)")
+                "the classifier's engine in the same process, softmax on the GPU (`fused`)")
     if design == "pipeline":
         return (f"the photo path in one Python model: the batch decoded and transformed on the GPU, one request to "
-                f"{contract.classifier} per batch (BLS), top-k on the GPU (`pipeline`)")
+                f"{contract.classifier} per batch (BLS), softmax on the GPU (`pipeline`)")
     if design == "hybrid":
         return (f"the photo path in one Python model: the batch decoded and transformed on the GPU, classified in "
                 f"the same process up to {settings.hybrid_local_batch} images, larger batches by one request to "
-                f"{contract.classifier} (BLS), top-k on the GPU (`hybrid`)")
+                f"{contract.classifier} (BLS), softmax on the GPU (`hybrid`)")
     return "the three in one request (Triton ensemble)"
 
 

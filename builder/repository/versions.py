@@ -12,6 +12,7 @@ from typing import Dict, Optional
 from builder.core.contract import Contract, contract_tensors
 from builder.core.manifest import MANIFEST, file_hashes
 from builder.errors import BuilderError
+from builder.repository import configs
 from builder.repository.readme import README
 from builder.settings import RepoSettings
 
@@ -50,7 +51,7 @@ def contract_changes(previous: dict, settings: RepoSettings, contract: Optional[
     """What a new version would change of what all versions share: (field, served, new) triples.
 
     Every version of a model is served under one config.pbtxt, so a new version must keep the tensors,
-    batch size, top-k, preprocessing and classifier engine of the served ones; otherwise the server
+    batch size, preprocessing and classifier engine of the served ones; otherwise the server
     cannot load the old versions (or the new one) after the configs are replaced.
     """
     served = previous.get("settings") or {}
@@ -58,7 +59,6 @@ def contract_changes(previous: dict, settings: RepoSettings, contract: Optional[
     pairs = [("max_batch_size", previous["contract"].get("max_batch_size"), settings.ensemble_max_batch),
              ("classifier max_batch_size", (served.get("classifier_batching") or {}).get("max_batch_size"),
               settings.classifier_batching.max_batch_size),
-             ("top_k", served.get("top_k"), settings.top_k),
              ("preprocess", served.get("preprocess"), settings.preprocess)]
     if settings.engine != "auto":  # settled once the race ran: compared again then
         pairs.append(("engine", served.get("engine"), settings.engine))
@@ -94,17 +94,92 @@ def _move_model_files(source: Path, target: Path) -> None:
         os.replace(path, target / relative)
 
 
-def move_version_in(staging: Path, output: Path, contract: Contract, version: int) -> None:
-    """Moves the new version directories into the live repository, then configs and manifest."""
-    names = (contract.preprocess, contract.classifier, contract.postprocess)
+# What a served config is tuned in (`perf tune --write`, a hand edit) and a new version keeps, by model role,
+# with the `builder repo` options that set each: one of them given, and the new build's value wins.
+_BATCHING_OPTIONS = ("preferred_batch_sizes", "max_queue_delay_us", "max_queue_size", "queue_timeout_us",
+                     "priority_levels")
+_PHOTO_INSTANCES = ("preprocess_instances", "preprocess_instance_kind", "gpus")
+KEPT_FIELDS = {
+    "classifier": {"instance_group": ("instance_count", "instance_kind", "gpus")},
+    "preprocess": {"instance_group": _PHOTO_INSTANCES},
+    "ensemble": {"instance_group": _PHOTO_INSTANCES, "response_cache": ("response_cache",)},
+    "postprocess": {"instance_group": ()},
+}
+
+
+def keep_served_config(served, built, role: str, overrides=()) -> tuple:
+    """A new version's config: the built one, with what the served one was tuned in kept.
+
+    Args:
+        served: The served `ModelConfig`.
+        built: The config the new build wrote.
+        role: "classifier", "preprocess", "postprocess" or "ensemble" (which fields are kept: `KEPT_FIELDS`,
+            plus the dynamic batcher and the version policy of every model).
+        overrides: `builder repo` options given on the command line; a field they set comes from `built`.
+
+    Returns:
+        (the config, one line per field where the two differ: which value is served and why).
+    """
+    merged = configs.ModelConfig()
+    merged.CopyFrom(built)
+    fields = {**KEPT_FIELDS[role], "dynamic_batching": _BATCHING_OPTIONS, "version_policy": ("version_policy",)}
+    notes = []
+    for field, options in fields.items():
+        was, now = _field_text(served, field), _field_text(built, field)
+        if was == now:
+            continue
+        given = sorted(set(options) & set(overrides))
+        if given:
+            notes.append(f"{built.name}: {field} {was or '(unset)'} -> {now or '(unset)'} "
+                         f"(--{given[0].replace('_', '-')} given)")
+            continue
+        notes.append(f"{built.name}: keeping the served {field} {was or '(unset)'} (the build would write "
+                     f"{now or '(unset)'}; pass {' or '.join('--' + o.replace('_', '-') for o in options)} "
+                     "to change it)" if options else f"{built.name}: keeping the served {field} {was or '(unset)'}")
+        merged.ClearField(field)
+        if field == "instance_group":
+            merged.instance_group.extend(served.instance_group)
+        elif served.HasField(field):
+            getattr(merged, field).CopyFrom(getattr(served, field))
+    return merged, notes
+
+
+def _field_text(config, field: str) -> str:
+    """One field of a config as one line of config text ("" when unset)."""
+    if field == "instance_group":
+        return " ".join(f"{{{configs.one_line(group)}}}" for group in config.instance_group)
+    return f"{{{configs.one_line(getattr(config, field))}}}" if config.HasField(field) else ""
+
+
+def move_version_in(staging: Path, output: Path, contract: Contract, version: int, overrides=()) -> None:
+    """Moves the new version directories into the live repository, then configs and manifest.
+
+    Each config keeps what the served one was tuned in (`keep_served_config`), unless `overrides` names an
+    option that sets it; every difference is logged.
+    """
+    names = [name for name in contract.model_names if (staging / name / str(version)).is_dir()]
     taken = [output / name / str(version) for name in names if (output / name / str(version)).exists()]
     if taken:  # checked for all before moving any, so a refusal changes nothing
         raise BuilderError(f"{taken[0]} already exists; remove it or pick another version")
+    roles = dict(zip(contract.model_names, ("preprocess", "classifier", "postprocess", "ensemble")))
+    configs_text = {}
+    for name in contract.model_names:  # every config parsed before anything moves
+        built = configs.read(staging / name / "config.pbtxt")
+        served_path = output / name / "config.pbtxt"
+        if served_path.is_file():
+            built, notes = keep_served_config(configs.read(served_path), built, roles[name], overrides)
+            for note in notes:
+                log.info("%s", note)
+            pinned = built.version_policy.specific.versions
+            if built.version_policy.HasField("specific") and version not in pinned:
+                log.warning("%s: version %d is written but not served: the served version policy pins %s; pass "
+                            "--version-policy to serve it", name, version, list(pinned))
+        configs_text[name] = configs.to_text(built)
     for name in names:
         os.rename(staging / name / str(version), output / name / str(version))  # atomic for a poller
     for name in contract.model_names:
         _move_model_files(staging / name, output / name)
-        _replace_text(output / name / "config.pbtxt", (staging / name / "config.pbtxt").read_text(encoding="utf-8"))
+        _replace_text(output / name / "config.pbtxt", configs_text[name])
     os.replace(staging / README, output / README)
     manifest = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
     manifest["files"] = file_hashes(output)

@@ -33,7 +33,7 @@ def _version_entry(settings: RepoSettings, model, parity: Dict[str, float]) -> D
             "parity": parity}
 
 
-def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
+def build_repository(settings: RepoSettings, add_version: bool = False, overrides=()) -> Path:
     """Exports, validates and writes a complete model repository.
 
     The repository is built in a staging folder beside `settings.output`,
@@ -46,11 +46,15 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
     directory moves in with one atomic rename, then the configs (version
     policy) and the manifest are replaced atomically. A server in poll or
     explicit model-control mode loads the new version while the old one keeps
-    serving, then retires the old one per the version policy.
+    serving, then retires the old one per the version policy. The served
+    configs keep what they were tuned in (instances, dynamic batching, version
+    policy, response cache), except what `overrides` names; each difference is logged.
 
     Args:
         settings: What to build and where.
         add_version: Add a version to the existing repository instead of replacing it.
+        overrides: With `add_version`: the `builder repo` options the user gave (dest names, e.g.
+            "instance_count"), whose values win over the served configs'.
 
     Returns:
         The repository path.
@@ -99,21 +103,19 @@ def build_repository(settings: RepoSettings, add_version: bool = False) -> Path:
         problems = check_repository(staging)
         if problems:
             raise BuilderError("the built repository fails its check: " + "; ".join(problems))
-        _put_in_place(staging, output, contract, settings.version, add_version)
+        _put_in_place(staging, output, contract, settings.version, add_version, overrides)
     log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
     return output
 
 
 def _load(settings: RepoSettings):
-    """The timm model, the contract it gives (input size, classes, top-k) and its exact preprocessing."""
+    """The timm model, the contract it gives (input size, classes) and its exact preprocessing."""
     from builder.export.model import load_model
     from builder.core.imaging import PreprocessParams
 
     model = load_model(settings.source)
     _, height, width = model.data_config["input_size"]
-    contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes, settings.top_k)
-    if settings.top_k > model.num_classes:
-        raise BuilderError(f"top_k: {settings.top_k} is more than the model's {model.num_classes} classes")
+    contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes)
     try:
         params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
     except ValueError as exc:
@@ -121,10 +123,11 @@ def _load(settings: RepoSettings):
     return model, contract, params
 
 
-def _put_in_place(staging: Path, output: Path, contract: Contract, version: int, add_version: bool) -> None:
+def _put_in_place(staging: Path, output: Path, contract: Contract, version: int, add_version: bool,
+                  overrides=()) -> None:
     """Moves the checked build in: the new version beside the served ones, or the whole tree swapped in."""
     if add_version:
-        move_version_in(staging, output, contract, version)
+        move_version_in(staging, output, contract, version, overrides)
         shutil.rmtree(staging, ignore_errors=True)
     else:
         # Other models and files the user keeps in the repository move into the new tree, never away.

@@ -9,8 +9,8 @@ model=${3:-swin_tiny_patch4_window7_224}
 size=$(stat -c %s "$image")
 # A BYTES element on the wire is a little-endian uint32 length followed by the bytes.
 header='{"inputs":[{"name":"image","shape":[1,1],"datatype":"BYTES","parameters":{"binary_data_size":'$((size + 4))'}}],'
-header+='"outputs":[{"name":"labels","parameters":{"binary_data":false}},'
-header+='{"name":"scores","parameters":{"binary_data":false}},{"name":"classes","parameters":{"binary_data":false}}]}'
+# The top 5 as "score:index:label" strings: Triton's classification extension on the probabilities.
+header+='"outputs":[{"name":"probabilities","parameters":{"binary_data":false,"classification":5}}]}'
 body=$(mktemp)
 trap 'rm -f "$body"' EXIT
 { printf '%s' "$header"; perl -e 'print pack("V", $ARGV[0])' "$size"; cat "$image"; } > "$body"

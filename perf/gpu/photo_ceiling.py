@@ -2,7 +2,7 @@
 
 The served photo path's own code, outside Triton: `gpu_imaging.GpuPreprocessor` (decode, resize, crop,
 normalize), the classifier's inductor engine (`torch_runner.TorchEngine`, its CUDA graphs) and the head
-(`torch_runner.topk_packed`: softmax, top-k, one copy back), from JPEG bytes in host memory to top-k arrays
+(`torch_runner.class_outputs_packed`: softmax, one copy back), from JPEG bytes in host memory to class arrays
 in host memory, on batches of B photos, in P processes at once (each its own CUDA context, as Triton's
 Python-backend instances are; under a CUDA MPS daemon of its own with --mps, as `builder serve --mps`). No gRPC,
 no queue, no hand-off: set beside the served rows on the same host, they say what the server costs and what the
@@ -37,7 +37,6 @@ def _load(version_dir: str, params: dict, max_batch: int):
     from builder.engines import torch_runner
     from builder.repository.triton_models import gpu_imaging
 
-    k = int(params["top_k"])
     device = params["device"]
     pre = gpu_imaging.GpuPreprocessor.from_config(imaging.PreprocessParams.from_parameters(params), params, device,
                                                   map, print)
@@ -46,7 +45,7 @@ def _load(version_dir: str, params: dict, max_batch: int):
 
     def labels(items):
         pixels, _ = pre(items)
-        return torch_runner.topk_packed(engine(pixels), k).cpu().numpy()
+        return torch_runner.class_outputs_packed(engine(pixels)).cpu().numpy()
 
     return labels
 
@@ -100,7 +99,7 @@ def run(repository: Path, model: str, batches, processes, seconds: float, photos
     if not params.get("engine_dir"):
         raise SystemExit(f"{model} runs no engine in its process (the BLS pipeline design); build the photo path "
                          "with --gpu-photo-path fused or hybrid")
-    params.update(top_k=str(config.output[0].dims[0]), device=device)
+    params.update(device=device)
     version_dir = str(max((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)))
     context = multiprocessing.get_context("spawn")  # each process its own CUDA context; the parent has none
     results = context.Queue()

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from builder.repository import configs, models
-from builder.core.contract import Contract
+from builder.core.contract import LABELS_FILE, Contract
 from builder.core.manifest import read_manifest
 from builder.settings import Batching, InstanceGroup, RepoSettings, VersionPolicy
 
@@ -44,7 +44,7 @@ def write(repo: Path, name: str) -> None:
                                                          queue.default_timeout_microseconds),
                             preprocess_instances=InstanceGroup("KIND_GPU", pipeline.instance_group[0].count))
     version = sorted(p.name for p in (repo / contract.classifier).iterdir() if p.name.isdigit())[-1]
-    labels = (repo / name / version / "labels.txt").read_text(encoding="utf-8").splitlines()
+    labels = (repo / name / LABELS_FILE).read_text(encoding="utf-8").splitlines()
     fused = repo / f"{name}_fused"
     config = models.write_pipeline(fused / version, settings, contract, params, labels,
                                     (repo / contract.classifier / version, cls_params))
@@ -53,6 +53,7 @@ def write(repo: Path, name: str) -> None:
     config = configs.ensemble(contract, manifest["contract"]["max_batch_size"], VersionPolicy())
     config.name = f"{name}_ensemble3"
     (repo / config.name / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(repo / name / LABELS_FILE, repo / config.name / LABELS_FILE)  # the labels its outputs carry
     configs.write(config, repo / config.name)
     print("wrote", fused.name, "and", config.name)
 

@@ -40,7 +40,7 @@ def main() -> None:
                             preprocess="gpu", compile_timeout_s=args.timeout_s, classifier_batching=Batching(128, (32, 64, 128), 500))
     model = load_model(settings.source)
     height, width = model.data_config["input_size"][1:]
-    contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes, settings.top_k)
+    contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes)
     params = PreprocessParams.from_timm(model.data_config, settings.max_image_pixels)
     batches = [int(b) for b in args.batches.split(",")]
     report = {"model": args.model, "weights": model.weights, "gpu": torch.cuda.get_device_name(0),

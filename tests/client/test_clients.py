@@ -53,6 +53,19 @@ def test_sync_paths(server, contract, photos, timm_reference, protocol, mode, sh
 
 
 @pytest.mark.server
+def test_classify_checks_its_arguments(server, contract, photo_paths):
+    """The Python API checks as the CLI does; top-k is the server's classification extension, any k works."""
+    with Classifier(settings_for(server, contract)) as client:
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(SettingsError, match="top_k: is"):
+                client.classify([photo_paths[0]], top_k=bad)
+        (one,) = client.classify(str(photo_paths[0]), top_k=2)  # a path alone is one image, not its characters
+        assert one.ok and one.source == str(photo_paths[0]) and len(one.predictions) == 2
+        (wide,) = client.classify([photo_paths[0]], top_k=20)
+        assert len(wide.predictions) == 20 and wide.top1.index == one.top1.index
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_async_paths(server, contract, photos, timm_reference, protocol):
     async def run():
@@ -360,9 +373,10 @@ def test_raw_http_with_curl(server, contract, photo_paths, photos, timm_referenc
     result = subprocess.run([str(ROOT / "clients" / "examples" / "curl_infer.sh"), str(photo_paths[1]),
                              server.http_url, contract.ensemble], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    outputs = {o["name"]: o for o in json.loads(result.stdout)["outputs"]}
-    assert outputs["classes"]["data"][0] == int(timm_reference([photos[1]]).argmax())
-    assert outputs["labels"]["shape"] == [1, 5] and isinstance(outputs["labels"]["data"][0], str)
+    (output,) = json.loads(result.stdout)["outputs"]
+    assert output["name"] == "probabilities" and output["shape"] == [1, 5]
+    score, index, label = output["data"][0].split(":", 2)
+    assert int(index) == int(timm_reference([photos[1]]).argmax()) and label and 0 < float(score) <= 1
 
 
 @pytest.mark.server
@@ -373,14 +387,17 @@ def test_raw_grpc_model_infer(server, contract, photos, timm_reference):
 
     request = service_pb2.ModelInferRequest(model_name=contract.ensemble)
     request.inputs.add(name="image", datatype="BYTES", shape=[1, 1])
-    for name in ("classes", "logits"):
-        request.outputs.add(name=name)
+    request.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
+    request.outputs.add(name="logits")
     request.raw_input_contents.append(struct.pack("<I", len(photos[2])) + photos[2])
     with grpc.insecure_channel(server.grpc_url) as channel:
         reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
     raw = {o.name: (o, data) for o, data in zip(reply.outputs, reply.raw_output_contents)}
-    classes = np.frombuffer(raw["classes"][1], dtype="<i8").reshape(list(raw["classes"][0].shape))
+    ranked, data = raw["probabilities"]
+    assert ranked.datatype == "BYTES" and list(ranked.shape) == [1, 3]
+    length = struct.unpack("<I", data[:4])[0]  # the first length-prefixed element: the best class
+    best = data[4:4 + length].decode().split(":", 2)
     logits = np.frombuffer(raw["logits"][1], dtype="<f4").reshape(list(raw["logits"][0].shape))
     reference = timm_reference([photos[2]])
-    assert classes[0, 0] == reference.argmax()
+    assert int(best[1]) == reference.argmax() and best[2]
     assert np.abs(logits - reference).max() <= SERVED_LOGIT_ATOL

@@ -79,7 +79,7 @@ def test_inductor_build_gates_and_times_in_a_fresh_process(tmp_path, tiny_model)
     from builder.core.imaging import PreprocessParams
     from builder.core.photos import photo_batch
 
-    contract = Contract("tiny", (224, 224), tiny_model.num_classes, 5)
+    contract = Contract("tiny", (224, 224), tiny_model.num_classes)
     program = inductor.export_program(tiny_model, contract, tmp_path / inductor.FILE, 8)
     (tmp_path / inductor.SIDECAR).write_text(json.dumps({"environment": inductor.environment()}))
     photos = photo_batch(PreprocessParams.from_timm(tiny_model.data_config))

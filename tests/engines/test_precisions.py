@@ -19,7 +19,7 @@ from builder.errors import BuilderError
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory, tiny_model):
-    contract = Contract("tiny", (224, 224), tiny_model.num_classes, 5)
+    contract = Contract("tiny", (224, 224), tiny_model.num_classes)
     return inductor.export_program(tiny_model, contract, tmp_path_factory.mktemp("p") / inductor.FILE, 8)
 
 

@@ -33,11 +33,18 @@ def test_quantize_calibrates_on_photos_and_keeps_the_logits(local_repo, contract
     assert figures["min_cosine"] >= MIN_COSINE and figures["rows"] == 16
     assert figures["max_abs"] > 0  # really quantized, not a copy
 
+    # The user's files beside the output stay as they were (ModelOpt writes and deletes model_reconciled.onnx
+    # beside its output: it does so in a folder of the tool's own).
+    (tmp_path / "model_reconciled.onnx").write_bytes(b"the user's own file")
+    before_files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     cli = subprocess.run([sys.executable, "-m", "builder", "quantize", "--onnx", str(onnx), "--calibration",
                           str(tmp_path / "calib.npy"), "--output", str(tmp_path / "cli.onnx"), "--reference",
                           str(tmp_path / "ref.npz"), "--min-top1", "0"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert "QuantizeLinear nodes" in cli.stdout and "min_cosine" in cli.stdout
+    after_files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert set(after_files) == set(before_files) | {"cli.onnx"}  # nothing left beside it either
+    assert all(after_files[name] == data for name, data in before_files.items())
     strict = subprocess.run([sys.executable, "-m", "builder", "quantize", "--onnx", str(onnx), "--calibration",
                              str(tmp_path / "calib.npy"), "--output", str(tmp_path / "strict.onnx"), "--reference",
                              str(tmp_path / "ref.npz"), "--min-cosine", "0.9999999"],

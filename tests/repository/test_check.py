@@ -58,7 +58,7 @@ def test_dtype_and_shape_mismatch(repo_copy, contract):
     edit(repo_copy, contract.postprocess, fp16)
     problems = check_repository(repo_copy)
     assert any("'classifier_logits' is TYPE_FP32 but TYPE_FP16 is expected" in p for p in problems)
-    assert any("'scores' has dims [10] but [5] are expected" in p for p in problems)
+    assert any("'probabilities' has dims [10] but [1000] are expected" in p for p in problems)
 
 
 def test_missing_files(repo_copy, contract):
@@ -69,6 +69,18 @@ def test_missing_files(repo_copy, contract):
     assert any(f"{contract.preprocess}: version 1 lacks model.py" in p for p in problems)
     assert any("an ensemble needs an empty one" in p for p in problems)
     assert any(f"{contract.postprocess}: no config.pbtxt" in p for p in problems)
+
+
+def test_what_a_local_model_loads_but_its_config_does_not_name(repo_copy, contract):
+    """The local classifier's model.onnx (loaded by its model.py) and Python that does not compile: the server
+    would not start, so `builder check` exits 1 naming each."""
+    (repo_copy / contract.classifier / "1" / "model.onnx").unlink()
+    (repo_copy / contract.postprocess / "1" / "model.py").write_text("def execute(self, requests)\n    return []\n")
+    bad = subprocess.run([sys.executable, "-m", "builder", "check", str(repo_copy)], capture_output=True, text=True)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert f"{contract.classifier}: version 1 lacks model.onnx, which the build wrote" in bad.stdout + bad.stderr
+    assert (f"{contract.postprocess}: version 1's model.py does not compile (expected ':', line 1)"
+            in bad.stdout + bad.stderr)
 
 
 def test_onnx_against_config(repo_copy, contract):

@@ -10,7 +10,7 @@ from builder import settings as s
 from builder.core.contract import Contract
 from builder.errors import BuilderError
 
-CONTRACT = Contract("swin", (224, 224), 1000, top_k=5)
+CONTRACT = Contract("swin", (224, 224), 1000)
 POLICY = s.VersionPolicy()
 
 
@@ -24,7 +24,7 @@ def test_classifier_config_text():
     assert "max_queue_delay_microseconds: 500" in text
     assert "count: 2" in text and "kind: KIND_GPU" in text and "gpus: 0" in text and "gpus: 1" in text
     assert 'name: "input"' in text and "dims: 3\n  dims: 224\n  dims: 224" in text
-    assert 'name: "logits"' in text and "dims: 1000" in text
+    assert 'name: "logits"' in text and "dims: 1000" in text and 'label_filename: "labels.txt"' in text
 
 
 def test_ensemble_has_scheduling_and_no_dynamic_batching():

@@ -24,7 +24,8 @@ from builder.repository.models import LOAD_GATE
 from builder.repository.writer import build_repository
 from builder.core import imaging
 from builder.repository.triton_models import gpu_imaging
-from conftest import MAX_BATCH, broken_jpegs, free_ports, tiny_settings
+from conftest import (MAX_BATCH, TRITON_CLIENT_EXAMPLES, broken_jpegs, class_count_on_every_output, free_ports,
+                      nvidia_ensemble_image_client, tiny_settings)
 
 LEVEL = 1.0 / 255 / min(0.229, 0.224, 0.225)  # one 8-bit step after normalization
 
@@ -155,7 +156,7 @@ def test_settings_of_the_variants():
     params = torch_parameters(s.RepoSettings(engine="inductor", inductor_precision="fp32",
                                              classifier_batching=s.Batching(48, (24,), 100),
                                              classifier_instances=s.InstanceGroup("KIND_CPU", 1)),
-                              Contract("x", (224, 224), 1000, 5))
+                              Contract("x", (224, 224), 1000))
     assert params["precision"] == "fp32" and params["batch_buckets"] == ",".join(map(str, [1, 2, *range(4, 49, 4)]))
     from builder.engines.race import batch_buckets
 
@@ -168,7 +169,7 @@ def test_settings_of_the_variants():
     assert large[-1] == 1000 and len(large) <= 34 and max(b - a for a, b in zip(large, large[1:])) <= 64
     assert params["intra_op_threads"] == "0"  # CPU instances compute on the CPU: torch's own pool
     gpu = torch_parameters(s.RepoSettings(engine="inductor", classifier_instances=s.InstanceGroup("KIND_GPU", 2)),
-                           Contract("x", (224, 224), 1000, 5))
+                           Contract("x", (224, 224), 1000))
     assert gpu["intra_op_threads"] == "1"  # GPU instances only stack and copy: one thread each (H100-measured)
     with pytest.raises(BuilderError, match="preprocess: 'fast' is unknown"):
         s.RepoSettings(preprocess="fast")
@@ -206,9 +207,11 @@ def test_variant_repository(gpu_repo, tmp_path):
     assert pipeline.backend == "python" and not pipeline.HasField("ensemble_scheduling")
     assert not pipeline.model_warmup and pipeline.dynamic_batching.max_queue_delay_microseconds == 0
     assert pipeline.parameters["classifier"].string_value == "swin_tiny_patch4_window7_224_classifier"
-    assert [o.name for o in pipeline.output] == ["scores", "classes", "labels", "logits"]
+    assert [(o.name, o.label_filename) for o in pipeline.output] == [("probabilities", "labels.txt"),
+                                                                      ("logits", "labels.txt")]
+    assert (gpu_repo / "swin_tiny_patch4_window7_224" / "labels.txt").is_file()
     assert {p.name for p in (gpu_repo / "swin_tiny_patch4_window7_224" / "1").iterdir()} >= {
-        "model.py", "imaging.py", "gpu_imaging.py", "labels.txt", "gate", "engine", "torch_runner.py"}
+        "model.py", "imaging.py", "gpu_imaging.py", "gate", "engine", "torch_runner.py"}
     assert pipeline.parameters["engine_dir"].string_value == "engine"
     assert manifest["settings"]["gpu_photo_path"] == "fused"
     sidecar = json.loads((cls / "1" / "engine.json").read_text())
@@ -275,16 +278,33 @@ def test_torch_engine_buckets_and_artifact_lock(gpu_repo, tiny_model, caplog):
 
 
 @pytest.mark.server
-def test_served_gpu_variant_isolates_failures_and_matches_exact(gpu_repo, local_repo, uploads, tmp_path):
+def test_served_gpu_variant_isolates_failures_and_matches_exact(gpu_repo, local_repo, uploads, photo_paths, tmp_path):
+    """Also: `class_count` on every output of every model of the photo path's repository is answered, and
+    NVIDIA's `ensemble_image_client.py` (where TRITON_CLIENT_EXAMPLES names it) classifies through it as it is."""
     from builder.serving.server import LocalServer, ServerSettings
     from clients import Classifier, ClientSettings
 
     names = ["photo3", "exif6", "gray", "cmyk", "chelsea.png", "tiny"]
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    for name in ("photo3", "exif6", "gray"):
+        (jpegs / f"{name}.jpg").write_bytes(uploads[name])
     http, grpc, metrics = free_ports(3)
     with LocalServer(ServerSettings(str(gpu_repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))) as server:
         settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224", max_batch=MAX_BATCH)
         with Classifier(settings) as client:
             results = client.classify([uploads[n] for n in names] + [b"\xff\xd8broken"], return_logits=True)
+        answers = class_count_on_every_output(server, [uploads["photo3"]])
+        printed = {protocol: nvidia_ensemble_image_client(url, protocol, "swin_tiny_patch4_window7_224", jpegs)
+                   for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url))
+                   } if TRITON_CLIENT_EXAMPLES else {}
+    failed = {key: answer for key, answer in answers.items() if not isinstance(answer, list)}
+    assert len({model for _, model, _ in answers}) == 4 and not failed, failed
+    assert all(len(row) == 3 for row in answers.values())
+    best = results[0].top1.index  # photo3
+    for rows in printed.values():
+        for output in ("probabilities", "logits"):
+            assert rows["photo3.jpg"][output][0][1] == best
     assert [r.ok for r in results] == [True] * len(names) + [False]
     assert "not a decodable image" in results[-1].error or "corrupt" in results[-1].error
     http, grpc, metrics = free_ports(3)
@@ -318,7 +338,7 @@ def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, 
     assert any("lacks engine/model.pt2" in p for p in check_repository(repo))
     (tmp_path / "aside.pt2").rename(engine / "model.pt2")
     (fused / "1" / "torch_runner.py").rename(tmp_path / "aside.py")  # as built by a builder before the head
-    assert any("has no torch_runner.py (its top-k head" in p for p in check_repository(repo))
+    assert any("has no torch_runner.py (its softmax head" in p for p in check_repository(repo))
     (tmp_path / "aside.py").rename(fused / "1" / "torch_runner.py")
     with pytest.raises(BuilderError, match="gpu_photo_path: fused runs the inductor engine"):
         s.RepoSettings(preprocess="gpu", gpu_photo_path="fused", engine="onnxruntime")

@@ -66,8 +66,11 @@ def test_labels_and_warmup_in_the_configs(local_repo, contract):
     assert configs.to_text(config).count("format: FORMAT_NCHW") == 1
     assert config.output[0].label_filename == "labels.txt"
     labels = (local_repo / contract.classifier / "labels.txt").read_text().splitlines()
-    post = (local_repo / contract.postprocess / "1" / "labels.txt").read_text().splitlines()
-    assert labels == post and len(labels) == 1000  # the same names the postprocess returns
+    for model in (contract.postprocess, contract.ensemble):  # every class-indexed output carries the same names
+        assert (local_repo / model / "labels.txt").read_text().splitlines() == labels
+        assert [o.label_filename for o in configs.read(local_repo / model / "config.pbtxt").output] == [
+            "labels.txt", "labels.txt"]
+    assert len(labels) == 1000
     assert [w.batch_size for w in config.model_warmup] == [1, 4, 8]
     pre = configs.read(local_repo / contract.preprocess / "config.pbtxt")
     (warmup,) = pre.model_warmup

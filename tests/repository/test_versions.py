@@ -47,9 +47,45 @@ def test_version_policy_latest_two(local_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(local_repo, repo)
     build_repository(tiny_settings(repo, source=s.ModelSource(s.DEFAULT_MODEL, model_kwargs=TINY_KWARGS, seed=12),
-                                   version_policy=s.VersionPolicy("latest", 2)), add_version=True)
+                                   version_policy=s.VersionPolicy("latest", 2)), add_version=True,
+                     overrides=("version_policy",))
     text = (repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt").read_text()
     assert "num_versions: 2" in text
+
+
+def test_a_new_version_keeps_the_served_config_and_says_so(local_repo, tmp_path):
+    """A roll-out (`make repo ADD_VERSION=1 WEIGHTS=...`) keeps what the served config was tuned in: instances,
+    queue delay, a rollback pin; an option given on the command line wins, and each difference is logged."""
+    from builder.repository import configs
+    from conftest import run_module
+
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    path = repo / "swin_tiny_patch4_window7_224_classifier" / "config.pbtxt"
+    tuned = configs.read(path)  # as `perf tune --write` and a hand-made rollback pin leave it
+    tuned.instance_group[0].count = 3
+    tuned.dynamic_batching.max_queue_delay_microseconds = 2000
+    tuned.version_policy.specific.versions.append(1)
+    configs.write(tuned, path.parent)
+    result = run_module("builder", "repo", "--add-version", "--model-kwargs", TINY_KWARGS, "--seed", "21",
+                        "--max-batch-size", "8", "--output", str(repo))
+    assert result.returncode == 0, result.stderr
+    served = configs.read(path)
+    assert served.instance_group[0].count == 3 and served.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert list(served.version_policy.specific.versions) == [1]
+    assert "keeping the served instance_group {count: 3 kind: KIND_CPU}" in result.stderr
+    assert "pass --instance-count or --instance-kind or --gpus to change it" in result.stderr
+    assert "version 2 is written but not served: the served version policy pins [1]" in result.stderr
+    assert check_repository(repo) == []
+    result = run_module("builder", "repo", "--add-version", "--model-kwargs", TINY_KWARGS, "--seed", "22",
+                        "--max-batch-size", "8", "--output", str(repo), "--instance-count", "2",
+                        "--version-policy", "latest:1")
+    assert result.returncode == 0, result.stderr
+    served = configs.read(path)
+    assert served.instance_group[0].count == 2 and served.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert served.version_policy.latest.num_versions == 1
+    assert "instance_group {count: 3 kind: KIND_CPU} -> {count: 2 kind: KIND_CPU} (--instance-count given)" \
+        in result.stderr
 
 
 def _logits(client, ensemble, image):
@@ -117,7 +153,7 @@ def test_a_new_version_keeps_both_batch_limits(tmp_path):
     served = tiny_settings(tmp_path / "repo")
     previous = {"contract": {"max_batch_size": served.ensemble_max_batch},
                 "settings": {"classifier_batching": {"max_batch_size": served.classifier_batching.max_batch_size},
-                             "top_k": served.top_k, "preprocess": served.preprocess}}
+                             "preprocess": served.preprocess}}
     assert contract_changes(previous, served) == []
     smaller_photo_batches = tiny_settings(tmp_path / "repo", preprocess_batching=s.Batching(2, (), 2000))
     assert contract_changes(previous, smaller_photo_batches) == [("max_batch_size", served.ensemble_max_batch, 2)]

@@ -19,12 +19,12 @@ from conftest import SERVED_LOGIT_ATOL, free_ports, tiny_settings
 
 
 
-def _infer(module, url, model, images, outputs=("scores", "classes", "labels", "logits")):
+def _infer(module, url, model, images, outputs=("probabilities", "logits"), class_count=0):
     client = module.InferenceServerClient(url)
     array = np.array(images, dtype=object).reshape(-1, 1)
     inp = module.InferInput("image", list(array.shape), "BYTES")
     inp.set_data_from_numpy(array)
-    requested = [module.InferRequestedOutput(name) for name in outputs]
+    requested = [module.InferRequestedOutput(name, class_count=class_count) for name in outputs]
     return client.infer(model, [inp], outputs=requested)
 
 
@@ -38,14 +38,19 @@ def test_ensemble_matches_timm_and_pytorch(server, contract, photos, timm_refere
     assert logits.shape == (len(photos), 1000)
     assert np.abs(logits - reference).max() <= SERVED_LOGIT_ATOL
     assert (logits.argmax(1) == reference.argmax(1)).all()
-    scores, classes, labels = result.as_numpy("scores"), result.as_numpy("classes"), result.as_numpy("labels")
-    assert scores.shape == classes.shape == labels.shape == (len(photos), 5)
-    assert classes.dtype == np.int64 and (classes[:, 0] == reference.argmax(1)).all()
     probs = np.exp(reference - reference.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    np.testing.assert_allclose(scores, np.take_along_axis(probs, classes, 1), rtol=1e-3)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probs, rtol=1e-3, atol=1e-6)
+    # Top-k with names: Triton's classification extension on the probabilities, best first.
+    ranked = _infer(module, url, contract.ensemble, photos, ("probabilities",), class_count=5).as_numpy("probabilities")
+    assert ranked.shape == (len(photos), 5)
+    rows = [[entry.decode().split(":", 2) for entry in row] for row in ranked]
+    classes = np.array([[int(i) for _, i, _ in row] for row in rows])
+    scores = np.array([[float(p) for p, _, _ in row] for row in rows])
+    assert (classes[:, 0] == reference.argmax(1)).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(probs, classes, 1), rtol=1e-3, atol=1e-6)
     assert (np.diff(scores, axis=1) <= 0).all()  # best first
-    assert labels[0, 0].decode() == tiny_model.class_names[classes[0, 0]]
+    assert rows[0][0][2] == tiny_model.class_names[classes[0, 0]]
 
 
 @pytest.mark.server
@@ -73,7 +78,7 @@ def test_bad_images_get_their_own_error_and_server_stays_up(server, contract, ph
 
     def one(data):
         try:
-            return _infer(grpcclient, server.grpc_url, contract.ensemble, [data]).as_numpy("classes").shape
+            return _infer(grpcclient, server.grpc_url, contract.ensemble, [data]).as_numpy("probabilities").shape
         except InferenceServerException as exc:
             return str(exc)
 
@@ -83,7 +88,7 @@ def test_bad_images_get_their_own_error_and_server_stays_up(server, contract, ph
         if data.startswith(b"\x89PNG broken"):
             assert "not a decodable image" in result
         else:
-            assert result == (1, 5)
+            assert result == (1, 1000)
     assert server.is_ready()
 
 
@@ -93,8 +98,7 @@ def test_model_metadata_matches_contract(server, contract):
     meta = client.get_model_metadata(contract.ensemble)
     assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [("image", "BYTES", [-1, 1])]
     outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
-    assert outputs == {"scores": ("FP32", [-1, 5]), "classes": ("INT64", [-1, 5]),
-                       "labels": ("BYTES", [-1, 5]), "logits": ("FP32", [-1, 1000])}
+    assert outputs == {"probabilities": ("FP32", [-1, 1000]), "logits": ("FP32", [-1, 1000])}
 
 
 @pytest.mark.server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +100,26 @@ def test_quantize_refuses_calibration_of_another_shape(local_repo, tmp_path):
     np.save(calibration, np.zeros((2, 3, 192, 192), np.float32))
     _error(run_module("builder", "quantize", "--onnx", str(onnx_file), "--calibration", str(calibration),
                          "--output", str(tmp_path / "q.onnx")), "calibration:", "[3, 192, 192]", "[3, 224, 224]")
+
+
+def test_quantize_checks_its_output_and_reference_before_quantizing(local_repo, tmp_path):
+    exported = tmp_path / "model.onnx"
+    shutil.copy2(local_repo / "swin_tiny_patch4_window7_224_classifier" / "1" / "model.onnx", exported)
+    before = exported.read_bytes()
+    calibration = tmp_path / "c.npy"
+    np.save(calibration, np.zeros((2, 3, 224, 224), np.float32))
+    _error(run_module("builder", "quantize", "--onnx", str(exported), "--calibration", str(calibration),
+                      "--output", str(tmp_path / "." / "model.onnx")), "output:", "the --onnx model itself")
+    assert exported.read_bytes() == before
+    bad = tmp_path / "ref.npz"
+    np.savez(bad, inputs=np.zeros((2, 3, 192, 192), np.float32), logits=np.zeros((2, 1000), np.float32))
+    _error(run_module("builder", "quantize", "--onnx", str(exported), "--calibration", str(calibration),
+                      "--output", str(tmp_path / "q.onnx"), "--reference", str(bad)), "reference:", "[3, 192, 192]")
+    (tmp_path / "junk.npz").write_bytes(b"not an archive")
+    _error(run_module("builder", "quantize", "--onnx", str(exported), "--calibration", str(calibration),
+                      "--output", str(tmp_path / "q.onnx"), "--reference", str(tmp_path / "junk.npz")),
+           "reference:", "is not the .npz of inputs and logits")
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_client_says_one_line_per_cause(tmp_path, photo_paths):

@@ -66,7 +66,7 @@ def test_a_new_version_refuses_contract_changes(local_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(local_repo, repo)
     before = file_hashes(repo)
-    for extra, field in ((["--top-k", "3"], "top_k 5 -> 3"), (["--max-batch-size", "4"], "max_batch_size 8 -> 4"),
+    for extra, field in ((["--max-batch-size", "4"], "max_batch_size 8 -> 4"),
                          (["--preprocess", "draft"], "preprocess 'exact' -> 'draft'")):
         result = run_module("builder", "repo", "--add-version", "--model-kwargs", TINY_KWARGS, "--max-batch-size", "8",
                       "--output", str(repo), *extra)

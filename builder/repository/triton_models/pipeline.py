@@ -1,8 +1,9 @@
-"""Triton Python-backend model: image bytes -> top-k, the whole photo path in one model (`--preprocess gpu`).
+"""Triton Python-backend model: image bytes -> class probabilities, the photo path in one model (`--preprocess gpu`).
 
 Copied into the repository as `<name>/<version>/model.py` (the name clients call, where the other
-preprocessings put the ensemble), with `imaging.py`, `gpu_imaging.py`, `torch_runner.py`,
-`labels.txt` and the load-time gate's photos beside it. Per dynamic batch of requests:
+preprocessings put the ensemble), with `imaging.py`, `gpu_imaging.py`, `torch_runner.py` and the load-time
+gate's photos beside it (`labels.txt`, which its outputs carry, in the model folder). Per dynamic batch of
+requests:
 
 1. every request's images are decoded and transformed together on the GPU (`gpu_imaging.GpuPreprocessor`;
    the exact CPU path for what the GPU decoder cannot take, with its error messages);
@@ -10,7 +11,8 @@ preprocessings put the ensemble), with `imaging.py`, `gpu_imaging.py`, `torch_ru
    rows: by the classifier's inductor engine in this process (`fused`: its files in `engine/`), or by one
    BLS request to the classifier model per chunk, one GPU tensor handed over by DLPack (`pipeline`), or the
    first for chunks of up to `local_max_batch` rows and the second above (`hybrid`);
-3. softmax and top-k on the GPU (`torch_runner.topk_packed`), then one copy of the small results to the host.
+3. softmax on the GPU (`torch_runner.class_outputs_packed`), then one copy of probabilities and logits to the
+   host; top-k with class names is Triton's classification extension on them (a request's `class_count`).
 
 Why one model: in the ensemble every request's tensor crossed three Python models one by one (on an H200,
 9.9 ms of output hand-off and 5.4 ms of input gathering per batch of ~21 requests). Here a batch crosses
@@ -42,7 +44,7 @@ else:  # imported as part of the project
 
 
 class TritonPythonModel:
-    """Decode, classify (in this process, or one BLS request per chunk) and top-k, batched across requests."""
+    """Decode, classify (in this process, or one BLS request per chunk) and softmax, batched across requests."""
 
     def initialize(self, args):
         import torch
@@ -52,8 +54,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.params = imaging.PreprocessParams.from_parameters(params)
         self.input_name = config["input"][0]["name"]
-        self.outputs = [o["name"] for o in config["output"]]  # scores, classes, labels, logits
-        self.k = min(int(config["output"][0]["dims"][0]), int(config["output"][3]["dims"][0]))  # top-k, classes
+        self.outputs = [o["name"] for o in config["output"]]  # probabilities, logits
         self.classifier = params["classifier"]
         self.classifier_input, self.classifier_output = params["classifier_input"], params["classifier_output"]
         self.chunk = int(params["classifier_max_batch"])
@@ -65,8 +66,6 @@ class TritonPythonModel:
         workers = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)  # the exact path's Pillow pool
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
         self.gpu = gpu_imaging.GpuPreprocessor.from_config(self.params, params, device, self.pool.map, served.log_warn)
-        with open(os.path.join(_HERE, "labels.txt"), encoding="utf-8") as f:
-            self.labels = np.array([line.rstrip("\n").encode("utf-8") for line in f], dtype=object)
         try:
             figures, photos = gpu_imaging.gate_model(self.gpu, _HERE, params)
         except ValueError as exc:  # the model does not load: nothing is served off the exact path
@@ -155,7 +154,7 @@ class TritonPythonModel:
         whole = [i for i, (a, b) in enumerate(spans) if not any(errors[a:b])]
         rows = [row for i in whole for row in range(*spans[i])]
         results = self._classify(batch[rows] if len(rows) < len(batch) else batch) if rows else None
-        self._phase("classify+topk")
+        self._phase("classify+softmax")
         responses, at = [], 0
         for request, (a, b) in zip(requests, spans):
             failed = [f"{self.input_name}[{i}]: {err}" for i, err in enumerate(errors[a:b]) if err]
@@ -163,13 +162,11 @@ class TritonPythonModel:
                 responses.append(served.error_response("; ".join(failed)))
                 continue
             n = b - a
-            scores, classes, logits = (r[at:at + n] for r in results)
+            arrays = dict(zip(self.outputs, (r[at:at + n] for r in results)))
             at += n
-            arrays = {self.outputs[0]: lambda: scores, self.outputs[1]: lambda: classes,
-                      self.outputs[2]: lambda: self.labels[classes], self.outputs[3]: lambda: logits}
             # Only the outputs the request asked for (Triton would drop the others after they were built).
             responses.append(pb_utils.InferenceResponse(
-                [pb_utils.Tensor(name, arrays[name]()) for name in self._requested(request)]))
+                [pb_utils.Tensor(name, np.ascontiguousarray(arrays[name])) for name in self._requested(request)]))
         self._phase("responses")
         self.batches += 1
         if self.profile_every:
@@ -192,19 +189,20 @@ class TritonPythonModel:
         return [name for name in self.outputs if name in names] or self.outputs
 
     def _classify(self, pixels):
-        """Top-k scores, classes and logits of `pixels` as host arrays: one device-to-host copy for all three.
+        """Probabilities and logits of `pixels` as host arrays: one device-to-host copy for both.
 
-        Each `.cpu()` is a synchronizing copy of its own, so the three travel packed in one tensor (`_packed`).
+        Each `.cpu()` is a synchronizing copy of its own, so the two travel packed in one tensor (`_packed`).
         """
-        torch, k = self.torch, self.k
+        torch = self.torch
         chunks = [self._packed(pixels[i:i + self.chunk]) for i in range(0, len(pixels), self.chunk)]
         packed = (torch.cat(chunks) if len(chunks) > 1 else chunks[0]).cpu().numpy()
-        return packed[:, :k].copy(), packed[:, k:2 * k].astype(np.int64), packed[:, 2 * k:].copy()
+        classes = packed.shape[1] // 2
+        return packed[:, :classes], packed[:, classes:]
 
     def _packed(self, pixels):
-        """Top-k of one chunk's logits (from the engine here or by BLS), packed by `torch_runner.topk_packed`."""
+        """One chunk's logits (from the engine here or by BLS), packed by `torch_runner.class_outputs_packed`."""
         logits = self.engine(pixels) if len(pixels) <= self.local_max else self._bls_logits(pixels).float()
-        return torch_runner.topk_packed(logits, self.k)
+        return torch_runner.class_outputs_packed(logits)
 
     def _bls_logits(self, pixels):
         """The classifier model's logits of `pixels`: one BLS request, one GPU tensor handed over by DLPack."""
