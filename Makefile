@@ -107,7 +107,9 @@ GPU_PYTHON ?=
 test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
 	$(or $(GPU_PYTHON),$(PY)) -m pytest -m gpu tests/gpu -p no:cacheprovider $(PYTEST_ARGS)
 
+# A server started from .server/ is stopped first: removing its folder under it would leave it running.
 clean:
+	if [ -x $(PY) ]; then $(PY) -m builder stop; fi
 	rm -rf $(REPO) .server build
 
 # Triton's Model Analyzer, in its own environment (it needs a newer tritonclient than the pinned 2.51).

@@ -286,8 +286,11 @@ COMMANDS = {"quantize": _cmd_quantize, "docker": _cmd_docker, "export": _cmd_exp
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs the CLI; user errors print one line and return 1."""
+    from builder.core.interrupt import sigterm_interrupts
+
     args = build_parser().parse_args(argv)
     args.given = given_options(argv)
+    sigterm_interrupts()  # a killed build removes its staging folder, a foreground server stops
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_repo, _add_export, _add_quantize, _add_docker, _add_check, _add_serve, _add_stop):
         add(sub)
+    for command in sub.choices.values():  # `-v` after the subcommand too; not given there, the top level's stands
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 

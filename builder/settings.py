@@ -46,6 +46,10 @@ TRITON_VERSION = "2.51.0"
 TENSORRT_VERSION = "10.5.0"
 
 INT32_MAX, UINT32_MAX, UINT64_MAX = 2 ** 31 - 1, 2 ** 32 - 1, 2 ** 64 - 1
+# Past these a value is a mistake, not a setting: a lone request waits the whole queue delay for company (a
+# 3-year delay hangs it), and every Python-backend instance is a process with its own memory (and CUDA context).
+MAX_QUEUE_DELAY_US = 10_000_000
+MAX_INSTANCES = 256
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
@@ -139,8 +143,9 @@ class Batching:
             if not 1 <= size <= self.max_batch_size:
                 _fail("preferred_batch_sizes", f"{size} is outside 1..{self.max_batch_size}",
                       "keep every preferred size at most max_batch_size")
-        if self.max_queue_delay_us < 0:
-            _fail("max_queue_delay_us", "is negative", "use 0 or more microseconds")
+        if not 0 <= self.max_queue_delay_us <= MAX_QUEUE_DELAY_US:
+            _fail("max_queue_delay_us", f"is {self.max_queue_delay_us}",
+                  f"use 0 to {MAX_QUEUE_DELAY_US:,} microseconds (a lone request waits this long for company)")
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,8 @@ class InstanceGroup:
     def __post_init__(self) -> None:
         if self.kind not in INSTANCE_KINDS:
             _fail("instance kind", f"{self.kind!r} is unknown", f"use one of {', '.join(INSTANCE_KINDS)}")
-        if not 1 <= self.count <= INT32_MAX:
-            _fail("instance count", f"is {self.count}", "use 1 or more (a few per device)")
+        if not 1 <= self.count <= MAX_INSTANCES:
+            _fail("instance count", f"is {self.count}", f"use 1 to {MAX_INSTANCES} (a few per device)")
         if self.gpus and self.kind != "KIND_GPU":
             _fail("instance gpus", f"given for {self.kind}", "list GPUs only with KIND_GPU")
         if any(g < 0 for g in self.gpus):
@@ -225,6 +230,9 @@ class VersionPolicy:
                 return cls("latest", int(arg or 1))
             if kind == "specific":
                 return cls("specific", versions=tuple(int(v) for v in arg.split(",") if v))
+            if arg:
+                raise BuilderError(f"version_policy: {text!r}: `{kind}` takes no number; use e.g. all, latest:2 "
+                                   "or specific:1,2")
         except ValueError:
             raise BuilderError(f"version_policy: {text!r} has a non-integer; use e.g. latest:2 or specific:1,2") from None
         return cls(kind)

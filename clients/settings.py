@@ -20,6 +20,9 @@ SHARED_MEMORY = ("none", "system", "cuda")
 MODES = ("ensemble", "classifier")
 
 
+# The longest per-request timeout taken (a day): past it a request is not served, it hangs.
+MAX_TIMEOUT_S = 86_400
+
 @dataclass(frozen=True)
 class ClientSettings:
     """How to reach and call the server.
@@ -88,8 +91,11 @@ class ClientSettings:
         if not grpc_target and ("://" in self.url or ":" not in self.url):
             fail("url", f"{self.url!r} is not host:port",
                  f"e.g. {C.LOCAL_GRPC_URL} (no scheme; gRPC also takes dns:///host:port)")
-        if self.timeout_s <= 0 or self.connect_timeout_s <= 0:
-            fail("timeout_s", "timeouts must be positive", "use seconds > 0")
+        for name in ("timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            # gRPC takes a deadline as a finite time; nan, inf and centuries are refused before any request.
+            if not (isinstance(value, (int, float)) and 0 < value <= MAX_TIMEOUT_S):
+                fail(name, f"is {value!r}", f"use seconds above 0 and at most {MAX_TIMEOUT_S:,}")
         if self.retries < 0 or self.backoff_s < 0:
             fail("retries", "retries and backoff_s must be >= 0", "e.g. retries=3, backoff_s=0.25")
         if self.overload_retries < 0:

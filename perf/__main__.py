@@ -362,14 +362,13 @@ def _add_analyze(sub) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs the CLI; user errors print one line and return 1."""
+    from builder.core.interrupt import sigterm_interrupts
     from builder.errors import BuilderError
-
-    import signal
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # SIGTERM (a kill, a CI timeout) ends a run as Ctrl-C does: servers stopped, temp folders removed, rows kept.
-    signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_interrupts()
     try:
         if getattr(args, "output_kind", None) and getattr(args, "output", None):
             from perf.environment import check_output
@@ -385,10 +384,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.unraisablehook = lambda unraisable: None
         print("interrupted: the finished results were written, nothing is left running", file=sys.stderr)
         return 130
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

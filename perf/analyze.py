@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from builder.core.contract import LOOPBACK
+from builder.core.interrupt import raise_interrupt
 from builder.errors import BuilderError, field_error
 
 log = logging.getLogger("perf")
@@ -140,7 +141,7 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
         process = subprocess.Popen([analyzer, "profile", "-f", str(path)], stdout=out, stderr=subprocess.STDOUT,
                                    env=analyzer_env(), cwd=workdir, start_new_session=True)
         # A SIGTERM (kill, a CI timeout) must unwind like Ctrl-C does, so the group below is taken down too.
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, raise_interrupt)
         try:
             process.wait()
         finally:
@@ -151,10 +152,6 @@ def run_analyzer(analyzer: str, config: Dict, workdir: Path) -> Path:
         tail = (workdir / "model-analyzer.log").read_text(errors="replace").splitlines()[-5:]
         raise BuilderError(f"model-analyzer failed (exit {process.returncode}): {' | '.join(tail)}")
     return workdir / "reports"
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _group_alive(pgid: int) -> bool:

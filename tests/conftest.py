@@ -258,13 +258,38 @@ def pytest_runtest_logreport(report):
                           **({"reason": str(report.longrepr)[-400:]} if report.outcome != "passed" else {})})
 
 
+def _what_ran() -> dict:
+    """The code and command of a run: the commit and whether the tree was clean (from git, or GPU_TEST_COMMIT and
+    GPU_TEST_TREE where the tree was copied without .git), the full command (GPU_TEST_COMMAND, or pytest's), and
+    the versions that decide the GPU paths."""
+    import subprocess
+    import sys
+
+    from builder.meta import package_versions
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                                  cwd=Path(__file__).parent).stdout.strip() or None
+        except OSError:
+            return None
+
+    commit = os.environ.get("GPU_TEST_COMMIT") or git("rev-parse", "HEAD")
+    clean = os.environ.get("GPU_TEST_TREE") or ("clean" if commit and not git("status", "--porcelain") else "dirty")
+    return {"git_commit": commit, "tree": clean,
+            "command": os.environ.get("GPU_TEST_COMMAND") or " ".join(["pytest", *sys.argv[1:]]),
+            "gpu_test_versions": package_versions("torch", "torchvision", "timm", "nvidia-pytriton", "tritonclient",
+                                                  "numpy", "torchao")}
+
+
 def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("GPU_TEST_RECORD")
     if not path:
         return
     from perf.environment import describe
 
-    record = {"kind": "gpu_tests", "finished_unix_s": int(time.time()), "exit_status": int(exitstatus),
+    record = {"kind": "gpu_tests", **_what_ran(), "finished_unix_s": int(time.time()),
+              "exit_status": int(exitstatus),
               "passed": sum(o["outcome"] == "passed" and o["phase"] == "call" for o in _OUTCOMES),
               "failed": sum(o["outcome"] == "failed" for o in _OUTCOMES),
               "skipped": sum(o["outcome"] == "skipped" for o in _OUTCOMES),

@@ -85,3 +85,13 @@ def test_the_gpu_path_runs_on_gpu_instances_from_the_library_too():
     cli = build_parser().parse_args(["repo", "--preprocess", "gpu"])
     assert s.default_preprocess_instances(cli.preprocess, cli.preprocess_instance_kind, cli.preprocess_instances) \
         == s.RepoSettings(preprocess="gpu").preprocess_instances
+
+
+def test_verbose_after_the_subcommand_and_the_options_given():
+    from builder.cli_parser import build_parser, given_options
+
+    parser = build_parser()
+    assert parser.parse_args(["check", "r", "-v"]).verbose and parser.parse_args(["-v", "check", "r"]).verbose
+    assert not parser.parse_args(["check", "r"]).verbose
+    # Given on the command line, even at its default value: what a new version's config takes over the served one.
+    assert given_options(["repo", "--instance-count", "1", "--add-version"]) == {"instance_count", "add_version"}

@@ -334,8 +334,14 @@ class LocalServer:
         """The pid in the pid file if that process is alive and is our tritonserver, else None.
 
         A pid file outlives its server (a reboot, a kill -9), and the pid may since belong to another
-        process: it is ours only when its command line runs the tritonserver copied into our workdir.
+        process: it is ours only when its command line runs the tritonserver copied into our workdir. Without
+        a pid file (the workdir was removed under a running server, e.g. by `make clean`), the server is found
+        by that command line, which outlives the files.
         """
+        binary = str(self.workdir / "tritonserver" / "bin" / "tritonserver")
+        if not self.pid_path.is_file():
+            found = procs.find(lambda pid, argv: argv[0] == binary)
+            return found[0] if found else None
         try:
             pid = int(self.pid_path.read_text())
             os.kill(pid, 0)
@@ -345,7 +351,7 @@ class LocalServer:
         if line is None:
             return pid  # no /proc here: the liveness check is all there is
         argv0 = line[0] if line else ""
-        if argv0 != str(self.workdir / "tritonserver" / "bin" / "tritonserver"):
+        if argv0 != binary:
             log.warning("%s names pid %d, which is not a tritonserver of %s (it runs %s); leaving it alone",
                         self.pid_path, pid, self.workdir, argv0 or "?")
             return None

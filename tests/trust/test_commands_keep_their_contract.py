@@ -122,6 +122,19 @@ def test_quantize_checks_its_output_and_reference_before_quantizing(local_repo, 
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_absurd_numbers_are_refused_before_any_work(tmp_path, photo_paths):
+    """A 3-year queue delay, 100,000 instances, `all:3`, timeouts gRPC cannot take: one line each, nothing built."""
+    out = tmp_path / "repo"
+    for flags, needles in ((["--max-queue-delay-us", "94608000000000"], ("max_queue_delay_us", "10,000,000")),
+                           (["--instance-count", "100000"], ("instance count", "use 1 to 256")),
+                           (["--preprocess-instances", "100000"], ("instance count",)),
+                           (["--version-policy", "all:3"], ("version_policy", "takes no number"))):
+        _error(run_module("builder", "repo", "--output", str(out), *flags), *needles)
+        assert not out.exists()
+    for timeout in ("inf", "nan", "1e10", "0"):
+        _error(run_module("clients", "classify", "--timeout", timeout, str(photo_paths[0])), "timeout_s: is")
+
+
 def test_client_says_one_line_per_cause(tmp_path, photo_paths):
     (port,) = free_ports(1)
     result = run_module("clients", "classify", "--url", f"localhost:{port}", "--retries", "0", *map(str, photo_paths))
@@ -257,3 +270,65 @@ def test_make_serve_docker_stops_when_the_check_fails(tmp_path):
                             text=True, timeout=300)
     assert result.returncode != 0 and not ran.exists(), (result.stdout[-2000:], result.stderr[-2000:])
     assert "error:" in result.stdout + result.stderr
+
+
+@pytest.mark.server
+def test_sigterm_stops_a_foreground_server_and_a_build(local_repo, tmp_path):
+    """SIGTERM to `builder serve` (foreground) takes tritonserver and its model processes with it; SIGTERM to a
+    build removes its staging folder."""
+    import urllib.request
+
+    http, grpc, metrics = free_ports(3)
+    workdir = tmp_path / "srv"
+    process = subprocess.Popen([sys.executable, "-m", "builder", "serve", "--repository", str(local_repo),
+                                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                "--workdir", str(workdir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    assert _processes_with(str(workdir))  # tritonserver and its stubs run from the workdir's copy
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=90)
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert not _processes_with(str(workdir)), "tritonserver or a stub outlived builder serve"
+
+    out = tmp_path / "repo"
+    build = subprocess.Popen([sys.executable, "-m", "builder", "repo", "--model-kwargs", TINY_KWARGS, "--output",
+                              str(out), "--flavor", "local"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob(".repo.staging-*")):
+        assert time.time() < deadline + 120 and build.poll() is None, build.communicate()
+        time.sleep(0.1)
+    build.send_signal(signal.SIGTERM)
+    _, stderr = build.communicate(timeout=60)
+    assert build.returncode == 130 and stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
+    assert not list(tmp_path.glob(".repo.staging-*")) and not out.exists()
+
+
+@pytest.mark.server
+def test_stop_finds_a_server_whose_workdir_was_removed(local_repo, tmp_path):
+    """`make clean` removes .server/ (it stops the server first); a server whose workdir went anyway is still
+    found, by the command line it runs, and stopped."""
+    import shutil as sh
+
+    http, grpc, metrics = free_ports(3)
+    workdir = tmp_path / "srv"
+    common = ["--repository", str(local_repo), "--http-port", str(http), "--grpc-port", str(grpc),
+              "--metrics-port", str(metrics), "--workdir", str(workdir)]
+    started = run_module("builder", "serve", "--detach", *common, timeout=200)
+    assert started.returncode == 0, started.stderr
+    sh.rmtree(workdir)
+    stopped = run_module("builder", "stop", *common)
+    assert stopped.returncode == 0 and "tritonserver stopped" in stopped.stdout, stopped.stdout + stopped.stderr
+    time.sleep(1)
+    assert not _processes_with(str(workdir))
+    makefile = (ROOT / "Makefile").read_text()
+    assert "if [ -x $(PY) ]; then $(PY) -m builder stop; fi\n\trm -rf $(REPO) .server build" in makefile
