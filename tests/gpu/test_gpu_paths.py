@@ -414,3 +414,28 @@ def test_fused_photo_path_matches_the_exact_path(fused_served, tiny_model, param
     figures = compare_logits(np.concatenate([got[:1], got]), hybrid)
     print("hybrid vs fused:", json.dumps(figures))
     assert figures["min_cosine"] >= 0.9999 and figures["top1_agreement"] == 1.0, figures
+
+
+@pytest.mark.skipif(shutil.which("nvidia-cuda-mps-control") is None, reason="no CUDA MPS control program here")
+def test_class_count_on_every_output_of_the_gpu_photo_path(fused_served, tmp_path):
+    """Triton's classification extension on every output of every model served on the GPU (the fused and hybrid
+    photo paths, the classifier, the GPU preprocess, the postprocess): each answers, the server stays up; NVIDIA's
+    `ensemble_image_client.py` (where TRITON_CLIENT_EXAMPLES names it) classifies JPEGs through the photo path."""
+    from conftest import TRITON_CLIENT_EXAMPLES, class_count_on_every_output, nvidia_ensemble_image_client
+
+    _, server = fused_served
+    jpegs = sorted(p for p in photo_files() if p.suffix == ".jpg")[:3]
+    answers = class_count_on_every_output(server, [jpegs[0].read_bytes()])
+    failed = {key: answer for key, answer in answers.items() if not isinstance(answer, list)}
+    assert len({model for _, model, _ in answers}) == 5 and not failed, failed
+    best = int(answers[("grpc", "swin_tiny_patch4_window7_224", "probabilities")][0].split(":")[1])
+    assert int(_infer(server, "swin_tiny_patch4_window7_224", [jpegs[0].read_bytes()])[0].argmax()) == best
+    if TRITON_CLIENT_EXAMPLES:
+        folder = tmp_path / "jpegs"
+        folder.mkdir()
+        for path in jpegs:
+            shutil.copy2(path, folder / path.name)
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            printed = nvidia_ensemble_image_client(url, protocol, "swin_tiny_patch4_window7_224", folder)
+            assert printed[jpegs[0].name]["probabilities"][0][1] == best, printed
+    assert server.is_ready()
