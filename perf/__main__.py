@@ -176,15 +176,12 @@ def _cmd_pipeline(args) -> int:
 
     from builder.errors import BuilderError
     from builder.core.imaging import PreprocessParams
-    from clients.api import collect_images
-    from perf.environment import describe, write_json
+    from perf.environment import describe, image_paths, write_json
     from perf.pipeline import bench_pipeline
 
     from builder.core.manifest import MANIFEST
 
-    images = collect_images(args.images)
-    if not images:
-        raise BuilderError(f"images: no image files under {', '.join(args.images)}")
+    images = image_paths(args.images)
     manifest = Path(args.repository) / MANIFEST
     if not manifest.is_file():
         raise BuilderError(f"repository: {args.repository} has no manifest.json; run `make repo` or pass --repository")
@@ -207,18 +204,14 @@ def _cmd_pipeline(args) -> int:
 
 
 def _cmd_first_request(args) -> int:
-    from builder.errors import BuilderError
     from builder.core.manifest import read_manifest
-    from clients.api import collect_images
-    from perf.environment import describe, write_json
+    from perf.environment import describe, image_paths, write_json
     from perf.first_request import measure
 
     from pathlib import Path
 
     manifest = read_manifest(Path(args.repository))
-    images = [p.read_bytes() for p in collect_images(args.images)]
-    if not images:
-        raise BuilderError(f"images: no image files under {', '.join(args.images)}")
+    images = [p.read_bytes() for p in image_paths(args.images)]
     rows = []
     try:
         for warmup in (False, True):
@@ -240,10 +233,9 @@ def _cmd_analyze(args) -> int:
     from pathlib import Path
 
     from builder.core.manifest import read_manifest
-    from clients.api import collect_images
     from builder.serving.server import LocalServer, ServerSettings, free_ports
     from perf.analyze import SearchSettings, analyzer_config, best_configs, has_gpu, run_analyzer
-    from perf.environment import write_json
+    from perf.environment import image_paths, write_json
 
     repository = Path(args.repository).resolve()
     names = read_manifest(repository)["contract"]["models"]  # preprocess, classifier, postprocess, ensemble
@@ -257,7 +249,7 @@ def _cmd_analyze(args) -> int:
     models = [chosen.get(m, m) for m in args.models]
     workdir = Path(args.output).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    images = [str(p) for p in collect_images(args.images)] if names[3] in models or names[0] in models else []
+    images = [str(p) for p in image_paths(args.images)] if names[3] in models or names[0] in models else []
     gpu = has_gpu()
     ports = free_ports(3)  # not the defaults a running server may hold
     search = SearchSettings(args.search, args.max_instances, args.min_concurrency, args.max_concurrency,

@@ -12,9 +12,10 @@ RESULTS = Path("perf/results")
 def _sweep_settings(args):
     from perf.sweep import SweepSettings
 
-    from clients.api import collect_images
+    from perf.environment import image_paths
 
-    images = [str(p) for p in collect_images(args.images)]
+    # No --images: the sweep measures the classifier alone (the ensemble's rows need images and say so).
+    images = [str(p) for p in image_paths(args.images)] if args.images else []
     return SweepSettings(
         name=args.name, http_url=args.http_url, grpc_url=args.grpc_url, models=tuple(args.models),
         concurrency=tuple(args.concurrency), batch_sizes=tuple(args.batch_sizes), protocols=tuple(args.protocols),
@@ -85,8 +86,13 @@ def _cmd_tune(args) -> int:
     from builder.serving.server import admin_key
 
     key = args.admin_key or admin_key(args.server_workdir)
-    result = tune(args.repository, settings, model, grid, args.p99_budget_ms, write=args.write, admin_key=key)
     output = args.output or str(RESULTS / f"local-tune-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    try:
+        result = tune(args.repository, settings, model, grid, args.p99_budget_ms, write=args.write, admin_key=key)
+    except KeyboardInterrupt as exc:  # the candidates measured so far are kept, as perf's message says
+        if getattr(exc, "partial", None) is not None:
+            write_json(output, {"kind": "tune", "environment": describe(), **exc.partial})
+        raise
     write_json(output, {"kind": "tune", "environment": describe(), **result})
     print(json.dumps(result["best"]))
     print(output)
@@ -95,13 +101,12 @@ def _cmd_tune(args) -> int:
 
 def _cmd_scaling(args) -> int:
     from builder.serving.gpus import host_gpus
-    from clients.api import collect_images
     from perf import scaling
-    from perf.environment import describe, write_json
+    from perf.environment import describe, image_paths, write_json
 
     settings = scaling.ScalingSettings(
         repository=args.repository, name=args.name, gpu_counts=tuple(args.gpu_counts), batch_size=args.batch_size,
-        concurrency_per_gpu=args.concurrency_per_gpu, images=tuple(str(p) for p in collect_images(args.images)),
+        concurrency_per_gpu=args.concurrency_per_gpu, images=tuple(str(p) for p in image_paths(args.images)),
         measurement_interval_ms=args.measurement_interval_ms, stability_percent=args.stability_percent,
         max_trials=args.max_trials, cuda_memory_pool_mb=args.cuda_memory_pool_mb, workdir=args.workdir)
     result = scaling.run_scaling(settings, host_gpus())

@@ -92,3 +92,32 @@ def write_json(path: str, payload: Dict) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path
+
+
+def image_paths(paths) -> list:
+    """The image files a perf command measures with: folders expanded, what is not an image named and skipped.
+
+    Raises:
+        BuilderError: A path that does not exist, or no image at all (one line, before any work).
+    """
+    import logging
+
+    from builder.errors import BuilderError
+    from clients.settings import IMAGE_SUFFIXES
+
+    found, skipped = [], []
+    for item in paths:
+        path = Path(item)
+        if not path.exists():
+            raise BuilderError(f"images: {item} does not exist; pass image files or folders of them")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            (found if file.suffix.lower() in IMAGE_SUFFIXES else skipped).append(file)
+    if skipped:
+        logging.getLogger("perf").warning("images: skipping %d file(s) that are not images (by suffix): %s",
+                                          len(skipped), ", ".join(str(p) for p in skipped[:5])
+                                          + (" ..." if len(skipped) > 5 else ""))
+    if not found:
+        raise BuilderError(f"images: no image files under {', '.join(map(str, paths))}; pass JPEG, PNG, WebP, "
+                           "GIF, BMP or TIFF files or folders of them")
+    return found

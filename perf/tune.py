@@ -73,6 +73,9 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
     """
     import tritonclient.http as httpclient
 
+    if not 0 < p99_budget_ms < float("inf"):  # nan fails both comparisons
+        raise BuilderError(f"p99_budget_ms: {p99_budget_ms} is a budget no candidate can meet; give milliseconds "
+                           "above 0, e.g. 50")
     path = Path(repository) / model / "config.pbtxt"
     if not path.is_file():
         raise BuilderError(f"{path} does not exist; tune a model of the repository the server runs on")
@@ -82,6 +85,7 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
 
     client = httpclient.InferenceServerClient(sweep.http_url)
     headers = admin_headers(admin_key, "http")
+    _require_same_model(client, model, base, sweep.http_url, repository, headers)
     _require_explicit_mode(client, model, sweep.http_url, headers)
     results = []
     final = base  # what the server serves when tuning ends: the repository's config, or the winner written
@@ -97,6 +101,11 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
             log.info("[%d/%d] %s -> %s", index, len(grid), candidate,
                      f"{entry['throughput_img_per_s']:.1f} img/s, p99 {entry['latency_p99_ms']:.1f} ms"
                      if "error" not in entry else entry["error"])
+    except KeyboardInterrupt as exc:  # the finally below puts the repository's config back first
+        exc.partial = {"best": None, "p99_budget_ms": p99_budget_ms, "model": model, "results": results,
+                       "interrupted": True}
+        raise
+    else:
         eligible = [r for r in results if r.get("within_budget")]
         best = max(eligible, key=lambda r: r["throughput_img_per_s"]) if eligible else None
         if best and write:
@@ -154,6 +163,30 @@ def _serve(client, model: str, config, headers) -> None:
         raise BuilderError(f"after tuning, the server serves {model} with {got}, not {want}; reload it with "
                            f"`curl -X POST .../v2/repository/models/{model}/load` or restart the server")
     log.info("the server now serves %s with %s", model, want)
+
+
+# What makes a served model the repository's (tensors, batch limit, backend, parameters); tuned fields aside.
+_IDENTITY = ("input", "output", "max_batch_size", "backend", "platform", "parameters")
+
+
+def _require_same_model(client, model: str, base, url: str, repository: str, headers) -> None:
+    """The server must serve `repository`'s `model` before tuning pushes that repository's config into it."""
+    try:
+        served = client.get_model_config(model, headers=headers)
+    except Exception as exc:  # not served there, or no server: one line either way
+        text = exc.message() if callable(getattr(exc, "message", None)) else type(exc).__name__
+        raise BuilderError(f"the server at {url} does not serve {model} ({text}); point --http-url at the server "
+                           f"that runs {repository}, or start it with `make serve MODEL_CONTROL=explicit`") from None
+    mine = json_format.MessageToDict(base, preserving_proto_field_name=True)
+    parsed = configs.ModelConfig()
+    json_format.ParseDict(served, parsed, ignore_unknown_fields=True)
+    theirs = json_format.MessageToDict(parsed, preserving_proto_field_name=True)
+    differ = [field for field in _IDENTITY if mine.get(field) != theirs.get(field)
+              and not (field in ("backend", "platform") and not mine.get(field))]  # the server fills them in
+    if differ:
+        raise BuilderError(f"the server at {url} serves another {model} than {repository} holds ({', '.join(differ)} "
+                           f"differ); tuning would load {repository}'s config into it: pass the --repository the "
+                           "server runs, or point --http-url at the server of this one")
 
 
 def _require_explicit_mode(client, model: str, url: str, headers: Optional[Dict[str, str]]) -> None:

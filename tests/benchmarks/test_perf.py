@@ -159,6 +159,19 @@ def test_tuner_reloads_live_and_writes_back(local_repo, contract, photo_paths, t
         assert served_settings(client.get_model_config(contract.classifier)) == served_settings(written)
         none = tune(str(repo), sweep, contract.classifier, grid[-1:], p99_budget_ms=0.001)
         assert none["best"] is None  # nothing meets an impossible budget
+        from builder.errors import BuilderError
+
+        for budget in (-5, 0, float("nan")):  # refused before the search, the server untouched
+            with pytest.raises(BuilderError, match="p99_budget_ms: .* is a budget no candidate can meet"):
+                tune(str(repo), sweep, contract.classifier, grid, p99_budget_ms=budget)
+        # Another repository than the server runs: refused before its config is pushed into the server.
+        other = tmp_path / "other"
+        shutil.copytree(repo, other)
+        edited = configs.read(other / contract.classifier / "config.pbtxt")
+        edited.parameters["threads"].string_value = "3"
+        configs.write(edited, other / contract.classifier)
+        with pytest.raises(BuilderError, match=f"serves another {contract.classifier} than .* holds \\(parameters"):
+            tune(str(other), sweep, contract.classifier, grid, p99_budget_ms=100)
         # Without a winner (or without --write) the server is back on the repository's own config.
         assert served_settings(client.get_model_config(contract.classifier)) == served_settings(written)
     finally:

@@ -332,3 +332,27 @@ def test_stop_finds_a_server_whose_workdir_was_removed(local_repo, tmp_path):
     assert not _processes_with(str(workdir))
     makefile = (ROOT / "Makefile").read_text()
     assert "if [ -x $(PY) ]; then $(PY) -m builder stop; fi\n\trm -rf $(REPO) .server build" in makefile
+
+
+def test_perf_images_are_checked_and_what_is_not_an_image_is_named(local_repo, tmp_path, photo_paths, caplog):
+    from builder.errors import BuilderError
+    from perf.environment import image_paths
+
+    for command in (["pipeline", "--repository", str(local_repo)], ["first-request", "--repository", str(local_repo)],
+                    ["sweep", "--name", "x"]):
+        _error(run_module("perf", *command, "--images", str(tmp_path / "missing"), "--output",
+                          str(tmp_path / "o.json")), "images:", "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a photo")
+    _error(run_module("perf", "pipeline", "--repository", str(local_repo), "--images", str(empty), "--output",
+                      str(tmp_path / "o.json")), "images: no image files under")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy2(photo_paths[3], mixed / photo_paths[3].name)
+    (mixed / "labels.csv").write_text("a,b")
+    caplog.set_level("WARNING")
+    assert image_paths([str(mixed)]) == [mixed / photo_paths[3].name]
+    assert "skipping 1 file(s) that are not images (by suffix): " + str(mixed / "labels.csv") in caplog.text
+    with pytest.raises(BuilderError, match="images: .* does not exist"):
+        image_paths([str(tmp_path / "nope.jpg")])
