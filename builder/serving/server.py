@@ -264,6 +264,9 @@ class LocalServer:
         """
         if not Path(self.settings.repository).is_dir():
             raise BuilderError(f"repository {self.settings.repository!r} does not exist; run `make repo` first")
+        if not any(Path(self.settings.repository).glob("*/config.pbtxt")):  # "ready" would then mean nothing
+            raise BuilderError(f"repository {self.settings.repository!r} holds no models (no <model>/config.pbtxt); "
+                               "build one with `make repo FLAVOR=local`, or pass --repository")
         prepare_workdir(self.workdir)
         self._check_backends()
         if self.running_pid():

@@ -116,6 +116,7 @@ def null(repo: Path, name: str) -> None:
     version = repo / config.name / sorted((p.name for p in (repo / name).iterdir() if p.name.isdigit()), key=int)[-1]
     version.mkdir(parents=True, exist_ok=True)
     shutil.copy2(Path(__file__).with_name("null_model.py"), version / "model.py")
+    shutil.copy2(repo / name / LABELS_FILE, repo / config.name / LABELS_FILE)  # the labels its outputs carry
     configs.write(config, repo / config.name)
     print("wrote", config.name)
 

@@ -356,3 +356,11 @@ def test_perf_images_are_checked_and_what_is_not_an_image_is_named(local_repo, t
     assert "skipping 1 file(s) that are not images (by suffix): " + str(mixed / "labels.csv") in caplog.text
     with pytest.raises(BuilderError, match="images: .* does not exist"):
         image_paths([str(tmp_path / "nope.jpg")])
+
+
+def test_serve_refuses_a_folder_without_models(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no models here")
+    _error(run_module("builder", "serve", "--repository", str(empty), "--workdir", str(tmp_path / "w")),
+           "holds no models", "make repo FLAVOR=local")
