@@ -289,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from builder.core.interrupt import sigterm_interrupts
 
     args = build_parser().parse_args(argv)
-    args.given = given_options(argv)
+    args.given = given_options(argv) if args.command == "repo" else frozenset()  # only repo reads it
     sigterm_interrupts()  # a killed build removes its staging folder, a foreground server stops
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

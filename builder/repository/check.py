@@ -95,11 +95,17 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
     if not versions:
         problems.append(f"{name}: no version directory matches its version policy")
     _check_files_it_names(name, model_dir, config, backend, problems)
-    filename = config.default_model_filename or DEFAULT_FILES.get(backend)
+    filename = _model_filename(config)
     for version in versions:
         if filename and not (model_dir / str(version) / filename).is_file():
             problems.append(f"{name}: version {version} lacks {filename}")
         _check_version(name, model_dir / str(version), config, problems)
+
+
+def _model_filename(config: mc.ModelConfig):
+    """The file a model's backend loads from each version folder (None where no default is known)."""
+    backend = config.backend or _PLATFORM_BACKEND.get(config.platform, "")
+    return config.default_model_filename or DEFAULT_FILES.get(backend)
 
 
 def _check_tensors_and_batching(name: str, config: mc.ModelConfig, problems: List[str]) -> None:
@@ -337,9 +343,7 @@ def _check_served_files(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig
     except (OSError, ValueError, AttributeError):
         built = {}  # not written by this tool: only the Python is checked
     for name, (model_dir, config) in models.items():
-        # The file the config names is _check_model's to report (one cause, one line).
-        named = config.default_model_filename or DEFAULT_FILES.get(config.backend or _PLATFORM_BACKEND.get(
-            config.platform, ""))
+        named = _model_filename(config)  # _check_model's to report (one cause, one line)
         for version in _versions(model_dir, config) if config.platform != "ensemble" else ():
             prefix = f"{name}/{version}/"
             missing = sorted(path[len(prefix):] for path in built if path.startswith(prefix)

@@ -12,7 +12,7 @@ import numpy as np
 
 try:
     import triton_python_backend_utils as pb_utils
-except ImportError:  # outside tritonserver: `softmax` is also the clients' local postprocessing
+except ImportError:  # outside tritonserver: importable, without the Triton utilities
     pb_utils = None
 
 
