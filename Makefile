@@ -47,22 +47,34 @@ MODEL_CONTROL ?= none
 MPS ?= 0
 PYTEST_ARGS ?=
 
+# A value as one shell word, whatever it holds (spaces, quotes, JSON): `$(call q,$(REPO))`.
+q = '$(subst ','\'',$(1))'
+# `--flag 'value'` when the value is set, nothing when it is empty: `$(call opt,--model,$(MODEL))`.
+opt = $(if $(2),$(1) $(call q,$(2)))
+
 ifeq ($(WEIGHTS),pretrained)
 WEIGHT_ARGS := --pretrained
 else ifeq ($(WEIGHTS),random)
 WEIGHT_ARGS :=
 else
-WEIGHT_ARGS := --checkpoint $(WEIGHTS)
+WEIGHT_ARGS := --checkpoint $(call q,$(WEIGHTS))
 endif
 
 .PHONY: help venv repo check serve stop test test-gpu clean analyzer analyze
 help:
-	@echo "make repo     export the model (MODEL) and write $(REPO)/ (FLAVOR=container|local, WEIGHTS=random|pretrained|PATH)"
-	@echo "make test     run the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer)"
-	@echo "make test-gpu the GPU code paths on this host's GPU (skipped without one)"
-	@echo "make serve    start the local tritonserver on $(REPO)/ (use FLAVOR=local for it); make stop"
-	@echo "make check    report what tritonserver would reject in $(REPO)/"
-	@echo "make analyze  Triton's Model Analyzer on $(REPO)/ (ANALYZE_MODELS=classifier|preprocess|ensemble)"
+	@echo "make repo      export the model and write REPO ($(REPO)); takes MODEL NAME WEIGHTS=random|pretrained|PATH"
+	@echo "               FLAVOR=container|local ENGINE TORCH_COMPILE PLAN_ARGS PREPROCESS PREPROCESS_INSTANCES"
+	@echo "               PREPROCESS_MAX_BATCH GPU_PHOTO_PATH HYBRID_LOCAL_BATCH MAX_BATCH PREFERRED QUEUE_DELAY_US"
+	@echo "               MAX_QUEUE QUEUE_TIMEOUT_US INSTANCES MODEL_KWARGS VERSION_POLICY ADD_VERSION=1"
+	@echo "make check     report what tritonserver would reject in REPO"
+	@echo "make serve     start the local tritonserver on REPO in the background; takes HTTP_PORT GRPC_PORT"
+	@echo "               METRICS_PORT MODEL_CONTROL=none|poll|explicit MPS=1"
+	@echo "make stop      stop the server that make serve started"
+	@echo "make test      the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer); PYTEST_ARGS"
+	@echo "make test-gpu  the GPU code paths on this host's GPU (skipped without one); GPU_PYTHON PYTEST_ARGS"
+	@echo "make analyze   Triton's Model Analyzer on REPO; ANALYZE_MODELS=classifier|preprocess|ensemble"
+	@echo "make clean     stop the server, remove REPO, .server and build"
+	@echo "make docker-files | plan-docker | serve-docker   NVIDIA's containers (a GPU host with Docker)"
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml requirements-modelopt.txt
@@ -76,23 +88,23 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 	touch $(STAMP)
 
 repo: $(STAMP)
-	$(PY) -m builder repo $(if $(MODEL),--model $(MODEL)) $(if $(NAME),--name $(NAME)) $(WEIGHT_ARGS) \
-	  $(if $(FLAVOR),--flavor $(FLAVOR)) $(if $(MAX_BATCH),--max-batch-size $(MAX_BATCH)) \
-	  $(if $(PREFERRED),--preferred-batch-sizes $(PREFERRED)) $(if $(QUEUE_DELAY_US),--max-queue-delay-us $(QUEUE_DELAY_US)) \
-	  $(if $(MAX_QUEUE),--max-queue-size $(MAX_QUEUE)) $(if $(QUEUE_TIMEOUT_US),--queue-timeout-us $(QUEUE_TIMEOUT_US)) \
-	  $(if $(INSTANCES),--instance-count $(INSTANCES)) $(if $(PREPROCESS),--preprocess $(PREPROCESS)) \
-	  $(if $(PREPROCESS_INSTANCES),--preprocess-instances $(PREPROCESS_INSTANCES)) \
-	  $(if $(PREPROCESS_MAX_BATCH),--preprocess-max-batch-size $(PREPROCESS_MAX_BATCH)) \
-	  $(if $(GPU_PHOTO_PATH),--gpu-photo-path $(GPU_PHOTO_PATH)) $(if $(HYBRID_LOCAL_BATCH),--hybrid-local-batch $(HYBRID_LOCAL_BATCH)) \
-	  $(if $(ENGINE),--engine $(ENGINE)) $(if $(TORCH_COMPILE),--torch-compile $(TORCH_COMPILE)) \
-	  $(if $(MODEL_KWARGS),--model-kwargs '$(MODEL_KWARGS)') $(if $(VERSION_POLICY),--version-policy $(VERSION_POLICY)) \
-	  $(if $(ADD_VERSION),--add-version) --output $(REPO) $(PLAN_ARGS)
+	$(PY) -m builder repo $(call opt,--model,$(MODEL)) $(call opt,--name,$(NAME)) $(WEIGHT_ARGS) \
+	  $(call opt,--flavor,$(FLAVOR)) $(call opt,--max-batch-size,$(MAX_BATCH)) \
+	  $(call opt,--preferred-batch-sizes,$(PREFERRED)) $(call opt,--max-queue-delay-us,$(QUEUE_DELAY_US)) \
+	  $(call opt,--max-queue-size,$(MAX_QUEUE)) $(call opt,--queue-timeout-us,$(QUEUE_TIMEOUT_US)) \
+	  $(call opt,--instance-count,$(INSTANCES)) $(call opt,--preprocess,$(PREPROCESS)) \
+	  $(call opt,--preprocess-instances,$(PREPROCESS_INSTANCES)) \
+	  $(call opt,--preprocess-max-batch-size,$(PREPROCESS_MAX_BATCH)) \
+	  $(call opt,--gpu-photo-path,$(GPU_PHOTO_PATH)) $(call opt,--hybrid-local-batch,$(HYBRID_LOCAL_BATCH)) \
+	  $(call opt,--engine,$(ENGINE)) $(call opt,--torch-compile,$(TORCH_COMPILE)) \
+	  $(call opt,--model-kwargs,$(MODEL_KWARGS)) $(call opt,--version-policy,$(VERSION_POLICY)) \
+	  $(if $(ADD_VERSION),--add-version) --output $(call q,$(REPO)) $(PLAN_ARGS)
 
 check: $(STAMP)
-	$(PY) -m builder check $(REPO)
+	$(PY) -m builder check $(call q,$(REPO))
 
 serve: $(STAMP)
-	$(PY) -m builder serve --detach --repository $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	$(PY) -m builder serve --detach --repository $(call q,$(REPO)) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 	  --model-control $(MODEL_CONTROL) $(if $(filter 1,$(MPS)),--mps)
 
 stop: $(STAMP)
@@ -110,7 +122,7 @@ test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
 # A server started from .server/ is stopped first: removing its folder under it would leave it running.
 clean:
 	if [ -x $(PY) ]; then $(PY) -m builder stop; fi
-	rm -rf $(REPO) .server build
+	rm -rf $(call q,$(REPO)) .server build
 
 # Triton's Model Analyzer, in its own environment (it needs a newer tritonclient than the pinned 2.51).
 ANALYZER_VENV ?= .venv-analyzer
@@ -123,22 +135,22 @@ $(ANALYZER_VENV)/bin/model-analyzer:
 	$(ANALYZER_VENV)/bin/python -m pip install -q "triton-model-analyzer==1.58.0" "protobuf>=5,<=6.33.6"
 
 analyze: $(STAMP) analyzer
-	$(PY) -m perf analyze --repository $(REPO) --models $(ANALYZE_MODELS) --analyzer $(ANALYZER_VENV)/bin/model-analyzer
+	$(PY) -m perf analyze --repository $(call q,$(REPO)) --models $(ANALYZE_MODELS) --analyzer $(ANALYZER_VENV)/bin/model-analyzer
 
 # --- NVIDIA containers (a GPU host with Docker; release pinned in builder/settings.py) ---
 .PHONY: docker-files plan-docker serve-docker
 docker-files: $(STAMP)
-	$(PY) -m builder docker $(if $(NAME)$(MODEL),--model $(if $(NAME),$(NAME),$(MODEL)))
+	$(PY) -m builder docker $(call opt,--model,$(or $(NAME),$(MODEL)))
 
 plan-docker: docker-files
 	mkdir -p build
-	test -f $(REPO)/manifest.json || $(MAKE) repo
+	test -f $(call q,$(REPO)/manifest.json) || $(MAKE) repo
 	docker compose -f docker/compose.yaml run --rm plan
 	$(MAKE) repo ENGINE=tensorrt PLAN_ARGS="--plan build/model.plan"
 
 # The server image gets torch when the repository needs it (inductor engine, gpu preprocessing).
 # It stops when the repository fails its check, before any image is built.
 serve-docker: docker-files
-	$(PY) -m builder check $(REPO)
-	torch=$$($(PY) -m builder check $(REPO) --needs-torch) && \
+	$(PY) -m builder check $(call q,$(REPO))
+	torch=$$($(PY) -m builder check $(call q,$(REPO)) --needs-torch) && \
 	  WITH_TORCH=$$torch docker compose -f docker/compose.yaml up --build server

@@ -29,10 +29,8 @@ def _cmd_repo(args) -> int:
     from builder.args import field_default, model_source, parity
     from builder.repository.writer import build_repository
 
+    _refuse_options_that_do_not_apply(args)
     flavor = args.flavor or _existing_flavor(args.output, args.add_version) or "container"
-    if args.inductor_precision and args.engine not in ("inductor", "auto"):
-        raise BuilderError(f"inductor_precision: applies to the inductor engine, not {args.engine}; drop "
-                           "--inductor-precision, or pass --engine inductor (or auto)")
     kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
     queue = (args.max_queue_size, args.queue_timeout_us, args.priority_levels)
     settings = s.RepoSettings(
@@ -56,6 +54,30 @@ def _cmd_repo(args) -> int:
     )
     build_repository(settings, add_version=args.add_version, overrides=args.given)
     return 0
+
+
+_INDUCTOR = (lambda a: a.engine in ("inductor", "auto"), "the inductor engine", "--engine inductor (or auto)")
+_GPU_PREPROCESS = (lambda a: a.preprocess == "gpu", "the gpu preprocessing", "--preprocess gpu")
+# builder repo options that only some engines or preprocessings read: (applies, to what, the flag that makes it).
+_APPLIES_TO = {
+    "inductor_precision": _INDUCTOR, "torch_compile": _INDUCTOR, "compile_timeout_s": _INDUCTOR,
+    "gpu_photo_path": _GPU_PREPROCESS, "gpu_decoder": _GPU_PREPROCESS,
+    "hybrid_local_batch": (lambda a: a.preprocess == "gpu" and a.gpu_photo_path in ("hybrid", "auto"),
+                           "the hybrid photo path", "--preprocess gpu --gpu-photo-path hybrid (or auto)"),
+    "cuda_graphs": (lambda a: bool(a.plan), "a TensorRT plan served natively", "--plan (container flavor)"),
+}
+
+
+def _refuse_options_that_do_not_apply(args) -> None:
+    """An option given for an engine or preprocessing that was not chosen is a mistake, not a no-op: refused."""
+    for dest in sorted(args.given & set(_APPLIES_TO)):
+        applies, what, flag = _APPLIES_TO[dest]
+        if not applies(args):
+            option = "--" + dest.replace("_", "-")
+            chosen = f"--engine {args.engine}, --preprocess {args.preprocess}" + (
+                f", --gpu-photo-path {args.gpu_photo_path}" if args.preprocess == "gpu" else "")
+            raise BuilderError(f"{dest}: {option} applies to {what}, which this build does not use ({chosen}); "
+                               f"drop {option}, or pass {flag}")
 
 
 def _existing_flavor(output: str, add_version: bool):
@@ -206,8 +228,10 @@ def _cmd_docker(args) -> int:
     from pathlib import Path
 
     from builder.serving import docker
-
     from builder.pod import PodSettings
+    from builder.settings import check_model_name
+
+    check_model_name("model", args.model)
 
     pod = PodSettings(args.gpus_per_pod, args.min_gpus, args.max_gpus, args.cpus_per_gpu, args.memory_gib_per_gpu,
                       args.cuda_memory_pool_mb)
@@ -270,7 +294,9 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_stop(args) -> int:
-    server = _server(args)
+    from builder.serving.server import LocalServer, ServerSettings
+
+    server = LocalServer(ServerSettings(workdir=args.workdir))
     if not server.running_pid():
         ended = server.end_leftovers()  # a killed server's stubs and MPS daemon
         print(f"no tritonserver is running from {server.workdir}"

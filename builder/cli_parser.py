@@ -73,8 +73,9 @@ def _add_docker(sub) -> None:
 
     d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
     d.add_argument("--output", default="docker")
-    d.add_argument("--model", default=s.DEFAULT_MODEL, help="ensemble name")
-    d.add_argument("--precision", default="fp16")
+    d.add_argument("--model", default=s.DEFAULT_MODEL, help="ensemble name (the repository's --name)")
+    d.add_argument("--precision", choices=s.TENSORRT_PRECISIONS, default="fp16",
+                   help="the plan service's TensorRT precision")
     from builder.pod import PodSettings as pod
 
     k = d.add_argument_group("Kubernetes pods (docker/k8s)")
@@ -116,8 +117,10 @@ def _add_serve(sub) -> None:
 
 def _add_stop(sub) -> None:
     t = sub.add_parser("stop", help="stop a detached local tritonserver (and end what a killed one left: its model "
-                                    "processes, its MPS daemon)")
-    _server_args(t)
+                                    "processes, its MPS daemon)",
+                           description="Stop the tritonserver that `serve --detach` started from --workdir (found "
+                                       "by its command line if the folder is gone).")
+    _workdir_arg(t)
 
 
 def _add_repo(sub) -> None:
@@ -263,4 +266,12 @@ def _server_args(p) -> None:
     p.add_argument("--http-port", type=int, default=C.HTTP_PORT)
     p.add_argument("--grpc-port", type=int, default=C.GRPC_PORT)
     p.add_argument("--metrics-port", type=int, default=C.METRICS_PORT)
-    p.add_argument("--workdir", default=".server", help="server copy, log and pid file")
+    _workdir_arg(p)
+
+
+def _workdir_arg(p) -> None:
+    from builder.serving.server import ServerSettings
+    from builder.args import field_default
+
+    p.add_argument("--workdir", default=field_default(ServerSettings, "workdir"),
+                   help="the server's folder: its copy, log and pid file")

@@ -38,6 +38,8 @@ QUANTIZED_PRECISIONS = ("int8", "fp8", "fp8-tensor")
 # What `auto` races on a GPU build host, where the GPU and the installed packages allow it.
 RACED_PRECISIONS = ("fp16", "int8", "fp8")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
+# What a TensorRT plan may be built in (`builder.engines.trt`, and the container flavor's `plan` service).
+TENSORRT_PRECISIONS = ("fp32", "tf32", "fp16", "int8", "fp8")
 # The tritonserver release the `container` flavor targets (NGC 24.10 ships
 # tritonserver 2.51.0, the same as the local pip-distributed server).
 TRITON_RELEASE = "24.10"
@@ -55,6 +57,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 def _fail(field_name: str, problem: str, fix: str) -> None:
     raise field_error(field_name, problem, fix)
+
+
+def check_model_name(field_name: str, name: str) -> str:
+    """`name` if Triton can take it as a model (or ensemble) name, else the project error naming `field_name`."""
+    if not name or not _NAME_RE.match(name):
+        _fail(field_name, f"{name!r} has characters Triton model names should not",
+              "use letters, digits, '_', '.' and '-'")
+    return name
 
 
 @dataclass(frozen=True)
@@ -413,9 +423,8 @@ class RepoSettings:
                   "pass --plan with the container flavor")
         if self.flavor not in FLAVORS:
             _fail("flavor", f"{self.flavor!r} is unknown", f"use one of {', '.join(FLAVORS)}")
-        if self.name is not None and not _NAME_RE.match(self.name):
-            _fail("name", f"{self.name!r} has characters Triton model names should not",
-                  "use letters, digits, '_', '.' and '-'")
+        if self.name is not None:
+            check_model_name("name", self.name)
         if not self.output:
             _fail("output", "is empty", "name the repository folder, e.g. model_repository")
         if self.opset < 17:

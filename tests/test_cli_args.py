@@ -4,6 +4,8 @@ the user set."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -54,44 +56,75 @@ def test_shared_options_are_declared_once():
     assert field_default(s.RepoSettings, "parity") == s.Parity()
 
 
-def test_make_passes_only_what_the_user_set():
-    # Run as a user would, not as a child of `make test` (whose flags and variables reach a sub-make).
+def _make_argv(target: str, *variables: str) -> list:
+    """The argv of the `-m builder`/`-m perf` line that `make -n target VAR=value...` prints, split as the shell
+    would. Run as a user would, not as a child of `make test` (whose flags and variables reach a sub-make)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
-
-    def command(*variables):
-        out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "repo", *variables],
-                             cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-        return " ".join(out.replace("\\\n", " ").split())
-
-    assert command().endswith("-m builder repo --output model_repository")
-    set_by_user = command("MAX_BATCH=8", "PREPROCESS=gpu", "ENGINE=inductor", "MAX_QUEUE=0", "PREPROCESS_INSTANCES=6",
-                          "GPU_PHOTO_PATH=hybrid", "PREPROCESS_MAX_BATCH=4", "HYBRID_LOCAL_BATCH=2")
-    assert "--max-batch-size 8 --preferred" not in set_by_user
-    for option in ("--max-batch-size 8", "--max-queue-size 0", "--preprocess gpu", "--engine inductor",
-                   "--preprocess-instances 6", "--gpu-photo-path hybrid", "--preprocess-max-batch-size 4",
-                   "--hybrid-local-batch 2"):
-        assert option in set_by_user
-    assert "--max-queue-delay-us" not in set_by_user and "--model " not in set_by_user
-    assert "--preprocess-max-batch-size" not in command() and "--hybrid-local-batch" not in command()
-    serve = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "serve", "MPS=1"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, check=True).stdout
-    assert "--mps" in serve and "--mps" not in command()
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", target, *variables],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.replace("\\\n", " ").splitlines() if " -m builder " in line or " -m perf " in line)
+    return shlex.split(line)
 
 
-def test_the_gpu_path_runs_on_gpu_instances_from_the_library_too():
-    """`RepoSettings(preprocess="gpu")` as a library gets the same GPU instances as the CLI gives it."""
-    assert s.RepoSettings(preprocess="gpu").preprocess_instances == s.InstanceGroup("KIND_GPU", 2)
-    assert s.RepoSettings().preprocess_instances == s.InstanceGroup("KIND_CPU", 2)
-    cli = build_parser().parse_args(["repo", "--preprocess", "gpu"])
-    assert s.default_preprocess_instances(cli.preprocess, cli.preprocess_instance_kind, cli.preprocess_instances) \
-        == s.RepoSettings(preprocess="gpu").preprocess_instances
+def _value_after(argv: list, flag: str) -> str:
+    return argv[argv.index(flag) + 1]
 
 
-def test_verbose_after_the_subcommand_and_the_options_given():
-    from builder.cli_parser import build_parser, given_options
+def test_make_passes_only_what_the_user_set():
+    assert _make_argv("repo")[-4:] == ["builder", "repo", "--output", "model_repository"]
+    set_by_user = _make_argv("repo", "MAX_BATCH=8", "PREPROCESS=gpu", "ENGINE=inductor", "MAX_QUEUE=0",
+                             "PREPROCESS_INSTANCES=6", "GPU_PHOTO_PATH=hybrid", "PREPROCESS_MAX_BATCH=4",
+                             "HYBRID_LOCAL_BATCH=2")
+    for option, value in (("--max-batch-size", "8"), ("--max-queue-size", "0"), ("--preprocess", "gpu"),
+                          ("--engine", "inductor"), ("--preprocess-instances", "6"), ("--gpu-photo-path", "hybrid"),
+                          ("--preprocess-max-batch-size", "4"), ("--hybrid-local-batch", "2")):
+        assert _value_after(set_by_user, option) == value
+    assert not {"--preferred-batch-sizes", "--max-queue-delay-us", "--model"} & set(set_by_user)
+    assert not {"--preprocess-max-batch-size", "--hybrid-local-batch"} & set(_make_argv("repo"))
+    assert "--mps" in _make_argv("serve", "MPS=1") and "--mps" not in _make_argv("serve")
 
-    parser = build_parser()
-    assert parser.parse_args(["check", "r", "-v"]).verbose and parser.parse_args(["-v", "check", "r"]).verbose
-    assert not parser.parse_args(["check", "r"]).verbose
-    # Given on the command line, even at its default value: what a new version's config takes over the served one.
-    assert given_options(["repo", "--instance-count", "1", "--add-version"]) == {"instance_count", "add_version"}
+
+def test_make_passes_values_with_spaces_and_quotes_whole():
+    kwargs = '{"embed_dim": 32, "note": "it\'s \\"quoted\\""}'
+    argv = _make_argv("repo", "REPO=my repo/with space", f"MODEL_KWARGS={kwargs}", "WEIGHTS=/tmp/my weights.pt",
+                      "NAME=swin.v2", "PREFERRED=32,64")
+    assert _value_after(argv, "--output") == "my repo/with space"
+    assert _value_after(argv, "--model-kwargs") == kwargs
+    assert _value_after(argv, "--checkpoint") == "/tmp/my weights.pt"
+    assert _value_after(argv, "--name") == "swin.v2"
+    assert _value_after(argv, "--preferred-batch-sizes") == "32,64"
+    assert _value_after(_make_argv("serve", "REPO=a b"), "--repository") == "a b"
+    assert _make_argv("check", "REPO=a b")[-1] == "a b"
+
+
+def _recipes() -> dict:
+    """Makefile target -> its recipe text."""
+    recipes, target = {}, None
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        match = re.match(r"^([a-z][a-z-]*):", line)
+        if match:
+            target = match.group(1)
+            recipes[target] = ""
+        elif line.startswith("\t") and target:
+            recipes[target] += line + "\n"
+    return recipes
+
+
+# Make's own variables, not settings a user passes.
+MAKE_INTERNAL = {"PY", "PYTHON", "STAMP", "VENV", "WEIGHT_ARGS", "MAKE", "ANALYZER_VENV"}
+
+
+def test_make_help_names_every_variable_each_target_takes():
+    shown = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    recipes = _recipes()
+    for target in ("repo", "check", "serve", "stop", "test", "test-gpu", "analyze", "clean"):
+        assert f"make {target} " in shown, target
+        used = set(re.findall(r"\$\(([A-Z][A-Z0-9_]*)\)", recipes[target])) - MAKE_INTERNAL
+        missing = sorted(name for name in used if not re.search(rf"\b{name}\b", shown))
+        assert not missing, f"make help does not name {missing} that `make {target}` takes"
+
+
+def test_builder_stop_takes_only_what_it_uses():
+    """stop finds its server by the workdir alone: it offers no ports or repository that it would ignore."""
+    stop = {a.dest for a in _subparser("stop")._actions} - {"help", "verbose"}
+    assert stop == {"workdir"}

@@ -39,11 +39,11 @@ from builder.compare import Thresholds, gate
 from builder.engines.plan_check import sha256
 from builder.engines.plan_runner import PlanRunner, load_engine, polygraphy_errors, tensorrt_module
 from builder.errors import BuilderError
-from builder.settings import LOW_PRECISION_PARITY
+from builder.settings import LOW_PRECISION_PARITY, TENSORRT_PRECISIONS
 from builder.timing import timing_batches
 
 log = logging.getLogger("builder.engines.trt")
-PRECISIONS = ("fp32", "tf32", "fp16", "int8", "fp8")
+PRECISIONS = TENSORRT_PRECISIONS
 
 
 def trt_major() -> int:

@@ -138,7 +138,7 @@ def test_serve_detach_and_stop_cli(local_repo, tmp_path):
                                capture_output=True, text=True, timeout=60)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
-        stopped = subprocess.run([sys.executable, "-m", "builder", "stop", *common], capture_output=True, text=True)
+        stopped = subprocess.run([sys.executable, "-m", "builder", "stop", "--workdir", str(tmp_path / "srv")], capture_output=True, text=True)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not (tmp_path / "srv" / "tritonserver.pid").exists() and not server.stub_pids()
     assert other.poll() is None

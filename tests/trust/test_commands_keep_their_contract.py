@@ -67,7 +67,7 @@ def test_perf_report_refuses_another_kind_of_results(tmp_path):
 
 def test_builder_refuses_bad_names_numbers_and_files(local_repo, tmp_path):
     _error(run_module("builder", "repo", "--engine", "onnxruntime", "--inductor-precision", "fp32",
-                         "--output", str(tmp_path / "r")), "inductor_precision: applies to the inductor engine")
+                         "--output", str(tmp_path / "r")), "inductor_precision:", "applies to the inductor engine")
     _error(run_module("builder", "repo", "--max-queue-size", str(2 ** 40), "--output", str(tmp_path / "r")),
                     "max_queue_size")
     _error(run_module("builder", "repo", "--max-batch-size", str(2 ** 33), "--output", str(tmp_path / "r")),
@@ -92,6 +92,10 @@ def test_builder_refuses_bad_names_numbers_and_files(local_repo, tmp_path):
     _error(run_module("builder", "repo", "--add-version", "--output", str(damaged)), "manifest.json cannot be read")
     _error(run_module("perf", "analyze", "--repository", str(local_repo), "--models", "clasifier",
                          "--output", str(tmp_path / "a")), "models: clasifier not in")
+    docker = tmp_path / "docker"
+    _error(run_module("builder", "docker", "--output", str(docker), "--precision", "fp9"), "--precision", "fp9")
+    _error(run_module("builder", "docker", "--output", str(docker), "--model", "my model"), "model:", "'my model'")
+    assert not docker.exists()
 
 
 def test_quantize_refuses_calibration_of_another_shape(local_repo, tmp_path):
@@ -128,7 +132,13 @@ def test_absurd_numbers_are_refused_before_any_work(tmp_path, photo_paths):
     for flags, needles in ((["--max-queue-delay-us", "94608000000000"], ("max_queue_delay_us", "10,000,000")),
                            (["--instance-count", "100000"], ("instance count", "use 1 to 256")),
                            (["--preprocess-instances", "100000"], ("instance count",)),
-                           (["--version-policy", "all:3"], ("version_policy", "takes no number"))):
+                           (["--version-policy", "all:3"], ("version_policy", "takes no number")),
+                           # options of an engine or preprocessing the build does not use
+                           (["--gpu-decoder", "nvimgcodec"], ("gpu_decoder:", "drop --gpu-decoder", "--preprocess gpu")),
+                           (["--preprocess", "gpu", "--gpu-photo-path", "fused", "--hybrid-local-batch", "4"],
+                            ("hybrid_local_batch:", "--gpu-photo-path fused")),
+                           (["--engine", "onnxruntime", "--compile-timeout-s", "60"], ("compile_timeout_s:",)),
+                           (["--cuda-graphs"], ("cuda_graphs:", "--plan"))):
         _error(run_module("builder", "repo", "--output", str(out), *flags), *needles)
         assert not out.exists()
     for timeout in ("inf", "nan", "1e10", "0"):
@@ -326,12 +336,12 @@ def test_stop_finds_a_server_whose_workdir_was_removed(local_repo, tmp_path):
     started = run_module("builder", "serve", "--detach", *common, timeout=200)
     assert started.returncode == 0, started.stderr
     sh.rmtree(workdir)
-    stopped = run_module("builder", "stop", *common)
+    stopped = run_module("builder", "stop", "--workdir", str(workdir))
     assert stopped.returncode == 0 and "tritonserver stopped" in stopped.stdout, stopped.stdout + stopped.stderr
     time.sleep(1)
     assert not _processes_with(str(workdir))
     makefile = (ROOT / "Makefile").read_text()
-    assert "if [ -x $(PY) ]; then $(PY) -m builder stop; fi\n\trm -rf $(REPO) .server build" in makefile
+    assert "if [ -x $(PY) ]; then $(PY) -m builder stop; fi\n\trm -rf $(call q,$(REPO)) .server build" in makefile
 
 
 def test_perf_images_are_checked_and_what_is_not_an_image_is_named(local_repo, tmp_path, photo_paths, caplog):
