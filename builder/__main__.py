@@ -278,6 +278,15 @@ def _server(args):
 
 
 def _cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from builder.repository.check import check_repository
+
+    if Path(args.repository).is_dir():  # refused in words before the server prints its log for the same cause
+        problems = check_repository(args.repository)
+        if problems:
+            raise BuilderError(f"{args.repository} would not load: {'; '.join(p.rstrip('.') for p in problems)}; fix that (`builder "
+                               "check` lists each problem) or rebuild it with `make repo FLAVOR=local`")
     server = _server(args)
     server.start(wait=True, timeout=args.timeout, detach=args.detach)
     if args.detach:

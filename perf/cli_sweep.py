@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +43,10 @@ def _cmd_sweep(args) -> int:
         raise
     print(write_json(output, sweep_payload(settings, rows, {"label": args.label})))
     failed = [r for r in rows if "error" in r]
-    return 1 if failed and len(failed) == len(rows) else 0
+    if failed:  # every row is in the file; the exit status says the sweep is not whole
+        print(f"error: {len(failed)} of {len(rows)} configuration(s) failed; the first: {failed[0]['error']}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _cmd_report(args) -> int:
@@ -54,10 +58,12 @@ def _cmd_report(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     text = report.markdown(results, bare, args.server_batch)
     paths = report.plot(results, out_dir)
-    text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n"
+    if paths:
+        text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in paths) + "\n"
     (out_dir / "report.md").write_text(text)
     print(text)
-    print(f"wrote {out_dir / 'report.md'} and {', '.join(str(p) for p in paths)}")
+    print(f"wrote {out_dir / 'report.md'}" + "".join(f", {p}" for p in paths)
+          + ("" if paths else " (no plots: no configuration succeeded)"))
     return 0
 
 

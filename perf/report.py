@@ -82,19 +82,23 @@ def markdown(results: Dict, bare: Optional[Dict] = None, server_batch: Optional[
     if reference:
         header += f" efficiency vs bare b={reference['batch_size']} |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
+    failures = []
     for row in results["results"]:
-        if "error" in row:
-            lines.append(f"| {row['model']} | {row['protocol']} | {row['shared_memory']} | {row['batch_size']} | "
-                         f"{row['concurrency']} | failed: {row['error'][:60]} |")
-            continue
-        cells = [row["model"], row["protocol"], row["shared_memory"], row["batch_size"], row["concurrency"],
-                 f"{row['throughput_img_per_s']:.1f}", f"{row['latency_p50_us'] / 1000:.2f}",
-                 f"{row['latency_p99_us'] / 1000:.2f}", f"{row.get('server_queue_us', 0) / 1000:.2f}",
-                 f"{row.get('server_compute_infer_us', 0) / 1000:.2f}"]
-        if reference:
-            eff = efficiency(row, reference)
-            cells.append(f"{eff:.1%}" if eff is not None else "")
+        config = [row["model"], row["protocol"], row["shared_memory"], row["batch_size"], row["concurrency"]]
+        if "error" in row:  # the table's own columns, the cause in a note below (its text may hold `|`)
+            failures.append(row["error"])
+            cells = config + [f"failed [{len(failures)}]"] + ["-"] * (header.count("|") - 7)
+        else:
+            cells = config + [f"{row['throughput_img_per_s']:.1f}", f"{row['latency_p50_us'] / 1000:.2f}",
+                              f"{row['latency_p99_us'] / 1000:.2f}", f"{row.get('server_queue_us', 0) / 1000:.2f}",
+                              f"{row.get('server_compute_infer_us', 0) / 1000:.2f}"]
+            if reference:
+                eff = efficiency(row, reference)
+                cells.append(f"{eff:.1%}" if eff is not None else "")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if failures:
+        lines += ["", f"{len(failures)} of {len(results['results'])} configuration(s) failed:"]
+        lines += [f"{index}. {error}" for index, error in enumerate(failures, 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -106,8 +110,8 @@ def plot(results: Dict, out_dir: Path) -> List[Path]:
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["results"] if "error" not in r]
-    if not rows:
-        raise BuilderError("no successful rows to plot")
+    if not rows:  # the table says why each failed
+        return []
     groups: Dict[Tuple, List[Dict]] = {}
     for row in rows:
         groups.setdefault(config_key(row), []).append(row)

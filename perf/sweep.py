@@ -251,11 +251,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 def analyzer_error(output: str, returncode: int) -> str:
-    """perf_analyzer's own error line(s), not the usage text it prints after them; else its last lines."""
+    """The cause perf_analyzer gives: what its worker threads were told by the server ("Thread [0] had error:
+    ..."), else its own error line(s), not the usage text it prints after them; else its last lines."""
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    causes = list(dict.fromkeys(line.split("had error:", 1)[1].strip() for line in lines if "had error:" in line))
     errors = [line for line in lines if line.lower().startswith(("error:", "error "))
               or line.lower().startswith("failed to")]
-    said = " | ".join(errors[:3] or lines[-3:]) or f"exit code {returncode}"
+    said = " | ".join(causes[:2] or errors[:3] or lines[-3:]) or f"exit code {returncode}"
     if "connect" in said.lower():  # the usual cause: another port, or the other protocol's port
         said += (" (is the server up, and are --http-url and --grpc-url its ports? tritonserver serves HTTP on 8000 "
                  "and gRPC on 8001 by default)")

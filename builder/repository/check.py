@@ -33,13 +33,15 @@ def _dtype(value: int) -> str:
     return mc.DataType.Name(value)
 
 
-def _load_configs(root: Path, problems: List[str]) -> Dict[str, Tuple[Path, mc.ModelConfig]]:
+def _load_configs(root: Path, problems: List[str], unreadable: set) -> Dict[str, Tuple[Path, mc.ModelConfig]]:
+    """The models whose config.pbtxt reads; the others are named in `unreadable`, their problem reported once."""
     models = {}
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         path = model_dir / "config.pbtxt"
         if not path.is_file():
             problems.append(f"{model_dir.name}: no config.pbtxt")
             continue
+        unreadable.add(model_dir.name)
         try:
             config = configs.read(path)
         except text_format.ParseError as exc:
@@ -52,6 +54,7 @@ def _load_configs(root: Path, problems: List[str]) -> Dict[str, Tuple[Path, mc.M
         except OSError as exc:
             problems.append(f"{model_dir.name}/config.pbtxt: cannot read it ({exc.strerror or exc})")
             continue
+        unreadable.discard(model_dir.name)
         if config.name and config.name != model_dir.name:
             problems.append(f"{model_dir.name}/config.pbtxt: name {config.name!r} differs from its folder")
         models[model_dir.name] = (model_dir, config)
@@ -241,12 +244,14 @@ def _check_plan_sidecar(name: str, version_dir: Path, config: mc.ModelConfig, pr
 
 
 def _check_ensemble(name: str, config: mc.ModelConfig, models: Dict[str, Tuple[Path, mc.ModelConfig]],
-                    problems: List[str]) -> None:
+                    problems: List[str], unreadable: set) -> None:
     # Tensor name -> (dtype, dims) known so far: ensemble inputs, then step outputs.
     available = {t.name: (t.data_type, list(t.dims)) for t in config.input}
     ensemble_outputs = {t.name for t in config.output}
     for index, step in enumerate(config.ensemble_scheduling.step):
         where = f"{name}: step {index + 1} ({step.model_name})"
+        if step.model_name in unreadable:  # its config's own problem is reported; what follows depends on it
+            return
         if step.model_name not in models:
             problems.append(f"{where}: model {step.model_name!r} is not in the repository")
             continue
@@ -403,7 +408,8 @@ def check_repository(root: Path) -> List[str]:
     if not root.is_dir():
         return [f"{root} is not a folder; build it with `make repo`"]
     problems: List[str] = []
-    models = _load_configs(root, problems)
+    unreadable: set = set()
+    models = _load_configs(root, problems, unreadable)
     if not models and not problems:
         problems.append(f"{root} holds no models")
     _check_flavor(root, models, problems)
@@ -415,5 +421,5 @@ def check_repository(root: Path) -> List[str]:
             # text_format refuses a config that sets both (reported as a parse error above).
             if not config.ensemble_scheduling.step:
                 problems.append(f"{name}: ensemble has no steps")
-            _check_ensemble(name, config, models, problems)
+            _check_ensemble(name, config, models, problems, unreadable)
     return problems

@@ -309,8 +309,9 @@ class LocalServer:
         if missing:
             raise BuilderError(
                 f"the local tritonserver has only the {', '.join(sorted(available))} backend, but "
-                f"{', '.join(f'{m} needs {b}' for m, b in missing)}; this is the `container` flavor: build "
-                "`make repo FLAVOR=local` to serve here, or serve this one in NVIDIA's tritonserver container")
+                f"{', '.join(f'{m} needs {b}' for m, b in missing)}; this is the `container` flavor: rebuild it "
+                "with `make repo FLAVOR=local` (builder repo --flavor local) to serve here, or serve this one in "
+                "NVIDIA's tritonserver container (make serve-docker)")
 
     def _check_ports(self) -> None:
         """Refuses ports another process holds: its answers would look like ours."""

@@ -106,6 +106,31 @@ def test_sweep_reports_failures_per_row(server, contract, photo_paths):
 
 
 @pytest.mark.server
+def test_a_failed_point_gives_its_cause_a_non_zero_exit_and_a_table_row(server, contract, photo_paths, tmp_path):
+    """perf_analyzer says only "failed to maintain the load"; the cause is what its threads were told."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "sweep.json"
+    cmd = [sys.executable, "-m", "perf", "sweep", "--name", contract.ensemble, "--http-url", server.http_url,
+           "--grpc-url", server.grpc_url, "--images", str(photos), "--models", "ensemble,classifier",
+           "--concurrency", "1", "--measurement-interval-ms", "400", "--stability-percent", "99",
+           "--max-trials", "4", "--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: 1 of 2 configuration(s) failed; the first: " in result.stderr and "empty input" in result.stderr
+    failed, passed = json.loads(out.read_text())["results"]
+    assert "empty input" in failed["error"] and "Failed to maintain" not in failed["error"]
+    assert "error" not in passed
+    rep = subprocess.run([sys.executable, "-m", "perf", "report", str(out), "--output", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stderr
+    table = [line for line in rep.stdout.splitlines() if line.startswith("| ensemble") or line.startswith("| model")]
+    assert table[0].count("|") == table[1].count("|") and "| failed [1] |" in table[1]
+    assert "1 of 2 configuration(s) failed:" in rep.stdout and "1. " in rep.stdout
+
+
+@pytest.mark.server
 def test_sweep_cli_writes_results_and_report(server, contract, photo_paths, tmp_path):
     out = tmp_path / "sweep.json"
     photos_dir = tmp_path / "photos"

@@ -374,3 +374,18 @@ def test_serve_refuses_a_folder_without_models(tmp_path):
     (empty / "notes.txt").write_text("no models here")
     _error(run_module("builder", "serve", "--repository", str(empty), "--workdir", str(tmp_path / "w")),
            "holds no models", "make repo FLAVOR=local")
+
+
+def test_a_config_that_does_not_parse_is_one_line_in_check_and_serve(local_repo, tmp_path):
+    """The parse error is the cause; the ensemble steps that use that model are not reported again."""
+    broken = tmp_path / "broken"
+    shutil.copytree(local_repo, broken)
+    config = next(broken.glob("*_classifier/config.pbtxt"))
+    config.write_text(config.read_text().replace("max_batch_size:", "oops: 1\nmax_batch_size:", 1))
+    checked = run_module("builder", "check", str(broken))
+    errors = [line for line in checked.stdout.splitlines() if line.startswith("error:")]
+    assert checked.returncode == 1 and len(errors) == 1 and 'no field named "oops"' in errors[0], checked.stdout
+    started = time.perf_counter()
+    _error(run_module("builder", "serve", "--repository", str(broken), "--workdir", str(tmp_path / "w")),
+           "would not load", 'no field named "oops"', "make repo FLAVOR=local")
+    assert time.perf_counter() - started < 30 and not (tmp_path / "w" / "tritonserver.log").exists()
