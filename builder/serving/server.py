@@ -291,13 +291,13 @@ class LocalServer:
         except OSError:
             MpsDaemon(self.workdir).stop()
             raise
-        self.pid_path.write_text(str(self.process.pid))
-        if wait:
-            try:
+        try:  # from here an interrupt or a failure stops what was started before it leaves
+            self.pid_path.write_text(str(self.process.pid))
+            if wait:
                 self.wait_ready(timeout)
-            except BaseException:
-                self.stop()
-                raise
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _check_backends(self) -> None:

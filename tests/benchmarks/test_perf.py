@@ -199,8 +199,35 @@ def test_tuner_reloads_live_and_writes_back(local_repo, contract, photo_paths, t
             tune(str(other), sweep, contract.classifier, grid, p99_budget_ms=100)
         # Without a winner (or without --write) the server is back on the repository's own config.
         assert served_settings(client.get_model_config(contract.classifier)) == served_settings(written)
+        _interrupted_tune_keeps_what_it_measured(repo, server, contract, tmp_path / "tune.json")
+        assert served_settings(client.get_model_config(contract.classifier)) == served_settings(written)
     finally:
         server.stop()
+
+
+def _interrupted_tune_keeps_what_it_measured(repo, server, contract, out):
+    """SIGTERM after the first candidate: the measured one is written (marked interrupted), exit 130."""
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "perf", "tune", "--repository", str(repo), "--name", contract.ensemble,
+         "--http-url", server.http_url, "--grpc-url", server.grpc_url, "--models", "classifier",
+         "--concurrency", "2", "--instance-counts", "1,2,3", "--queue-delays-us", "500", "--max-batch-sizes", "8",
+         "--p99-budget-ms", "10000", "--measurement-interval-ms", "500", "--stability-percent", "99",
+         "--max-trials", "4", "--server-workdir", str(server.workdir), "--output", str(out)],
+        stderr=subprocess.PIPE, text=True)
+    seen = ""
+    for line in process.stderr:  # the progress log: one line per candidate measured
+        seen += line
+        if "[1/3]" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    seen += process.stderr.read()
+    assert process.wait(timeout=120) == 130, seen
+    assert seen.strip().splitlines()[-1].startswith("interrupted"), seen
+    doc = json.loads(out.read_text())
+    assert doc["interrupted"] is True and doc["best"] is None
+    assert 1 <= len(doc["results"]) <= 2 and doc["results"][0]["instance_count"] == 1
 
 
 def test_bare_onnxruntime(local_repo, contract, tmp_path):
