@@ -11,6 +11,8 @@ STAMP := $(VENV)/.installed
 MODEL ?=
 NAME ?=
 WEIGHTS ?= random
+# A text file of class names, one per line in class order (a fine-tuned model's own); empty: ImageNet's or class_<i>.
+LABELS ?=
 # Empty: container for a new repository; ADD_VERSION keeps the repository's own flavor.
 FLAVOR ?=
 MAX_BATCH ?=
@@ -62,7 +64,7 @@ endif
 
 .PHONY: help venv repo check serve stop test test-gpu clean analyzer analyze
 help:
-	@echo "make repo      export the model and write REPO ($(REPO)); takes MODEL NAME WEIGHTS=random|pretrained|PATH"
+	@echo "make repo      export the model and write REPO ($(REPO)); takes MODEL NAME WEIGHTS=random|pretrained|PATH LABELS"
 	@echo "               FLAVOR=container|local ENGINE TORCH_COMPILE PLAN_ARGS PREPROCESS PREPROCESS_INSTANCES"
 	@echo "               PREPROCESS_MAX_BATCH GPU_PHOTO_PATH HYBRID_LOCAL_BATCH MAX_BATCH PREFERRED QUEUE_DELAY_US"
 	@echo "               MAX_QUEUE QUEUE_TIMEOUT_US INSTANCES MODEL_KWARGS VERSION_POLICY ADD_VERSION=1"
@@ -88,7 +90,7 @@ $(STAMP): pyproject.toml requirements-modelopt.txt
 	touch $(STAMP)
 
 repo: $(STAMP)
-	$(PY) -m builder repo $(call opt,--model,$(MODEL)) $(call opt,--name,$(NAME)) $(WEIGHT_ARGS) \
+	$(PY) -m builder repo $(call opt,--model,$(MODEL)) $(call opt,--name,$(NAME)) $(WEIGHT_ARGS) $(call opt,--labels,$(LABELS)) \
 	  $(call opt,--flavor,$(FLAVOR)) $(call opt,--max-batch-size,$(MAX_BATCH)) \
 	  $(call opt,--preferred-batch-sizes,$(PREFERRED)) $(call opt,--max-queue-delay-us,$(QUEUE_DELAY_US)) \
 	  $(call opt,--max-queue-size,$(MAX_QUEUE)) $(call opt,--queue-timeout-us,$(QUEUE_TIMEOUT_US)) \

@@ -42,7 +42,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def model_source(args: argparse.Namespace) -> ModelSource:
     """The `ModelSource` the model options describe."""
     return ModelSource(args.model or DEFAULT_MODEL, args.pretrained, args.checkpoint, args.model_kwargs,
-                         args.seed)
+                       args.seed, getattr(args, "labels", None))
 
 
 def add_parity_args(parser: argparse.ArgumentParser, defaults: Parity, top1: bool = True,

@@ -132,6 +132,10 @@ def _add_repo(sub) -> None:
                        description="Export a timm Swin classifier to ONNX, validate it against PyTorch, "
                                    "and write a complete Triton model repository (atomically).")
     add_model_args(p)
+    p.add_argument("--labels", default=field_default(s.ModelSource, "labels"),
+                   help="class names, one per line in class order (a fine-tuned model's own), served by Triton's "
+                        "classification extension (default: ImageNet's names for 1000 or 21k classes, else "
+                        "class_<i>)")
     p.add_argument("--name", default=None, help="ensemble name (default: the timm model name)")
     p.add_argument("--output", default=field_default(repo, "output"), help="repository folder")
     p.add_argument("--flavor", choices=("container", "local"), default=None,

@@ -78,6 +78,9 @@ class ModelSource:
         model_kwargs: JSON object of extra `timm.create_model` keyword
             arguments (e.g. a tiny `embed_dim`/`depths` for tests).
         seed: Seed for deterministic random initialization.
+        labels: A UTF-8 text file of class names, one per line in class
+            order (a fine-tuned model's own classes). None: ImageNet's
+            names for ImageNet-sized heads, else `class_<i>`.
     """
 
     model_name: str = DEFAULT_MODEL
@@ -85,6 +88,7 @@ class ModelSource:
     checkpoint: Optional[str] = None
     model_kwargs: str = "{}"
     seed: int = 0
+    labels: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.model_name or not _NAME_RE.match(self.model_name):
@@ -96,6 +100,8 @@ class ModelSource:
         if self.checkpoint and not os.path.isfile(self.checkpoint):
             _fail("checkpoint", f"{self.checkpoint!r} does not exist",
                   "pass the path of a .safetensors file or a saved state dict")
+        if self.labels is not None and not os.path.isfile(self.labels):
+            _fail("labels", f"{self.labels!r} does not exist", "pass a text file with one class name per line")
         try:
             kwargs = json.loads(self.model_kwargs)
         except json.JSONDecodeError as exc:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
 
 from builder.errors import BuilderError
 from builder.settings import ModelSource
@@ -23,6 +25,8 @@ class LoadedModel:
         weights: Where the weights came from: `pretrained:<tag>`,
             `checkpoint:<path>` or `random:seed=<n>`.
         class_names: One human-readable name per class.
+        labels: Where the class names came from: `file:<path>`,
+            `timm:imagenet-1k` (or 22k) or `indices`.
     """
 
     module: Any
@@ -30,18 +34,44 @@ class LoadedModel:
     num_classes: int
     weights: str
     class_names: list
+    labels: str = "indices"
 
 
-def _class_names(num_classes: int) -> list:
+def _class_names(num_classes: int, labels: Optional[str] = None) -> Tuple[list, str]:
+    """The class names and where they came from: the user's file, timm's ImageNet sets, or indices."""
+    if labels:
+        return _labels_file(labels, num_classes), f"file:{labels}"
     from timm.data import ImageNetInfo
 
     if num_classes in (1000, 11821, 12000, 21841, 21843, 22000):
         try:
-            info = ImageNetInfo("imagenet-1k" if num_classes == 1000 else "imagenet-22k")
-            return [info.index_to_description(i) for i in range(num_classes)]
+            subset = "imagenet-1k" if num_classes == 1000 else "imagenet-22k"
+            info = ImageNetInfo(subset)
+            return [info.index_to_description(i) for i in range(num_classes)], f"timm:{subset}"
         except Exception:  # timm lacks this label set: fall back to indices
             pass
-    return [f"class_{i}" for i in range(num_classes)]
+    return [f"class_{i}" for i in range(num_classes)], "indices"
+
+
+def _labels_file(path: str, num_classes: int) -> list:
+    """One class name per line; trailing blank lines are ignored, any other blank or repeated name is refused."""
+    try:
+        names = Path(path).read_text(encoding="utf-8").rstrip("\n\r ").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BuilderError(f"labels: cannot read {path} as UTF-8 text ({exc}); pass a text file with one class "
+                           "name per line") from None
+    names = [name.strip() for name in names]
+    if len(names) != num_classes:
+        raise BuilderError(f"labels: {path} has {len(names)} name(s) and the model has {num_classes} classes; "
+                           "give one name per class, in class order")
+    blank = next((i for i, name in enumerate(names) if not name), None)
+    if blank is not None:
+        raise BuilderError(f"labels: line {blank + 1} of {path} is blank; give every class a name")
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise BuilderError(f"labels: {path} names {', '.join(map(repr, repeated[:3]))} more than once; "
+                           "give each class its own name")
+    return names
 
 
 def _load_checkpoint(path: str) -> Dict[str, Any]:
@@ -154,4 +184,5 @@ def load_model(source: ModelSource) -> LoadedModel:
         raise BuilderError("model_kwargs: num_classes is 0 (a feature extractor); "
                            "the repository needs a classifier head")
     data_config = _own_input_size(module, data_config, source)
-    return LoadedModel(module, data_config, num_classes, weights, _class_names(num_classes))
+    class_names, labels = _class_names(num_classes, source.labels)
+    return LoadedModel(module, data_config, num_classes, weights, class_names, labels)

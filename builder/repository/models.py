@@ -36,8 +36,13 @@ LOAD_GATE = {"photos": ("astronaut_640x480.jpg", "astronaut_progressive.jpg", "c
              "max_mean_abs": 0.03, "min_cosine": 0.999}
 
 
+def labels_text(class_names: list) -> str:
+    """labels.txt: one class name per line, in class order (Triton's `label_filename`)."""
+    return "\n".join(class_names) + "\n"
+
+
 def _write_labels(path: Path, class_names: list) -> None:
-    path.write_text("\n".join(class_names) + "\n", encoding="utf-8")
+    path.write_text(labels_text(class_names), encoding="utf-8")
 
 
 def _copy_gate_photos(version_dir: Path) -> None:

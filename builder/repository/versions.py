@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
-from builder.core.contract import Contract, contract_tensors
+from builder.core.contract import LABELS_FILE, Contract, contract_tensors
 from builder.core.manifest import MANIFEST, file_hashes
 from builder.errors import BuilderError
 from builder.repository import configs
@@ -41,13 +41,19 @@ def same_repository(settings: RepoSettings, previous: dict, output: Path) -> Rep
                            f"{settings.flavor}; one repository serves one flavor: pass --flavor "
                            f"{previous['flavor']} (or leave it out), or build a new repository")
     refuse_contract_changes(contract_changes(previous, settings))
-    existing = _existing_versions(output / Contract.named(settings.model_name).classifier)
+    classifier = output / Contract.named(settings.model_name).classifier
+    labels = ((previous.get("model") or {}).get("labels") or {}).get("source", "")
+    if settings.source.labels is None and labels.startswith("file:") and (classifier / LABELS_FILE).is_file():
+        log.info("keeping the served class names (%s; pass --labels to change them)", classifier / LABELS_FILE)
+        settings = dataclasses.replace(settings, source=dataclasses.replace(
+            settings.source, labels=str(classifier / LABELS_FILE)))
+    existing = _existing_versions(classifier)
     log.info("adding version %d to %s", (max(existing) if existing else 0) + 1, output)
     return dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
 
 
 def contract_changes(previous: dict, settings: RepoSettings, contract: Optional[Contract] = None,
-                      preprocess: Optional[Dict[str, str]] = None) -> list:
+                      preprocess: Optional[Dict[str, str]] = None, labels: Optional[Dict] = None) -> list:
     """What a new version would change of what all versions share: (field, served, new) triples.
 
     Every version of a model is served under one config.pbtxt, so a new version must keep the tensors,
@@ -66,6 +72,11 @@ def contract_changes(previous: dict, settings: RepoSettings, contract: Optional[
         pairs.append(("tensors", previous["contract"].get("tensors"), contract_tensors(contract)))
     if preprocess is not None:
         pairs.append(("preprocessing parameters", previous.get("preprocess"), preprocess))
+    if labels is not None:  # one labels.txt per model serves every version's outputs
+        served = (previous.get("model") or {}).get("labels") or {}
+        if served.get("sha256") not in (None, labels["sha256"]):
+            pairs.append(("class names", f"{served.get('source')} (sha256 {served['sha256'][:12]})",
+                          f"{labels['source']} (sha256 {labels['sha256'][:12]})"))
     for name, was, now in pairs:
         if isinstance(was, dict) and isinstance(now, dict):  # name the entries that differ, not the whole dict
             changes += [(f"{name} {key}", was.get(key), now.get(key)) for key in sorted({*was, *now})

@@ -19,7 +19,7 @@ from builder.errors import BuilderError
 from builder.meta import package_versions
 from builder.repository.output import carry_over, check_output, clean_stale, staging_dir, swap_into_place
 from builder.repository.readme import write_readme
-from builder.repository.models import LOAD_GATE, write_models
+from builder.repository.models import LOAD_GATE, labels_text, write_models
 from builder.repository.versions import contract_changes, move_version_in, refuse_contract_changes, same_repository
 from builder.settings import TRITON_RELEASE, TRITON_VERSION, RepoSettings
 
@@ -81,7 +81,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
         log.info("[1/5] loading %s", settings.source.model_name)
         model, contract, params = _load(settings)
         if previous is not None:  # before the export: a version that cannot be served fails in seconds
-            refuse_contract_changes(contract_changes(previous, settings, contract))
+            refuse_contract_changes(contract_changes(previous, settings, contract, labels=labels_record(model)))
         onnx_file = staging / "model.onnx"
         log.info("[2/5] exporting ONNX")
         export_onnx(model, contract, onnx_file, settings.opset)
@@ -106,6 +106,15 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
         _put_in_place(staging, output, contract, settings.version, add_version, overrides)
     log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
     return output
+
+
+def labels_record(model) -> Dict[str, str]:
+    """The served class names' source and hash (every version of a model shares its labels.txt)."""
+    import hashlib
+
+    text = labels_text(model.class_names)
+    return {"source": model.labels, "count": len(model.class_names),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 def _load(settings: RepoSettings):
@@ -165,7 +174,8 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
                      **package_versions("torch", "timm", "onnx", "onnxruntime", "tritonclient", "numpy", "pillow")},
         "model": {"timm_name": settings.source.model_name, "kwargs": settings.source.kwargs,
                   "weights": model.weights, "random_weights": model.weights.startswith("random:"),
-                  "num_classes": model.num_classes, "data_config": model.data_config},
+                  "num_classes": model.num_classes, "data_config": model.data_config,
+                  "labels": labels_record(model)},
         "contract": {
             "ensemble": contract.ensemble, "models": list(contract.model_names),
             "tensors": contract_tensors(contract),

@@ -154,3 +154,40 @@ def test_stop_never_signals_a_process_that_is_not_our_server(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+@pytest.mark.server
+def test_a_fine_tuned_checkpoint_is_served_with_its_own_class_names(tmp_path, photo_paths):
+    """`--labels`: the user's names reach the manifest and Triton's classification extension on both protocols,
+    and a new version keeps them."""
+    import torch
+
+    from builder.export.model import load_model
+    from builder.serving.server import LocalServer, ServerSettings, free_ports
+    from builder.settings import ModelSource
+
+    kwargs = json.dumps({**json.loads(TINY_KWARGS), "num_classes": 4})
+    checkpoint = tmp_path / "fine_tuned.pt"
+    torch.save(load_model(ModelSource(model_kwargs=kwargs, seed=5)).module.state_dict(), checkpoint)
+    names = ["tabby cat", "golden retriever", "rocket", "coffee mug"]
+    labels = tmp_path / "classes.txt"
+    labels.write_text("\n".join(names) + "\n\n", encoding="utf-8")
+    repo = tmp_path / "repo"
+    common = ["--flavor", "local", "--model-kwargs", kwargs, "--checkpoint", str(checkpoint), "--output", str(repo)]
+    built = run_module("builder", "repo", *common, "--labels", str(labels))
+    assert built.returncode == 0, built.stderr
+    assert read_manifest(repo)["model"]["labels"]["source"] == f"file:{labels}"
+    short = tmp_path / "three.txt"
+    short.write_text("\n".join(names[:3]))
+    one_line_error(run_module("builder", "repo", *common, "--labels", str(short), "--add-version"),
+                   "labels:", "3 name(s) and the model has 4 classes")
+    again = run_module("builder", "repo", *common, "--add-version")  # no --labels: the served names are kept
+    assert again.returncode == 0 and "keeping the served class names" in again.stderr, again.stderr
+    http, grpc, metrics = free_ports(3)
+    with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))) as server:
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            result = run_module("clients", "classify", "--url", url, "--protocol", protocol, "--top-k", "4",
+                                "--json", str(photo_paths[3]))
+            assert result.returncode == 0, result.stderr
+            served = {entry["label"] for entry in json.loads(result.stdout.splitlines()[0])["predictions"]}
+            assert served == set(names), (protocol, result.stdout)
