@@ -202,8 +202,25 @@ def server_env(extra_lib_dirs: Sequence[str] = ()) -> dict:
     env["LD_LIBRARY_PATH"] = os.pathsep.join([str(libs), *extra_lib_dirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("PYTHONPATH", None)  # the stub ignores it; keep the two environments identical
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # serving must not write __pycache__ into the repository
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # tritonserver's own Python; the stubs ignore it (see sweep_pycache)
     return env
+
+
+def sweep_pycache(repository: str) -> int:
+    """Removes the `__pycache__` folders that serving wrote into the repository's version folders.
+
+    The Python backend's stub runs an isolated interpreter: it ignores PYTHONDONTWRITEBYTECODE and
+    PYTHONPYCACHEPREFIX and writes the model's bytecode beside its model.py. Only a folder that holds nothing but
+    bytecode of the version's own .py files is removed. Returns how many were.
+    """
+    removed = 0
+    for cache in Path(repository).glob("*/[0-9]*/__pycache__"):
+        sources = {p.stem for p in cache.parent.glob("*.py")}
+        files = list(cache.iterdir()) if cache.is_dir() else []
+        if files and all(f.suffix == ".pyc" and f.name.split(".")[0] in sources for f in files):
+            shutil.rmtree(cache, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 class LocalServer:
@@ -387,6 +404,7 @@ class LocalServer:
             # another server on the port would answer the probe too.
             if self._started_services() and self.is_ready() and (self.process is None or self.process.poll() is None):
                 log.info("tritonserver ready: HTTP %s, gRPC %s", self.http_url, self.grpc_url)
+                sweep_pycache(self.settings.repository)  # the models are loaded: their stubs wrote it by now
                 return
             time.sleep(0.5)
         raise BuilderError(f"tritonserver was not ready after {timeout:.0f} s; log {self.log_path}:\n"
@@ -401,6 +419,7 @@ class LocalServer:
         """
         pid = self.process.pid if self.process is not None else self.running_pid()
         code = None
+        repository = self._served_repository(pid)
         if pid:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -427,7 +446,16 @@ class LocalServer:
         self.pid_path.unlink(missing_ok=True)
         self.process = None
         self.end_leftovers(grace=10.0)
+        if repository:  # versions loaded while it served (poll, explicit) wrote theirs after the start
+            sweep_pycache(repository)
         return code
+
+    def _served_repository(self, pid: Optional[int]) -> Optional[str]:
+        """The repository the server runs on: ours if this object started it, else its command line's."""
+        if self.process is not None:
+            return self.settings.repository
+        line = procs.argv(pid) if pid else None
+        return next((arg.split("=", 1)[1] for arg in line or () if arg.startswith("--model-repository=")), None)
 
     def stub_pids(self):
         """The Python-backend stub processes of a server run from this workdir (they run its copied stub)."""

@@ -132,6 +132,7 @@ def test_serve_detach_and_stop_cli(local_repo, tmp_path):
         assert left.wait(timeout=10) == -9 and other.poll() is None  # ended before the start, the other left
         assert "left 1 model process(es)" in started.stderr
         assert httpclient.InferenceServerClient(f"localhost:{http}").is_server_ready()
+        assert not list(local_repo.rglob("__pycache__"))  # the stubs' bytecode is not left in the repository
         server = LocalServer(ServerSettings(str(local_repo), workdir=str(tmp_path / "srv")))
         assert len(server.stub_pids()) >= 2  # the running server's own stubs: untouched
         again = subprocess.run([sys.executable, "-m", "builder", "serve", "--detach", *common],
@@ -141,6 +142,7 @@ def test_serve_detach_and_stop_cli(local_repo, tmp_path):
         stopped = subprocess.run([sys.executable, "-m", "builder", "stop", "--workdir", str(tmp_path / "srv")], capture_output=True, text=True)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert not (tmp_path / "srv" / "tritonserver.pid").exists() and not server.stub_pids()
+    assert not list(local_repo.rglob("__pycache__"))
     assert other.poll() is None
     other.kill()
 
