@@ -45,8 +45,9 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 # none | poll | explicit (`perf tune` needs explicit).
 MODEL_CONTROL ?= none
-# MPS=1: `make serve` starts a CUDA MPS daemon of its own (GPU instances share each GPU at once).
-MPS ?= 0
+# MPS=1: `make serve` starts a CUDA MPS daemon of its own (GPU instances share each GPU at once); MPS=0: never;
+# empty: as the build chose (a GPU photo path of several instances is served under MPS).
+MPS ?=
 PYTEST_ARGS ?=
 
 # A value as one shell word, whatever it holds (spaces, quotes, JSON): `$(call q,$(REPO))`.
@@ -70,7 +71,7 @@ help:
 	@echo "               MAX_QUEUE QUEUE_TIMEOUT_US INSTANCES MODEL_KWARGS VERSION_POLICY ADD_VERSION=1"
 	@echo "make check     report what tritonserver would reject in REPO"
 	@echo "make serve     start the local tritonserver on REPO in the background; takes HTTP_PORT GRPC_PORT"
-	@echo "               METRICS_PORT MODEL_CONTROL=none|poll|explicit MPS=1"
+	@echo "               METRICS_PORT MODEL_CONTROL=none|poll|explicit MPS=1|0 (empty: as the build chose)"
 	@echo "make stop      stop the server that make serve started"
 	@echo "make test      the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer); PYTEST_ARGS"
 	@echo "make test-gpu  the GPU code paths on this host's GPU (skipped without one); GPU_PYTHON PYTEST_ARGS"
@@ -107,7 +108,7 @@ check: $(STAMP)
 
 serve: $(STAMP)
 	$(PY) -m builder serve --detach --repository $(call q,$(REPO)) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-	  --model-control $(MODEL_CONTROL) $(if $(filter 1,$(MPS)),--mps)
+	  --model-control $(MODEL_CONTROL) $(if $(filter 1,$(MPS)),--mps) $(if $(filter 0,$(MPS)),--no-mps)
 
 stop: $(STAMP)
 	$(PY) -m builder stop

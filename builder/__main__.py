@@ -30,8 +30,12 @@ def _cmd_repo(args) -> int:
     from builder.repository.writer import build_repository
 
     _refuse_options_that_do_not_apply(args)
+    _gpu_photo_path_setup(args)
     flavor = args.flavor or _existing_flavor(args.output, args.add_version) or "container"
-    kind = args.instance_kind or ("KIND_CPU" if flavor == "local" else "KIND_GPU")
+    preprocess = s.default_preprocess_instances(args.preprocess, args.preprocess_instance_kind,
+                                                args.preprocess_instances)
+    # Not given: provisional until the engine is settled (the build then places it where the engine runs).
+    kind = args.instance_kind or s.classifier_kind(flavor, args.engine, preprocess, None, args.gpus)
     queue = (args.max_queue_size, args.queue_timeout_us, args.priority_levels)
     settings = s.RepoSettings(
         source=model_source(args),
@@ -41,8 +45,7 @@ def _cmd_repo(args) -> int:
         preprocess_batching=s.Batching(args.preprocess_max_batch_size or args.max_batch_size, (),
                                        args.max_queue_delay_us, *queue),
         classifier_instances=s.InstanceGroup(kind, args.instance_count, args.gpus),
-        preprocess_instances=s.default_preprocess_instances(args.preprocess, args.preprocess_instance_kind,
-                                                            args.preprocess_instances),
+        preprocess_instances=preprocess,
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
         gpu_photo_path=args.gpu_photo_path, gpu_decoder=args.gpu_decoder,
         hybrid_local_batch=args.hybrid_local_batch,
@@ -50,7 +53,7 @@ def _cmd_repo(args) -> int:
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=parity(args, field_default(s.RepoSettings, "parity")),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
-        plan=args.plan, cuda_graphs=args.cuda_graphs,
+        plan=args.plan, cuda_graphs=args.cuda_graphs, place_classifier_by_engine=args.instance_kind is None,
     )
     build_repository(settings, add_version=args.add_version, overrides=args.given)
     return 0
@@ -78,6 +81,26 @@ def _refuse_options_that_do_not_apply(args) -> None:
                 f", --gpu-photo-path {args.gpu_photo_path}" if args.preprocess == "gpu" else "")
             raise BuilderError(f"{dest}: {option} applies to {what}, which this build does not use ({chosen}); "
                                f"drop {option}, or pass {flag}")
+
+
+def _gpu_photo_path_setup(args) -> None:
+    """A GPU photo path gets the measured setup (`settings.GPU_PHOTO_PATH_SETUP`) for every option not given."""
+    from builder.settings import GPU_PHOTO_PATH_SETUP
+
+    if args.preprocess != "gpu" or args.preprocess_instance_kind not in (None, "KIND_GPU"):
+        return
+    taken = {dest: value for dest, value in GPU_PHOTO_PATH_SETUP.items() if dest not in args.given}
+    largest = taken.get("max_batch_size", args.max_batch_size)  # a batch limit given bounds the setup's sizes
+    if "preferred_batch_sizes" in taken:
+        taken["preferred_batch_sizes"] = tuple(b for b in taken["preferred_batch_sizes"] if b <= largest)
+    if "preprocess_max_batch_size" in taken:
+        taken["preprocess_max_batch_size"] = min(taken["preprocess_max_batch_size"], largest)
+    for dest, value in taken.items():
+        setattr(args, dest, value)
+    if taken:
+        log.info("GPU photo path setup (measured on H100/H200; an option given wins): %s",
+                 ", ".join(f"--{dest.replace('_', '-')} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
+                           for dest, value in taken.items()))
 
 
 def _existing_flavor(output: str, add_version: bool):
@@ -273,7 +296,7 @@ def _server(args):
         repository=args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
         model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2),
-        admin_key=key, mps=getattr(args, "mps", False), extra_args=tuple(
+        admin_key=key, mps=_serve_with_mps(args), extra_args=tuple(
             pools + ([f"--cache-config=local,size={args.cache_mb << 20}"] if getattr(args, "cache_mb", 0) else []))))
 
 
@@ -300,6 +323,24 @@ def _cmd_serve(args) -> int:
         server.stop()
         return 0
     raise BuilderError(f"tritonserver exited with code {code}; log {server.log_path}:\n{server.log_tail()}")
+
+
+def _serve_with_mps(args) -> bool:
+    """--mps or --no-mps as given, else as the build chose (manifest.json's serve.mps)."""
+    if getattr(args, "mps", None) is not None or args.command != "serve":
+        return bool(getattr(args, "mps", False))
+    from pathlib import Path
+
+    from builder.core.manifest import read_manifest
+
+    try:
+        chosen = bool((read_manifest(Path(args.repository)).get("serve") or {}).get("mps"))
+    except BuilderError:  # not a repository of this tool: nothing chosen
+        return False
+    if chosen:
+        log.info("serving under CUDA MPS, as the build chose for its GPU photo path (--no-mps, make serve MPS=0: "
+                 "without)")
+    return chosen
 
 
 def _cmd_stop(args) -> int:

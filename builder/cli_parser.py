@@ -109,9 +109,10 @@ def _add_serve(sub) -> None:
     s.add_argument("--cuda-memory-pool-mb", type=int, default=0,
                    help="CUDA memory pool of every GPU for tensors passed between models on the GPU (0: "
                         "Triton's 64)")
-    s.add_argument("--mps", action="store_true",
+    s.add_argument("--mps", action=argparse.BooleanOptionalAction, default=None,
                    help="start a CUDA MPS control daemon of the server's own, so that GPU model instances share each "
-                        "GPU at once (several photo-path instances: see the README); quit with the server")
+                        "GPU at once; quit with the server (default: as the build chose, manifest.json's "
+                        "serve.mps: on for a GPU photo path of several instances)")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
 
 
@@ -181,7 +182,9 @@ def _repo_placement_args(p, repo) -> None:
     instances = field_default(repo, "classifier_instances")
     g = p.add_argument_group("instances and GPUs")
     g.add_argument("--instance-kind", choices=("KIND_GPU", "KIND_CPU", "KIND_AUTO"), default=None,
-                   help="classifier instances (default: KIND_GPU for container, KIND_CPU for local)")
+                   help="where the classifier runs (default: where its engine runs: the GPU for the container "
+                        "flavor; in the local flavor the GPU for an engine built on one (inductor, a plan) or the "
+                        "gpu preprocessing, else the CPU)")
     g.add_argument("--instance-count", type=int, default=instances.count, help="classifier instances per device")
     g.add_argument("--gpus", type=ints, default=instances.gpus,
                    help="GPU ids of every GPU-placed model (classifier, GPU preprocessing, photo path), e.g. 0,1 "

@@ -269,6 +269,34 @@ def _cpu_instances() -> InstanceGroup:
     return InstanceGroup("KIND_CPU", PYTHON_MODEL_INSTANCES)
 
 
+# What a GPU photo path (`--preprocess gpu` on GPU instances) is built with where the options are not given: the
+# fastest setup measured on one H100 and H200 (perf/results/h200-photo-hybrid, h200-photo-ceiling; 7,318 img/s
+# with one photo per request at concurrency 256 on an H100, against 5,335 on an H200 with the two-instance
+# defaults of the other preprocessings): eight photo-path processes each taking batches of at most 32 (hybrid:
+# up to 8 classified in the process, larger batches joined in the classifier model), two classifier instances
+# batching what they send up to 128 without waiting for company, queues that hold a burst, and MPS so that the
+# processes share the GPU at once. Keyed by `builder repo` option (dest); any option given wins.
+GPU_PHOTO_PATH_SETUP = {"preprocess_instances": 8, "preprocess_max_batch_size": 32, "instance_count": 2,
+                        "max_batch_size": 128, "preferred_batch_sizes": (32, 64, 128), "max_queue_delay_us": 0,
+                        "max_queue_size": 4096}
+# From this many GPU photo-path instances the repository is served under MPS (`builder serve` reads the manifest):
+# without it the GPU runs one process's context at a time (8 instances: 5,593 img/s, under MPS 7,493).
+MPS_FROM_INSTANCES = 6
+
+
+def classifier_kind(flavor: str, engine: str, preprocess: InstanceGroup, gpu: Optional[str], gpus=()) -> str:
+    """Where the classifier runs when its instance kind is not given: where its engine runs.
+
+    The container flavor's native backends place themselves on the GPU. In the local flavor the classifier is a
+    Python model: on the GPU when the build host had one (`gpu`) and the engine was built for it (inductor, a
+    TensorRT plan), when the preprocess (or photo path) model's GPU instances hand it GPU tensors (`preprocess`:
+    its instances), or when `gpus` names GPUs; else on the CPU (ONNX Runtime, or an engine built without a GPU).
+    """
+    if flavor == "container" or gpus or preprocess.kind == "KIND_GPU":
+        return "KIND_GPU"
+    return "KIND_GPU" if gpu and engine in ("inductor", "tensorrt") else "KIND_CPU"
+
+
 def default_preprocess_instances(preprocess: str, kind: Optional[str] = None,
                                  count: Optional[int] = None) -> InstanceGroup:
     """The preprocess (or photo path) model's instances: on the GPU for `gpu`, else the CPU, unless told."""
@@ -357,6 +385,10 @@ class RepoSettings:
         hybrid_local_batch: With `gpu_photo_path="hybrid"`: the largest
             batch (images) the photo path classifies in its own process (at
             most the classifier's max batch).
+        place_classifier_by_engine: The classifier's instance kind was not
+            given: once the engine is settled, the build places it where the
+            engine runs (`classifier_kind`); `classifier_instances.kind` is
+            provisional until then.
     """
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -387,6 +419,7 @@ class RepoSettings:
     gpu_photo_path: str = "auto"
     gpu_decoder: str = "auto"
     hybrid_local_batch: int = 8
+    place_classifier_by_engine: bool = False
 
     def __post_init__(self) -> None:
         if self.preprocess_instances is None:  # the GPU path's models run on the GPU
@@ -477,6 +510,13 @@ class RepoSettings:
     def served_precision(self) -> str:
         """The inductor precision written into the classifier's config (`auto` unresolved: fp16)."""
         return "fp16" if self.inductor_precision == "auto" else self.inductor_precision
+
+    @property
+    def serve_with_mps(self) -> bool:
+        """Whether the repository is to be served under CUDA MPS: several GPU photo-path processes."""
+        instances = self.preprocess_instances
+        return (self.preprocess == "gpu" and instances.kind == "KIND_GPU"
+                and instances.count >= MPS_FROM_INSTANCES)
 
     @property
     def ensemble_max_batch(self) -> int:

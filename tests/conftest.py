@@ -373,3 +373,23 @@ def nvidia_ensemble_image_client(url: str, protocol: str, model: str, folder: Pa
             score, index = head.split(" (")
             printed[name][output].append((float(score), int(index.rstrip(")")), label))
     return printed
+
+
+def outside_tested_range(*packages: str) -> dict:
+    """Each package whose installed version is outside pyproject.toml's requirement: name -> (version, range)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11")
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    wanted = {Requirement(r).name: Requirement(r).specifier
+              for group in [project["dependencies"], *project["optional-dependencies"].values()] for r in group}
+    found = {}
+    for name in packages:
+        version = importlib.metadata.version(name).split("+")[0]
+        if not wanted[name].contains(version, prereleases=True):
+            found[name] = (version, str(wanted[name]))
+    return found
+

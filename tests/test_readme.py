@@ -21,6 +21,8 @@ import pytest
 from conftest import TINY_KWARGS, free_ports, project_copy
 
 ROOT = Path(__file__).resolve().parents[1]
+# The README's GPU quick start begins so (tests/gpu runs it as written).
+GPU_QUICK_START = "make repo FLAVOR=local PREPROCESS=gpu"
 SKIPPED = {
     "make test": "this suite",
     "docker build": "needs a Docker engine",
@@ -28,8 +30,7 @@ SKIPPED = {
     "make plan-docker": "needs a Docker engine and a GPU",
     "make serve-docker": "needs a Docker engine and a GPU",
     "bash perf/gpu/": "needs a GPU",
-    "make repo PREPROCESS=gpu ENGINE=inductor PREPROCESS_INSTANCES=8": "the GPU throughput recipe: needs a GPU",
-    "make serve MPS=1": "needs a GPU and CUDA MPS",
+    GPU_QUICK_START: "the GPU quick start: needs a GPU (tests/gpu builds and serves it with these commands)",
 }
 # perf_analyzer measures briefly here: the grid is the README's, the windows are short.
 FAST_PERF = " --measurement-interval-ms 400 --max-trials 3 --stability-percent 50"
@@ -58,6 +59,33 @@ def _skip_reason(command: str):
 def test_readme_command_needs_another_host(command):
     """Each README command this host cannot run is reported as a skip, with the reason."""
     pytest.skip(f"{command!r}: {_skip_reason(command)}")
+
+
+def make_commands_of(line: str) -> list:
+    """The `make` invocations of a README line (`make a X=1 && make b`), each as its argument list."""
+    import shlex
+
+    return [shlex.split(part) for part in line.split("&&") if part.strip().startswith("make ")]
+
+
+def test_readme_gpu_commands_parse_here():
+    """Every make command of the README this host cannot run resolves, through the Makefile, to a builder command
+    whose options the builder takes."""
+    from builder.cli_parser import build_parser
+    from test_cli_args import _make_argv
+
+    gpu_lines = [c for _, c in readme_commands() if c.startswith(GPU_QUICK_START)]
+    assert gpu_lines, f"the README has no GPU quick start ({GPU_QUICK_START} ...)"
+    checked = 0
+    for line in [c for _, c in readme_commands() if _skip_reason(c)]:
+        for make in make_commands_of(line):
+            targets = [a for a in make[1:] if "=" not in a]
+            if not {"repo", "serve"} & set(targets):
+                continue
+            argv = _make_argv(targets[0], *[a for a in make[1:] if "=" in a])
+            build_parser().parse_args(argv[argv.index("builder") + 1:])  # exits (fails the test) on a bad option
+            checked += 1
+    assert checked >= 2
 
 
 @pytest.mark.server

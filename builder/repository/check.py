@@ -336,6 +336,31 @@ def _check_flavor(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], pr
                             f"(manifest.json); the models mix flavors: rebuild with --flavor {flavor}")
 
 
+def _check_classifier_placement(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]],
+                                problems: List[str]) -> None:
+    """A classifier whose work is on a GPU (the gpu preprocessing's tensors, an engine built for CUDA) runs on
+    GPU instances: on CPU instances it would serve at a few images a second."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        classifier = manifest_contract(manifest).classifier
+        settings, engine = manifest.get("settings") or {}, manifest.get("engine") or {}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return
+    if classifier not in models:
+        return
+    kinds = {group.kind for group in models[classifier][1].instance_group}
+    if not kinds or kinds - {mc.ModelInstanceGroup.KIND_CPU}:
+        return  # on the GPU, or left to Triton (KIND_AUTO)
+    photo_on_gpu = (settings.get("preprocess") == "gpu"
+                    and (settings.get("preprocess_instances") or {}).get("kind") == "KIND_GPU")
+    why = ("the gpu photo path's GPU instances hand it GPU tensors" if photo_on_gpu else
+           f"its {engine.get('chosen')} engine was built for {engine.get('gpu')}"
+           if engine.get("gpu") and engine.get("chosen") in ("inductor", "tensorrt") else None)
+    if why:
+        problems.append(f"{classifier}: runs on CPU instances (KIND_CPU) and {why}; rebuild with --instance-kind "
+                        "KIND_GPU, or without --instance-kind (the build then places it on the GPU)")
+
+
 def _check_served_files(root: Path, models: Dict[str, Tuple[Path, mc.ModelConfig]], problems: List[str]) -> None:
     """Every served version holds what the build wrote into it (manifest.json's files), and its Python compiles.
 
@@ -414,6 +439,7 @@ def check_repository(root: Path) -> List[str]:
         problems.append(f"{root} holds no models")
     _check_flavor(root, models, problems)
     _check_served_files(root, models, problems)
+    _check_classifier_placement(root, models, problems)
     for name, (model_dir, config) in models.items():
         _check_model(name, model_dir, config, problems)
         if config.platform == "ensemble":

@@ -15,7 +15,7 @@ from builder.core.photos import PHOTOS
 from builder.engines import inductor
 from builder.engines.race import torch_parameters
 from builder.repository import configs
-from builder.settings import IN_PROCESS_PHOTO_PATHS, Batching, RepoSettings
+from builder.settings import IN_PROCESS_PHOTO_PATHS, Batching, InstanceGroup, RepoSettings
 
 log = logging.getLogger("builder")
 
@@ -107,11 +107,12 @@ def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, pa
     pre_dir = root / contract.preprocess
     version = str(settings.version)
     gpu_pipeline = settings.preprocess == "gpu"
+    instances = direct_preprocess_instances(settings)
     _copy_python_model("preprocess.py", pre_dir / version,
                        extras=("imaging.py", "served.py") + (("gpu_imaging.py",) if gpu_pipeline else ()))
     if gpu_pipeline:
         # GPU instances only launch work on the GPU: one torch CPU thread each, as for the classifier.
-        threads = "1" if settings.preprocess_instances.kind == "KIND_GPU" else "0"
+        threads = "1" if instances.kind == "KIND_GPU" else "0"
         parameters = {**parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
                       "intra_op_threads": threads,
                       # Small batches' transforms replay as CUDA graphs ("0": eager; see gpu_imaging.TransformGraphs).
@@ -126,8 +127,17 @@ def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, pa
     (pre_dir / "warmup" / WARMUP_IMAGE).write_bytes(struct.pack("<I", len(photo)) + photo)
     config = configs.preprocess_warmup(configs.python_model(
         contract.preprocess, [contract.image], [contract.pixels], settings.preprocess_batching,
-        settings.preprocess_instances, settings.version_policy, parameters), contract)
+        instances, settings.version_policy, parameters), contract)
     return config, parameters
+
+
+def direct_preprocess_instances(settings: RepoSettings) -> InstanceGroup:
+    """The preprocess model's instances. A one-model GPU photo path never calls it: it stays for clients that
+    preprocess on the server and classify themselves, on one CPU instance, so that it holds no GPU context (an
+    idle GPU instance is a process with its own CUDA context, torch heap and load gate on the GPU)."""
+    if settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble":
+        return InstanceGroup("KIND_CPU", 1)
+    return settings.preprocess_instances
 
 
 def _write_classifier(root: Path, settings: RepoSettings, contract: Contract, onnx_file: Path, class_names: list):

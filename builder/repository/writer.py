@@ -21,7 +21,7 @@ from builder.repository.output import carry_over, check_output, clean_stale, sta
 from builder.repository.readme import write_readme
 from builder.repository.models import LOAD_GATE, labels_text, write_models
 from builder.repository.versions import contract_changes, move_version_in, refuse_contract_changes, same_repository
-from builder.settings import TRITON_RELEASE, TRITON_VERSION, RepoSettings
+from builder.settings import TRITON_RELEASE, TRITON_VERSION, RepoSettings, classifier_kind
 
 log = logging.getLogger("builder")
 
@@ -88,7 +88,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
         log.info("[3/5] validating ONNX Runtime against PyTorch")
         parity = validate_onnx(onnx_file, model, contract, settings.parity)
         raced = race(settings, model, contract, params, onnx_file, parity)
-        settings, choice = _photo_path(raced.settings), raced.choice
+        settings, choice = _place_classifier(_photo_path(raced.settings), raced.choice), raced.choice
         gates = {**raced.gates, **_preprocess_gate(settings, model, params)}
         log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
         # The engine gates ran on the exact preprocessing; the served one may decode JPEGs at a reduced scale.
@@ -187,6 +187,8 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
         "preprocess": preprocess,
         "parity": {"onnxruntime_vs_pytorch": parity, **_plan_parity(settings), **(gates or {})},
         "engine": choice or {"requested": settings.engine, "chosen": settings.engine},
+        # How `builder serve` serves it unless told otherwise.
+        "serve": {"mps": settings.serve_with_mps},
     }
     return write_manifest_file(root, manifest)
 
@@ -215,6 +217,19 @@ def _photo_path(settings: RepoSettings) -> RepoSettings:
     instances = settings.preprocess_instances
     many = instances.kind == "KIND_GPU" and instances.count >= HYBRID_FROM_INSTANCES
     return dataclasses.replace(settings, gpu_photo_path="hybrid" if many else "fused")
+
+
+def _place_classifier(settings: RepoSettings, choice: Dict) -> RepoSettings:
+    """The classifier's instances where its engine runs, unless their kind was given (`classifier_kind`)."""
+    if not settings.place_classifier_by_engine:
+        return settings
+    instances = settings.classifier_instances
+    kind = classifier_kind(settings.flavor, settings.engine, settings.preprocess_instances, choice.get("gpu"),
+                           instances.gpus)
+    if kind != instances.kind:
+        log.info("classifier instances: %s, where its %s engine runs (pass --instance-kind to choose)", kind,
+                 settings.engine)
+    return dataclasses.replace(settings, classifier_instances=dataclasses.replace(instances, kind=kind))
 
 
 def _plan_parity(settings: RepoSettings) -> Dict:

@@ -53,7 +53,7 @@ def placement_problem(repository: str, host: Sequence[int]) -> Optional[str]:
     if models and not host:
         return (f"{', '.join(sorted(models))} run{'s' if len(models) == 1 else ''} on GPUs (KIND_GPU) and this host "
                 "has no GPU tritonserver can see (nvidia-smi, CUDA_VISIBLE_DEVICES); serve it on a GPU host, or "
-                "rebuild with --instance-kind KIND_CPU")
+                "rebuild with --instance-kind KIND_CPU (and --preprocess-instance-kind KIND_CPU for the gpu preprocessing)")
     for model, ids in sorted(models.items()):
         missing = sorted(set(ids) - set(host))
         if missing:

@@ -56,9 +56,10 @@ class MpsDaemon:
         control = shutil.which(CONTROL)
         if not control:
             raise BuilderError(f"mps: {CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities); install "
-                               "them, or serve without --mps")
+                               "them, or serve without MPS (--no-mps, make serve MPS=0)")
         if not host_gpus():
-            raise BuilderError("mps: this host has no GPU (nvidia-smi lists none); serve without --mps")
+            raise BuilderError("mps: this host has no GPU (nvidia-smi lists none); serve without MPS (--no-mps, "
+                               "make serve MPS=0)")
         self.stop()  # a daemon left by a server of this workdir that was killed: quit before starting anew
         for folder in self.env().values():
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -67,7 +68,7 @@ class MpsDaemon:
         if done.returncode != 0:
             said = (done.stdout + done.stderr).strip() or f"exit code {done.returncode}"
             raise BuilderError(f"mps: {CONTROL} -d failed ({said}); see {self.root / 'log' / 'control.log'}, or "
-                               "serve without --mps")
+                               "serve without MPS (--no-mps, make serve MPS=0)")
         self.marker.write_text(str(self.root))
         log.info("CUDA MPS control daemon started (pipe %s)", self.env()["CUDA_MPS_PIPE_DIRECTORY"])
 

@@ -69,7 +69,7 @@ def test_serve_with_mps_refuses_in_one_line_where_mps_cannot_run(local_repo, tmp
         pytest.skip("this host has nvidia-cuda-mps-control: tests/gpu runs the daemon for real")
     one_line_error(run_module("builder", "serve", "--mps", "--repository", str(local_repo), "--workdir",
                               str(tmp_path / "w")),
-                   "mps: nvidia-cuda-mps-control is not on PATH", "serve without --mps")
+                   "mps: nvidia-cuda-mps-control is not on PATH", "serve without MPS (--no-mps")
     assert not (tmp_path / "w" / "tritonserver.pid").exists() and not (tmp_path / "w" / "mps-daemon").exists()
     # A daemon a killed server left (marker and processes: `-d` then said "already running") is ended by
     # `builder stop`: quit where the control program is, else killed. A daemon of another pipe folder (another
