@@ -33,7 +33,7 @@ SKIPPED = {
     GPU_QUICK_START: "the GPU quick start: needs a GPU (tests/gpu builds and serves it with these commands)",
 }
 # perf_analyzer measures briefly here: the grid is the README's, the windows are short.
-FAST_PERF = " --measurement-interval-ms 400 --max-trials 3 --stability-percent 50"
+FAST_PERF = " --measurement-interval-ms 400 --max-trials 6 --stability-percent 99"
 
 
 def readme_commands() -> list:

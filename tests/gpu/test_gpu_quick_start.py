@@ -3,8 +3,10 @@ path calls runs on the GPU, the models it never calls hold no GPU instance, and 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -73,4 +75,11 @@ def test_the_readmes_gpu_quick_start_serves_what_the_photo_path_calls_on_the_gpu
                                                                                        class_count=3)])
         assert len(answer.as_numpy("probabilities")[0]) == 3
     finally:
+        started = time.perf_counter()
         run_module("builder", "stop", "--workdir", str(workdir))
+        stop_s = time.perf_counter() - started
+    # How long the stop took, and what the server said while models unloaded (issue "Fast as built": in seconds).
+    log = (workdir / "tritonserver.log").read_text(errors="replace")
+    said = [line[-160:] for line in log.splitlines()
+            if any(k in line for k in ("live models", "Exit timeout", "Non-graceful", "system_error", "unloaded"))]
+    print(f"stop took {stop_s:.1f} s;", json.dumps(said[-12:], indent=0))
