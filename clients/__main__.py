@@ -108,8 +108,13 @@ def _classify(args) -> int:
                 client.wait_until_ready(args.wait)
             client.check_model()  # a --max-batch the model cannot take fails here, not per request
             # Each answer is printed as it arrives: a server lost at image 72 keeps the 71 before it.
+            fewer = False
             for _, result in client.iter_classify([str(f) for f in files], top_k=args.top_k):
                 bar.update(1)
+                if result.ok and len(result.predictions) < args.top_k and not fewer:  # said once, not per image
+                    fewer = True
+                    print(f"note: --top-k {args.top_k} is above the model's {len(result.predictions)} classes; "
+                          f"the server returns {len(result.predictions)} per image", file=sys.stderr)
                 if not result.ok and result.error.startswith(NOT_SENT):
                     not_sent.append(result)  # one cause for all of them: said once on stderr, below
                 elif not result.ok:

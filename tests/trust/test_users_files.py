@@ -191,3 +191,6 @@ def test_a_fine_tuned_checkpoint_is_served_with_its_own_class_names(tmp_path, ph
             assert result.returncode == 0, result.stderr
             served = {entry["label"] for entry in json.loads(result.stdout.splitlines()[0])["predictions"]}
             assert served == set(names), (protocol, result.stdout)
+        more = run_module("clients", "classify", "--url", server.grpc_url, "--top-k", "6", str(photo_paths[3]),
+                          str(photo_paths[4]))
+        assert more.returncode == 0 and more.stderr.count("note: --top-k 6 is above the model's 4 classes") == 1
