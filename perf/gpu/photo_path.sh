@@ -42,7 +42,7 @@ case "${1:?stage}" in
     fi
     TAG=${TAG:-}
     $SERVE_PYTHON -m builder serve --repository "$REPO" --workdir "$WORK" --detach --timeout 600 \
-      --cuda-memory-pool-mb 4096 $([ "${MPS:-0}" = 1 ] && echo --mps)
+      --cuda-memory-pool-mb 4096 $([ "${MPS:-0}" = 1 ] && echo --mps || echo --no-mps)
     trap '$SERVE_PYTHON -m builder stop --workdir "$WORK"; cp "$WORK/tritonserver.log" "$OUT/tritonserver$TAG.log" || true' EXIT
     common=(--protocols grpc --shared-memory none --measurement-interval-ms "${INTERVAL_MS:-3000}"
             --stability-percent 15 --max-trials 5 --images "$IMAGES" --client-threads "${CLIENT_THREADS:-16}")
