@@ -98,9 +98,9 @@ def _gpu_photo_path_setup(args) -> None:
     for dest, value in taken.items():
         setattr(args, dest, value)
     if taken:
+        shown = {dest: ",".join(map(str, v)) if isinstance(v, tuple) else v for dest, v in taken.items()}
         log.info("GPU photo path setup (measured on H100/H200; an option given wins): %s",
-                 ", ".join(f"--{dest.replace('_', '-')} {','.join(map(str, value)) if isinstance(value, tuple) else value}"
-                           for dest, value in taken.items()))
+                 ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in shown.items()))
 
 
 def _existing_flavor(output: str, add_version: bool):
@@ -308,8 +308,9 @@ def _cmd_serve(args) -> int:
     if Path(args.repository).is_dir():  # refused in words before the server prints its log for the same cause
         problems = check_repository(args.repository)
         if problems:
-            raise BuilderError(f"{args.repository} would not load: {'; '.join(p.rstrip('.') for p in problems)}; fix that (`builder "
-                               "check` lists each problem) or rebuild it with `make repo FLAVOR=local`")
+            said = "; ".join(p.rstrip(".") for p in problems)
+            raise BuilderError(f"{args.repository} would not load: {said}; fix that (`builder check` lists each "
+                               "problem) or rebuild it with `make repo FLAVOR=local`")
     server = _server(args)
     server.start(wait=True, timeout=args.timeout, detach=args.detach)
     if args.detach:

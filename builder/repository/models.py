@@ -88,7 +88,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
         engine = None
         if settings.gpu_photo_path in IN_PROCESS_PHOTO_PATHS:
             engine = (root / contract.classifier / version, torch_parameters(settings, contract))
-        ens_config = write_pipeline(ens_dir / version, settings, contract, preprocess_parameters, class_names,
+        ens_config = write_photo_path(ens_dir / version, settings, contract, preprocess_parameters, class_names,
                                     engine)
     else:
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
@@ -186,7 +186,7 @@ def _write_postprocess(root: Path, settings: RepoSettings, contract: Contract, c
                                 batching, settings.postprocess_instances, settings.version_policy)
 
 
-def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],
+def write_photo_path(version_dir: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],
                    class_names: list, engine: Optional[Tuple[Path, Dict[str, str]]] = None):
     """The gpu photo path as one Python model under the ensemble's name (files now; its config returned).
 
@@ -201,7 +201,7 @@ def write_pipeline(version_dir: Path, settings: RepoSettings, contract: Contract
     """
     # torch_runner.py in every design: its head (softmax) serves the BLS path's logits too.
     extras = ("imaging.py", "gpu_imaging.py", "served.py", "torch_runner.py")
-    _copy_python_model("pipeline.py", version_dir, extras=extras)
+    _copy_python_model("photo_path.py", version_dir, extras=extras)
     _copy_gate_photos(version_dir)
     _write_labels(version_dir.parent / LABELS_FILE, class_names)
     engine_parameters = {}

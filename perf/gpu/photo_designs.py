@@ -46,7 +46,7 @@ def write(repo: Path, name: str) -> None:
     version = sorted(p.name for p in (repo / contract.classifier).iterdir() if p.name.isdigit())[-1]
     labels = (repo / name / LABELS_FILE).read_text(encoding="utf-8").splitlines()
     fused = repo / f"{name}_fused"
-    config = models.write_pipeline(fused / version, settings, contract, params, labels,
+    config = models.write_photo_path(fused / version, settings, contract, params, labels,
                                     (repo / contract.classifier / version, cls_params))
     config.name = fused.name
     configs.write(config, fused)

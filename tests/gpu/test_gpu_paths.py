@@ -242,8 +242,9 @@ def test_served_models_checked_and_reused_what_was_built(gpu_served):
     on_gpu = [line for line in gate_lines if "cuda:0" in line]
     assert on_gpu and len(gate_lines) - len(on_gpu) <= 1, log[-3000:]
     # The photo path is the pipeline model: one BLS request per batch; its profile says where the time went.
-    assert "pipeline: GPU pipeline on cuda:0" in log and "pipeline profile over 2 batches" in log, log[-3000:]
-    print([line[line.index("pipeline profile"):] for line in log.splitlines() if "pipeline profile" in line][-1])
+    assert "photo path (pipeline): GPU decode on cuda:0" in log and "photo path profile over 2 batches" in log, \
+        log[-3000:]
+    print([line[line.index("photo path profile"):] for line in log.splitlines() if "photo path profile" in line][-1])
     gate = read_manifest(repo)["parity"]["gpu_preprocess_vs_exact"]
     assert gate["device"].startswith("cuda") and "gate_note" not in gate
     if read_manifest(repo)["engine"]["chosen"] != "inductor":

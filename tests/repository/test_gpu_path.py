@@ -459,7 +459,7 @@ def test_the_hybrid_design_is_written_with_its_local_limit(gpu_repo, tmp_path):
         settings = tiny_settings(tmp_path / "unused", preprocess="gpu", engine="inductor", gpu_photo_path="hybrid",
                                  hybrid_local_batch=local)
         version = tmp_path / f"hybrid{local}" / "1"
-        config = models.write_pipeline(version, settings, contract, {}, ["a", "b"], (classifier, {"compile": "none"}))
+        config = models.write_photo_path(version, settings, contract, {}, ["a", "b"], (classifier, {"compile": "none"}))
         assert config.parameters["local_max_batch"].string_value == written
         assert config.parameters["engine_dir"].string_value == "engine" and (version / "engine" / "model.pt2").is_file()
     import shutil

@@ -134,7 +134,8 @@ def test_absurd_numbers_are_refused_before_any_work(tmp_path, photo_paths):
                            (["--preprocess-instances", "100000"], ("instance count",)),
                            (["--version-policy", "all:3"], ("version_policy", "takes no number")),
                            # options of an engine or preprocessing the build does not use
-                           (["--gpu-decoder", "nvimgcodec"], ("gpu_decoder:", "drop --gpu-decoder", "--preprocess gpu")),
+                           (["--gpu-decoder", "nvimgcodec"],
+                            ("gpu_decoder:", "drop --gpu-decoder", "--preprocess gpu")),
                            (["--preprocess", "gpu", "--gpu-photo-path", "fused", "--hybrid-local-batch", "4"],
                             ("hybrid_local_batch:", "--gpu-photo-path fused")),
                            (["--engine", "onnxruntime", "--compile-timeout-s", "60"], ("compile_timeout_s:",)),

@@ -64,7 +64,7 @@ class TritonPythonModel:
         on_gpu = args.get("model_instance_kind") == "GPU"
         device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
         workers = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)  # the exact path's Pillow pool
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pipeline")
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photo-path")
         self.gpu = gpu_imaging.GpuPreprocessor.from_config(self.params, params, device, self.pool.map, served.log_warn)
         try:
             figures, photos = gpu_imaging.gate_model(self.gpu, _HERE, params)
@@ -88,10 +88,16 @@ class TritonPythonModel:
         self.trace_batches = [int(v) for v in params.get("trace_batches", "20,3").split(",")]
         self.tracer = None
         self.phases, self.batches, self.clock = {}, 0, 0.0
-        served.log_info(f"pipeline: GPU pipeline on {device}, decoder {self.gpu.decoder.backend} (warmed on "
-                        f"batches of {warmed}), classifier {self.classifier} "
+        served.log_info(f"photo path ({self._design()}): GPU decode on {device}, decoder {self.gpu.decoder.backend} "
+                        f"(warmed on batches of {warmed}), classifier {self.classifier} "
                         f"{self._where()} in batches of up to {self.chunk}; "
                         f"load-time parity gate passed: {json.dumps(figures)}")
+
+    def _design(self):
+        """The design this configuration is (`--gpu-photo-path`): one class, told apart by the local batch."""
+        if self.engine is None:
+            return "pipeline"
+        return "hybrid" if self.local_max < self.chunk else "fused"
 
     def _where(self):
         """Where the classifier runs, for the load log."""
@@ -133,10 +139,10 @@ class TritonPythonModel:
             self.tracer.__enter__()
         elif self.batches == first + count and self.tracer is not None:
             self.tracer.__exit__(None, None, None)
-            path = os.path.join(self.trace_dir, f"pipeline-trace-{os.getpid()}.json")
+            path = os.path.join(self.trace_dir, f"photo-path-trace-{os.getpid()}.json")
             self.tracer.export_chrome_trace(path)
             self.tracer = None
-            served.log_info(f"pipeline: trace of batches {first}..{first + count - 1} written to {path}")
+            served.log_info(f"photo path: trace of batches {first}..{first + count - 1} written to {path}")
 
     def execute(self, requests):
         if self.trace_dir:
@@ -174,7 +180,7 @@ class TritonPythonModel:
             if self.batches % self.profile_every == 0:
                 images = self.phases.pop("images")
                 graphs = self.gpu.graphs.captures if self.gpu.graphs is not None else "off"
-                served.log_info(f"pipeline profile over {self.profile_every} batches, {images} images: " + ", ".join(
+                served.log_info(f"photo path profile over {self.profile_every} batches, {images} images: " + ", ".join(
                     f"{k} {v * 1e3 / images:.3f} ms/image" for k, v in self.phases.items())
                     + f" (transform graphs captured: {graphs})")
                 self.phases = {}
