@@ -209,7 +209,8 @@ def _repo_preprocess_args(p, repo) -> None:
                         "classifier model once per batch (any engine); hybrid: fused for batches of up to "
                         "--hybrid-local-batch images, pipeline above; ensemble: Triton chains the preprocess, "
                         "classifier and postprocess models; auto (default): with the inductor engine fused, or "
-                        "hybrid from 6 GPU photo-path instances; else pipeline")
+                        f"hybrid from {s.MANY_PHOTO_PATH_INSTANCES} GPU photo-path instances (the measured "
+                        "setup's 8); else pipeline")
     g.add_argument("--hybrid-local-batch", type=int, default=field_default(repo, "hybrid_local_batch"),
                    help="--gpu-photo-path hybrid: the largest batch (images) classified in the photo path's own "
                         "process; larger ones go to the classifier model (default %(default)s)")

@@ -21,7 +21,7 @@ PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that runs the inductor engine itself
 # (`fused`), calls the classifier once per batch (`pipeline`, BLS), or does the first for small batches and the
 # second for larger ones (`hybrid`); the ensemble of three models (`ensemble`), or `auto` (with the inductor
-# engine fused, hybrid from 6 GPU instances; else pipeline); see the README's GPU data path.
+# engine fused, hybrid from MANY_PHOTO_PATH_INSTANCES GPU instances; else pipeline); see the README's GPU data path.
 GPU_PHOTO_PATHS = ("auto", "fused", "pipeline", "hybrid", "ensemble")
 # The photo-path designs that run the classifier's inductor engine in their own process.
 IN_PROCESS_PHOTO_PATHS = ("fused", "hybrid")
@@ -279,9 +279,11 @@ def _cpu_instances() -> InstanceGroup:
 GPU_PHOTO_PATH_SETUP = {"preprocess_instances": 8, "preprocess_max_batch_size": 32, "instance_count": 2,
                         "max_batch_size": 128, "preferred_batch_sizes": (32, 64, 128), "max_queue_delay_us": 0,
                         "max_queue_size": 4096}
-# From this many GPU photo-path instances the repository is served under MPS (`builder serve` reads the manifest):
-# without it the GPU runs one process's context at a time (8 instances: 5,593 img/s, under MPS 7,493).
-MPS_FROM_INSTANCES = 6
+# From this many GPU photo-path instances a GPU: `auto` is the hybrid design with the inductor engine (several
+# processes feed the classifier model better than each runs its own engine), and the repository is served under
+# MPS (`builder serve` reads the manifest): without it the GPU runs one process's context at a time (8 instances:
+# 5,593 img/s, under MPS 7,493; perf/results/h200-photo-buckets, h200-photo-hybrid).
+MANY_PHOTO_PATH_INSTANCES = 6
 
 
 def classifier_kind(flavor: str, engine: str, preprocess: InstanceGroup, gpu: Optional[str], gpus=()) -> str:
@@ -516,7 +518,7 @@ class RepoSettings:
         """Whether the repository is to be served under CUDA MPS: several GPU photo-path processes."""
         instances = self.preprocess_instances
         return (self.preprocess == "gpu" and instances.kind == "KIND_GPU"
-                and instances.count >= MPS_FROM_INSTANCES)
+                and instances.count >= MANY_PHOTO_PATH_INSTANCES)
 
     @property
     def ensemble_max_batch(self) -> int:

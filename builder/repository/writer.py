@@ -21,7 +21,7 @@ from builder.repository.output import carry_over, check_output, clean_stale, sta
 from builder.repository.readme import write_readme
 from builder.repository.models import LOAD_GATE, labels_text, write_models
 from builder.repository.versions import contract_changes, move_version_in, refuse_contract_changes, same_repository
-from builder.settings import TRITON_RELEASE, TRITON_VERSION, RepoSettings, classifier_kind
+from builder.settings import MANY_PHOTO_PATH_INSTANCES, TRITON_RELEASE, TRITON_VERSION, RepoSettings, classifier_kind
 
 log = logging.getLogger("builder")
 
@@ -193,13 +193,11 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
     return write_manifest_file(root, manifest)
 
 
-# From this many GPU photo-path instances a GPU, `auto` with the inductor engine is hybrid, not fused.
-HYBRID_FROM_INSTANCES = 6
 
 
 def _photo_path(settings: RepoSettings) -> RepoSettings:
     """Settles `gpu_photo_path` once the engine is known: with the inductor engine `auto` is fused, or hybrid
-    with `HYBRID_FROM_INSTANCES` or more GPU photo-path instances; with any other engine, pipeline.
+    with `MANY_PHOTO_PATH_INSTANCES` or more GPU photo-path instances; with any other engine, pipeline.
 
     Measured on an H200 (perf/results/): with its default 2 instances fused served one photo per request at
     p50 2.5 ms at concurrency 1 (pipeline 5.0 ms) and 5,335 img/s at 256 (pipeline 4,723; h200-photo-designs).
@@ -215,7 +213,7 @@ def _photo_path(settings: RepoSettings) -> RepoSettings:
     if settings.engine != "inductor":
         return dataclasses.replace(settings, gpu_photo_path="pipeline")
     instances = settings.preprocess_instances
-    many = instances.kind == "KIND_GPU" and instances.count >= HYBRID_FROM_INSTANCES
+    many = instances.kind == "KIND_GPU" and instances.count >= MANY_PHOTO_PATH_INSTANCES
     return dataclasses.replace(settings, gpu_photo_path="hybrid" if many else "fused")
 
 
