@@ -271,6 +271,23 @@ def analyzer_error(output: str, returncode: int) -> str:
     return said
 
 
+def analyzer_timeout_s(settings: SweepSettings) -> float:
+    """How long one perf_analyzer run may take before its row is failed: a minute, every window it may try three
+    times over, and half a second a request."""
+    return 60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000 + settings.request_count / 2
+
+
+def _run_analyzer(cmd: List[str], env: Dict[str, str], timeout: float) -> Tuple[Optional[int], str]:
+    """perf_analyzer's exit code (None when it ran past `timeout` and was killed) and all it printed."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        return result.returncode, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as expired:  # run() has killed it; keep what it printed
+        said = [part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                for part in (expired.stdout, expired.stderr)]
+        return None, "".join(said)
+
+
 def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None:
     grid = settings.grid()
     env = perf_analyzer_env()
@@ -286,9 +303,7 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
             before = model_statistics(settings.grpc_url)
             busy, total = cpu_times()
             tcp = tcp_counters()
-            result = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                    timeout=60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000
-                                    + settings.request_count / 2)
+            returncode, output = _run_analyzer(cmd, env, analyzer_timeout_s(settings))
             busy2, total2 = cpu_times()
             # The host's cores busy over the row (client and server together): a saturated host caps what the
             # GPU can be given.
@@ -300,10 +315,15 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
             stages = stage_times(before, model_statistics(settings.grpc_url))
             if stages:
                 row["stages"] = stages
-            if result.returncode != 0 or not csv_path.is_file():
-                row["error"] = analyzer_error(result.stdout + result.stderr, result.returncode)
+            if returncode is None:
+                row["error"] = (f"perf_analyzer did not finish in {analyzer_timeout_s(settings):.0f} s and was "
+                                "stopped: requests the server never answered (its log says why), or a row that "
+                                "needs more time than its windows allow")
+                row["analyzer_output"] = output.strip().splitlines()[-15:]
+            elif returncode != 0 or not csv_path.is_file():
+                row["error"] = analyzer_error(output, returncode)
                 # What perf_analyzer said last: its one-line errors ("Worker thread(s) failed ...") name no cause.
-                row["analyzer_output"] = (result.stdout + result.stderr).strip().splitlines()[-15:]
+                row["analyzer_output"] = output.strip().splitlines()[-15:]
             else:
                 row.update(parse_csv(csv_path))
                 row["throughput_img_per_s"] = row["throughput_infer_per_s"]  # one inference = one image

@@ -106,6 +106,21 @@ def test_sweep_reports_failures_per_row(server, contract, photo_paths):
 
 
 @pytest.mark.server
+def test_a_perf_analyzer_that_runs_past_its_time_is_a_failed_row(server, contract, photo_paths, monkeypatch):
+    """A perf_analyzer that never ends (requests the server never answers) is stopped and its row failed, with
+    what it printed; the sweep goes on to the next row instead of ending in a traceback."""
+    import perf.sweep
+
+    monkeypatch.setattr(perf.sweep, "analyzer_timeout_s", lambda settings: 0.3)  # a real run takes seconds
+    settings = sweep_settings(server, contract, photo_paths, models=("classifier",), concurrency=(1, 2))
+    rows = run_sweep(settings, progress=False)
+    assert len(rows) == 2
+    for row in rows:
+        assert row["error"].startswith("perf_analyzer did not finish in 0 s and was stopped"), row
+        assert "throughput_img_per_s" not in row and isinstance(row["analyzer_output"], list)
+
+
+@pytest.mark.server
 def test_a_failed_point_gives_its_cause_a_non_zero_exit_and_a_table_row(server, contract, photo_paths, tmp_path):
     """perf_analyzer says only "failed to maintain the load"; the cause is what its threads were told."""
     photos = tmp_path / "photos"
