@@ -76,14 +76,17 @@ help:
 	@echo "make test      the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer); PYTEST_ARGS"
 	@echo "make test-gpu  the GPU code paths on this host's GPU (skipped without one); GPU_PYTHON PYTEST_ARGS"
 	@echo "make analyze   Triton's Model Analyzer on REPO; ANALYZE_MODELS=classifier|preprocess|ensemble"
-	@echo "make clean     stop the server, remove REPO, .server and build"
+	@echo "make clean     stop the server, remove REPO, its monitoring/, .server and build"
 	@echo "make docker-files | plan-docker | serve-docker   NVIDIA's containers (a GPU host with Docker)"
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml requirements-modelopt.txt
-	@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libb64.so.0d && \
-	  { echo "installing libb64-0d (perf_analyzer needs it)"; (apt-get install -y -qq libb64-0d >/dev/null 2>&1 || \
-	    (apt-get update -qq >/dev/null && apt-get install -y -qq libb64-0d >/dev/null)) ; } || true
+	@# System packages: libb64-0d for perf_analyzer; prometheus for promtool and the real Prometheus of the tests.
+	@missing=""; ldconfig -p | grep -q libb64.so.0d || missing="libb64-0d"; \
+	  command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	  if [ -n "$$missing" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing $$missing"; (apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+	    (apt-get update -qq >/dev/null && apt-get install -y -qq $$missing >/dev/null)); fi; true
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[builder,dev]'
@@ -126,6 +129,8 @@ test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
 clean:
 	if [ -x $(PY) ]; then $(PY) -m builder stop; fi
 	rm -rf $(call q,$(REPO)) .server build
+	@# The monitoring files beside the repository, only where this tool wrote them (its marker file).
+	m="$$(dirname $(call q,$(REPO)))/monitoring"; if [ -f "$$m/.generated-by-builder" ]; then rm -rf "$$m"; fi
 
 # Triton's Model Analyzer, in its own environment (it needs a newer tritonclient than the pinned 2.51).
 ANALYZER_VENV ?= .venv-analyzer

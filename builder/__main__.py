@@ -6,6 +6,7 @@ Subcommands:
   quantize  INT8 Q/DQ ONNX with NVIDIA ModelOpt (explicit quantization for TensorRT >= 10)
   check   report what tritonserver would reject in a repository
   docker  render docker/ (Dockerfiles, compose) for the pinned NGC release
+  monitoring  write a repository's Prometheus rules, scrape config and Grafana dashboard again
   serve   run the local tritonserver (pip-distributed, no Docker)
   stop    stop a server started with `serve --detach`
 
@@ -263,6 +264,21 @@ def _cmd_docker(args) -> int:
     return 0
 
 
+def _cmd_monitoring(args) -> int:
+    from pathlib import Path
+
+    from builder.core.manifest import read_manifest
+    from builder.repository import monitoring as M
+    from builder.repository.monitoring_files import monitoring_dir, write_monitoring
+
+    settings = M.MonitoringSettings(args.target, args.scrape_interval_s, args.rate_window, args.queue_budget_ms,
+                                    args.failure_ratio, args.alert_after)
+    manifest = read_manifest(Path(args.repository))
+    folder = Path(args.output) if args.output else monitoring_dir(Path(args.repository))
+    print(write_monitoring(folder, manifest["contract"], settings))
+    return 0
+
+
 def _cmd_check(args) -> int:
     from builder.repository.check import check_repository, needs_torch
 
@@ -358,7 +374,7 @@ def _cmd_stop(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": _cmd_quantize, "docker": _cmd_docker, "export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
+COMMANDS = {"quantize": _cmd_quantize, "docker": _cmd_docker, "monitoring": _cmd_monitoring, "export": _cmd_export, "repo": _cmd_repo, "check": _cmd_check, "serve": _cmd_serve, "stop": _cmd_stop}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m builder", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_repo, _add_export, _add_quantize, _add_docker, _add_check, _add_serve, _add_stop):
+    for add in (_add_repo, _add_export, _add_quantize, _add_docker, _add_monitoring, _add_check, _add_serve, _add_stop):
         add(sub)
     for command in sub.choices.values():  # `-v` after the subcommand too; not given there, the top level's stands
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
@@ -89,6 +89,28 @@ def _add_docker(sub) -> None:
     k.add_argument("--memory-gib-per-gpu", type=int, default=field_default(pod, "memory_gib_per_gpu"))
     k.add_argument("--cuda-memory-pool-mb", type=int, default=field_default(pod, "cuda_memory_pool_mb"),
                    help="each GPU's CUDA memory pool (0: Triton's 64 MiB)")
+
+
+def _add_monitoring(sub) -> None:
+    from builder.args import field_default
+    from builder.repository.monitoring import MonitoringSettings as m
+
+    p = sub.add_parser("monitoring", help="write a repository's Prometheus rules and Grafana dashboard again, with "
+                                          "other settings (`repo` writes them with the defaults)")
+    p.add_argument("--repository", default="model_repository", help="the repository whose models are watched")
+    p.add_argument("--output", default=None, help="the folder to write (default: monitoring/ beside the repository)")
+    g = p.add_argument_group("What Prometheus watches, and when it alerts")
+    g.add_argument("--target", default=field_default(m, "target"), help="tritonserver's metrics endpoint, host:port")
+    g.add_argument("--scrape-interval-s", type=int, default=field_default(m, "scrape_interval_s"),
+                   help="scrape and rule evaluation interval, seconds")
+    g.add_argument("--rate-window", default=field_default(m, "rate_window"),
+                   help="window of every rate (a Prometheus duration, at least two scrapes)")
+    g.add_argument("--queue-budget-ms", type=float, default=field_default(m, "queue_budget_ms"),
+                   help="queue time per request that fires the queue alert; the autoscaler's target too")
+    g.add_argument("--failure-ratio", type=float, default=field_default(m, "failure_ratio"),
+                   help="share of failed requests that fires the failure alert")
+    g.add_argument("--alert-after", default=field_default(m, "alert_after"),
+                   help="how long a condition holds before its alert fires (0s: at once)")
 
 
 def _add_check(sub) -> None:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from builder.errors import BuilderError, field_error
+from builder.core import contract as C
 
-DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
+DEFAULT_MODEL = C.DEFAULT_MODEL
 FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that runs the inductor engine itself
@@ -93,7 +94,7 @@ class ModelSource:
     def __post_init__(self) -> None:
         if not self.model_name or not _NAME_RE.match(self.model_name):
             _fail("model_name", f"{self.model_name!r} is not a timm model name",
-                  "pass one such as swin_tiny_patch4_window7_224")
+                  f"pass one such as {DEFAULT_MODEL}")
         if self.pretrained and self.checkpoint:
             _fail("checkpoint", "given together with pretrained",
                   "choose either --pretrained or --checkpoint PATH")

@@ -14,6 +14,8 @@ import json
 import sys
 from typing import List, Optional
 
+from builder.core import contract as C
+
 PROGRESS_FROM = 50  # images; below this a progress bar is noise
 
 
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", metavar="PATH")
     c.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8001 for grpc, :8000 for http)")
     c.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    c.add_argument("--model", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    c.add_argument("--model", default=C.DEFAULT_MODEL, help="ensemble name")
     c.add_argument("--model-version", default="", help="pin a model version")
     c.add_argument("--mode", choices=("ensemble", "classifier"), default="ensemble",
                    help="classifier: preprocess here and call the bare classifier")

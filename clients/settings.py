@@ -57,7 +57,7 @@ class ClientSettings:
 
     url: str = C.LOCAL_GRPC_URL
     protocol: str = "grpc"
-    model: str = "swin_tiny_patch4_window7_224"
+    model: str = C.DEFAULT_MODEL
     model_version: str = ""
     mode: str = "ensemble"
     timeout_s: float = 30.0

@@ -23,6 +23,8 @@ import os
 import sys
 from typing import List, Optional
 
+from builder.core import contract as C
+
 
 def _ints(text: str) -> List[int]:
     try:
@@ -100,7 +102,7 @@ def _bare_inputs(args):
         manifest = read_manifest(repository)
     model, kwargs = args.model, args.model_kwargs
     if model is None:
-        model = manifest.get("model", {}).get("timm_name", "swin_tiny_patch4_window7_224")
+        model = manifest.get("model", {}).get("timm_name", C.DEFAULT_MODEL)
         kwargs = kwargs or json.dumps(manifest.get("model", {}).get("kwargs", {}))
     onnx = args.onnx
     if "onnxruntime" in args.engines and onnx is None:

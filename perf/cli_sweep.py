@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from builder.core import contract as C
+
 RESULTS = Path("perf/results")
 
 
@@ -140,7 +142,7 @@ def _windows(p, settings) -> None:
 def _common(p, ints, words) -> None:
     from perf.sweep import SweepSettings
 
-    p.add_argument("--name", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    p.add_argument("--name", default=C.DEFAULT_MODEL, help="ensemble name")
     p.add_argument("--http-url", default=SweepSettings.http_url)
     p.add_argument("--grpc-url", default=SweepSettings.grpc_url)
     p.add_argument("--models", type=words, default=["ensemble"], help="ensemble,classifier,preprocess")
@@ -198,7 +200,7 @@ def add_commands(sub, ints, words, naturals) -> None:
     g = sub.add_parser("scaling", help="the repository served on 1, 2, 4, ... GPUs: img/s, ratio to N x one GPU, "
                                        "host CPU load (JSON, table, PNG)")
     g.add_argument("--repository", default="model_repository", help="built without --gpus (every GPU)")
-    g.add_argument("--name", default="swin_tiny_patch4_window7_224", help="ensemble name")
+    g.add_argument("--name", default=C.DEFAULT_MODEL, help="ensemble name")
     g.add_argument("--gpu-counts", type=naturals, default=[1, 2, 4, 8],
                    help="GPUs visible to each server (the first N); 0: none, CPU instances")
     g.add_argument("--batch-size", type=int, default=1, help="images per request, the same at every count")

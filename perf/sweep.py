@@ -413,7 +413,11 @@ def model_statistics(grpc_url: str) -> Dict[str, Dict]:
 
 
 def stage_times(before: Dict[str, Dict], after: Dict[str, Dict]) -> Dict[str, Dict[str, float]]:
-    """Per-model time per request between two statistics snapshots: where each millisecond went.
+    """Per model, between two statistics snapshots: where each millisecond went.
+
+    `queue_us` is the time a request waited; the `compute_*_us` figures are the time of the execution (the batch)
+    a request rode in, since Triton attributes an execution's whole time to each request in it, so they are per
+    batch, not a request's share of it.
 
     Returns:
         {model: {"requests", "executions", "batch_avg", "failed", "queue_us", "compute_input_us",

@@ -115,8 +115,9 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
             log.info("wrote the best candidate into %s", path)
     finally:
         # Loaded with the config itself, not a bare reload: after an override, a reload kept serving the last
-        # (losing) candidate. Checked by reading back what the server serves.
-        _serve(client, model, final, headers)
+        # (losing) candidate. Checked by reading back what the server serves. Through a new client: an
+        # interrupt that came mid-request leaves the old one's connection taken, and gevent would wait forever.
+        _serve(httpclient.InferenceServerClient(sweep.http_url), model, final, headers)
     return {"best": best, "p99_budget_ms": p99_budget_ms, "model": model, "results": results}
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from builder import settings as s
-from builder.serving.server import free_ports  # noqa: F401  (the tests take it from here)
+from builder.serving.server import LocalServer, ServerSettings, free_ports  # noqa: F401  (free_ports: the tests take it from here)
 
 # A Swin with timm's swin_tiny_patch4_window7_224 config (224 input, bicubic,
 # crop_pct 0.9, ImageNet mean/std, 1000 classes) but tiny width and depth, so
@@ -228,6 +228,62 @@ def server(local_repo, tmp_path_factory):
                               workdir=str(tmp_path_factory.mktemp("server")))
     with LocalServer(settings) as running:
         yield running
+
+
+
+# Modules a `--help` must not import: it is instant only while they stay out.
+HEAVY_MODULES = ("torch", "timm", "onnx", "onnxruntime", "tensorrt", "matplotlib", "tritonclient")
+
+
+def heavy_imports_of_help(package: str, *args: str) -> list:
+    """The heavy modules that `python -m <package> <args> --help` imports (run in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['{package}', *{list(args)!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_module('{package}', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit as exit:\n"
+            "    assert exit.code in (0, None), exit.code\n"
+            f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0, result.stderr
+    return eval(result.stdout.strip().splitlines()[-1])
+
+# -- Overload: a server whose queues are bounded, and a flood of clients against it (tests/serving).
+
+def bounded_server(tmp_path, queue: int) -> LocalServer:
+    """A real server whose classifier and preprocess models queue at most `queue` requests (20 ms batching delay)."""
+    from builder.repository.writer import build_repository
+
+    bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=queue)
+    repo = build_repository(tiny_settings(tmp_path / "repo", classifier_batching=bounded,
+                                          preprocess_batching=bounded))
+    http, grpc, metrics = free_ports(3)
+    return LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv")))
+
+
+def flood(settings, photos, threads=48):
+    """`threads` clients at once, each classifying a full batch; (outcome, seconds) per client."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clients import Classifier
+
+    def one(_):
+        start = time.perf_counter()
+        with Classifier(settings) as client:
+            results = client.classify(photos[:MAX_BATCH])
+        errors = {r.error for r in results if not r.ok}
+        if not errors:
+            return "ok", time.perf_counter() - start
+        assert all(e.startswith("rejected: server overloaded") and "Exceeds maximum queue size" in e
+                   for e in errors), errors
+        return "overloaded", time.perf_counter() - start
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, range(threads)))
 
 
 # -- GPU tests: `make test-gpu` runs them on a GPU host, skipped without one. GPU_TEST_RECORD=path.json writes the

@@ -18,6 +18,8 @@ from typing import Tuple
 # perf/results/h200-photo-batching). tritonserver listens on IPv4 only; gRPC's resolver tries [::1] for
 # localhost first, most likely the wait.
 LOOPBACK = "127.0.0.1"
+# The timm model built when none is named; the ensemble (and every model name) derives from it.
+DEFAULT_MODEL = "swin_tiny_patch4_window7_224"
 HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
 LOCAL_HTTP_URL, LOCAL_GRPC_URL = f"{LOOPBACK}:{HTTP_PORT}", f"{LOOPBACK}:{GRPC_PORT}"
 
@@ -59,23 +61,6 @@ class TensorSpec:
     def config_dtype(self) -> str:
         """The `DataType` enum name used in config.pbtxt (e.g. "TYPE_FP32")."""
         return _DTYPES[self.dtype][0]
-
-    @property
-    def numpy_dtype(self) -> str:
-        """The numpy dtype string for this tensor ("object" for BYTES)."""
-        return _DTYPES[self.dtype][1]
-
-    def with_dtype(self, dtype: str) -> "TensorSpec":
-        """Returns the same tensor with another wire dtype (e.g. FP16 I/O)."""
-        return TensorSpec(self.name, dtype, self.dims, self.label_filename)
-
-
-def dtype_from_config(config_dtype: str) -> str:
-    """Maps a config enum name ("TYPE_FP32") back to the wire dtype ("FP32")."""
-    for wire, (cfg, _) in _DTYPES.items():
-        if cfg == config_dtype:
-            return wire
-    raise ValueError(f"unsupported config dtype {config_dtype!r}")
 
 
 # Fixed tensor names of the contract.

@@ -20,6 +20,7 @@ from builder.meta import package_versions
 from builder.repository.output import carry_over, check_output, clean_stale, staging_dir, swap_into_place
 from builder.repository.readme import write_readme
 from builder.repository.models import LOAD_GATE, labels_text, write_models
+from builder.repository.monitoring_files import check_monitoring_output, monitoring_dir, write_monitoring
 from builder.repository.versions import contract_changes, move_version_in, refuse_contract_changes, same_repository
 from builder.settings import MANY_PHOTO_PATH_INSTANCES, TRITON_RELEASE, TRITON_VERSION, RepoSettings, classifier_kind
 
@@ -67,6 +68,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
 
     # Everything about the output is checked before the model loads: a bad path fails in a second.
     output = check_output(Path(settings.output), replace=not add_version)
+    check_monitoring_output(monitoring_dir(output))
     if settings.plan:  # a file that is not the plan its plan.json describes never reaches a repository
         from builder.engines.plan_check import verify_plan
 
@@ -104,7 +106,10 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
         if problems:
             raise BuilderError("the built repository fails its check: " + "; ".join(problems))
         _put_in_place(staging, output, contract, settings.version, add_version, overrides)
-    log.info("wrote %s in %.1f s: ensemble %r", output, time.perf_counter() - started, contract.ensemble)
+    # Its Prometheus rules and Grafana dashboard, for the models it serves (`builder monitoring` for other settings).
+    watched = write_monitoring(monitoring_dir(output), read_manifest(output)["contract"])
+    log.info("wrote %s in %.1f s: ensemble %r (Prometheus and Grafana files in %s)", output,
+             time.perf_counter() - started, contract.ensemble, watched)
     return output
 
 

@@ -16,12 +16,16 @@ from builder.core import contract as C
 from builder.core.contract import Contract
 from builder.serving.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
 from builder.pod import PodSettings
+from builder.repository import monitoring as M
 from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION
 
 TEMPLATES = Path(__file__).parent / "templates"
 DOCKER_FILES = ("Dockerfile.tritonserver", "Dockerfile.tensorrt", "compose.yaml", "k8s/deployment.yaml",
-                "k8s/hpa.yaml")
+                "k8s/hpa.yaml", "k8s/prometheus-adapter.yaml")
 PILLOW_VERSION = "11.0.0"  # has wheels for the Python 3.10 in tritonserver 24.10
+# The compose file's optional monitoring services (profile "monitoring"): the Debian 12 Prometheus the tests run,
+# and a Grafana that reads the dashboard's schema.
+PROMETHEUS_IMAGE, GRAFANA_IMAGE = "prom/prometheus:v2.42.0", "grafana/grafana:11.6.0"
 # For --preprocess gpu / --engine inductor in the container: the newest pair with cp310 CUDA 12.6 wheels.
 TORCH_VERSION, TORCHVISION_VERSION = "2.7.1", "0.22.1"
 
@@ -34,6 +38,10 @@ def context(model_name: str = DEFAULT_MODEL, precision: str = "fp16", pod: Optio
             "http_port": C.HTTP_PORT, "grpc_port": C.GRPC_PORT, "metrics_port": C.METRICS_PORT,
             "repository": "model_repository", "classifier": Contract.named(model_name).classifier,
             "precision": precision, "pod": pod or PodSettings(),
+            # Prometheus and Grafana (compose profile "monitoring"), and the autoscaler's recorded series.
+            "monitoring": M.MONITORING_DIR, "prometheus_image": PROMETHEUS_IMAGE, "grafana_image": GRAFANA_IMAGE,
+            "prometheus_port": M.PROMETHEUS_PORT, "grafana_port": M.GRAFANA_PORT, "hpa_metric": M.HPA_METRIC,
+            "queue_series": M.QUEUE_US, "queue_budget_us": f"{M.MonitoringSettings().queue_budget_ms * 1000:g}",
             # Model control locked as in `make serve`: the key comes from the environment, never the files.
             "restricted": f"{','.join(RESTRICTED)}:{ADMIN_HEADER}", "admin_key_env": ADMIN_KEY_ENV}
 

@@ -70,13 +70,22 @@ def test_ports_probes_and_shutdown_agree_with_server_flags():
 
 
 @pytest.mark.server
-def test_hpa_metric_comes_from_the_adapter_rule_over_real_triton_metrics(server, contract, photos):
+def test_hpa_metric_comes_from_the_adapter_rule_over_the_recorded_queue_time(server, contract, photos):
+    """The autoscaler reads the classifier's queue time as the generated recording rule computes it (the expression
+    is written once), its target is the alert's queue budget, and the rule reads what tritonserver 2.51 exports."""
+    from builder.repository import monitoring as M
+
     (hpa,) = by_kind("HorizontalPodAutoscaler")
     (adapter,) = by_kind("ConfigMap")
     (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
-    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
-    assert rule["name"]["as"] == metric
-    used = set(re.findall(r"\b(nv_[a-z_]+)\{", rule["seriesQuery"] + " " + rule["metricsQuery"]))
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]
+    assert rule["name"]["as"] == metric["name"] == M.HPA_METRIC
+    assert rule["seriesQuery"].startswith(M.QUEUE_US + "{") and rule["name"]["matches"] == M.QUEUE_US
+    assert f'model="{s.DEFAULT_MODEL}_classifier"' in rule["seriesQuery"] and "nv_" not in rule["metricsQuery"]
+    target = hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"]
+    assert float(target) == M.MonitoringSettings().queue_budget_ms * 1000
+    (queue_rule,) = [r for r in M.recording_rules("1m") if r["record"] == M.QUEUE_US]
+    used = set(re.findall(r"\b(nv_[a-z_]+)\[", queue_rule["expr"]))
     assert used == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
     # Those names are what tritonserver 2.51 really exports, once a request was served.
     from clients import Classifier, ClientSettings

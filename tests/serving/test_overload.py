@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from builder.repository import configs
 from builder import settings as s
-from builder.repository.writer import build_repository
 from builder.serving.server import LocalServer, ServerSettings, admin_headers
 from clients import Classifier, ClientSettings
-from conftest import MAX_BATCH, free_ports, tiny_settings
+from conftest import MAX_BATCH, bounded_server, flood, free_ports
 
 
 
@@ -44,38 +41,13 @@ def test_queue_policy_is_written():
         s.Batching(8, max_queue_size=-1)
 
 
-def _bounded_server(tmp_path, queue: int) -> LocalServer:
-    """A server whose classifier and preprocess models queue at most `queue` requests (20 ms batching delay)."""
-    bounded = s.Batching(MAX_BATCH, (), 20_000, max_queue_size=queue)
-    repo = build_repository(tiny_settings(tmp_path / "repo", classifier_batching=bounded,
-                                          preprocess_batching=bounded))
-    return _server(repo, tmp_path / "srv")
-
-
-def _flood(settings, photos, threads=48):
-    """`threads` clients at once, each classifying a full batch; (outcome, seconds) per client."""
-    def one(_):
-        start = time.perf_counter()
-        with Classifier(settings) as client:
-            results = client.classify(photos[:MAX_BATCH])
-        errors = {r.error for r in results if not r.ok}
-        if not errors:
-            return "ok", time.perf_counter() - start
-        assert all(e.startswith("rejected: server overloaded") and "Exceeds maximum queue size" in e
-                   for e in errors), errors
-        return "overloaded", time.perf_counter() - start
-
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(one, range(threads)))
-
-
 @pytest.mark.server
 def test_flood_past_the_queue_bound_fails_fast_then_drains(tmp_path, photos):
-    with _bounded_server(tmp_path, queue=2) as server:
+    with bounded_server(tmp_path, queue=2) as server:
         settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224", retries=0,
                                   overload_retries=0, max_batch=MAX_BATCH, concurrency=1, timeout_s=120)
         # Without resubmissions: rejected requests come back at once, each of their images marked alone.
-        outcomes = _flood(settings, photos)
+        outcomes = flood(settings, photos)
         kinds = [k for k, _ in outcomes]
         assert kinds.count("overloaded") >= 10 and kinds.count("ok") >= 2, kinds
         slowest_ok = max(t for k, t in outcomes if k == "ok")
@@ -83,14 +55,14 @@ def test_flood_past_the_queue_bound_fails_fast_then_drains(tmp_path, photos):
         assert rejected[len(rejected) // 2] < slowest_ok  # rejections come back without waiting their turn
         assert server.is_ready()
         # With the default backoff and resubmission, the same flood drains: every image is classified.
-        drained = _flood(dataclasses.replace(settings, overload_retries=12, backoff_s=0.1), photos)
+        drained = flood(dataclasses.replace(settings, overload_retries=12, backoff_s=0.1), photos)
         assert [k for k, _ in drained].count("ok") == len(drained), drained
 
 
 @pytest.mark.server
 def test_one_rejection_does_not_end_a_run(tmp_path, photos):
     """A run of many requests keeps every answered image; only rejected ones are marked, none raise."""
-    with _bounded_server(tmp_path, queue=1) as server:
+    with bounded_server(tmp_path, queue=1) as server:
         settings = ClientSettings(url=server.grpc_url, model="swin_tiny_patch4_window7_224", retries=0,
                                   overload_retries=0, max_batch=1, concurrency=16, timeout_s=120)
         images = [photos[i % len(photos)] for i in range(200)]

@@ -163,7 +163,7 @@ def test_killed_builds_never_leave_a_broken_repository(tmp_path):
     assert check_repository(output) == []
     # The next build removes what the killed ones left beside the repository.
     build_repository(tiny_settings(output))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository", "srv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository", "monitoring", "srv"]
 
 
 # -- flavors and versions --------------------------------------------------------------

@@ -118,6 +118,7 @@ def _left_stub(workdir):
     return subprocess.Popen([str(stub_path(workdir)), "600"], executable="sleep")
 
 
+@pytest.mark.server
 def test_serve_detach_and_stop_cli(local_repo, tmp_path):
     http, grpc, metrics = free_ports(3)
     common = ["--repository", str(local_repo), "--http-port", str(http), "--grpc-port", str(grpc),
