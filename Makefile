@@ -48,6 +48,8 @@ MODEL_CONTROL ?= none
 # MPS=1: `make serve` starts a CUDA MPS daemon of its own (GPU instances share each GPU at once); MPS=0: never;
 # empty: as the build chose (a GPU photo path of several instances is served under MPS).
 MPS ?=
+# counters | summaries | off: what the metrics port exports (empty: counters, Triton's default).
+METRICS ?=
 PYTEST_ARGS ?=
 
 # A value as one shell word, whatever it holds (spaces, quotes, JSON): `$(call q,$(REPO))`.
@@ -72,6 +74,7 @@ help:
 	@echo "make check     report what tritonserver would reject in REPO"
 	@echo "make serve     start the local tritonserver on REPO in the background; takes HTTP_PORT GRPC_PORT"
 	@echo "               METRICS_PORT MODEL_CONTROL=none|poll|explicit MPS=1|0 (empty: as the build chose)"
+	@echo "               METRICS=counters|summaries|off"
 	@echo "make stop      stop the server that make serve started"
 	@echo "make test      the test suite (real export, ONNX Runtime, tritonserver, perf_analyzer); PYTEST_ARGS"
 	@echo "make test-gpu  the GPU code paths on this host's GPU (skipped without one); GPU_PYTHON PYTEST_ARGS"
@@ -111,7 +114,8 @@ check: $(STAMP)
 
 serve: $(STAMP)
 	$(PY) -m builder serve --detach --repository $(call q,$(REPO)) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-	  --model-control $(MODEL_CONTROL) $(if $(filter 1,$(MPS)),--mps) $(if $(filter 0,$(MPS)),--no-mps)
+	  --model-control $(MODEL_CONTROL) $(if $(filter 1,$(MPS)),--mps) $(if $(filter 0,$(MPS)),--no-mps) \
+	  $(call opt,--metrics,$(METRICS))
 
 stop: $(STAMP)
 	$(PY) -m builder stop

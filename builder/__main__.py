@@ -312,7 +312,7 @@ def _server(args):
         repository=args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, workdir=args.workdir,
         model_control=getattr(args, "model_control", "none"), poll_seconds=getattr(args, "poll_seconds", 2),
-        admin_key=key, mps=_serve_with_mps(args), extra_args=tuple(
+        admin_key=key, mps=_serve_with_mps(args), metrics=getattr(args, "metrics", "counters"), extra_args=tuple(
             pools + ([f"--cache-config=local,size={args.cache_mb << 20}"] if getattr(args, "cache_mb", 0) else []))))
 
 

@@ -122,6 +122,9 @@ def _add_check(sub) -> None:
 
 
 def _add_serve(sub) -> None:
+    from builder.args import field_default
+    from builder.serving.server import METRICS, ServerSettings
+
     s = sub.add_parser("serve", help="run the local tritonserver on a repository")
     _server_args(s)
     s.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
@@ -135,6 +138,9 @@ def _add_serve(sub) -> None:
                    help="start a CUDA MPS control daemon of the server's own, so that GPU model instances share each "
                         "GPU at once; quit with the server (default: as the build chose, manifest.json's "
                         "serve.mps: on for a GPU photo path of several instances)")
+    s.add_argument("--metrics", choices=METRICS, default=field_default(ServerSettings, "metrics"),
+                   help="what the metrics port exports: counters (Triton's default; what monitoring/ reads), "
+                        "summaries (latency quantiles too), or off")
     s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
 
 

@@ -31,6 +31,11 @@ from builder.serving.mps import MpsDaemon
 
 log = logging.getLogger("builder")
 MODEL_CONTROL = ("none", "poll", "explicit")
+# What tritonserver exports on its metrics port: nothing; its counters and gauges (its own default); or those plus
+# latency summaries (quantiles computed in the server on every request).
+METRICS = ("off", "counters", "summaries")
+METRICS_FLAGS = {"off": ("--allow-metrics=false",), "counters": (),
+                 "summaries": ("--metrics-config=summary_latencies=true",)}
 # Triton's admin APIs that only requests with the admin key may use: loading, unloading and reconfiguring
 # models (model-repository), tracing and log settings. Inference, health, metadata, model configs (read only;
 # generic Triton clients read them) and statistics stay open.
@@ -105,6 +110,8 @@ class ServerSettings:
             CUDA_VISIBLE_DEVICES to serve on some of the host's GPUs).
         mps: Start a CUDA MPS control daemon of this server's own first (`builder.serving.mps`), so that its
             GPU model instances share each GPU at once instead of in time slices; quit when the server stops.
+        metrics: What the metrics port exports, one of METRICS: `counters` (Triton's default, what the generated
+            Prometheus rules read), `summaries` (latency quantiles too), or `off`.
     """
 
     repository: str = "model_repository"
@@ -119,6 +126,7 @@ class ServerSettings:
     extra_args: Tuple[str, ...] = field(default_factory=tuple)
     extra_env: Tuple[Tuple[str, str], ...] = ()
     mps: bool = False
+    metrics: str = "counters"
 
     def __post_init__(self) -> None:
         ports = (self.http_port, self.grpc_port, self.metrics_port)
@@ -128,6 +136,8 @@ class ServerSettings:
             raise BuilderError(f"model_control: {self.model_control!r} is unknown; use one of {MODEL_CONTROL}")
         if self.poll_seconds < 1:
             raise BuilderError("poll_seconds: use 1 or more")
+        if self.metrics not in METRICS:
+            raise BuilderError(f"metrics: {self.metrics!r} is unknown; use one of {', '.join(METRICS)}")
 
 
 def free_ports(count: int) -> list:
@@ -258,7 +268,7 @@ class LocalServer:
                # Room for a full batch of FP32 images per stub without growing in 1 MB steps.
                "--backend-config=python,shm-default-byte-size=16777216",
                "--backend-config=python,shm-growth-byte-size=16777216",
-               "--log-verbose=0"]
+               "--log-verbose=0", *METRICS_FLAGS[s.metrics]]
         if s.admin_key:
             restricted = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}={s.admin_key}"
             cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]

@@ -5,6 +5,7 @@
 # Needs what perf/gpu/photo_path.sh needs (PYTHON, SERVE_PYTHON, perf_analyzer on PATH). Run from the checkout:
 #   bash perf/gpu/as_built.sh repo      # `make repo FLAVOR=local PREPROCESS=gpu`, through the Makefile's own line
 #   bash perf/gpu/as_built.sh sweep     # `make serve` (its line), the sweep; then the hand-tuned copy, the sweep
+#   bash perf/gpu/as_built.sh metrics   # what the metrics cost: `make serve METRICS=off|counters|summaries`, each swept
 # Images: builder/parity_images/*_640x480.jpg (the bundled photos, 640x480 JPEGs).
 set -euo pipefail
 source "$(dirname "$0")/gpu_repo.sh"
@@ -60,5 +61,12 @@ case "${1:?stage}" in
       cp "$WORK/tritonserver.log" "$OUT/tritonserver-$tag.log" || true
     done
     ;;
-  *) echo "stages: repo, sweep" >&2; exit 2 ;;
+  metrics)  # the same repository served three times, only the metrics port's exports changed
+    for metrics in off counters summaries; do
+      EXTRA="--workdir $WORK" as_typed "$SERVE_PYTHON" serve METRICS=$metrics 2>&1 | tail -2
+      sweep "metrics-$metrics" || true
+      $SERVE_PYTHON -m builder stop --workdir "$WORK"
+    done
+    ;;
+  *) echo "stages: repo, sweep, metrics" >&2; exit 2 ;;
 esac

@@ -237,3 +237,32 @@ def _every_dashboard_query_runs(url, folder):
         for target in panel.get("targets", []):
             answered += bool(_query(url, target["expr"]))  # each parses and runs; most have data here
     assert answered >= 8, answered
+
+
+@pytest.mark.server
+def test_the_metrics_port_exports_what_serve_is_told(local_repo, tmp_path, photos):
+    """`builder serve --metrics summaries` adds latency quantiles to the counters the rules read; `off` closes the
+    port."""
+    from builder.core.contract import Contract
+    from builder.core.manifest import read_manifest
+    from builder.serving.server import LocalServer, ServerSettings
+    from clients import Classifier, ClientSettings
+
+    ensemble = Contract.named(read_manifest(local_repo)["contract"]["ensemble"]).ensemble
+    for metrics in ("summaries", "off"):
+        http, grpc, port = free_ports(3)
+        settings = ServerSettings(str(local_repo), http, grpc, port, workdir=str(tmp_path / metrics), metrics=metrics)
+        with LocalServer(settings) as server:
+            with Classifier(ClientSettings(url=server.grpc_url, model=ensemble)) as client:
+                assert client.classify(photos[:1])[0].ok
+            url = f"http://127.0.0.1:{port}/metrics"
+            if metrics == "off":
+                with pytest.raises(OSError):
+                    urllib.request.urlopen(url, timeout=5)
+                continue
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                text = reply.read().decode()
+            assert f'nv_inference_request_summary_us{{model="{ensemble}",' in text and "quantile=" in text
+            assert "nv_inference_request_success{" in text
+    with pytest.raises(BuilderError, match="metrics: 'some' is unknown; use one of off, counters, summaries"):
+        ServerSettings(metrics="some")
