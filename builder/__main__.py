@@ -19,7 +19,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from builder.cli_parser import build_parser, given_options
+from builder.cli.parser import build_parser, given_options
 from builder.errors import BuilderError
 
 log = logging.getLogger("builder")
@@ -252,7 +252,7 @@ def _cmd_docker(args) -> int:
     from pathlib import Path
 
     from builder.serving import docker
-    from builder.pod import PodSettings
+    from builder.serving.pod import PodSettings
     from builder.settings import check_model_name
 
     check_model_name("model", args.model)

@@ -58,7 +58,7 @@ def _layer(module: str) -> str:
         return parts[0]
     if module in ("builder.errors",) or module.startswith("builder.core"):
         return "core"
-    if module in ("builder.__main__", "builder.cli_parser"):  # the CLI's entry point and its parser
+    if module == "builder.__main__":  # the CLI's entry point (its parser is builder.cli)
         return "cli"
     if len(parts) > 2 or (ROOT / "builder" / parts[-1]).is_dir():
         return parts[1] if parts[1] in LAYERS else "common"

@@ -72,7 +72,7 @@ def make_commands_of(line: str) -> list:
 def test_readme_gpu_commands_parse_here():
     """Every make command of the README this host cannot run resolves, through the Makefile, to a builder command
     whose options the builder takes."""
-    from builder.cli_parser import build_parser
+    from builder.cli.parser import build_parser
     from test_cli_args import _make_argv
 
     gpu_lines = [c for _, c in readme_commands() if c.startswith(GPU_QUICK_START)]

@@ -15,7 +15,7 @@ from builder.errors import BuilderError
 from builder.core import contract as C
 from builder.core.contract import Contract
 from builder.serving.server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED
-from builder.pod import PodSettings
+from builder.serving.pod import PodSettings
 from builder.repository import monitoring as M
 from builder.settings import DEFAULT_MODEL, TENSORRT_VERSION, TRITON_RELEASE, TRITON_VERSION
 

@@ -11,7 +11,7 @@ import yaml
 
 from builder import settings as s
 from builder.errors import BuilderError
-from builder.pod import PodSettings
+from builder.serving.pod import PodSettings
 from builder.repository import configs
 from builder.serving import gpus
 from conftest import one_line_error, run_module, tiny_settings

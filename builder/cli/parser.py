@@ -76,7 +76,7 @@ def _add_docker(sub) -> None:
     d.add_argument("--model", default=s.DEFAULT_MODEL, help="ensemble name (the repository's --name)")
     d.add_argument("--precision", choices=s.TENSORRT_PRECISIONS, default="fp16",
                    help="the plan service's TensorRT precision")
-    from builder.pod import PodSettings as pod
+    from builder.serving.pod import PodSettings as pod
 
     k = d.add_argument_group("Kubernetes pods (docker/k8s)")
     k.add_argument("--gpus-per-pod", type=int, default=field_default(pod, "gpus_per_pod"),
