@@ -24,6 +24,7 @@ import sys
 from typing import List, Optional
 
 from builder.core import contract as C
+from perf.environment import bundled_photos
 
 
 def _ints(text: str) -> List[int]:
@@ -312,7 +313,7 @@ def _add_bare(sub) -> None:
 
 def _add_pipeline(sub) -> None:
     g = sub.add_parser("pipeline", help="time the preprocessings alone (no server): gpu, and exact/draft on the CPU")
-    g.add_argument("--images", type=_words, default=["builder/parity_images"], help="image files or folders")
+    g.add_argument("--images", type=_words, default=[bundled_photos()], help="image files or folders")
     g.add_argument("--repository", default="model_repository", help="its manifest gives the transform")
     g.add_argument("--batches", type=_counts, default=[1, 64, 256])
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -331,7 +332,7 @@ def _add_pipeline(sub) -> None:
 def _add_first_request(sub) -> None:
     f = sub.add_parser("first-request", help="first-request latency after a load, with and without warm-up")
     f.add_argument("--repository", default="model_repository")
-    f.add_argument("--images", type=_words, default=["builder/parity_images"])
+    f.add_argument("--images", type=_words, default=[bundled_photos()])
     f.add_argument("--repeat", type=_count, default=1)
     f.add_argument("--output", default="perf/results/local-first-request.json")
     f.set_defaults(func=_cmd_first_request, output_kind="file")
@@ -342,7 +343,7 @@ def _add_analyze(sub) -> None:
     a.add_argument("--repository", default="model_repository")
     a.add_argument("--models", type=_words, default=["classifier"], help="classifier,preprocess,ensemble or names")
     a.add_argument("--analyzer", default=".venv-analyzer/bin/model-analyzer")
-    a.add_argument("--images", type=_words, default=["builder/parity_images"])
+    a.add_argument("--images", type=_words, default=[bundled_photos()])
     a.add_argument("--search", choices=("brute", "quick"), default="brute", help="(the ensemble always uses quick)")
     a.add_argument("--max-instances", type=int, default=2)
     a.add_argument("--min-concurrency", type=int, default=1)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from builder.core import contract as C
+from perf.environment import bundled_photos
 
 RESULTS = Path("perf/results")
 
@@ -205,7 +206,7 @@ def add_commands(sub, ints, words, naturals) -> None:
                    help="GPUs visible to each server (the first N); 0: none, CPU instances")
     g.add_argument("--batch-size", type=int, default=1, help="images per request, the same at every count")
     g.add_argument("--concurrency-per-gpu", type=int, default=64)
-    g.add_argument("--images", type=words, default=["builder/parity_images"], help="image files or folders")
+    g.add_argument("--images", type=words, default=[bundled_photos()], help="image files or folders")
     from perf.scaling import ScalingSettings
 
     _windows(g, ScalingSettings)

@@ -94,6 +94,13 @@ def write_json(path: str, payload: Dict) -> str:
     return path
 
 
+def bundled_photos() -> str:
+    """The bundled parity photos' folder, wherever the command runs from (the `--images` default)."""
+    from builder.core.photos import PHOTOS
+
+    return str(PHOTOS)
+
+
 def image_paths(paths) -> list:
     """The image files a perf command measures with: folders expanded, what is not an image named and skipped.
 
