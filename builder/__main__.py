@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import sys
 from typing import List, Optional
+import os
+from pathlib import Path
 
 from builder.cli.parser import build_parser, given_options
 from builder.errors import BuilderError
@@ -106,8 +108,6 @@ def _gpu_photo_path_setup(args) -> None:
 
 def _existing_flavor(output: str, add_version: bool):
     """The flavor of the repository already at `output` (kept unless --flavor is given), or None."""
-    from pathlib import Path
-
     from builder.repository.output import is_our_repository
     from builder.core.manifest import read_manifest
 
@@ -120,8 +120,6 @@ def _existing_flavor(output: str, add_version: bool):
 
 
 def _cmd_export(args) -> int:
-    from pathlib import Path
-
     from builder import settings as s
     from builder.args import field_default, model_source, parity
     from builder.export.onnx_export import export_onnx, reference_data, validate_onnx
@@ -153,9 +151,6 @@ def _cmd_export(args) -> int:
 
 def _writable(option: str, path) -> None:
     """Fails fast (before any model loads) on an output file that cannot be written."""
-    import os
-    from pathlib import Path
-
     if not path:
         return
     target = Path(path)
@@ -171,8 +166,6 @@ def _writable(option: str, path) -> None:
 
 
 def _existing_file(option: str, path: str, kind: str) -> None:
-    import os
-
     if not os.path.isfile(path):
         raise BuilderError(f"{option}: {path} does not exist; pass {kind}")
 
@@ -183,7 +176,6 @@ def _cmd_quantize(args) -> int:
     if args.reference:
         _existing_file("reference", args.reference, "the .npz that `builder export --reference` writes")
     _writable("output", args.output)
-    from pathlib import Path
 
     if Path(args.output).resolve() == Path(args.onnx).resolve():
         raise BuilderError(f"output: {args.output} is the --onnx model itself; the FP32 export would be "
@@ -249,8 +241,6 @@ def _reference(args, graph) -> dict:
 
 
 def _cmd_docker(args) -> int:
-    from pathlib import Path
-
     from builder.serving import docker
     from builder.serving.pod import PodSettings
     from builder.settings import check_model_name
@@ -265,8 +255,6 @@ def _cmd_docker(args) -> int:
 
 
 def _cmd_monitoring(args) -> int:
-    from pathlib import Path
-
     from builder.core.manifest import read_manifest
     from builder.repository import monitoring as M
     from builder.repository.monitoring_files import monitoring_dir, write_monitoring
@@ -317,8 +305,6 @@ def _server(args):
 
 
 def _cmd_serve(args) -> int:
-    from pathlib import Path
-
     from builder.repository.check import check_repository
 
     if Path(args.repository).is_dir():  # refused in words before the server prints its log for the same cause
@@ -346,7 +332,6 @@ def _serve_with_mps(args) -> bool:
     """--mps or --no-mps as given, else as the build chose (manifest.json's serve.mps)."""
     if getattr(args, "mps", None) is not None or args.command != "serve":
         return bool(getattr(args, "mps", False))
-    from pathlib import Path
 
     from builder.core.manifest import read_manifest
 

@@ -9,6 +9,7 @@ import random
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+import importlib
 
 import numpy as np
 
@@ -176,7 +177,6 @@ def _ssl_context(settings: ClientSettings, module_name: str):
     """The HTTP clients' TLS context: the CA bundle, the client certificate, verification unless insecure."""
     if not settings.ssl:
         return None
-    import importlib
 
     ssl_module = importlib.import_module(module_name)  # gevent.ssl for the gevent-based sync client
     context = ssl_module.create_default_context(cafile=settings.root_certificates)

@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 from typing import List, Optional
+from pathlib import Path
 
 from builder.core import contract as C
 from perf.environment import bundled_photos
@@ -82,8 +83,6 @@ ENGINES = ("torch", "onnxruntime", "tensorrt", "program")
 
 def _bare_inputs(args):
     """Resolves the ONNX file and timm model from the repository when they are not given."""
-    from pathlib import Path
-
     from builder.errors import BuilderError
 
     unknown = [e for e in args.engines if e not in ENGINES]
@@ -125,8 +124,6 @@ def _bare_inputs(args):
 
 def _served_program(repository: str, compile_mode, tuning=None):
     """The repository's torch-engine classifier: version folder, config parameters, max batch."""
-    from pathlib import Path
-
     from builder.repository import configs
     from builder.errors import BuilderError
     from builder.core.manifest import manifest_contract, read_manifest
@@ -175,8 +172,6 @@ def _cmd_bare(args) -> int:
 
 
 def _cmd_pipeline(args) -> int:
-    from pathlib import Path
-
     from builder.errors import BuilderError
     from builder.core.imaging import PreprocessParams
     from perf.environment import describe, image_paths, write_json
@@ -211,7 +206,6 @@ def _cmd_first_request(args) -> int:
     from perf.environment import describe, image_paths, write_json
     from perf.first_request import measure
 
-    from pathlib import Path
 
     manifest = read_manifest(Path(args.repository))
     images = [p.read_bytes() for p in image_paths(args.images)]
@@ -233,8 +227,6 @@ def _cmd_first_request(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from pathlib import Path
-
     from builder.core.manifest import read_manifest
     from builder.serving.server import LocalServer, ServerSettings, free_ports
     from perf.analyze import SearchSettings, analyzer_config, best_configs, has_gpu, run_analyzer

@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
+import csv
 
 from builder.core.contract import LOOPBACK
 from builder.core.interrupt import raise_interrupt
@@ -164,8 +165,6 @@ def _group_alive(pgid: int) -> bool:
 
 def best_configs(reports: Path) -> List[Dict]:
     """Model Analyzer's measurements (`results/metrics-model-inference.csv`), best throughput first."""
-    import csv
-
     path = reports / "results" / "metrics-model-inference.csv"
     if not path.is_file():
         raise BuilderError(f"model-analyzer wrote no {path}")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from typing import Dict, Optional
+import logging
 
 from builder.meta import package_versions
 
@@ -107,8 +108,6 @@ def image_paths(paths) -> list:
     Raises:
         BuilderError: A path that does not exist, or no image at all (one line, before any work).
     """
-    import logging
-
     from builder.errors import BuilderError
     from clients.settings import IMAGE_SUFFIXES
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Dict, List, Sequence
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -57,9 +59,6 @@ def bench_cpu(images: Sequence[Path], params, batches: Sequence[int], variants: 
     Pillow releases the GIL while it decodes and resamples, which is how the preprocess model uses a
     thread pool; this times the same map.
     """
-    import dataclasses
-    from concurrent.futures import ThreadPoolExecutor
-
     from builder.core import imaging
     from builder.timing import timed, timing_row
 

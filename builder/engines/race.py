@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+from importlib.metadata import PackageNotFoundError, version
 
 from builder.core.contract import Contract
 from builder.engines import choice as ec
@@ -315,8 +316,6 @@ def _write_sidecar(folder: Path, precision: str, settings: RepoSettings, program
 
 
 def _version(package: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:

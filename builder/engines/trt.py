@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
+import re
 
 import numpy as np
 
@@ -130,8 +131,6 @@ def _config_batching(path: str) -> Tuple[int, List[int]]:
     A regular expression, not protobuf: this module must run where only numpy
     and tensorrt are installed. The configs it reads are written by `builder`.
     """
-    import re
-
     try:
         text = open(path, encoding="utf-8").read()
     except OSError as exc:

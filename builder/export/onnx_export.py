@@ -7,6 +7,7 @@ import time
 import warnings
 from pathlib import Path
 from typing import Dict
+import json
 
 import numpy as np
 
@@ -114,8 +115,6 @@ def reference_data(model: LoadedModel, contract: Contract, images_dir, count: in
     Raises:
         BuilderError: `images_dir` does not exist or holds no decodable image.
     """
-    import json
-
     import torch
 
     from builder.core.imaging import ImageError, PreprocessParams, preprocess

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Dict, List, Tuple
+import difflib
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -88,8 +89,6 @@ def _check_model(name: str, model_dir: Path, config: mc.ModelConfig, problems: L
         problems.append(f"{name}: neither backend nor platform is set")
         return
     if backend not in KNOWN_BACKENDS:
-        import difflib
-
         close = difflib.get_close_matches(backend, KNOWN_BACKENDS, 1)
         problems.append(f"{name}: backend {backend!r} is not a Triton backend"
                         + (f"; did you mean {close[0]!r}?" if close else f"; use one of {', '.join(KNOWN_BACKENDS)}"))

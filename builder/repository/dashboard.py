@@ -7,6 +7,7 @@ autoscaler show the same numbers.
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
+import json
 
 from builder.repository import monitoring as M
 
@@ -77,7 +78,6 @@ def dashboard(models: Sequence[str], ensemble: str, classifier: str) -> Dict:
     """The dashboard as Grafana's JSON model."""
     from grafana_foundation_sdk.builders import dashboard as db
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
-    import json
 
     board = (db.Dashboard(f"Swin on Triton: {ensemble}").uid(UID).tags(["triton", "swin"]).refresh("10s")
              .time("now-30m", "now").timezone("browser"))

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Optional
+import hashlib
 
 from builder.core.contract import Contract, contract_tensors
 from builder.core.manifest import read_manifest, write_manifest_file
@@ -115,8 +116,6 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
 
 def labels_record(model) -> Dict[str, str]:
     """The served class names' source and hash (every version of a model shares its labels.txt)."""
-    import hashlib
-
     text = labels_text(model.class_names)
     return {"source": model.labels, "count": len(model.class_names),
             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}

@@ -23,6 +23,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
+import importlib.util
+import secrets
+import tempfile
 
 from builder.core import contract as C
 from builder.errors import BuilderError
@@ -80,7 +83,6 @@ def admin_key(workdir: str = ".server", create: bool = False) -> Optional[str]:
         return path.read_text().strip()
     if not create:
         return None
-    import secrets
 
     prepare_workdir(path.parent)
     key = secrets.token_urlsafe(24)
@@ -152,8 +154,6 @@ def free_ports(count: int) -> list:
 
 
 def _pytriton_root() -> Path:
-    import importlib.util
-
     # Locate without importing: only the bundled binaries are used, not PyTriton's Python API.
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
@@ -185,8 +185,6 @@ def server_dir(workdir: Path) -> Path:
         raise BuilderError(f"workdir: {target} exists and was not made by this tool (no .prepared marker); "
                            "move it away, or pass another --workdir")
     if not (marker.is_file() and marker.read_text() == stamp):
-        import tempfile
-
         # Made aside and renamed into place with its marker: a copy cut short never looks like someone else's.
         aside = Path(tempfile.mkdtemp(prefix=".tritonserver-", dir=target.parent))
         try:
