@@ -10,7 +10,7 @@
 #   bash perf/gpu/analyze_vs_tune.sh analyze   # perf analyze (Model Analyzer, remote mode, brute search)
 #   bash perf/gpu/analyze_vs_tune.sh tune      # perf tune on a server in explicit mode
 set -euo pipefail
-SERVE_PYTHON=${SERVE_PYTHON:-python3}
+source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 ANALYZER=${ANALYZER:-.venv-analyzer/bin/model-analyzer}
 REPO=${REPO:-/tmp/swin-auto-repo}
 OUT=${OUT:-build/gpu-analyze}
@@ -20,7 +20,6 @@ WINDOW_MS=${WINDOW_MS:-5000}
 MIN_CONCURRENCY=${MIN_CONCURRENCY:-16}
 MAX_CONCURRENCY=${MAX_CONCURRENCY:-128}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:?stage}" in
   analyze)
     $SERVE_PYTHON -m perf analyze --repository "$REPO" --models classifier --analyzer "$ANALYZER" \

@@ -5,13 +5,12 @@
 # Needs: PYTHON with torch (CUDA), timm and onnx; SERVE_PYTHON as in gpu_data_path.sh; perf_analyzer on PATH.
 # Run from the checkout root. Results: $OUT (default build/instance-threads).
 set -u
-PYTHON=${PYTHON:-python3}
-SERVE_PYTHON=${SERVE_PYTHON:-$PYTHON}
+source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 OUT=${OUT:-build/instance-threads}
 R=${REPO:-/tmp/threads-repo}
 M=swin_tiny_patch4_window7_224_classifier
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 $PYTHON -m builder repo --flavor local --output "$R" --engine inductor --preprocess gpu --instance-kind KIND_GPU \
   --instance-count 2 --preprocess-instances 2 --max-batch-size 128 --preferred-batch-sizes 32,64,128 \
   --max-queue-delay-us 500 --max-queue-size 4096 2>&1 | tail -1

@@ -4,11 +4,11 @@
 # sharing one timing cache and gated against PyTorch FP32 on the photos (loose thresholds: this reports figures).
 # Needs: PYTHON with torch, timm and onnx; TRT_PYTHON with tensorrt < 11, numpy and polygraphy. From the checkout root.
 set -u
-PYTHON=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 TRT=${TRT_PYTHON:?a Python with tensorrt and polygraphy}
 W=${OUT:-build/precision-check}
 mkdir -p "$W"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 TINY='{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}'
 $PYTHON -m builder export --output "$W/model.onnx" --model-kwargs "$TINY" --images builder/parity_images \
   --reference "$W/reference.npz" --calibration "$W/calib.npy" --reference-batch 64 2>&1 | tail -1

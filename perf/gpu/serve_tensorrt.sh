@@ -12,11 +12,10 @@
 set -euo pipefail
 W=/tmp/swin-work
 OUT=${OUT:-build/gpu}
-PYTHON=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 SERVE=${SERVE_PYTHON:-$PYTHON}
 IMAGES=${IMAGES:-builder/parity_images}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 stage=${1:?stage}
 case "$stage" in
   repo)

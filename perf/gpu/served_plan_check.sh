@@ -8,13 +8,12 @@
 # STUB_BIN: a folder whose `python3` has numpy, tensorrt and polygraphy (the stub takes python3 from PATH);
 # LD_LIBRARY_PATH with tritonserver's libraries and TensorRT's. Run from the checkout root.
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 TRT=${TRT_PYTHON:?a Python with tensorrt and polygraphy}
 W=${OUT:-build/served-plan-check}
 TINY='{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}'
-NAME=swin_tiny_patch4_window7_224
 mkdir -p "$W"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 $PYTHON -m builder export --output "$W/model.onnx" --model-kwargs "$TINY" --images builder/parity_images \
   --reference "$W/reference.npz" --reference-batch 64 2>&1 | tail -1
 $TRT -m builder.engines.trt build --onnx "$W/model.onnx" --plan "$W/plan/model.plan" --precision fp16 \

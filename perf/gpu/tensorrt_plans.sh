@@ -12,7 +12,7 @@ set -euo pipefail
 W=/tmp/swin-work
 OUT=${OUT:-build/gpu}
 mkdir -p "$W" "$OUT"
-PYTHON=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 TRT=${TRT_PYTHON:-$PYTHON}
 IMAGES=${IMAGES:-builder/parity_images}
 BATCHES=1,2,4,8,16,32,64,128,256
