@@ -1,5 +1,6 @@
-"""`perf/gpu/window_attention.py` (the fused window-attention candidate) on Triton's CPU interpreter, against timm's
-own attention math: windows of 7 and 12, shifted and unshifted blocks, batches of odd sizes, FP32 and FP16."""
+"""`perf/gpu/window_attention.py` and `perf/gpu/fused_swin.py` (the fused window-attention candidate) on Triton's
+CPU interpreter, against timm's own attention math: windows of 7 and 12, shifted and unshifted blocks, batches of
+odd sizes, FP32 and FP16, and a whole Swin."""
 
 from __future__ import annotations
 
@@ -49,3 +50,41 @@ def test_the_fused_window_attention_matches_timms_math_on_the_interpreter():
         assert row["max_abs"] < (2e-2 if row["dtype"] == "torch.float16" else 1e-5), row
     assert {(r["window"], r["shifted"]) for r in rows} == {(7, True), (7, False), (12, True), (12, False)}
     assert "head size is a power of two" in refused["refused"]  # 72 channels over 3 heads: 24
+
+
+WHOLE_MODEL = """
+import json, torch, timm
+from perf.gpu.fused_swin import fuse_window_attention
+torch.manual_seed(0)
+kwargs = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1])  # shifted blocks in stages 1-3
+timms = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+fused = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+fused.load_state_dict(timms.state_dict())
+modules = fuse_window_attention(fused)
+x = torch.randn(3, 3, 224, 224)
+with torch.inference_mode():
+    a, b = timms(x), fused(x)
+odd = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=[1, 1, 1, 1],
+                        num_heads=[1, 1, 1, 1])
+try:
+    fuse_window_attention(odd)
+    refused = ""
+except ValueError as exc:
+    refused = str(exc)
+print(json.dumps({"modules": modules, "max_abs": (a - b).abs().max().item(),
+                  "top1": bool((a.argmax(1) == b.argmax(1)).all()), "refused": refused}))
+"""
+
+
+def test_a_whole_swin_with_the_fused_attention_gives_timms_logits():
+    """`perf/gpu/fused_swin.py`: every WindowAttention of a timm Swin (shifted and unshifted blocks) pointed at
+    the kernel's torch op gives timm's own logits, on Triton's CPU interpreter; a head size it does not take is
+    refused."""
+    import json
+
+    result = subprocess.run([sys.executable, "-c", WHOLE_MODEL], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["modules"] == 8 and figures["top1"] and figures["max_abs"] < 1e-5, figures
+    assert "head size 24" in figures["refused"]
