@@ -73,22 +73,11 @@ def fuse_window_attention(model: torch.nn.Module) -> int:
     return changed
 
 
-def _time(fn, x, repeats: int) -> float:
-    for _ in range(3):
-        fn(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn(x)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = None) -> Dict:
     """Both engines, gated against FP32 eager and timed per batch size."""
     import timm
+
+    from perf.gpu.transform_speed import timed
 
     torch.manual_seed(0)
     reference = timm.create_model(model_name, pretrained=False, checkpoint_path=checkpoint or "").eval().cuda()
@@ -110,7 +99,7 @@ def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = 
         for batch in batches:
             xb = x[:batch].half().contiguous()
             for name, engine in engines.items():
-                ms = _time(engine, xb, repeats)
+                ms = timed(lambda: engine(xb), repeats)
                 rows.append({"engine": name, "batch": batch, "ms": ms, "img_per_s": batch * 1000 / ms})
                 print(json.dumps(rows[-1]), flush=True)
     return {"model": model_name, "fused_modules": modules, "gpu": torch.cuda.get_device_name(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -136,21 +135,10 @@ def shift_mask(resolution: int, window: int, shift: int, device) -> torch.Tensor
 SWIN_T_STAGES = ((56, 96, 3), (28, 192, 6), (14, 384, 12), (7, 768, 24))
 
 
-def _time(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def measure(batch: int, repeats: int, window: int = 7) -> Dict:
     """Per stage (shifted where timm shifts): ms per call of each candidate, and the kernel's error."""
+    from perf.gpu.transform_speed import timed
+
     torch.manual_seed(0)
     compiled = torch.compile(reference)
     stages = []
@@ -169,7 +157,7 @@ def measure(batch: int, repeats: int, window: int = 7) -> Dict:
                "eager_max_abs": (reference(qkv, bias, mask, heads, scale).float() - exact).abs().max().item(),
                "cosine": torch.nn.functional.cosine_similarity(ours.float().flatten(), exact.flatten(), 0).item()}
         for name, fn in (("eager", reference), ("compiled", compiled), ("sdpa", sdpa), ("kernel", window_attention)):
-            row[f"{name}_ms"] = _time(lambda: fn(qkv, bias, mask, heads, scale), repeats)
+            row[f"{name}_ms"] = timed(lambda: fn(qkv, bias, mask, heads, scale), repeats)
         stages.append(row)
         print(json.dumps(row), flush=True)
     total = {name: sum(r[f"{name}_ms"] for r in stages) for name in ("eager", "compiled", "sdpa", "kernel")}
