@@ -314,16 +314,20 @@ def _cmd_serve(args) -> int:
             raise BuilderError(f"{args.repository} would not load: {said}; fix that (`builder check` lists each "
                                "problem) or rebuild it with `make repo FLAVOR=local`")
     server = _server(args)
-    server.start(wait=True, timeout=args.timeout, detach=args.detach)
     if args.detach:
+        server.start(wait=True, timeout=args.timeout, detach=True)
         print(f"tritonserver running (pid {server.process.pid}): HTTP {server.http_url}, gRPC {server.grpc_url}; "
               f"log {server.log_path}; stop with `make stop`")
         return 0
-    print(f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}; Ctrl-C stops it")
+    # In the foreground, Ctrl-C or SIGTERM is how the server is meant to end, also while it is starting (start()
+    # then takes it down before it returns): stopped, exit 0.
     try:
+        server.start(wait=True, timeout=args.timeout)
+        print(f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}; Ctrl-C stops it")
         code = server.process.wait()
     except KeyboardInterrupt:
         server.stop()
+        print("tritonserver stopped", file=sys.stderr)
         return 0
     raise BuilderError(f"tritonserver exited with code {code}; log {server.log_path}:\n{server.log_tail()}")
 
@@ -377,7 +381,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the previous repository is untouched", file=sys.stderr)
+        kept = "; the previous repository is untouched" if args.command == "repo" else ""
+        print(f"interrupted{kept}", file=sys.stderr)
         return 130
 
 
