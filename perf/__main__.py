@@ -206,7 +206,6 @@ def _cmd_first_request(args) -> int:
     from perf.environment import describe, image_paths, write_json
     from perf.first_request import measure
 
-
     manifest = read_manifest(Path(args.repository))
     images = [p.read_bytes() for p in image_paths(args.images)]
     rows = []

@@ -246,11 +246,11 @@ def heavy_imports_of_help(package: str, *args: str) -> list:
             f"    runpy.run_module('{package}', run_name='__main__', alter_sys=True)\n"
             "except SystemExit as exit:\n"
             "    assert exit.code in (0, None), exit.code\n"
-            f"print(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))\n")
+            f"import json; print(json.dumps(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=str(Path(__file__).resolve().parents[1]))
     assert result.returncode == 0, result.stderr
-    return eval(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 # -- Overload: a server whose queues are bounded, and a flood of clients against it (tests/serving).
 

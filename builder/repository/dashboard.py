@@ -6,7 +6,7 @@ autoscaler show the same numbers.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 import json
 
 from builder.repository import monitoring as M
@@ -74,8 +74,8 @@ def panels(models: Sequence[str], ensemble: str, classifier: str) -> List[Tuple[
     ]
 
 
-def dashboard(models: Sequence[str], ensemble: str, classifier: str) -> Dict:
-    """The dashboard as Grafana's JSON model."""
+def dashboard(models: Sequence[str], ensemble: str, classifier: str) -> str:
+    """The dashboard as Grafana's JSON model, as the file's text."""
     from grafana_foundation_sdk.builders import dashboard as db
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
@@ -85,4 +85,4 @@ def dashboard(models: Sequence[str], ensemble: str, classifier: str) -> Dict:
         board = board.with_row(db.Row(title))
         for panel in row_panels:
             board = board.with_panel(panel)
-    return json.loads(json.dumps(board.build(), cls=JSONEncoder))
+    return json.dumps(board.build(), cls=JSONEncoder, indent=2) + "\n"

@@ -4,8 +4,6 @@ provisioning, as one staged folder swapped in whole (a folder of the user's is n
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Dict
 
@@ -14,6 +12,7 @@ from builder.errors import BuilderError
 from builder.repository.dashboard import dashboard
 from builder.repository.monitoring import (GENERATED, MARKER, MONITORING_DIR, PROMETHEUS_PORT,
                                            MonitoringSettings, prometheus_config, rules_file)
+from builder.repository.output import staging_dir, swap_into_place
 
 
 def _yaml(doc: Dict) -> str:
@@ -30,7 +29,7 @@ def render(contract: Dict, settings: MonitoringSettings) -> Dict[str, str]:
     return {
         "prometheus.yml": _yaml(prometheus_config(settings)),
         "rules.yml": _yaml(rules_file(models, settings)),
-        "grafana/dashboards/swin-triton.json": json.dumps(dashboard(models, ensemble, classifier), indent=2) + "\n",
+        "grafana/dashboards/swin-triton.json": dashboard(models, ensemble, classifier),
         "grafana/provisioning/datasources/prometheus.yml": _yaml(
             {"apiVersion": 1, "datasources": [{"name": "Prometheus", "type": "prometheus", "uid": "prometheus",
                                                "access": "proxy", "url": f"http://127.0.0.1:{PROMETHEUS_PORT}",
@@ -68,22 +67,15 @@ def write_monitoring(folder: Path, contract: Dict, settings: MonitoringSettings 
     """
     folder = Path(folder)
     check_monitoring_output(folder)
-    staging = folder.with_name(f".{folder.name}.staging")
-    try:
-        shutil.rmtree(staging, ignore_errors=True)
-        for name, text in render(contract, settings).items():
-            path = staging / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-        (staging / MARKER).write_text(json.dumps({"settings": settings.__dict__}, indent=2) + "\n")
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BuilderError(f"monitoring: cannot write {folder} ({exc.strerror or exc}); pass a folder you can "
-                           "write") from None
+    with staging_dir(folder) as staging:  # the repository's own staging and swap: removed on any failure
+        try:
+            for name, text in render(contract, settings).items():
+                path = staging / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+            (staging / MARKER).write_text(json.dumps({"settings": settings.__dict__}, indent=2) + "\n")
+            swap_into_place(staging, folder)
+        except OSError as exc:
+            raise BuilderError(f"monitoring: cannot write {folder} ({exc.strerror or exc}); pass a folder you "
+                               "can write") from None
     return folder

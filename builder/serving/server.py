@@ -36,9 +36,9 @@ log = logging.getLogger("builder")
 MODEL_CONTROL = ("none", "poll", "explicit")
 # What tritonserver exports on its metrics port: nothing; its counters and gauges (its own default); or those plus
 # latency summaries (quantiles computed in the server on every request).
-METRICS = ("off", "counters", "summaries")
 METRICS_FLAGS = {"off": ("--allow-metrics=false",), "counters": (),
                  "summaries": ("--metrics-config=summary_latencies=true",)}
+METRICS = tuple(METRICS_FLAGS)
 # Triton's admin APIs that only requests with the admin key may use: loading, unloading and reconfiguring
 # models (model-repository), tracing and log settings. Inference, health, metadata, model configs (read only;
 # generic Triton clients read them) and statistics stay open.

@@ -40,8 +40,13 @@ def _promtool(*args) -> subprocess.CompletedProcess:
 
 @needs_prometheus
 def test_every_repository_gets_rules_and_a_config_that_promtool_passes(local_repo):
+    from builder.core.manifest import read_manifest
+    from builder.repository.monitoring_files import render
+
     folder = monitoring_dir(local_repo)
-    assert all((folder / name).is_file() for name in M.FILES) and (folder / M.MARKER).is_file()
+    written = render(read_manifest(local_repo)["contract"], M.MonitoringSettings())
+    assert len(written) == 5 and all((folder / name).read_text() == text for name, text in written.items())
+    assert (folder / M.MARKER).is_file()
     result = _promtool("check", "config", str(folder / "prometheus.yml"))  # checks the rule file it names too
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
     result = _promtool("check", "rules", str(folder / "rules.yml"))
