@@ -5,7 +5,8 @@
 # Needs what perf/gpu/photo_path.sh needs (PYTHON, SERVE_PYTHON, perf_analyzer on PATH). Run from the checkout:
 #   bash perf/gpu/as_built.sh repo      # `make repo FLAVOR=local PREPROCESS=gpu`, through the Makefile's own line
 #   bash perf/gpu/as_built.sh sweep     # `make serve` (its line), the sweep; then the hand-tuned copy, the sweep
-#   bash perf/gpu/as_built.sh metrics   # what the metrics cost: `make serve METRICS=off|counters|summaries`, each swept
+#   bash perf/gpu/as_built.sh metrics   # what the metrics cost: `make serve METRICS=off|counters|summaries`, each
+#                                       # swept with one image per request at c1 and c256
 # Images: builder/parity_images/*_640x480.jpg (the bundled photos, 640x480 JPEGs).
 set -euo pipefail
 source "$(dirname "$0")/gpu_repo.sh"
@@ -29,12 +30,14 @@ as_typed() {
   eval "$py ${line#*python } ${EXTRA:-}"
 }
 
-sweep() {  # $1: tag
+sweep() {  # $1: tag; $2 (optional): "load" sweeps one image per request at c1 and c256 only
   common=(--name "$NAME" --models ensemble --protocols grpc --shared-memory none --measurement-interval-ms
           "${INTERVAL_MS:-3000}" --stability-percent 15 --max-trials 5 --images "$IMAGES"
           --client-threads "${CLIENT_THREADS:-16}")
-  $PYTHON -m perf sweep "${common[@]}" --batch-sizes 1 --concurrency 1,128,256 \
+  local concurrency=1,128,256; [ "${2:-}" = load ] && concurrency=1,256
+  $PYTHON -m perf sweep "${common[@]}" --batch-sizes 1 --concurrency $concurrency \
     --label "$1, 1 x 640x480 JPEG per request" --output "$OUT/sweep-$1-b1.json"
+  [ "${2:-}" = load ] && return
   $PYTHON -m perf sweep "${common[@]}" --batch-sizes 8 --concurrency 128 \
     --label "$1, 8 x 640x480 JPEG per request" --output "$OUT/sweep-$1-b8.json"
 }
@@ -64,7 +67,7 @@ case "${1:?stage}" in
   metrics)  # the same repository served three times, only the metrics port's exports changed
     for metrics in off counters summaries; do
       EXTRA="--workdir $WORK" as_typed "$SERVE_PYTHON" serve METRICS=$metrics 2>&1 | tail -2
-      sweep "metrics-$metrics" || true
+      sweep "metrics-$metrics" load || true
       $SERVE_PYTHON -m builder stop --workdir "$WORK"
     done
     ;;
