@@ -257,13 +257,13 @@ def _cmd_docker(args) -> int:
 def _cmd_monitoring(args) -> int:
     from builder.core.manifest import read_manifest
     from builder.repository import monitoring as M
-    from builder.repository.monitoring_files import monitoring_dir, write_monitoring
+    from builder.repository.monitoring_files import monitoring_dir, render, write_monitoring
 
     settings = M.MonitoringSettings(args.target, args.scrape_interval_s, args.rate_window, args.queue_budget_ms,
                                     args.failure_ratio, args.alert_after)
     manifest = read_manifest(Path(args.repository))
     folder = Path(args.output) if args.output else monitoring_dir(Path(args.repository))
-    print(write_monitoring(folder, manifest["contract"], settings))
+    print(write_monitoring(folder, render(manifest["contract"], settings), settings))
     return 0
 
 

@@ -23,6 +23,21 @@ TUNINGS = {"none": {}, "coordinate-descent": {"coordinate_descent_tuning": True}
            "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
 
 
+def _end_compile_workers():
+    """Ends TorchInductor's compile-worker pool once every bucket is compiled.
+
+    The pool (a subprocess with a worker per core) would otherwise live as long as the process and be shut down
+    by the interpreter at exit: a served instance's stub ends only then, and Triton unloads a model's instances
+    one after another, so eight photo-path instances outlasted tritonserver's 30 s exit timeout on an H100
+    (perf/results/h100-as-built). A later compile, if any, starts a new pool.
+    """
+    from torch._inductor import async_compile
+
+    shutdown = getattr(async_compile, "shutdown_compile_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class TorchEngine:
     """A torch.export program on one device, batches padded to a few bucket sizes.
 
@@ -87,6 +102,8 @@ class TorchEngine:
             if self.capture:
                 self._capture(inputs[:bucket], pool)
             self(torch.zeros(bucket, *shape, device=self.device))
+        if mode != "none":
+            _end_compile_workers()
         self.log(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode} "
                  f"(tuning {tuning}), "
                  f"buckets {self.buckets} warmed in {time.perf_counter() - started:.1f} s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 import json
 
+from builder.errors import BuilderError
 from builder.repository import monitoring as M
 
 UID = "swin-triton"
@@ -75,7 +76,17 @@ def panels(models: Sequence[str], ensemble: str, classifier: str) -> List[Tuple[
 
 
 def dashboard(models: Sequence[str], ensemble: str, classifier: str) -> str:
-    """The dashboard as Grafana's JSON model, as the file's text."""
+    """The dashboard as Grafana's JSON model, as the file's text.
+
+    Raises:
+        BuilderError: grafana-foundation-sdk is not installed (one line that says how to get it).
+    """
+    try:
+        import grafana_foundation_sdk  # noqa: F401  (checked here: the panels import it too)
+    except ImportError:
+        raise BuilderError("monitoring: the Grafana dashboard is built with grafana-foundation-sdk, which this "
+                           "Python lacks; install the project's packages (`make venv`, or pip install the "
+                           "version pyproject.toml pins)") from None
     from grafana_foundation_sdk.builders import dashboard as db
     from grafana_foundation_sdk.cog.encoder import JSONEncoder
 

@@ -21,7 +21,7 @@ def _yaml(doc: Dict) -> str:
     return GENERATED + "\n" + yaml.safe_dump(doc, sort_keys=False, width=120)
 
 
-def render(contract: Dict, settings: MonitoringSettings) -> Dict[str, str]:
+def render(contract: Dict, settings: MonitoringSettings = MonitoringSettings()) -> Dict[str, str]:
     """File name (relative to the monitoring folder) -> text, for a repository's manifest contract."""
     names = C.Contract.named(contract["ensemble"])
     models = list(contract.get("models") or names.model_names)
@@ -59,8 +59,9 @@ def check_monitoring_output(folder: Path) -> None:
                            "another --output to `builder monitoring`")
 
 
-def write_monitoring(folder: Path, contract: Dict, settings: MonitoringSettings = MonitoringSettings()) -> Path:
-    """Writes the monitoring files into `folder` whole: a staged copy swapped in, so a failure leaves the old one.
+def write_monitoring(folder: Path, files: Dict[str, str], settings: MonitoringSettings = MonitoringSettings()) -> Path:
+    """Writes the monitoring files (`render`'s, for `settings`) into `folder` whole: a staged copy swapped in, so a
+    failure leaves the old one.
 
     Raises:
         BuilderError: the folder is the user's, or cannot be written.
@@ -69,7 +70,7 @@ def write_monitoring(folder: Path, contract: Dict, settings: MonitoringSettings 
     check_monitoring_output(folder)
     with staging_dir(folder) as staging:  # the repository's own staging and swap: removed on any failure
         try:
-            for name, text in render(contract, settings).items():
+            for name, text in files.items():
                 path = staging / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text, encoding="utf-8")

@@ -21,7 +21,7 @@ from builder.meta import package_versions
 from builder.repository.output import carry_over, check_output, clean_stale, staging_dir, swap_into_place
 from builder.repository.readme import write_readme
 from builder.repository.models import LOAD_GATE, labels_text, write_models
-from builder.repository.monitoring_files import check_monitoring_output, monitoring_dir, write_monitoring
+from builder.repository.monitoring_files import check_monitoring_output, monitoring_dir, render, write_monitoring
 from builder.repository.versions import contract_changes, move_version_in, refuse_contract_changes, same_repository
 from builder.settings import MANY_PHOTO_PATH_INSTANCES, TRITON_RELEASE, TRITON_VERSION, RepoSettings, classifier_kind
 
@@ -106,9 +106,11 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
         problems = check_repository(staging)
         if problems:
             raise BuilderError("the built repository fails its check: " + "; ".join(problems))
+        # Its Prometheus rules and Grafana dashboard, for the models it serves (`builder monitoring` for other
+        # settings): rendered before the repository moves in, so a failure there leaves the previous one.
+        watching = render(read_manifest(staging)["contract"])
         _put_in_place(staging, output, contract, settings.version, add_version, overrides)
-    # Its Prometheus rules and Grafana dashboard, for the models it serves (`builder monitoring` for other settings).
-    watched = write_monitoring(monitoring_dir(output), read_manifest(output)["contract"])
+    watched = write_monitoring(monitoring_dir(output), watching)
     log.info("wrote %s in %.1f s: ensemble %r (Prometheus and Grafana files in %s)", output,
              time.perf_counter() - started, contract.ensemble, watched)
     return output

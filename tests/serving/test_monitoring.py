@@ -18,7 +18,7 @@ import yaml
 
 from builder.errors import BuilderError
 from builder.repository import monitoring as M
-from builder.repository.monitoring_files import monitoring_dir, write_monitoring
+from builder.repository.monitoring_files import monitoring_dir, render, write_monitoring
 from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_a_real_prometheus_records_what_triton_counts_and_fires_on_overload(tmp_
         watched = dict(contract, models=list(contract["models"]) + ["not_served"])
         settings = M.MonitoringSettings(target=f"127.0.0.1:{server.settings.metrics_port}", scrape_interval_s=1,
                                         rate_window=f"{window_s}s", queue_budget_ms=0.001, alert_after="0s")
-        folder = write_monitoring(tmp_path / "monitoring", watched, settings)
+        folder = write_monitoring(tmp_path / "monitoring", render(watched, settings), settings)
         with _prometheus(folder, tmp_path / "tsdb") as url:
             assert _wait_for(lambda: _query(url, f'nv_inference_request_success{{model="{names.classifier}"}}'), 30)
             started = time.time()

@@ -51,6 +51,28 @@ def test_rebuild_keeps_what_the_user_put_in_the_repository(local_repo, tmp_path)
     assert "NOTES.md" not in manifest["files"]  # still the user's, still carried next time
 
 
+def test_a_build_that_fails_at_its_monitoring_files_leaves_the_previous_repository(local_repo, tmp_path):
+    """The dashboard's library missing (a GPU host once lacked it): one line, and the repository and its monitoring
+    folder are the previous ones (they were written after the repository had moved in)."""
+    import sys
+
+    repo = tmp_path / "repo"
+    shutil.copytree(local_repo, repo)
+    shutil.copytree(local_repo.parent / "monitoring", tmp_path / "monitoring")
+    before, watched = file_hashes(repo), file_hashes(tmp_path / "monitoring")
+    manifest = (repo / "manifest.json").read_text()
+    # Python's own way to make a package unimportable: a None entry in sys.modules.
+    script = ("import sys; sys.modules['grafana_foundation_sdk'] = None; from builder.__main__ import main; "
+              "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", script, "repo", "--flavor", "local", "--model-kwargs",
+                             TINY_KWARGS, "--seed", "3", "--output", str(repo)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    one_line_error(result, "grafana-foundation-sdk", "install the project's packages")
+    assert file_hashes(repo) == before and file_hashes(tmp_path / "monitoring") == watched
+    assert (repo / "manifest.json").read_text() == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["monitoring", "repo"]  # no staging folder left
+
+
 def test_rebuild_refuses_a_users_entry_in_the_way(local_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(local_repo, repo)
