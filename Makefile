@@ -30,6 +30,9 @@ PREPROCESS_MAX_BATCH ?=
 GPU_PHOTO_PATH ?=
 # hybrid: the largest batch (images) the photo path classifies in its own process; empty: 8.
 HYBRID_LOCAL_BATCH ?=
+# PREPROCESS=gpu: measure (empty: on a GPU build host, time the photo path's processes, batch limit and MPS and
+# write the fastest) | fixed (the hand-measured setup)
+PHOTO_SETUP ?=
 # exact | draft (large JPEGs decoded at a reduced scale, parity-gated) | gpu (batched GPU JPEG decode and resize, parity-gated)
 PREPROCESS ?=
 # auto (on a GPU host: the fastest candidate by measurement; else onnxruntime) | onnxruntime | inductor |
@@ -69,7 +72,7 @@ endif
 help:
 	@echo "make repo      export the model and write REPO ($(REPO)); takes MODEL NAME WEIGHTS=random|pretrained|PATH LABELS"
 	@echo "               FLAVOR=container|local ENGINE TORCH_COMPILE PLAN_ARGS PREPROCESS PREPROCESS_INSTANCES"
-	@echo "               PREPROCESS_MAX_BATCH GPU_PHOTO_PATH HYBRID_LOCAL_BATCH MAX_BATCH PREFERRED QUEUE_DELAY_US"
+	@echo "               PREPROCESS_MAX_BATCH GPU_PHOTO_PATH HYBRID_LOCAL_BATCH PHOTO_SETUP MAX_BATCH PREFERRED QUEUE_DELAY_US"
 	@echo "               MAX_QUEUE QUEUE_TIMEOUT_US INSTANCES MODEL_KWARGS VERSION_POLICY ADD_VERSION=1"
 	@echo "make check     report what tritonserver would reject in REPO"
 	@echo "make serve     start the local tritonserver on REPO in the background; takes HTTP_PORT GRPC_PORT"
@@ -105,6 +108,7 @@ repo: $(STAMP)
 	  $(call opt,--preprocess-instances,$(PREPROCESS_INSTANCES)) \
 	  $(call opt,--preprocess-max-batch-size,$(PREPROCESS_MAX_BATCH)) \
 	  $(call opt,--gpu-photo-path,$(GPU_PHOTO_PATH)) $(call opt,--hybrid-local-batch,$(HYBRID_LOCAL_BATCH)) \
+	  $(call opt,--photo-setup,$(PHOTO_SETUP)) \
 	  $(call opt,--engine,$(ENGINE)) $(call opt,--torch-compile,$(TORCH_COMPILE)) \
 	  $(call opt,--model-kwargs,$(MODEL_KWARGS)) $(call opt,--version-policy,$(VERSION_POLICY)) \
 	  $(if $(ADD_VERSION),--add-version) --output $(call q,$(REPO)) $(PLAN_ARGS)

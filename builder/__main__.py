@@ -57,9 +57,23 @@ def _cmd_repo(args) -> int:
         parity=parity(args, field_default(s.RepoSettings, "parity")),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
         plan=args.plan, cuda_graphs=args.cuda_graphs, place_classifier_by_engine=args.instance_kind is None,
+        photo_setup=_photo_setup(args),
     )
     build_repository(settings, add_version=args.add_version, overrides=args.given)
     return 0
+
+
+def _photo_setup(args):
+    """What the build measures for a GPU photo path: a value given by hand is the only one of its dimension."""
+    from builder import settings as s
+
+    grid = s.PhotoSetup()
+    batches = tuple(b for b in grid.batches if b <= args.max_batch_size) or (args.max_batch_size,)
+    return s.PhotoSetup(
+        args.photo_setup,
+        (args.preprocess_instances,) if "preprocess_instances" in args.given else grid.processes,
+        (args.preprocess_max_batch_size,) if "preprocess_max_batch_size" in args.given else batches,
+        grid.mps, args.photo_batch_budget_ms, grid.seconds)
 
 
 _INDUCTOR = (lambda a: a.engine in ("inductor", "auto"), "the inductor engine", "--engine inductor (or auto)")
@@ -67,7 +81,8 @@ _GPU_PREPROCESS = (lambda a: a.preprocess == "gpu", "the gpu preprocessing", "--
 # builder repo options that only some engines or preprocessings read: (applies, to what, the flag that makes it).
 _APPLIES_TO = {
     "inductor_precision": _INDUCTOR, "torch_compile": _INDUCTOR, "compile_timeout_s": _INDUCTOR,
-    "gpu_photo_path": _GPU_PREPROCESS, "gpu_decoder": _GPU_PREPROCESS,
+    "gpu_photo_path": _GPU_PREPROCESS, "gpu_decoder": _GPU_PREPROCESS, "photo_setup": _GPU_PREPROCESS,
+    "photo_batch_budget_ms": _GPU_PREPROCESS,
     "hybrid_local_batch": (lambda a: a.preprocess == "gpu" and a.gpu_photo_path in ("hybrid", "auto"),
                            "the hybrid photo path", "--preprocess gpu --gpu-photo-path hybrid (or auto)"),
     "cuda_graphs": (lambda a: bool(a.plan), "a TensorRT plan served natively", "--plan (container flavor)"),
@@ -284,12 +299,13 @@ def _cmd_check(args) -> int:
 
 
 def _server(args):
+    from builder.core.mps import host_gpus
     from builder.serving import gpus
     from builder.serving.server import LocalServer, ServerSettings, admin_key
 
     pools: List[str] = []
     if args.command == "serve":
-        host = gpus.host_gpus()
+        host = host_gpus()
         problem = gpus.placement_problem(args.repository, host)
         if problem:  # in one line now, not a model that fails to load deep in the server log
             raise BuilderError(f"gpus: {problem}")

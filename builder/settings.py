@@ -280,6 +280,44 @@ def _cpu_instances() -> InstanceGroup:
 GPU_PHOTO_PATH_SETUP = {"preprocess_instances": 8, "preprocess_max_batch_size": 32, "instance_count": 2,
                         "max_batch_size": 128, "preferred_batch_sizes": (32, 64, 128), "max_queue_delay_us": 0,
                         "max_queue_size": 4096}
+PHOTO_SETUP_MODES = ("measure", "fixed")
+
+
+@dataclass(frozen=True)
+class PhotoSetup:
+    """How the build settles a GPU photo path's processes, batch limit and MPS (`builder.repository.photo_setup`).
+
+    Attributes:
+        mode: `measure` (on a build host with a CUDA GPU, time every candidate with the served code and write the
+            one that serves the most images a second within `budget_ms`) or `fixed` (`GPU_PHOTO_PATH_SETUP`).
+        processes: Photo-path instance counts to try (an option given by hand is the only one).
+        batches: Photo-path batch limits to try (likewise).
+        mps: MPS settings to try.
+        budget_ms: The longest a batch may take at its median, bytes in to arrays out.
+        seconds: Measured seconds per candidate, after warm-up.
+    """
+
+    mode: str = "measure"
+    processes: Tuple[int, ...] = (4, 8)
+    batches: Tuple[int, ...] = (16, 32, 64)
+    mps: Tuple[bool, ...] = (False, True)
+    budget_ms: float = 50.0
+    seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in PHOTO_SETUP_MODES:
+            _fail("photo_setup", f"{self.mode!r} is unknown", f"use one of {', '.join(PHOTO_SETUP_MODES)}")
+        for name in ("processes", "batches"):
+            values = getattr(self, name)
+            if not values or min(values) < 1:
+                _fail(f"photo_setup {name}", f"{list(values)} holds no count of 1 or more", "use e.g. 4,8")
+        if not self.mps:
+            _fail("photo_setup mps", "is empty", "try MPS off, on, or both")
+        if not self.budget_ms > 0 or not self.seconds > 0:
+            _fail("photo_batch_budget_ms", f"{self.budget_ms:g} ms over {self.seconds:g} s a candidate",
+                  "use a positive budget, e.g. 50")
+
+
 # From this many GPU photo-path instances a GPU: `auto` is the hybrid design with the inductor engine (several
 # processes feed the classifier model better than each runs its own engine), and the repository is served under
 # MPS (`builder serve` reads the manifest): without it the GPU runs one process's context at a time (8 instances:
@@ -392,6 +430,10 @@ class RepoSettings:
             given: once the engine is settled, the build places it where the
             engine runs (`classifier_kind`); `classifier_instances.kind` is
             provisional until then.
+        photo_setup: How a GPU photo path's processes, batch limit and MPS
+            are settled (measured on the build's GPU by default).
+        mps: Serve under CUDA MPS (`builder serve` reads the manifest);
+            None: from `MANY_PHOTO_PATH_INSTANCES` GPU photo-path instances.
     """
 
     source: ModelSource = field(default_factory=ModelSource)
@@ -423,6 +465,8 @@ class RepoSettings:
     gpu_decoder: str = "auto"
     hybrid_local_batch: int = 8
     place_classifier_by_engine: bool = False
+    photo_setup: PhotoSetup = field(default_factory=PhotoSetup)
+    mps: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.preprocess_instances is None:  # the GPU path's models run on the GPU
@@ -516,10 +560,13 @@ class RepoSettings:
 
     @property
     def serve_with_mps(self) -> bool:
-        """Whether the repository is to be served under CUDA MPS: several GPU photo-path processes."""
+        """Whether the repository is to be served under CUDA MPS: as measured, else several GPU photo-path
+        processes."""
         instances = self.preprocess_instances
-        return (self.preprocess == "gpu" and instances.kind == "KIND_GPU"
-                and instances.count >= MANY_PHOTO_PATH_INSTANCES)
+        on_gpu = self.preprocess == "gpu" and instances.kind == "KIND_GPU"
+        if self.mps is not None:
+            return on_gpu and self.mps
+        return on_gpu and instances.count >= MANY_PHOTO_PATH_INSTANCES
 
     @property
     def ensemble_max_batch(self) -> int:

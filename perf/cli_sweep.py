@@ -109,7 +109,7 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_scaling(args) -> int:
-    from builder.serving.gpus import host_gpus
+    from builder.core.mps import host_gpus
     from perf import scaling
     from perf.environment import describe, image_paths, write_json
 

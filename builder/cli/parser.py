@@ -247,6 +247,19 @@ def _repo_preprocess_args(p, repo) -> None:
                         "hardware decoders, installed in the serving Python)")
     g.add_argument("--preprocess-instance-kind", choices=("KIND_GPU", "KIND_CPU"), default=None,
                    help="where the preprocess model runs (default: KIND_GPU for --preprocess gpu, else KIND_CPU)")
+    setup = field_default(repo, "photo_setup")
+    g.add_argument("--photo-setup", choices=s.PHOTO_SETUP_MODES, default=setup.mode,
+                   help="--preprocess gpu on GPU instances: measure (default, on a build host with a CUDA GPU): "
+                        "time the photo path's own code with no server for "
+                        f"{'/'.join(map(str, setup.processes))} processes x batch limits "
+                        f"{'/'.join(map(str, setup.batches))} x MPS off/on, {setup.seconds:g} s each, and write "
+                        "the one serving the most images a second within --photo-batch-budget-ms (about 2 "
+                        "minutes; the table goes into manifest.json and the repository's README); fixed: the "
+                        "hand-measured setup. --preprocess-instances and --preprocess-max-batch-size given by "
+                        "hand are the only values tried; builder serve --mps/--no-mps overrides the MPS choice")
+    g.add_argument("--photo-batch-budget-ms", type=float, default=setup.budget_ms,
+                   help="--photo-setup measure: the longest a photo-path batch may take at its median, JPEG "
+                        "bytes to class arrays (default %(default)s)")
 
 
 def _repo_engine_args(p, repo) -> None:

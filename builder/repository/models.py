@@ -67,8 +67,9 @@ def _copy_python_model(source_name: str, version_dir: Path, extras=()) -> None:
 
 
 def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_file: Path,
-                 preprocess_parameters: Dict[str, str], class_names: list) -> None:
-    """Writes the four models of the contract into `root` (files first, configs last).
+                 preprocess_parameters: Dict[str, str], class_names: list) -> Dict[str, str]:
+    """Writes the four models of the contract into `root` (files first, configs last); returns the
+    preprocessing's config parameters, which `write_photo_path_model` takes to write the photo path again.
 
     Args:
         root: Repository folder (normally a staging folder).
@@ -84,22 +85,31 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
     version = str(settings.version)
     ens_dir = root / contract.ensemble
-    if settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble":
-        engine = None
-        if settings.gpu_photo_path in IN_PROCESS_PHOTO_PATHS:
-            engine = (root / contract.classifier / version, torch_parameters(settings, contract))
-        ens_config = write_photo_path(ens_dir / version, settings, contract, preprocess_parameters, class_names,
-                                    engine)
-    else:
+    if settings.preprocess != "gpu" or settings.gpu_photo_path == "ensemble":
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
         _write_labels(ens_dir / LABELS_FILE, class_names)  # the labels its outputs carry
         ens_config = configs.ensemble(contract, settings.ensemble_max_batch,
                                       settings.version_policy, settings.response_cache)
-
     # config.pbtxt last: a polling server never sees a config without its files.
     for name, config in ((contract.preprocess, pre_config), (contract.classifier, cls_config),
-                         (contract.postprocess, post_config), (contract.ensemble, ens_config)):
+                         (contract.postprocess, post_config)):
         configs.write(config, root / name)
+    if settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble":
+        write_photo_path_model(root, settings, contract, preprocess_parameters, class_names)
+    else:
+        configs.write(ens_config, ens_dir)
+    return preprocess_parameters
+
+
+def write_photo_path_model(root: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str],
+                           class_names: list) -> None:
+    """The GPU photo path under the ensemble's name in `root` (after the classifier, whose engine it links)."""
+    version = str(settings.version)
+    engine = None
+    if settings.gpu_photo_path in IN_PROCESS_PHOTO_PATHS:
+        engine = (root / contract.classifier / version, torch_parameters(settings, contract))
+    config = write_photo_path(root / contract.ensemble / version, settings, contract, parameters, class_names, engine)
+    configs.write(config, root / contract.ensemble)
 
 
 def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, parameters: Dict[str, str]):

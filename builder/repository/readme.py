@@ -7,7 +7,7 @@ there what `manifest.json` holds for machines.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from builder.core.contract import Contract
 from builder.engines.choice import Candidate, markdown_table
@@ -16,7 +16,8 @@ from builder.settings import RepoSettings
 README = "README.md"
 
 
-def render(settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict) -> str:
+def render(settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict,
+           photo_setup: Optional[Dict] = None) -> str:
     """The README text."""
     lines = [f"# {contract.ensemble}: Triton model repository", "",
              f"Written by `python -m builder repo` ({settings.flavor} flavor, timm `{settings.source.model_name}`). "
@@ -30,7 +31,7 @@ def render(settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict
              f"(engine: {choice['chosen']}) |",
              f"| {contract.postprocess} | logits -> probabilities (softmax) |",
              f"| {contract.ensemble} | {_photo_path_role(settings, contract)} |", "",
-             *_serving_notes(settings),
+             *_serving_notes(settings), *_photo_setup_lines(photo_setup),
              "## Classifier engine", "",
              f"Asked for `{choice['requested']}`; serving `{choice['chosen']}`: {choice['reason']}.", ""]
     rows = [Candidate(**{k: v for k, v in c.items() if k in Candidate.__dataclass_fields__})
@@ -51,6 +52,31 @@ def render(settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict
             lines.append(f"| {name} | {figures['max_abs']:.3g} | {figures.get('min_cosine', float('nan')):.6f} | "
                          f"{figures.get('top1_agreement', float('nan')):.3f} | {figures.get('inputs', '')} |")
     return "\n".join(lines) + "\n"
+
+
+def _photo_setup_lines(record: Optional[Dict]) -> list:
+    """What the build measured for the photo path's processes, batch limit and MPS, and how to pin each."""
+    if not record:
+        return []
+    chosen = record["chosen"]
+    written = (f"{chosen['processes']} photo-path processes, batches of up to {chosen['batch']}, "
+               f"MPS {'on' if chosen['mps'] else 'off'}")
+    pin = ("Pin any value by hand: `--preprocess-instances N`, `--preprocess-max-batch-size B` (make "
+           "`PREPROCESS_INSTANCES`, `PREPROCESS_MAX_BATCH`), `builder serve --mps/--no-mps` (make serve `MPS=1/0`); "
+           "`--photo-setup fixed` takes the hand-measured setup without measuring.")
+    if not record.get("measured"):
+        return ["## Photo path setup", "", f"Not measured ({record['reason']}): {written}. {pin}", ""]
+    lines = ["## Photo path setup", "",
+             f"Measured by the build on {record['gpu']} in {record['took_s']:g} s: the photo path's own code with "
+             "no server (JPEG bytes to class arrays, every process at once), "
+             f"{record['seconds_per_point']:g} s a candidate. Written: {written}, the most images a second "
+             f"among candidates whose batch took at most {record['budget_ms']:g} ms at its median. {pin}", "",
+             "| processes | batch limit | MPS | img/s | batch p50 ms |", "| --- | --- | --- | --- | --- |"]
+    for row in record["rows"]:
+        mark = "**" if all(row[k] == chosen[k] for k in ("processes", "batch", "mps")) else ""
+        lines.append(f"| {mark}{row['processes']}{mark} | {row['batch']} | {'on' if row['mps'] else 'off'} | "
+                     f"{row['img_per_s']:,.0f} | {row['batch_p50_ms']:.1f} |")
+    return lines + [""]
 
 
 def _photo_path_role(settings: RepoSettings, contract: Contract) -> str:
@@ -95,8 +121,9 @@ def _serving_notes(settings: RepoSettings) -> list:
     return ["## Serving", "", *(line for note in notes for line in (note, ""))]
 
 
-def write_readme(root: Path, settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict) -> Path:
+def write_readme(root: Path, settings: RepoSettings, contract: Contract, choice: Dict, gates: Dict,
+                 photo_setup: Optional[Dict] = None) -> Path:
     """Writes README.md into the repository folder `root`."""
     path = Path(root) / README
-    path.write_text(render(settings, contract, choice, gates), encoding="utf-8")
+    path.write_text(render(settings, contract, choice, gates, photo_setup), encoding="utf-8")
     return path

@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 import hashlib
 
 from builder.core.contract import Contract, contract_tensors
@@ -20,10 +20,11 @@ from builder.errors import BuilderError
 from builder.meta import package_versions
 from builder.repository.output import carry_over, check_output, clean_stale, staging_dir, swap_into_place
 from builder.repository.readme import write_readme
-from builder.repository.models import LOAD_GATE, labels_text, write_models
+from builder.repository.models import LOAD_GATE, labels_text, write_models, write_photo_path_model
 from builder.repository.monitoring_files import check_monitoring_output, monitoring_dir, render, write_monitoring
 from builder.repository.versions import contract_changes, move_version_in, refuse_contract_changes, same_repository
-from builder.settings import MANY_PHOTO_PATH_INSTANCES, TRITON_RELEASE, TRITON_VERSION, RepoSettings, classifier_kind
+from builder.settings import (IN_PROCESS_PHOTO_PATHS, MANY_PHOTO_PATH_INSTANCES, TRITON_RELEASE, TRITON_VERSION,
+                              RepoSettings, classifier_kind)
 
 log = logging.getLogger("builder")
 
@@ -92,16 +93,19 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
         parity = validate_onnx(onnx_file, model, contract, settings.parity)
         raced = race(settings, model, contract, params, onnx_file, parity)
         settings, choice = _place_classifier(_photo_path(raced.settings), raced.choice), raced.choice
+        designed = raced.settings.gpu_photo_path  # `auto` is settled again if the measured setup differs
         gates = {**raced.gates, **_preprocess_gate(settings, model, params)}
         log.info("[4/5] writing %s models (%s flavor)", len(contract.model_names), settings.flavor)
         # The engine gates ran on the exact preprocessing; the served one may decode JPEGs at a reduced scale.
         served = dataclasses.replace(params, jpeg_draft=settings.preprocess == "draft").to_parameters()
         if previous is not None:  # the engine is settled now
             refuse_contract_changes(contract_changes(previous, settings, contract, served))
-        write_models(staging, settings, contract, onnx_file, served, model.class_names)
+        photo_parameters = write_models(staging, settings, contract, onnx_file, served, model.class_names)
+        settings, photo = settle_photo_setup(settings, designed, staging, contract, photo_parameters,
+                                              model.class_names, add_version)
         versions = (previous or {}).get("model_versions", []) + [_version_entry(settings, model, parity)]
-        write_readme(staging, settings, contract, choice, {"onnxruntime_vs_pytorch": parity, **gates})
-        write_manifest(staging, settings, contract, model, served, parity, versions, gates, choice)
+        write_readme(staging, settings, contract, choice, {"onnxruntime_vs_pytorch": parity, **gates}, photo)
+        write_manifest(staging, settings, contract, model, served, parity, versions, gates, choice, photo)
         log.info("[5/5] checking the repository")
         problems = check_repository(staging)
         if problems:
@@ -170,8 +174,8 @@ def _preprocess_gate(settings: RepoSettings, model, params) -> Dict[str, Dict]:
 
 def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model, preprocess: Dict[str, str],
                    parity: Dict[str, float], versions: Optional[list] = None, gates: Optional[Dict] = None,
-                   choice: Optional[Dict] = None) -> Path:
-    """Writes manifest.json: versions, model, weights, contract, parity and file hashes."""
+                   choice: Optional[Dict] = None, photo_setup: Optional[Dict] = None) -> Path:
+    """Writes manifest.json: versions, model, weights, contract, parity, the photo path's setup and file hashes."""
     manifest = {
         "created_unix_s": int(time.time()),
         "flavor": settings.flavor,
@@ -195,10 +199,66 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
         "engine": choice or {"requested": settings.engine, "chosen": settings.engine},
         # How `builder serve` serves it unless told otherwise.
         "serve": {"mps": settings.serve_with_mps},
+        **({"photo_setup": photo_setup} if photo_setup else {}),
     }
     return write_manifest_file(root, manifest)
 
 
+
+
+def settle_photo_setup(settings: RepoSettings, designed: str, staging: Path, contract: Contract,
+                        parameters: Dict[str, str], class_names: list, add_version: bool,
+                        device: Optional[str] = None) -> Tuple[RepoSettings, Optional[Dict]]:
+    """A GPU photo path's processes, batch limit and MPS, measured on this host's GPU (`photo_setup.settle`);
+    the staged photo-path model is written again when the winner differs. Returns the settings and the record
+    for the manifest and the README (None: no GPU photo path).
+
+    Args:
+        designed: `gpu_photo_path` as given (`auto` is settled again for the measured instance count).
+        device: Where to measure (tests: "cpu"); None: cuda:0 when this host has a CUDA GPU, else not measured.
+    """
+    wanted = settings.photo_setup
+    instances, batching = settings.preprocess_instances, settings.preprocess_batching
+    if settings.preprocess != "gpu" or instances.kind != "KIND_GPU":
+        return settings, None
+    written = {"processes": instances.count, "batch": batching.max_batch_size, "mps": settings.serve_with_mps}
+    reason = None
+    if wanted.mode == "fixed":
+        reason = "--photo-setup fixed"
+    elif settings.gpu_photo_path not in IN_PROCESS_PHOTO_PATHS:
+        reason = f"the {settings.gpu_photo_path} design runs no engine in the photo path's process"
+    elif add_version:
+        reason = "a new version keeps the served setup"
+    elif len(wanted.processes) * len(wanted.batches) * len(wanted.mps) < 2:
+        reason = "every value given by hand"
+    elif device is None:
+        import torch
+
+        device = "cuda:0" if torch.cuda.is_available() else None
+        reason = None if device else "no CUDA GPU on the build host"
+    if reason:
+        log.info("photo path setup not measured (%s): %s", reason, written)
+        return settings, {"measured": False, "reason": reason, "chosen": written}
+    from builder.core.photos import load_photo_files
+    from builder.repository.photo_setup import settle
+
+    log.info("measuring the photo path's setup on %s (%d candidates, about %.0f s each; --photo-setup fixed skips "
+             "it)", device, len(wanted.processes) * len(wanted.batches) * len(wanted.mps), wanted.seconds + 1)
+    record = settle(staging / contract.ensemble, wanted, [p.read_bytes() for p in load_photo_files()], device)
+    chosen = record["chosen"]
+    measured = dataclasses.replace(
+        settings, gpu_photo_path=designed, mps=chosen["mps"],
+        preprocess_instances=dataclasses.replace(instances, count=chosen["processes"]),
+        preprocess_batching=dataclasses.replace(batching, max_batch_size=chosen["batch"]))
+    measured = _photo_path(measured)
+    log.info("photo path setup measured: %d processes, batches of up to %d, MPS %s (%s design): %.0f img/s with "
+             "no server", chosen["processes"], chosen["batch"], "on" if chosen["mps"] else "off",
+             measured.gpu_photo_path, chosen["img_per_s"])
+    if (measured.preprocess_instances, measured.preprocess_batching, measured.gpu_photo_path) != (
+            instances, batching, settings.gpu_photo_path):
+        shutil.rmtree(staging / contract.ensemble)
+        write_photo_path_model(staging, measured, contract, parameters, class_names)
+    return measured, record
 
 
 def _photo_path(settings: RepoSettings) -> RepoSettings:

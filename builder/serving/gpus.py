@@ -1,4 +1,5 @@
-"""The host's GPUs and the repository's GPU placement, checked before tritonserver starts.
+"""The repository's GPU placement against the host's GPUs (`builder.core.mps.host_gpus`), checked before
+tritonserver starts.
 
 Triton places a KIND_GPU instance group on the ids it lists, or on every GPU it sees when it lists none; an id
 the host lacks fails that model's load deep in the server log. `builder serve` says it in one line first, and
@@ -7,28 +8,8 @@ gives every GPU its own CUDA memory pool (Triton's flag is per device; without i
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
-
-
-def host_gpus() -> List[int]:
-    """The GPU ids tritonserver will see here: nvidia-smi's GPUs, renumbered by CUDA_VISIBLE_DEVICES when set."""
-    count = 0
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            listed = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                                    text=True, timeout=30)
-            count = len([line for line in listed.stdout.splitlines() if line.strip()]) if listed.returncode == 0 else 0
-        except (OSError, subprocess.TimeoutExpired):
-            count = 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # CUDA numbers the visible devices 0..n-1, in the order given
-        count = min(count, len([v for v in visible.split(",") if v.strip() and not v.strip().startswith("-")]))
-    return list(range(count))
 
 
 def placements(repository: str) -> Dict[str, List[int]]:

@@ -29,8 +29,8 @@ import tempfile
 
 from builder.core import contract as C
 from builder.errors import BuilderError
-from builder.serving import procs
-from builder.serving.mps import MpsDaemon
+from builder.core import procs
+from builder.core.mps import MpsDaemon
 
 log = logging.getLogger("builder")
 MODEL_CONTROL = ("none", "poll", "explicit")
@@ -110,7 +110,7 @@ class ServerSettings:
         extra_args: More tritonserver flags, passed as they are.
         extra_env: Environment variables set for tritonserver only, as (name, value) pairs (e.g.
             CUDA_VISIBLE_DEVICES to serve on some of the host's GPUs).
-        mps: Start a CUDA MPS control daemon of this server's own first (`builder.serving.mps`), so that its
+        mps: Start a CUDA MPS control daemon of this server's own first (`builder.core.mps`), so that its
             GPU model instances share each GPU at once instead of in time slices; quit when the server stops.
         metrics: What the metrics port exports, one of METRICS: `counters` (Triton's default, what the generated
             Prometheus rules read), `summaries` (latency quantiles too), or `off`.

@@ -393,7 +393,7 @@ def test_the_servers_mps_daemon_takes_cuda_clients_and_quits(tmp_path):
     import subprocess
     import sys
 
-    from builder.serving.mps import MpsDaemon
+    from builder.core.mps import MpsDaemon
 
     daemon = MpsDaemon(tmp_path)
     daemon.start()

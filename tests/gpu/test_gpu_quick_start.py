@@ -1,6 +1,6 @@
 """The README's GPU quick start, run as written (through the Makefile, with the tiny Swin): every model the photo
-path calls runs on the GPU, the models it never calls hold no GPU instance, it is served under MPS, and it stops
-in seconds."""
+path calls runs on the GPU, the models it never calls hold no GPU instance, the photo path's setup is measured by the
+build on this GPU and served as measured (MPS too), and it stops in seconds."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from builder.core.photos import photo_files
+from builder.repository import configs
 from conftest import TINY_KWARGS, free_ports, run_module
 
 pytestmark = pytest.mark.gpu
@@ -67,8 +68,15 @@ def test_the_readmes_gpu_quick_start_serves_what_the_photo_path_calls_on_the_gpu
             assert devices.get(model) == {"GPU"}, (model, devices)
         for model in (f"{name}_preprocess", f"{name}_postprocess"):  # kept for direct clients only
             assert devices.get(model) == {"CPU"}, (model, devices)
-        assert manifest["serve"]["mps"] is True  # as built; make serve took it from the manifest
-        assert "CUDA MPS control daemon started" in served[-1].stderr, served[-1].stderr[-2000:]
+        # The build measured the photo path's setup on this GPU and wrote its winner; make serve took the MPS
+        # choice from the manifest.
+        setup = manifest["photo_setup"]
+        print("photo setup:", json.dumps(setup))
+        assert setup["measured"] and setup["device"].startswith("cuda") and len(setup["rows"]) == 12, setup
+        chosen, config = setup["chosen"], configs.read(repo / name / "config.pbtxt")
+        assert (config.instance_group[0].count, config.max_batch_size) == (chosen["processes"], chosen["batch"])
+        assert manifest["serve"]["mps"] is chosen["mps"]
+        assert ("CUDA MPS control daemon started" in served[-1].stderr) is chosen["mps"], served[-1].stderr[-2000:]
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}")
         jpeg = next(p for p in photo_files() if p.suffix == ".jpg").read_bytes()
         tensor = grpcclient.InferInput("image", [1, 1], "BYTES")

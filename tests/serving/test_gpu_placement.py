@@ -53,7 +53,9 @@ def test_serve_refuses_gpus_the_host_lacks_in_one_line(placed_repo, tmp_path):
     problem = gpus.placement_problem(str(placed_repo), [0])
     assert "is placed on GPU 1, which this host lacks (it has GPU 0)" in problem and "--gpus" in problem
     assert "this host has no GPU" in gpus.placement_problem(str(placed_repo), [])
-    host = gpus.host_gpus()  # this host's real answer (CI: no GPU, so the refusal below)
+    from builder.core.mps import host_gpus
+
+    host = host_gpus()  # this host's real answer (CI: no GPU, so the refusal below)
     if host:
         pytest.skip(f"this host has GPUs {host}: the no-GPU refusal is not what it would say")
     one_line_error(run_module("builder", "serve", "--repository", str(placed_repo), "--workdir", str(tmp_path / "w")),
@@ -74,7 +76,7 @@ def test_serve_with_mps_refuses_in_one_line_where_mps_cannot_run(local_repo, tmp
     # A daemon a killed server left (marker and processes: `-d` then said "already running") is ended by
     # `builder stop`: quit where the control program is, else killed. A daemon of another pipe folder (another
     # server's, or the host's own) is left alone. The processes stand in for the driver's (not on this host).
-    from builder.serving.mps import MpsDaemon
+    from builder.core.mps import MpsDaemon
 
     def daemon(workdir, name):
         return subprocess.Popen([name, "600"], executable="sleep", env={**os.environ, **MpsDaemon(workdir).env()})

@@ -19,13 +19,30 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from builder.errors import BuilderError
-from builder.serving import procs
+from builder.core import procs
 
 log = logging.getLogger(__name__)
 CONTROL = "nvidia-cuda-mps-control"
+
+
+def host_gpus() -> List[int]:
+    """The GPU ids tritonserver will see here: nvidia-smi's GPUs, renumbered by CUDA_VISIBLE_DEVICES when set."""
+    count = 0
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            listed = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                    text=True, timeout=30)
+            count = len([line for line in listed.stdout.splitlines() if line.strip()]) if listed.returncode == 0 else 0
+        except (OSError, subprocess.TimeoutExpired):
+            count = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # CUDA numbers the visible devices 0..n-1, in the order given
+        count = min(count, len([v for v in visible.split(",") if v.strip() and not v.strip().startswith("-")]))
+    return list(range(count))
 
 
 class MpsDaemon:
@@ -51,8 +68,6 @@ class MpsDaemon:
         Raises:
             BuilderError: No control program, no GPU, or the daemon did not start.
         """
-        from builder.serving.gpus import host_gpus
-
         control = shutil.which(CONTROL)
         if not control:
             raise BuilderError(f"mps: {CONTROL} is not on PATH (it comes with the NVIDIA driver's utilities); install "
