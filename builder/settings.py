@@ -325,6 +325,17 @@ class PhotoSetup:
 MANY_PHOTO_PATH_INSTANCES = 6
 
 
+def torch_threads(instances: InstanceGroup) -> str:
+    """The `intra_op_threads` config parameter of a model that runs torch: "1" on GPU instances, "0" (torch decides)
+    on CPU ones.
+
+    A GPU instance only stacks and copies batches on the CPU, and each instance is a stub process: torch's default
+    pool, a thread per core in every one, oversubscribed the cores (2 classifier instances on an H100 served 187
+    img/s with it and 2,312 with one thread each, perf/results/h100-analyze/threads/). CPU instances compute there.
+    """
+    return "1" if instances.kind == "KIND_GPU" else "0"
+
+
 def classifier_kind(flavor: str, engine: str, preprocess: InstanceGroup, gpu: Optional[str], gpus=()) -> str:
     """Where the classifier runs when its instance kind is not given: where its engine runs.
 
@@ -449,7 +460,7 @@ class RepoSettings:
     parity: Parity = field(default_factory=Parity)
     version: int = 1
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: Optional[int] = None  # None: imaging.MAX_IMAGE_PIXELS (64 MP)
     plan: Optional[str] = None
     cuda_graphs: bool = False
     preprocess: str = "exact"
@@ -517,8 +528,8 @@ class RepoSettings:
             _fail("opset", f"is {self.opset}", "use 17 or newer (native LayerNormalization)")
         if self.version < 1:
             _fail("version", f"is {self.version}", "Triton versions start at 1")
-        if self.max_image_pixels < 1:
-            _fail("max_image_pixels", "must be positive", "use e.g. 64000000")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            _fail("max_image_pixels", "must be positive", "use e.g. 64000000, or leave it out (64 MP)")
 
     def _check_gpu_photo_path(self) -> None:
         """The GPU photo path's decoder, design and hybrid limit."""

@@ -53,6 +53,10 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message names the problem."""
 
 
+# The largest image (in pixels) a model decodes: larger uploads are refused before decoding (decompression bombs).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
 @dataclass(frozen=True)
 class PreprocessParams:
     """Parameters of the eval transform, taken from timm's data config.
@@ -77,7 +81,7 @@ class PreprocessParams:
     interpolation: str
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
-    max_pixels: int = 64_000_000
+    max_pixels: int = MAX_IMAGE_PIXELS
     background: Tuple[int, int, int] = (255, 255, 255)
     jpeg_draft: bool = False
 
@@ -92,12 +96,12 @@ class PreprocessParams:
             raise ValueError("mean and std need three values, std positive")
 
     @classmethod
-    def from_timm(cls, data_config: Dict, max_pixels: int = 64_000_000) -> "PreprocessParams":
+    def from_timm(cls, data_config: Dict, max_pixels: Optional[int] = None) -> "PreprocessParams":
         """Builds the parameters from `timm.data.resolve_data_config(...)`.
 
         Args:
             data_config: timm's data config (input_size, crop_pct, ...).
-            max_pixels: Largest accepted image area.
+            max_pixels: Largest accepted image area (None: MAX_IMAGE_PIXELS).
 
         Returns:
             The matching parameters.
@@ -111,7 +115,7 @@ class PreprocessParams:
             interpolation=data_config.get("interpolation", "bilinear"),
             mean=tuple(float(v) for v in data_config["mean"]),
             std=tuple(float(v) for v in data_config["std"]),
-            max_pixels=max_pixels,
+            max_pixels=max_pixels or MAX_IMAGE_PIXELS,
         )
 
     def to_parameters(self) -> Dict[str, str]:

@@ -23,7 +23,8 @@ from builder.core.contract import Contract
 from builder.engines import choice as ec
 from builder.engines import inductor
 from builder.errors import BuilderError
-from builder.settings import LOW_PRECISION_PARITY, QUANTIZED_PRECISIONS, RACED_PRECISIONS, RepoSettings
+from builder.settings import (LOW_PRECISION_PARITY, QUANTIZED_PRECISIONS, RACED_PRECISIONS, RepoSettings,
+                              torch_threads)
 from builder.timing import timing_batches
 
 log = logging.getLogger("builder")
@@ -70,14 +71,10 @@ def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, st
     """Config parameters of the torch-engine classifier."""
     batching = settings.classifier_batching
     buckets = batch_buckets(batching.max_batch_size, batching.preferred_batch_sizes)
-    # A GPU instance only stacks and copies batches on the CPU. torch's default pool, one thread per core in
-    # every instance's process, oversubscribed the cores: 2 instances on an H100 served 187 img/s with it and
-    # 2,312 with one thread each (perf/results/h100-analyze/threads/). CPU instances compute there: torch decides.
-    gpu = settings.classifier_instances.kind == "KIND_GPU"
     return {"precision": settings.served_precision, "compile": settings.compile_mode,
             "batch_buckets": ",".join(str(b) for b in buckets),
             "input_dims": ",".join(str(d) for d in contract.pixels.dims),
-            "intra_op_threads": "1" if gpu else "0",
+            "intra_op_threads": torch_threads(settings.classifier_instances),
             # Inputs stay where the preprocess model left them (the GPU): no copy through the host.
             "FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
 

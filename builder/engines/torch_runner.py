@@ -1,6 +1,8 @@
-"""The inductor engine's runner: a torch.export program on one device (used by the classifier model and `perf bare`).
+"""The inductor engine's runner: a torch.export program on one device, and the softmax head.
 
-Copied beside the classifier's `model.py` when the repository uses `--engine inductor`.
+Copied beside the inductor classifier's `model.py` and beside every GPU photo path's (its head serves them all;
+`triton_models.SERVED_MODULES`). Also run by the build's engine race and photo-path measurement, `perf bare` and
+the GPU tools under `perf/gpu/`.
 """
 
 import json

@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from builder.core.manifest import MANIFEST, manifest_contract
 from builder.repository import configs
+from builder.repository.triton_models import SERVED_MODULES, served_role
 
 DEFAULT_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 # Backends tritonserver 2.51 (NGC 24.10) ships or documents: anything else is a typo.
@@ -169,13 +170,13 @@ def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problem
     if (version_dir / "model.plan").is_file():
         _check_plan_sidecar(name, version_dir, config, problems)
     gpu_pipeline = configs.parameter(config, "pipeline") == "gpu"
-    if gpu_pipeline and not (version_dir / "gpu_imaging.py").is_file():
-        problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
-                        "gpu_imaging.py (built for another preprocessing); rebuild the repository")
-    # The photo-path model (it names a classifier; the ensemble design's preprocess does not) needs the head too.
-    elif gpu_pipeline and configs.parameter(config, "classifier") and not (version_dir / "torch_runner.py").is_file():
-        problems.append(f"{name}: the config runs the gpu pipeline, but version {version} has no "
-                        "torch_runner.py (its softmax head; built by an older builder); rebuild the repository")
+    missing = []
+    if config.backend == "python":  # the modules its model.py imports from beside it, by what the config runs
+        role = served_role({k: v.string_value for k, v in config.parameters.items()}, version_dir)
+        missing = [m for m in SERVED_MODULES[role] if not (version_dir / m).is_file()]
+    if missing:
+        problems.append(f"{name}: version {version} lacks {', '.join(missing)}, which its model.py imports (built "
+                        "by another builder, or for another preprocessing); rebuild the repository")
     elif gpu_pipeline and not any((version_dir / "gate").glob("*.jpg")):
         problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
                         "parity gate, so it would not load; rebuild the repository")

@@ -15,7 +15,8 @@ from builder.core.photos import PHOTOS
 from builder.engines import inductor
 from builder.engines.race import torch_parameters
 from builder.repository import configs
-from builder.settings import IN_PROCESS_PHOTO_PATHS, Batching, InstanceGroup, RepoSettings
+from builder.repository.triton_models import SERVED_MODULES
+from builder.settings import IN_PROCESS_PHOTO_PATHS, Batching, InstanceGroup, RepoSettings, torch_threads
 
 log = logging.getLogger("builder")
 
@@ -55,13 +56,14 @@ def _copy_gate_photos(version_dir: Path) -> None:
 
 # Modules a served model.py imports, copied beside it (a stub Python imports them from there, not the project).
 SHARED_MODULES = {"imaging.py": BUILDER_DIR / "core" / "imaging.py", "gpu_imaging.py": MODELS_DIR / "gpu_imaging.py",
-                  "served.py": MODELS_DIR / "served.py",
+                  "gpu_transform.py": MODELS_DIR / "gpu_transform.py", "served.py": MODELS_DIR / "served.py",
                   "torch_runner.py": BUILDER_DIR / "engines" / "torch_runner.py"}
 
 
-def _copy_python_model(source_name: str, version_dir: Path, extras=()) -> None:
+def _copy_python_model(source_name: str, version_dir: Path, role: str) -> None:
+    """A served model's model.py (from `source_name`) and the modules its role imports from beside it."""
     version_dir.mkdir(parents=True, exist_ok=True)
-    for extra in extras:
+    for extra in SERVED_MODULES[role]:
         shutil.copy2(SHARED_MODULES[extra], version_dir / extra)
     shutil.copy2(MODELS_DIR / source_name, version_dir / "model.py")
 
@@ -118,14 +120,11 @@ def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, pa
     version = str(settings.version)
     gpu_pipeline = settings.preprocess == "gpu"
     instances = direct_preprocess_instances(settings)
-    _copy_python_model("preprocess.py", pre_dir / version,
-                       extras=("imaging.py", "served.py") + (("gpu_imaging.py",) if gpu_pipeline else ()))
+    _copy_python_model("preprocess.py", pre_dir / version, "preprocess_gpu" if gpu_pipeline else "preprocess")
     if gpu_pipeline:
-        # GPU instances only launch work on the GPU: one torch CPU thread each, as for the classifier.
-        threads = "1" if instances.kind == "KIND_GPU" else "0"
         parameters = {**parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
-                      "intra_op_threads": threads,
-                      # Small batches' transforms replay as CUDA graphs ("0": eager; see gpu_imaging.TransformGraphs).
+                      "intra_op_threads": torch_threads(instances),
+                      # Small batches' transforms replay as CUDA graphs ("0": eager; see gpu_transform.TransformGraphs).
                       "transform_graphs": "1",
                       "gate_max_mean_abs": str(LOAD_GATE["max_mean_abs"]),
                       "gate_min_cosine": str(LOAD_GATE["min_cosine"])}
@@ -168,7 +167,7 @@ def _write_classifier(root: Path, settings: RepoSettings, contract: Contract, on
         for name in inductor.FILES:
             if onnx_file.with_name(name).is_file():  # inductor.bin only when built on a GPU
                 shutil.move(str(onnx_file.with_name(name)), version_dir / name)
-        _copy_python_model("classifier.py", version_dir, extras=("torch_runner.py",))
+        _copy_python_model("classifier.py", version_dir, "classifier_torch")
         return configs.local_classifier(contract, batching, instances, policy, torch_parameters(settings, contract))
     if settings.flavor == "local":
         parameters = None
@@ -178,7 +177,7 @@ def _write_classifier(root: Path, settings: RepoSettings, contract: Contract, on
                 shutil.copy2(BUILDER_DIR.parent / module, version_dir / module)
             # The GPU preprocessing's output stays on the GPU: the runner wraps it by DLPack.
             parameters = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
-        _copy_python_model("classifier.py", version_dir)
+        _copy_python_model("classifier.py", version_dir, "classifier")
         return configs.local_classifier(contract, batching, instances, policy, parameters)
     if settings.plan:
         return configs.tensorrt_classifier(contract, batching, instances, policy, settings.cuda_graphs)
@@ -188,7 +187,7 @@ def _write_classifier(root: Path, settings: RepoSettings, contract: Contract, on
 def _write_postprocess(root: Path, settings: RepoSettings, contract: Contract, class_names: list):
     """The postprocess model's files (softmax; the labels its outputs carry); its config."""
     version_dir = root / contract.postprocess / str(settings.version)
-    _copy_python_model("postprocess.py", version_dir)
+    _copy_python_model("postprocess.py", version_dir, "postprocess")
     _write_labels(root / contract.postprocess / LABELS_FILE, class_names)
     batching = Batching(settings.classifier_batching.max_batch_size, (),
                         settings.preprocess_batching.max_queue_delay_us)
@@ -209,9 +208,7 @@ def write_photo_path(version_dir: Path, settings: RepoSettings, contract: Contra
             files are linked into `engine/` here (no copy on the same file system), so the version folder is
             whole.
     """
-    # torch_runner.py in every design: its head (softmax) serves the BLS path's logits too.
-    extras = ("imaging.py", "gpu_imaging.py", "served.py", "torch_runner.py")
-    _copy_python_model("photo_path.py", version_dir, extras=extras)
+    _copy_python_model("photo_path.py", version_dir, "photo_path")
     _copy_gate_photos(version_dir)
     _write_labels(version_dir.parent / LABELS_FILE, class_names)
     engine_parameters = {}

@@ -74,9 +74,9 @@ def _gpu_candidate(params, items, device: Optional[str]):
     """The GPU pipeline's tensors of `items`, their errors, what it did (figures and in words)."""
     import torch
 
-    from builder.repository.triton_models import gpu_imaging
+    from builder.repository.triton_models import gpu_imaging, gpu_transform
 
-    problem = gpu_imaging.supported(params)
+    problem = gpu_transform.supported(params)
     if problem:
         raise BuilderError(f"preprocess: {problem}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 """Candidate: Pillow's per-pass rounding of the GPU transform as one hand-written Triton kernel.
 
-`gpu_imaging._pillow_round(high, low)` runs seven elementwise kernels in eager mode; `torch.compile` fuses
+`gpu_transform.pillow_round(high, low)` runs seven elementwise kernels in eager mode; `torch.compile` fuses
 them into one, but its per-call host time (about 1 ms a batch on an H200, `perf/results/h200-photo-batching`)
 cancels the gain at the photo path's batch sizes. This kernel is the fused one without guards: one launch,
 the two halves read where `tensor_split` left them (rows of `high` and `low` with their own strides), the
@@ -28,7 +28,7 @@ def _round(high_ptr, low_ptr, out_ptr, n, cols, high_row, low_row, SPLIT: tl.con
 
 
 def pillow_round(high: torch.Tensor, low: torch.Tensor, split: int = 4096, shift: int = 22) -> torch.Tensor:
-    """`gpu_imaging._pillow_round` in one kernel: 2-D views whose rows are contiguous (as tensor_split gives)."""
+    """`gpu_transform.pillow_round` in one kernel: 2-D views whose rows are contiguous (as tensor_split gives)."""
     if high.shape != low.shape or high.dim() != 2 or high.stride(1) != 1 or low.stride(1) != 1:
         raise ValueError("pillow_round takes two 2-D views of the same shape with contiguous rows")
     out = torch.empty(high.shape, dtype=torch.int32, device=high.device)

@@ -8,7 +8,7 @@ wall time on the GPU's clock), and its CUDA kernels summed under torch.profiler 
 the phase takes from the multiprocessors that other processes share; the JPEG engines' work is not a kernel).
 `exact_vs_cpu` is the largest difference between the GPU's transform and the same code on the CPU (float32
 sums): 0 when the float16 tensor-core products are exact, as `split_weights` intends. `graphed_*`: the same
-as served, small batches replayed as CUDA graphs (`gpu_imaging.TransformGraphs`; `graphed_vs_eager_max_abs` 0
+as served, small batches replayed as CUDA graphs (`gpu_transform.TransformGraphs`; `graphed_vs_eager_max_abs` 0
 when bitwise equal).
 Needs a CUDA GPU, torch, torchvision, timm.
 """
@@ -26,7 +26,7 @@ def float32_transform(pipe, images):
     import torch
 
     from builder.core import imaging
-    from builder.repository.triton_models.gpu_imaging import resample_weights
+    from builder.repository.triton_models.gpu_transform import resample_weights
 
     crop_h, crop_w = pipe.params.image_size
     _, height, width = images[0].shape
@@ -79,7 +79,7 @@ def kernel_ms(fn, repeats):
 def rounding_candidates(pipe, on_cpu, decoded, args):
     """Candidates for each pass's integer rounding (7 elementwise kernels in eager mode) as one kernel.
 
-    `compiled rounding`: `torch.compile(..., dynamic=True)` of `gpu_imaging._pillow_round`; `triton rounding`:
+    `compiled rounding`: `torch.compile(..., dynamic=True)` of `gpu_imaging.pillow_round`; `triton rounding`:
     the hand-written kernel of `perf/gpu/round_kernel.py` (no guards, one launch). Each is swapped in for
     `_pillow_round` for its measurement and the eager one put back after; rows give the transform's wall and
     kernel time, the first call's time (compilation) and the difference from the CPU's values (0: still exact).
@@ -90,7 +90,7 @@ def rounding_candidates(pipe, on_cpu, decoded, args):
 
     from builder.repository.triton_models import gpu_imaging
 
-    eager = gpu_imaging._pillow_round
+    eager = gpu_imaging.pillow_round
 
     def triton_rounding():
         from perf.gpu.round_kernel import pillow_round
@@ -104,7 +104,7 @@ def rounding_candidates(pipe, on_cpu, decoded, args):
     for name, make in (("compiled rounding", lambda: torch.compile(eager, dynamic=True)),
                        ("triton rounding", triton_rounding)):
         try:
-            gpu_imaging._pillow_round = make()
+            gpu_imaging.pillow_round = make()
             for batch in batches:
                 images = [decoded[i % len(decoded)] for i in range(batch)]
                 started = time.perf_counter()
@@ -125,7 +125,7 @@ def rounding_candidates(pipe, on_cpu, decoded, args):
             rows.append({"candidate": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
             print(json.dumps(rows[-1]), flush=True)
         finally:
-            gpu_imaging._pillow_round = eager
+            gpu_imaging.pillow_round = eager
     return rows
 
 

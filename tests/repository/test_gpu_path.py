@@ -23,7 +23,7 @@ from builder.core.manifest import file_hashes, read_manifest
 from builder.repository.models import LOAD_GATE
 from builder.repository.writer import build_repository
 from builder.core import imaging
-from builder.repository.triton_models import gpu_imaging
+from builder.repository.triton_models import SERVED_MODULES, gpu_imaging, gpu_transform
 from conftest import (MAX_BATCH, TRITON_CLIENT_EXAMPLES, broken_jpegs, class_count_on_every_output, free_ports,
                       nvidia_ensemble_image_client, tiny_settings)
 
@@ -82,7 +82,7 @@ def test_pipeline_matches_the_exact_path(uploads, params):
     assert pipeline.graphs is None  # CUDA graphs on a CUDA device only (tests/gpu checks them to the bit)
     # A capture that fails (here for real: this host has no CUDA) turns graphs off, warns once, serves eager.
     warned = []
-    graphs = gpu_imaging.TransformGraphs(pipeline._transform_batch, warned.append)
+    graphs = gpu_transform.TransformGraphs(pipeline._transform_batch, warned.append)
     decoded = pipeline.decoder([uploads["exif6"]], [1])
     expected = pipeline._transform_group(decoded)
     for _ in range(3):  # eager, the failed capture, eager
@@ -128,7 +128,7 @@ def test_broken_jpegs_get_the_exact_answer(params):
 
 def test_gpu_path_refuses_filters_it_cannot_reproduce(params, tiny_model):
     lanczos = imaging.PreprocessParams(**{**params.__dict__, "interpolation": "lanczos"})
-    assert "lanczos" in gpu_imaging.supported(lanczos)
+    assert "lanczos" in gpu_transform.supported(lanczos)
     with pytest.raises(BuilderError, match="preprocess: interpolation 'lanczos'"):
         preprocess_parity(tiny_model.module, lanczos, s.Parity())
 
@@ -193,8 +193,9 @@ def test_variant_repository(gpu_repo, tmp_path):
     assert manifest["model_versions"][0]["engine"] == "inductor" and manifest["model_versions"][0]["preprocess"] == "gpu"
     pre = (gpu_repo / "swin_tiny_patch4_window7_224_preprocess")
     cls = (gpu_repo / "swin_tiny_patch4_window7_224_classifier")
-    assert {p.name for p in (pre / "1").iterdir()} >= {"model.py", "imaging.py", "gpu_imaging.py"}
-    assert {p.name for p in (cls / "1").iterdir()} >= {"model.py", "torch_runner.py", "model.pt2", "engine.json"}
+    assert {p.name for p in (pre / "1").iterdir()} >= {"model.py", *SERVED_MODULES["preprocess_gpu"]}
+    assert {p.name for p in (cls / "1").iterdir()} >= {"model.py", *SERVED_MODULES["classifier_torch"], "model.pt2",
+                                                       "engine.json"}
     text = (cls / "config.pbtxt").read_text()
     assert 'key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in text and 'string_value: "no"' in text
     assert 'string_value: "1,2,4,8"' in text  # batch buckets: powers of two, the preferred sizes, max
@@ -211,7 +212,7 @@ def test_variant_repository(gpu_repo, tmp_path):
                                                                       ("logits", "labels.txt")]
     assert (gpu_repo / "swin_tiny_patch4_window7_224" / "labels.txt").is_file()
     assert {p.name for p in (gpu_repo / "swin_tiny_patch4_window7_224" / "1").iterdir()} >= {
-        "model.py", "imaging.py", "gpu_imaging.py", "gate", "engine", "torch_runner.py"}
+        "model.py", *SERVED_MODULES["photo_path"], "gate", "engine"}
     assert pipeline.parameters["engine_dir"].string_value == "engine"
     assert manifest["settings"]["gpu_photo_path"] == "fused"
     sidecar = json.loads((cls / "1" / "engine.json").read_text())
@@ -338,7 +339,7 @@ def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, 
     assert any("lacks engine/model.pt2" in p for p in check_repository(repo))
     (tmp_path / "aside.pt2").rename(engine / "model.pt2")
     (fused / "1" / "torch_runner.py").rename(tmp_path / "aside.py")  # as built by a builder before the head
-    assert any("has no torch_runner.py (its softmax head" in p for p in check_repository(repo))
+    assert any("version 1 lacks torch_runner.py, which its model.py imports" in p for p in check_repository(repo))
     (tmp_path / "aside.py").rename(fused / "1" / "torch_runner.py")
     with pytest.raises(BuilderError, match="gpu_photo_path: fused runs the inductor engine"):
         s.RepoSettings(preprocess="gpu", gpu_photo_path="fused", engine="onnxruntime")

@@ -7,13 +7,13 @@ import numpy as np
 from PIL import Image
 
 from builder.core import imaging
-from builder.repository.triton_models import gpu_imaging
+from builder.repository.triton_models import gpu_imaging, gpu_transform
 
 
 def test_resample_weights_are_normalized():
     for in_size, out_size in ((640, 331), (480, 248), (100, 248), (37, 37)):
-        for name in gpu_imaging.FILTERS:
-            weights = gpu_imaging.resample_weights(in_size, out_size, name)
+        for name in gpu_transform.FILTERS:
+            weights = gpu_transform.resample_weights(in_size, out_size, name)
             assert weights.shape == (out_size, in_size)
             assert np.abs(weights.sum(1) - 1).max() < 1e-5
 
@@ -24,8 +24,8 @@ def test_split_weights_are_exact_in_float16_and_give_pillows_resize_to_the_bit(p
     import torch
 
     for in_size, out_size in ((640, 331), (480, 248), (3024, 248), (100, 248)):
-        weights = gpu_imaging.resample_weights(in_size, out_size, "bicubic")
-        halves = gpu_imaging.split_weights(weights)
+        weights = gpu_transform.resample_weights(in_size, out_size, "bicubic")
+        halves = gpu_transform.split_weights(weights)
         assert np.array_equal(halves.astype(np.float16).astype(np.float32), halves)
         rebuilt = halves[:out_size].astype(np.float64) * 4096 + halves[out_size:]
         assert np.array_equal(rebuilt / (1 << 22), weights.astype(np.float64))
@@ -50,13 +50,13 @@ from builder.repository.triton_models import gpu_imaging as g
 from perf.gpu.round_kernel import pillow_round
 params = imaging.PreprocessParams(**{dc.asdict(params)!r})
 pipe, rng = g.GpuPreprocessor(params, "cpu"), np.random.default_rng(0)
-eager_round = g._pillow_round
+eager_round = g.pillow_round
 for width, height in ((640, 480), (333, 517)):
     images = [torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8)) for _ in range(2)]
     eager = pipe._transform_group(images)
-    g._pillow_round = pillow_round
+    g.pillow_round = pillow_round
     fused = pipe._transform_group(images)
-    g._pillow_round = eager_round
+    g.pillow_round = eager_round
     assert torch.equal(eager, fused), (width, height)
 print("same")
 """

@@ -1,8 +1,8 @@
 """Triton Python-backend model: image bytes -> class probabilities, the photo path in one model (`--preprocess gpu`).
 
 Copied into the repository as `<name>/<version>/model.py` (the name clients call, where the other
-preprocessings put the ensemble), with `imaging.py`, `gpu_imaging.py`, `torch_runner.py` and the load-time
-gate's photos beside it (`labels.txt`, which its outputs carry, in the model folder). Per dynamic batch of
+preprocessings put the ensemble), with the modules of `triton_models.SERVED_MODULES["photo_path"]` and the
+load-time gate's photos beside it (`labels.txt`, which its outputs carry, in the model folder). Per dynamic batch of
 requests:
 
 1. every request's images are decoded and transformed together on the GPU (`gpu_imaging.GpuPreprocessor`;
@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -50,21 +49,14 @@ class TritonPythonModel:
         import torch
 
         self.torch = torch
-        config = json.loads(args["model_config"])
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        config, params, device = served.model_setup(args)
         self.params = imaging.PreprocessParams.from_parameters(params)
         self.input_name = config["input"][0]["name"]
         self.outputs = [o["name"] for o in config["output"]]  # probabilities, logits
         self.classifier = params["classifier"]
         self.classifier_input, self.classifier_output = params["classifier_input"], params["classifier_output"]
         self.chunk = int(params["classifier_max_batch"])
-        threads = int(params.get("intra_op_threads", "0"))
-        if threads:  # GPU instances only launch work: torch's default pool (a thread per core) oversubscribes
-            torch.set_num_threads(threads)
-        on_gpu = args.get("model_instance_kind") == "GPU"
-        device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
-        workers = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)  # the exact path's Pillow pool
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="photo-path")
+        self.pool = served.exact_pool(params, "photo-path")
         self.gpu = gpu_imaging.GpuPreprocessor.from_config(self.params, params, device, self.pool.map, served.log_warn)
         try:
             figures, photos = gpu_imaging.gate_model(self.gpu, _HERE, params)

@@ -1,7 +1,9 @@
 """Triton Python-backend model: encoded image bytes -> normalized pixels.
 
 Copied into the repository as `<name>_preprocess/<version>/model.py`, with
-`imaging.py` beside it. The transform's parameters come from the model's
+`imaging.py` and `served.py` beside it (`triton_models.SERVED_MODULES`). It is
+the first step of the ensemble, and with `--preprocess gpu` it stays for direct
+clients on CPU instances. The transform's parameters come from the model's
 config `parameters` (written from timm's data config by the builder) and are
 read once in `initialize`. Requests that the dynamic batcher groups are decoded
 together on a thread pool (Pillow releases the GIL while decoding and
@@ -9,15 +11,14 @@ resampling); an image that fails answers its own request with an error naming
 the item, and the other requests of the batch are served.
 
 With the config parameter `pipeline: gpu` the batch goes through
-`gpu_imaging.GpuPreprocessor` instead (copied beside this file for the `gpu`
-variant): one batched GPU decode and resize, the exact path for what the GPU
-cannot take, and the output handed to the classifier on the GPU by DLPack.
+`gpu_imaging.GpuPreprocessor` instead (copied beside this file with
+`gpu_transform.py` for the `gpu` variant): one batched decode and resize, the
+exact path for what the GPU cannot take, and the output handed on by DLPack.
 """
 
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -36,27 +37,19 @@ class TritonPythonModel:
     """Decodes and transforms images, batched across requests."""
 
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        config, params, device = served.model_setup(args)
         self.params = imaging.PreprocessParams.from_parameters(params)
         self.input_name = config["input"][0]["name"]
         output = config["output"][0]
         self.output_name = output["name"]
         self.output_dtype = pb_utils.triton_string_to_numpy(output["data_type"])
-        threads = int(params.get("threads", "0")) or min(8, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="preprocess")
+        self.pool = served.exact_pool(params, "preprocess")
         self.gpu = None
         if params.get("pipeline") == "gpu":
             if os.path.isfile(os.path.join(_HERE, "imaging.py")):
                 import gpu_imaging
             else:
                 from builder.repository.triton_models import gpu_imaging
-            import torch
-
-            if int(params.get("intra_op_threads", "0")):  # GPU instances: torch's pool oversubscribes the cores
-                torch.set_num_threads(int(params["intra_op_threads"]))
-            on_gpu = args.get("model_instance_kind") == "GPU"
-            device = f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}" if on_gpu else "cpu"
             self.gpu = gpu_imaging.GpuPreprocessor.from_config(self.params, params, device, self.pool.map,
                                                                served.log_warn)
             served.log_info(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
