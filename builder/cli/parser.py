@@ -253,8 +253,8 @@ def _repo_preprocess_args(p, repo) -> None:
                         "time the photo path's own code with no server for "
                         f"{'/'.join(map(str, setup.processes))} processes x batch limits "
                         f"{'/'.join(map(str, setup.batches))} x MPS off/on, {setup.seconds:g} s each, and write "
-                        "the one serving the most images a second within --photo-batch-budget-ms (about 2 "
-                        "minutes; the table goes into manifest.json and the repository's README); fixed: the "
+                        "the one serving the most images a second within --photo-batch-budget-ms (a few "
+                        "minutes, each candidate logged; the table goes into manifest.json and the repository's README); fixed: the "
                         "hand-measured setup. --preprocess-instances and --preprocess-max-batch-size given by "
                         "hand are the only values tried; builder serve --mps/--no-mps overrides the MPS choice")
     g.add_argument("--photo-batch-budget-ms", type=float, default=setup.budget_ms,
