@@ -2,7 +2,7 @@
 
     python perf/gpu/fused_swin.py --output build/fused-swin.json [--batches 1,32,128] [--model swin_tiny_...]
 
-The kernel of `perf/gpu/window_attention.py` becomes the torch op `swin_candidate::window_attention`
+The kernel is the torch op `swin_triton::window_attention` of `builder.engines.window_attention`
 (`torch.library.triton_op`, so torch.compile and Inductor see the kernel in the graph instead of a black box), and
 `fuse_window_attention(model)` points every `WindowAttention.forward` of a timm Swin at it: the qkv projection,
 the op, the output projection; no permute, score tensor or softmax pass is left between them.
@@ -18,59 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from perf.gpu.window_attention import _window_attention  # noqa: E402  (the kernel, and its checks below)
+from builder.engines.window_attention import fuse_window_attention  # noqa: E402
 import triton  # noqa: E402
-
-
-@torch.library.triton_op("swin_candidate::window_attention", mutates_args=())
-def window_attention_op(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
-                        scale: float) -> torch.Tensor:
-    """`perf.gpu.window_attention.window_attention` as a torch op that Inductor traces into."""
-    windows, tokens, three_channels = qkv.shape
-    channels = three_channels // 3
-    out = torch.empty((windows, tokens, channels), dtype=qkv.dtype, device=qkv.device)
-    block = max(16, triton.next_power_of_2(tokens))
-    torch.library.wrap_triton(_window_attention)[(windows * heads,)](
-        qkv, bias, mask if mask is not None else bias, out, scale, tokens, channels,
-        mask.shape[0] if mask is not None else 1, HEADS=heads, HEAD_DIM=channels // heads, BLOCK=block,
-        HAS_MASK=mask is not None)
-    return out
-
-
-def _fused_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """timm's `WindowAttention.forward`, with the attention between the projections as one kernel."""
-    qkv = self.qkv(x).contiguous()
-    bias = self._get_rel_pos_bias()[0].to(qkv.dtype).contiguous()  # (heads, tokens, tokens)
-    if mask is not None:
-        mask = mask.to(qkv.dtype).contiguous()
-    out = torch.ops.swin_candidate.window_attention(qkv, bias, mask, self.num_heads, float(self.scale))
-    return self.proj_drop(self.proj(out))
-
-
-def fuse_window_attention(model: torch.nn.Module) -> int:
-    """Points every timm Swin V1 `WindowAttention` of `model` at the kernel; the number of modules changed.
-
-    Raises:
-        ValueError: a head size the kernel does not take (a power of two, at least 16).
-    """
-    from timm.models.swin_transformer import WindowAttention
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, WindowAttention):
-            head_dim = module.qkv.out_features // 3 // module.num_heads
-            if head_dim < 16 or head_dim & (head_dim - 1):
-                raise ValueError(f"head size {head_dim}: the kernel takes powers of two from 16")
-            module.forward = types.MethodType(_fused_forward, module)
-            changed += 1
-    return changed
 
 
 def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = None) -> Dict:

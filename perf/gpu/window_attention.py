@@ -1,16 +1,7 @@
-"""Candidate: Swin's window attention in one Triton kernel, timed against timm's own attention math (JSON).
+"""Swin's window attention in one Triton kernel (`builder.engines.window_attention`), timed per Swin-T stage against
+timm's own attention math (JSON).
 
     python perf/gpu/window_attention.py --output build/window-attention.json [--batch 128] [--repeats 50]
-
-timm's `WindowAttention` runs, per block: q*scale, q @ kᵀ, + the relative-position bias, + the shift mask (shifted
-blocks), softmax, @ v, then a transpose and reshape back to (windows, tokens, channels). Under torch.compile that
-is several kernels, with the (windows, heads, 49, 49) scores written to memory and read back between them; timm's
-`TIMM_FUSED_ATTN=2` (SDPA with the bias as a float mask) was slower on an H100 (9,808 against 10,882 img/s).
-
-This kernel takes the qkv projection's output as it is, (windows, tokens, 3 * channels), and writes the output in
-the (windows, tokens, channels) layout the next projection reads, so no permute or transpose is left: one program
-per window and head loads q, k and v (tokens padded to a power of two, at least 16), adds the bias and the mask
-in registers, takes the softmax in FP32, multiplies by v and stores. The scores never reach memory.
 
 Timed here on Swin-T's four stages at `--batch` images (windows of 7, head size 32), each as timm's eager code,
 that code under torch.compile, SDPA with a float mask, and the kernel, with CUDA events; the kernel's figures
@@ -23,88 +14,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import triton
-import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path: the checkout's perf package
-
-
-@triton.jit
-def _window_attention(qkv_ptr, bias_ptr, mask_ptr, out_ptr, scale, tokens, channels, windows_per_image,
-                      HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_MASK: tl.constexpr):
-    program = tl.program_id(0)
-    window, head = program // HEADS, program % HEADS
-    rows = tl.arange(0, BLOCK)
-    dims = tl.arange(0, HEAD_DIM)
-    inside = rows < tokens
-    # q, k and v of this head, read where the qkv projection left them: no permute.
-    start = qkv_ptr + window * tokens * 3 * channels + head * HEAD_DIM
-    offsets = rows[:, None] * (3 * channels) + dims[None, :]
-    q = tl.load(start + offsets, mask=inside[:, None], other=0.0)
-    k = tl.load(start + channels + offsets, mask=inside[:, None], other=0.0)
-    v = tl.load(start + 2 * channels + offsets, mask=inside[:, None], other=0.0)
-    scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-    pairs = rows[:, None] * tokens + rows[None, :]
-    both = inside[:, None] & inside[None, :]
-    scores += tl.load(bias_ptr + head * tokens * tokens + pairs, mask=both, other=0.0).to(tl.float32)
-    if HAS_MASK:  # the shifted block's mask of this window (windows are image-major: window % windows_per_image)
-        scores += tl.load(mask_ptr + (window % windows_per_image) * tokens * tokens + pairs, mask=both,
-                          other=0.0).to(tl.float32)
-    scores = tl.where(inside[None, :], scores, float("-inf"))  # the padding tokens get no weight
-    weights = tl.exp(scores - tl.max(scores, 1)[:, None])
-    weights = weights / tl.sum(weights, 1)[:, None]
-    out = tl.dot(weights.to(v.dtype), v)
-    target = out_ptr + window * tokens * channels + head * HEAD_DIM + rows[:, None] * channels + dims[None, :]
-    tl.store(target, out.to(out_ptr.dtype.element_ty), mask=inside[:, None])
-
-
-def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
-                     scale: float) -> torch.Tensor:
-    """Window attention of timm's `WindowAttention` from its qkv projection's output, in one kernel.
-
-    Args:
-        qkv: (windows, tokens, 3 * channels), contiguous: the output of `attn.qkv`.
-        bias: (heads, tokens, tokens): `attn._get_rel_pos_bias()` without its leading 1.
-        mask: (windows per image, tokens, tokens) of the shifted block (0 or -100), or None.
-        heads: Attention heads; channels / heads is the head size (a power of two, at least 16).
-        scale: head size ** -0.5.
-
-    Returns:
-        (windows, tokens, channels), as timm's `(attn @ v).transpose(1, 2).reshape(...)` gives it.
-    """
-    windows, tokens, three_channels = qkv.shape
-    channels = three_channels // 3
-    head_dim = channels // heads
-    if not qkv.is_contiguous() or head_dim * heads != channels or head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"window_attention takes a contiguous qkv whose head size is a power of two >= 16 "
-                         f"(got {tuple(qkv.shape)} with {heads} heads)")
-    if mask is not None and windows % mask.shape[0]:
-        raise ValueError(f"{windows} windows are not whole images of {mask.shape[0]} windows")
-    out = torch.empty((windows, tokens, channels), dtype=qkv.dtype, device=qkv.device)
-    block = max(16, triton.next_power_of_2(tokens))
-    _window_attention[(windows * heads,)](
-        qkv, bias.contiguous(), mask.contiguous() if mask is not None else bias, out, scale, tokens, channels,
-        mask.shape[0] if mask is not None else 1, HEADS=heads, HEAD_DIM=head_dim, BLOCK=block,
-        HAS_MASK=mask is not None)
-    return out
-
-
-def reference(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
-              scale: float) -> torch.Tensor:
-    """timm's `WindowAttention.forward` from the qkv projection on (its non-fused path), without the projections."""
-    windows, tokens, three_channels = qkv.shape
-    qkv = qkv.reshape(windows, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    attn = (q * scale) @ k.transpose(-2, -1) + bias.unsqueeze(0)
-    if mask is not None:
-        count = mask.shape[0]
-        attn = attn.view(-1, count, heads, tokens, tokens) + mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, heads, tokens, tokens)
-    attn = attn.softmax(-1)
-    return (attn @ v).transpose(1, 2).reshape(windows, tokens, -1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run by path: the checkout's packages
+from builder.engines.window_attention import reference, shift_mask, window_attention  # noqa: E402
 
 
 def sdpa(qkv, bias, mask, heads, scale):
@@ -118,20 +34,6 @@ def sdpa(qkv, bias, mask, heads, scale):
             windows, heads, tokens, tokens)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=float_mask.to(q.dtype), scale=scale)
     return out.transpose(1, 2).reshape(windows, tokens, -1)
-
-
-def shift_mask(resolution: int, window: int, shift: int, device) -> torch.Tensor:
-    """The shifted block's mask as timm builds it: (windows, tokens, tokens) of 0 and -100."""
-    regions = torch.zeros(resolution, resolution, device=device)
-    count = 0
-    for rows in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for cols in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            regions[rows, cols] = count
-            count += 1
-    tiles = regions.view(resolution // window, window, resolution // window, window).permute(0, 2, 1, 3)
-    tiles = tiles.reshape(-1, window * window)
-    mask = tiles.unsqueeze(1) - tiles.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
 # Swin-T at 224: (resolution of the stage in tokens, channels, heads); windows of 7, shift 3 but in the last stage.

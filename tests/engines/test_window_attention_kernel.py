@@ -1,6 +1,6 @@
-"""`perf/gpu/window_attention.py` and `perf/gpu/fused_swin.py` (the fused window-attention candidate) on Triton's
-CPU interpreter, against timm's own attention math: windows of 7 and 12, shifted and unshifted blocks, batches of
-odd sizes, FP32 and FP16, and a whole Swin."""
+"""The fused window attention (`builder.engines.window_attention`) on Triton's CPU interpreter, against timm's own
+attention math: windows of 7 and 12, shifted and unshifted blocks, batches of odd sizes, FP32 and FP16, and a whole
+Swin; and a fused Swin stored by torch.export and loaded in a fresh process, as a served engine is."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import json, torch
-from perf.gpu.window_attention import reference, shift_mask, window_attention
+from builder.engines.window_attention import reference, shift_mask, window_attention
 torch.manual_seed(0)
 rows = []
 # (window, stage resolution, channels, heads, images, shifted, dtype)
@@ -54,7 +54,7 @@ def test_the_fused_window_attention_matches_timms_math_on_the_interpreter():
 
 WHOLE_MODEL = """
 import json, torch, timm
-from perf.gpu.fused_swin import fuse_window_attention
+from builder.engines.window_attention import fuse_window_attention
 torch.manual_seed(0)
 kwargs = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1])  # shifted blocks in stages 1-3
 timms = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
@@ -77,7 +77,7 @@ print(json.dumps({"modules": modules, "max_abs": (a - b).abs().max().item(),
 
 
 def test_a_whole_swin_with_the_fused_attention_gives_timms_logits():
-    """`perf/gpu/fused_swin.py`: every WindowAttention of a timm Swin (shifted and unshifted blocks) pointed at
+    """`fuse_window_attention`: every WindowAttention of a timm Swin (shifted and unshifted blocks) pointed at
     the kernel's torch op gives timm's own logits, on Triton's CPU interpreter; a head size it does not take is
     refused."""
     import json
@@ -88,3 +88,51 @@ def test_a_whole_swin_with_the_fused_attention_gives_timms_logits():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["modules"] == 8 and figures["top1"] and figures["max_abs"] < 1e-5, figures
     assert "head size 24" in figures["refused"]
+
+
+ROUND_TRIP = """
+import json, sys, torch, timm
+from builder.engines.window_attention import fuse_window_attention
+torch.manual_seed(0)
+kwargs = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1])
+timms = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+fused = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+fused.load_state_dict(timms.state_dict())
+fuse_window_attention(fused)
+x = torch.randn(2, 3, 224, 224)
+program = torch.export.export(fused, (x,))
+ops = sorted({str(n.target) for n in program.graph.nodes if "swin_triton" in str(n.target)})
+torch.export.save(program, sys.argv[1])
+torch.save({"x": x, "logits": timms(x).detach()}, sys.argv[2])
+print(json.dumps({"ops": ops}))
+"""
+LOAD = """
+import json, sys, torch
+import builder.engines.window_attention  # registers the op, as the served engine does before it loads
+program = torch.export.load(sys.argv[1]).module()
+saved = torch.load(sys.argv[2])
+with torch.inference_mode():
+    got = program(saved["x"])
+print(json.dumps({"max_abs": (got - saved["logits"]).abs().max().item()}))
+"""
+
+
+def test_a_fused_swin_is_stored_by_torch_export_and_loads_where_the_op_is_registered(tmp_path):
+    """The op survives torch.export, a saved program and a fresh process (a stub's), on the CPU (where the op runs
+    timm's math); without the op's module imported the program does not load."""
+    import json
+
+    program, data = str(tmp_path / "model.pt2"), str(tmp_path / "data.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    made = subprocess.run([sys.executable, "-c", ROUND_TRIP, program, data], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert json.loads(made.stdout.strip().splitlines()[-1])["ops"] == ["swin_triton.window_attention.default"]
+    loaded = subprocess.run([sys.executable, "-c", LOAD, program, data], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT, env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1])["max_abs"] < 1e-5
+    bare = subprocess.run([sys.executable, "-c", LOAD.replace("import builder.engines.window_attention", "pass"),
+                           program, data], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert bare.returncode != 0  # the op is part of the stored program: its module must be imported first
