@@ -204,8 +204,6 @@ def write_manifest(root: Path, settings: RepoSettings, contract: Contract, model
     return write_manifest_file(root, manifest)
 
 
-
-
 def settle_photo_setup(settings: RepoSettings, designed: str, staging: Path, contract: Contract,
                         parameters: Dict[str, str], class_names: list, add_version: bool,
                         device: Optional[str] = None) -> Tuple[RepoSettings, Optional[Dict]]:
