@@ -148,7 +148,8 @@ def measure_with_mps(model_dir: Path, processes, batches, seconds: float, photos
 
     if not mps:
         return measure(model_dir, processes, batches, seconds, photos, device, on_row)
-    daemon = MpsDaemon(Path(tempfile.mkdtemp(prefix="photo-setup-")))
+    workdir = Path(tempfile.mkdtemp(prefix="photo-setup-"))  # the daemon's marker; its pipes go under /tmp
+    daemon = MpsDaemon(workdir)
     daemon.start()
     saved = {key: os.environ.get(key) for key in daemon.env()}
     os.environ.update(daemon.env())
@@ -161,6 +162,7 @@ def measure_with_mps(model_dir: Path, processes, batches, seconds: float, photos
             else:
                 os.environ[key] = value
         daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def choose(rows: List[Dict], budget_ms: float) -> Optional[Dict]:
