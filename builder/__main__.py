@@ -15,6 +15,7 @@ Heavy imports happen inside the subcommands so `--help` is instant.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from typing import List, Optional
@@ -69,11 +70,10 @@ def _photo_setup(args):
 
     grid = s.PhotoSetup()
     batches = tuple(b for b in grid.batches if b <= args.max_batch_size) or (args.max_batch_size,)
-    return s.PhotoSetup(
-        args.photo_setup,
-        (args.preprocess_instances,) if "preprocess_instances" in args.given else grid.processes,
-        (args.preprocess_max_batch_size,) if "preprocess_max_batch_size" in args.given else batches,
-        grid.mps, args.photo_batch_budget_ms, grid.seconds)
+    return dataclasses.replace(
+        grid, mode=args.photo_setup, budget_ms=args.photo_batch_budget_ms,
+        processes=(args.preprocess_instances,) if "preprocess_instances" in args.given else grid.processes,
+        batches=(args.preprocess_max_batch_size,) if "preprocess_max_batch_size" in args.given else batches)
 
 
 _INDUCTOR = (lambda a: a.engine in ("inductor", "auto"), "the inductor engine", "--engine inductor (or auto)")

@@ -304,6 +304,11 @@ class PhotoSetup:
     budget_ms: float = 50.0
     seconds: float = 2.0
 
+    @property
+    def candidates(self) -> int:
+        """How many setups the grid holds."""
+        return len(self.processes) * len(self.batches) * len(self.mps)
+
     def __post_init__(self) -> None:
         if self.mode not in PHOTO_SETUP_MODES:
             _fail("photo_setup", f"{self.mode!r} is unknown", f"use one of {', '.join(PHOTO_SETUP_MODES)}")

@@ -134,7 +134,7 @@ def _served_program(repository: str, compile_mode, tuning=None):
     if not (version_dir / "model.pt2").is_file():
         raise BuilderError(f"engines: {repository} has no inductor-engine classifier; build it with --engine inductor")
     config = configs.read(classifier / "config.pbtxt")
-    params = {k: v.string_value for k, v in config.parameters.items()}
+    params = configs.parameters(config)
     if compile_mode:
         params["compile"] = compile_mode
     if tuning:

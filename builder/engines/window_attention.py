@@ -80,11 +80,20 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch
                          f"(got {tuple(qkv.shape)} with {heads} heads)")
     if mask is not None and windows % mask.shape[0]:
         raise ValueError(f"{windows} windows are not whole images of {mask.shape[0]} windows")
+    return _launch(_window_attention, qkv, bias.contiguous(), mask.contiguous() if mask is not None else None,
+                   heads, scale)
+
+
+def _launch(kernel, qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
+            scale: float) -> torch.Tensor:
+    """The kernel (or its `wrap_triton` form, inside the op) on one program per window and head."""
+    windows, tokens, three_channels = qkv.shape
+    channels = three_channels // 3
     out = torch.empty((windows, tokens, channels), dtype=qkv.dtype, device=qkv.device)
     block = max(16, triton.next_power_of_2(tokens))
-    _window_attention[(windows * heads,)](
-        qkv, bias.contiguous(), mask.contiguous() if mask is not None else bias, out, scale, tokens, channels,
-        mask.shape[0] if mask is not None else 1, HEADS=heads, HEAD_DIM=head_dim, BLOCK=block,
+    kernel[(windows * heads,)](
+        qkv, bias, mask if mask is not None else bias, out, scale, tokens, channels,
+        mask.shape[0] if mask is not None else 1, HEADS=heads, HEAD_DIM=channels // heads, BLOCK=block,
         HAS_MASK=mask is not None)
     return out
 
@@ -122,15 +131,7 @@ def shift_mask(resolution: int, window: int, shift: int, device) -> torch.Tensor
 def window_attention_op(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
                         scale: float) -> torch.Tensor:
     """`window_attention` as a torch op that Inductor traces into (the kernel in the graph, not a black box)."""
-    windows, tokens, three_channels = qkv.shape
-    channels = three_channels // 3
-    out = torch.empty((windows, tokens, channels), dtype=qkv.dtype, device=qkv.device)
-    block = max(16, triton.next_power_of_2(tokens))
-    torch.library.wrap_triton(_window_attention)[(windows * heads,)](
-        qkv, bias, mask if mask is not None else bias, out, scale, tokens, channels,
-        mask.shape[0] if mask is not None else 1, HEADS=heads, HEAD_DIM=channels // heads, BLOCK=block,
-        HAS_MASK=mask is not None)
-    return out
+    return _launch(torch.library.wrap_triton(_window_attention), qkv, bias, mask, heads, scale)
 
 
 def _window_attention_cpu(qkv, bias, mask, heads, scale):

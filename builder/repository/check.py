@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from builder.core.manifest import MANIFEST, manifest_contract
 from builder.repository import configs
 from builder.repository.triton_models import SERVED_MODULES, served_role
+from builder.repository.versions import existing_versions
 
 DEFAULT_FILES = {"python": "model.py", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
 # Backends tritonserver 2.51 (NGC 24.10) ships or documents: anything else is a typo.
@@ -64,7 +65,7 @@ def _load_configs(root: Path, problems: List[str], unreadable: set) -> Dict[str,
 
 
 def _versions(model_dir: Path, config: mc.ModelConfig) -> List[int]:
-    present = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    present = existing_versions(model_dir)
     policy = config.version_policy
     if policy.HasField("specific"):
         return [v for v in present if v in policy.specific.versions]
@@ -147,7 +148,7 @@ def _check_files_it_names(name: str, model_dir: Path, config: mc.ModelConfig, ba
         from builder.core.imaging import PreprocessParams
 
         try:
-            PreprocessParams.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+            PreprocessParams.from_parameters(configs.parameters(config))
         except (KeyError, ValueError) as exc:
             problems.append(f"{name}: its preprocessing parameters do not load: {exc}")
     local = configs.parameter(config, "local_max_batch", "0")
@@ -172,7 +173,7 @@ def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problem
     gpu_pipeline = configs.parameter(config, "pipeline") == "gpu"
     missing = []
     if config.backend == "python":  # the modules its model.py imports from beside it, by what the config runs
-        role = served_role({k: v.string_value for k, v in config.parameters.items()}, version_dir)
+        role = served_role(configs.parameters(config), version_dir)
         missing = [m for m in SERVED_MODULES[role] if not (version_dir / m).is_file()]
     if missing:
         problems.append(f"{name}: version {version} lacks {', '.join(missing)}, which its model.py imports (built "

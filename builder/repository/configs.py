@@ -73,6 +73,11 @@ def _parameters(config: mc.ModelConfig, parameters: Mapping[str, str]) -> None:
         config.parameters[key].string_value = str(value)
 
 
+def parameters(config: mc.ModelConfig) -> Dict[str, str]:
+    """Every config parameter as a string, as a Python-backend model reads them."""
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
 def parameter(config: mc.ModelConfig, key: str, default: str = "") -> str:
     """A config parameter's string value, or `default` when the config has none."""
     return config.parameters[key].string_value if key in config.parameters else default

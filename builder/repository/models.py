@@ -87,7 +87,8 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
     version = str(settings.version)
     ens_dir = root / contract.ensemble
-    if settings.preprocess != "gpu" or settings.gpu_photo_path == "ensemble":
+    photo_path = settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble"
+    if not photo_path:
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
         _write_labels(ens_dir / LABELS_FILE, class_names)  # the labels its outputs carry
         ens_config = configs.ensemble(contract, settings.ensemble_max_batch,
@@ -96,7 +97,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
     for name, config in ((contract.preprocess, pre_config), (contract.classifier, cls_config),
                          (contract.postprocess, post_config)):
         configs.write(config, root / name)
-    if settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble":
+    if photo_path:
         write_photo_path_model(root, settings, contract, preprocess_parameters, class_names)
     else:
         configs.write(ens_config, ens_dir)

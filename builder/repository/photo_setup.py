@@ -95,15 +95,14 @@ def _collect(results, workers, count: int) -> list:
 def photo_path_params(model_dir: Path, device: str) -> tuple:
     """A staged or served photo-path model's newest version folder and config parameters (on `device`)."""
     from builder.repository import configs
+    from builder.repository.versions import existing_versions
 
-    config = configs.read(Path(model_dir) / "config.pbtxt")
-    params = {key: value.string_value for key, value in config.parameters.items()}
+    params = configs.parameters(configs.read(Path(model_dir) / "config.pbtxt"))
     if not params.get("engine_dir"):
         raise BuilderError(f"{Path(model_dir).name} runs no engine in its process (the BLS pipeline design); build "
                            "the photo path with --gpu-photo-path fused or hybrid")
     params.update(device=device)
-    version_dir = max((p for p in Path(model_dir).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    return str(version_dir), params
+    return str(Path(model_dir) / str(existing_versions(Path(model_dir))[-1])), params
 
 
 def measure(model_dir: Path, processes: Sequence[int], batches: Sequence[int], seconds: float,

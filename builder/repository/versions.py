@@ -19,7 +19,8 @@ from builder.settings import RepoSettings
 log = logging.getLogger("builder")
 
 
-def _existing_versions(model_dir: Path) -> list:
+def existing_versions(model_dir: Path) -> list:
+    """The version numbers of a model folder's version subfolders, lowest first (none: [])."""
     if not model_dir.is_dir():
         return []
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
@@ -47,7 +48,7 @@ def same_repository(settings: RepoSettings, previous: dict, output: Path) -> Rep
         log.info("keeping the served class names (%s; pass --labels to change them)", classifier / LABELS_FILE)
         settings = dataclasses.replace(settings, source=dataclasses.replace(
             settings.source, labels=str(classifier / LABELS_FILE)))
-    existing = _existing_versions(classifier)
+    existing = existing_versions(classifier)
     log.info("adding version %d to %s", (max(existing) if existing else 0) + 1, output)
     return dataclasses.replace(settings, version=(max(existing) if existing else 0) + 1)
 

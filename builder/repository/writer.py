@@ -227,7 +227,7 @@ def settle_photo_setup(settings: RepoSettings, designed: str, staging: Path, con
         reason = f"the {settings.gpu_photo_path} design runs no engine in the photo path's process"
     elif add_version:
         reason = "a new version keeps the served setup"
-    elif len(wanted.processes) * len(wanted.batches) * len(wanted.mps) < 2:
+    elif wanted.candidates < 2:
         reason = "every value given by hand"
     elif device is None:
         import torch
@@ -241,7 +241,7 @@ def settle_photo_setup(settings: RepoSettings, designed: str, staging: Path, con
     from builder.repository.photo_setup import settle
 
     log.info("measuring the photo path's setup on %s (%d candidates, about %.0f s each; --photo-setup fixed skips "
-             "it)", device, len(wanted.processes) * len(wanted.batches) * len(wanted.mps), wanted.seconds + 1)
+             "it)", device, wanted.candidates, wanted.seconds + 1)
     record = settle(staging / contract.ensemble, wanted, [p.read_bytes() for p in load_photo_files()], device)
     chosen = record["chosen"]
     measured = dataclasses.replace(

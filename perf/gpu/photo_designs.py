@@ -36,7 +36,7 @@ def write(repo: Path, name: str) -> None:
               if k not in ("classifier", "classifier_input", "classifier_output", "classifier_max_batch",
                            "local_max_batch")}
     classifier = configs.read(repo / contract.classifier / "config.pbtxt")
-    cls_params = {k: v.string_value for k, v in classifier.parameters.items()}
+    cls_params = configs.parameters(classifier)
     queue = pipeline.dynamic_batching.default_queue_policy  # the fused model queues as the pipeline does
     settings = RepoSettings(engine="inductor", preprocess="gpu", gpu_photo_path="fused",
                             classifier_batching=Batching(classifier.max_batch_size, (), 0),
