@@ -21,6 +21,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -277,15 +278,71 @@ def analyzer_timeout_s(settings: SweepSettings) -> float:
     return 60 + settings.measurement_interval_ms * settings.max_trials * 3 / 1000 + settings.request_count / 2
 
 
-def _run_analyzer(cmd: List[str], env: Dict[str, str], timeout: float) -> Tuple[Optional[int], str]:
-    """perf_analyzer's exit code (None when it ran past `timeout` and was killed) and all it printed."""
+# perf_analyzer 2.51 sometimes ends all its worker threads before a --request-count run has its count, and its main
+# thread then waits for it forever (gdb: no worker left, the main thread sleeping in InferenceProfiler::Measure,
+# over HTTP alone, over gRPC beside the gRPC library's own threads; about one row in 40 at concurrency 16 on the
+# 2-core CI host). Its workers carry its name and the library's threads their own, so a perf_analyzer whose
+# threads of its own name are down to its main thread this long is that hang: it is stopped and its row run once
+# more, which the row records.
+LONE_THREAD_S = 15.0
+
+
+def _own_threads(pid: int) -> Optional[int]:
+    """How many threads of a process carry its main thread's name (None where /proc cannot tell)."""
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        return result.returncode, result.stdout + result.stderr
-    except subprocess.TimeoutExpired as expired:  # run() has killed it; keep what it printed
-        said = [part.decode(errors="replace") if isinstance(part, bytes) else part or ""
-                for part in (expired.stdout, expired.stderr)]
-        return None, "".join(said)
+        with open(f"/proc/{pid}/comm") as f:
+            name = f.read()
+        count = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                count += f.read() == name
+        return count
+    except OSError:  # gone meanwhile, or no /proc
+        return None
+
+
+def _run_analyzer(cmd: List[str], env: Dict[str, str], timeout: float) -> Tuple[Optional[int], str, bool]:
+    """perf_analyzer's exit code (None when it was stopped: past `timeout`, or hung), all it printed, and whether
+    it was stopped as hung (only its main thread left for `LONE_THREAD_S`)."""
+    with tempfile.TemporaryFile() as printed:
+        child = subprocess.Popen(cmd, stdout=printed, stderr=subprocess.STDOUT, env=env)
+        started, alone_since, hung = time.monotonic(), None, False
+        try:
+            while child.poll() is None and time.monotonic() - started < timeout:
+                now = time.monotonic()
+                alone_since = (alone_since or now) if _own_threads(child.pid) == 1 else None
+                if alone_since is not None and now - alone_since >= LONE_THREAD_S:
+                    hung = True
+                    break
+                time.sleep(0.2)
+        finally:  # past its time, hung, or Ctrl-C/SIGTERM: it goes with the row
+            stopped = child.poll() is None
+            if stopped:
+                child.kill()
+                child.wait()
+        printed.seek(0)
+        return (None if stopped else child.returncode), printed.read().decode(errors="replace"), hung
+
+
+def _measured(settings: SweepSettings, cmd: List[str], env: Dict[str, str], row: Dict) -> Tuple[Optional[int], str,
+                                                                                              bool]:
+    """One perf_analyzer run with what the host and the server did meanwhile (into `row`); as `_run_analyzer`."""
+    before = model_statistics(settings.grpc_url)
+    busy, total = cpu_times()
+    tcp = tcp_counters()
+    returncode, output, hung = _run_analyzer(cmd, env, analyzer_timeout_s(settings))
+    busy2, total2 = cpu_times()
+    # The host's cores busy over the row (client and server together): a saturated host caps what the
+    # GPU can be given.
+    row["host_cpu_busy"] = round((busy2 - busy) / (total2 - total), 3) if total2 > total else None
+    row["host_cores"] = os.cpu_count() or 1
+    tcp_after = tcp_counters()
+    row["tcp"] = {k: tcp_after[k] - v for k, v in tcp.items() if k in tcp_after}
+    row["tcp_somaxconn"] = somaxconn()
+    stages = stage_times(before, model_statistics(settings.grpc_url))
+    if stages:
+        row["stages"] = stages
+    return returncode, output, hung
 
 
 def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None:
@@ -300,23 +357,17 @@ def _run_grid(settings: SweepSettings, progress: bool, rows: List[Dict]) -> None
             row = {"model": model, "protocol": protocol, "shared_memory": shm, "batch_size": batch,
                    "concurrency": concurrency, "command": " ".join(Path(cmd[0]).name if i == 0 else a
                                                                    for i, a in enumerate(cmd))}
-            before = model_statistics(settings.grpc_url)
-            busy, total = cpu_times()
-            tcp = tcp_counters()
-            returncode, output = _run_analyzer(cmd, env, analyzer_timeout_s(settings))
-            busy2, total2 = cpu_times()
-            # The host's cores busy over the row (client and server together): a saturated host caps what the
-            # GPU can be given.
-            row["host_cpu_busy"] = round((busy2 - busy) / (total2 - total), 3) if total2 > total else None
-            row["host_cores"] = os.cpu_count() or 1
-            tcp_after = tcp_counters()
-            row["tcp"] = {k: tcp_after[k] - v for k, v in tcp.items() if k in tcp_after}
-            row["tcp_somaxconn"] = somaxconn()
-            stages = stage_times(before, model_statistics(settings.grpc_url))
-            if stages:
-                row["stages"] = stages
+            returncode, output, hung = _measured(settings, cmd, env, row)
+            if hung:
+                log.warning("perf_analyzer hung (only its main thread left for %g s): run again", LONE_THREAD_S)
+                row["retried"] = (f"perf_analyzer was left with only its main thread for {LONE_THREAD_S:g} s (its "
+                                  "request-count hang): stopped and run again")
+                for path in (csv_path, csv_path.with_suffix(".profile.json")):
+                    path.unlink(missing_ok=True)  # perf_analyzer refuses an export file that exists
+                returncode, output, hung = _measured(settings, cmd, env, row)
             if returncode is None:
-                row["error"] = (f"perf_analyzer did not finish in {analyzer_timeout_s(settings):.0f} s and was "
+                row["error"] = ("perf_analyzer hung twice (only its main thread left) and was stopped" if hung else
+                                f"perf_analyzer did not finish in {analyzer_timeout_s(settings):.0f} s and was "
                                 "stopped: requests the server never answered (its log says why), or a row that "
                                 "needs more time than its windows allow")
                 row["analyzer_output"] = output.strip().splitlines()[-15:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,22 @@ def test_a_perf_analyzer_that_runs_past_its_time_is_a_failed_row(server, contrac
     for row in rows:
         assert row["error"].startswith("perf_analyzer did not finish in 0 s and was stopped"), row
         assert "throughput_img_per_s" not in row and isinstance(row["analyzer_output"], list)
+
+
+def test_a_perf_analyzer_left_with_only_its_main_thread_is_stopped_as_hung(monkeypatch):
+    """perf_analyzer 2.51's request-count hang leaves one thread waiting forever: a process down to one thread
+    for `LONE_THREAD_S` is stopped as hung in that time, not at the row's time limit; a process that keeps
+    other threads (a perf_analyzer whose workers still run) is left to finish."""
+    import perf.sweep
+
+    monkeypatch.setattr(perf.sweep, "LONE_THREAD_S", 1.0)
+    started = time.monotonic()
+    returncode, _, hung = perf.sweep._run_analyzer(["sleep", "60"], dict(os.environ), timeout=60)
+    assert returncode is None and hung and time.monotonic() - started < 10
+    working = ("import threading, time; t = threading.Thread(target=time.sleep, args=(3,)); t.start(); t.join(); "
+               "print(1)")
+    returncode, printed, hung = perf.sweep._run_analyzer([sys.executable, "-c", working], dict(os.environ), 60)
+    assert (returncode, printed.strip(), hung) == (0, "1", False)
 
 
 @pytest.mark.server
