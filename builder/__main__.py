@@ -53,7 +53,8 @@ def _cmd_repo(args) -> int:
         preprocess=args.preprocess, engine=args.engine, torch_compile=args.torch_compile,
         gpu_photo_path=args.gpu_photo_path, gpu_decoder=args.gpu_decoder,
         hybrid_local_batch=args.hybrid_local_batch,
-        inductor_precision=args.inductor_precision or "auto", compile_timeout_s=args.compile_timeout_s,
+        inductor_precision=args.inductor_precision or "auto", window_attention=args.window_attention,
+        compile_timeout_s=args.compile_timeout_s,
         onnxruntime_tensorrt=args.onnxruntime_tensorrt, response_cache=args.response_cache,
         parity=parity(args, field_default(s.RepoSettings, "parity")),
         version=args.version, version_policy=s.VersionPolicy.parse(args.version_policy),
@@ -80,7 +81,8 @@ _INDUCTOR = (lambda a: a.engine in ("inductor", "auto"), "the inductor engine", 
 _GPU_PREPROCESS = (lambda a: a.preprocess == "gpu", "the gpu preprocessing", "--preprocess gpu")
 # builder repo options that only some engines or preprocessings read: (applies, to what, the flag that makes it).
 _APPLIES_TO = {
-    "inductor_precision": _INDUCTOR, "torch_compile": _INDUCTOR, "compile_timeout_s": _INDUCTOR,
+    "inductor_precision": _INDUCTOR, "window_attention": _INDUCTOR, "torch_compile": _INDUCTOR,
+    "compile_timeout_s": _INDUCTOR,
     "gpu_photo_path": _GPU_PREPROCESS, "gpu_decoder": _GPU_PREPROCESS, "photo_setup": _GPU_PREPROCESS,
     "photo_batch_budget_ms": _GPU_PREPROCESS,
     "hybrid_local_batch": (lambda a: a.preprocess == "gpu" and a.gpu_photo_path in ("hybrid", "auto"),

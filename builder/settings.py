@@ -38,6 +38,10 @@ INDUCTOR_PRECISIONS = ("fp16", "fp32", "int8", "fp8", "fp8-tensor")
 QUANTIZED_PRECISIONS = ("int8", "fp8", "fp8-tensor")
 # What `auto` races on a GPU build host, where the GPU and the installed packages allow it.
 RACED_PRECISIONS = ("fp16", "int8", "fp8")
+# The inductor engine's window attention: timm's own code, or one Triton kernel per window and head
+# (`engines/window_attention.py`, Swin V1 only). `auto` races the fused program at FP16 beside timm's at every
+# raced precision (each candidate is one more compile); `fused` applies it to every precision tried.
+WINDOW_ATTENTIONS = ("auto", "timm", "fused")
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 # What a TensorRT plan may be built in (`builder.engines.trt`, and the container flavor's `plan` service).
 TENSORRT_PRECISIONS = ("fp32", "tf32", "fp16", "int8", "fp8")
@@ -413,6 +417,12 @@ class RepoSettings:
             where the GPU and torchao allow, each gated against PyTorch
             FP32; without a GPU, fp16), `fp16`, `fp32`, `int8`, `fp8`
             (rowwise) or `fp8-tensor` (CPU instances always run FP32).
+        window_attention: The inductor engine's window attention on a GPU:
+            `auto` (the default: on a GPU build host the FP16 program with
+            every window attention in one Triton kernel races beside timm's
+            own; without a GPU, timm's), `timm` or `fused` (Swin V1 models
+            whose head size is a power of two from 16; others fail it, or
+            leave `auto` on timm's with a log line).
         compile_timeout_s: Each TorchInductor compile or load of the build
             is stopped after this many seconds (its candidate fails).
         preprocess_parity: Thresholds of the `draft` or `gpu` preprocessing
@@ -472,6 +482,7 @@ class RepoSettings:
     engine: str = "auto"
     torch_compile: Optional[str] = None
     inductor_precision: str = "auto"
+    window_attention: str = "auto"
     compile_timeout_s: float = 900
     preprocess_parity: Parity = field(default_factory=lambda: Parity(max_abs=0.5, min_cosine=0.999, min_top1=0.9))
     onnxruntime_tensorrt: bool = False
@@ -501,6 +512,13 @@ class RepoSettings:
         if self.flavor == "container" and self.inductor_precision in QUANTIZED_PRECISIONS:
             _fail("inductor_precision", f"{self.inductor_precision} needs torchao (torch >= 2.11), and the container "
                   "image's torch is older (docker/Dockerfile.tritonserver)", "use fp16, or the local flavor")
+        if self.window_attention not in WINDOW_ATTENTIONS:
+            _fail("window_attention", f"{self.window_attention!r} is unknown",
+                  f"use one of {', '.join(WINDOW_ATTENTIONS)}")
+        if self.window_attention == "fused" and (self.flavor == "container" or self.engine not in ("inductor", "auto")):
+            _fail("window_attention", "fused runs in the local flavor's inductor engine (torch.library.triton_op: "
+                  "torch >= 2.6; the container image's torch is older)",
+                  "use --flavor local with --engine inductor or auto, or leave it out")
         if self.compile_timeout_s <= 0:
             _fail("compile_timeout_s", f"is {self.compile_timeout_s}", "use a positive number of seconds, e.g. 900")
         if self.torch_compile is not None and self.engine not in ("inductor", "auto"):
@@ -573,6 +591,11 @@ class RepoSettings:
     def served_precision(self) -> str:
         """The inductor precision written into the classifier's config (`auto` unresolved: fp16)."""
         return "fp16" if self.inductor_precision == "auto" else self.inductor_precision
+
+    @property
+    def served_attention(self) -> str:
+        """The window attention written into the classifier's config (`auto` unresolved: timm's)."""
+        return "fused" if self.window_attention == "fused" else "timm"
 
     @property
     def serve_with_mps(self) -> bool:

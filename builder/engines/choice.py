@@ -45,6 +45,7 @@ class Candidate:
         parity: Its gate's figures (max abs, cosine, top-1 against PyTorch).
         chosen: Whether it is the served engine.
         precision: The inductor engine's precision (`fp16`, `int8`, `fp8`, ...); empty for the others.
+        attention: The inductor engine's window attention (`timm` or `fused`); empty for the others.
     """
 
     engine: str
@@ -55,11 +56,14 @@ class Candidate:
     parity: Dict = field(default_factory=dict)
     chosen: bool = False
     precision: str = ""
+    attention: str = ""
 
     @property
     def label(self) -> str:
-        """The engine, with its precision when the race tried several (`inductor fp8`)."""
-        return f"{self.engine} {self.precision}" if self.precision else self.engine
+        """The engine, with its precision when the race tried several (`inductor fp8`), and the fused window
+        attention where it was used (`inductor fp16 fused-attention`)."""
+        label = f"{self.engine} {self.precision}" if self.precision else self.engine
+        return label + " fused-attention" if self.attention == "fused" else label
 
     @property
     def latency_b1_ms(self) -> Optional[float]:

@@ -71,7 +71,8 @@ def torch_parameters(settings: RepoSettings, contract: Contract) -> Dict[str, st
     """Config parameters of the torch-engine classifier."""
     batching = settings.classifier_batching
     buckets = batch_buckets(batching.max_batch_size, batching.preferred_batch_sizes)
-    return {"precision": settings.served_precision, "compile": settings.compile_mode,
+    return {"precision": settings.served_precision, "window_attention": settings.served_attention,
+            "compile": settings.compile_mode,
             "batch_buckets": ",".join(str(b) for b in buckets),
             "input_dims": ",".join(str(d) for d in contract.pixels.dims),
             "intra_op_threads": torch_threads(settings.classifier_instances),
@@ -131,7 +132,8 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
     settings = dataclasses.replace(
         settings, engine=chosen, plan=settings.plan if chosen == "tensorrt" else None,
         torch_compile=settings.torch_compile if chosen == "inductor" else None,
-        inductor_precision=(winner.precision or settings.served_precision) if chosen == "inductor" else "auto")
+        inductor_precision=(winner.precision or settings.served_precision) if chosen == "inductor" else "auto",
+        window_attention=(winner.attention or settings.served_attention) if chosen == "inductor" else "auto")
     choice = {"requested": requested, "chosen": chosen, "precision": winner.precision or None, "reason": reason,
               "gpu": gpu, "batch_sizes": batches, "calibration": _calibration(winner, settings),
               "thresholds": {"float": dataclasses.asdict(settings.engine_parity),
@@ -226,22 +228,57 @@ def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = N
     return found
 
 
+def raced_variants(settings: RepoSettings, precisions: Dict[str, Optional[str]]) -> List[Tuple[str, str]]:
+    """The (precision, window attention) pairs this build tries: timm's attention at every precision unless
+    `fused` was asked for, the fused one at FP16 under `auto` (at every precision under `fused`)."""
+    timms = [] if settings.window_attention == "fused" else [(p, "timm") for p in precisions]
+    if settings.window_attention == "timm" or settings.flavor == "container":
+        return timms
+    fused = [(p, "fused") for p in precisions if settings.window_attention == "fused" or p == "fp16"]
+    return timms + fused
+
+
+def variant_key(precision: str, attention: str) -> str:
+    """A candidate's folder under `precisions/` (`fp16`, `fp16-fused`)."""
+    return precision if attention == "timm" else f"{precision}-{attention}"
+
+
+def _fused_program(model, contract: Contract, staging: Path, max_batch: int, settings: RepoSettings):
+    """The program with every window attention in the kernel, and its gate; or None and why it cannot be."""
+    import copy
+
+    from builder.engines import window_attention
+
+    fused = copy.deepcopy(model)
+    try:
+        count = window_attention.fuse_window_attention(fused.module)
+    except ValueError as exc:
+        return None, f"the fused window attention does not take this model: {exc}", {}
+    if not count:
+        return None, "the fused window attention covers timm's Swin V1 window attention; this model has none", {}
+    folder = staging / "fused"
+    folder.mkdir(parents=True, exist_ok=True)
+    program = inductor.export_program(fused, contract, folder / inductor.FILE, max_batch)
+    log.info("fused window attention: %d window-attention modules in one Triton kernel each", count)
+    return program, "", {"inductor_fused_vs_pytorch": inductor.validate_program(program, model, contract,
+                                                                                settings.parity)}
+
+
 def inductor_candidates(settings: RepoSettings, model, contract: Contract, params, staging: Path,
                         gpu: Optional[str], batches, strict: bool, precisions: Optional[Sequence[str]] = None
                         ) -> Tuple[List[ec.Candidate], Dict[str, Dict]]:
-    """The torch.export program, and on a GPU one engine per precision: compiled side by side, timed in turn.
+    """The torch.export program, and on a GPU one engine per precision and window attention: compiled side by
+    side, timed in turn.
 
-    Each precision builds in `staging/precisions/<name>/` (the program hard-linked); `_keep_winner` moves the
-    served one's files beside the ONNX file. A precision that fails (compile, time box, gate) is a failed row
+    Each variant builds in `staging/precisions/<variant_key>/` (its program hard-linked); `_keep_winner` moves
+    the served one's files beside the ONNX file. A variant that fails (compile, time box, gate) is a failed row
     unless it was asked for by name (`strict`).
     """
     max_batch = settings.classifier_batching.max_batch_size
     program = inductor.export_program(model, contract, staging / inductor.FILE, max_batch)
     gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
     if gpu is None:
-        _write_sidecar(staging, settings.served_precision, settings, gates["inductor_vs_pytorch"])
-        return [ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
-                             parity=gates["inductor_vs_pytorch"], precision=settings.served_precision)], gates
+        return [_program_without_gpu(settings, model, contract, staging, program, gates)], gates
     import torch
 
     from builder.core.photos import photo_batch
@@ -249,42 +286,86 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
     photos = photo_batch(params)
     with torch.no_grad():
         reference = model.module(torch.from_numpy(photos)).numpy()
-    rows: Dict[str, ec.Candidate] = {}
-    folders: Dict[str, Path] = {}
-    for precision, why_not in raced_precisions(settings, precisions).items():
-        if why_not:
-            if strict:
-                raise BuilderError(f"inductor_precision: {precision} {why_not}")
-            rows[precision] = ec.Candidate("inductor", "skipped", why_not, precision=precision)
-            continue
-        folder = folders[precision] = staging / "precisions" / precision
-        folder.mkdir(parents=True)
-        os.link(program, folder / inductor.FILE)
-        _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"])
-    engine_params = {p: dict(torch_parameters(settings, contract), precision=p) for p in folders}
+    whys = raced_precisions(settings, precisions)
+    variants = raced_variants(settings, whys)
+    programs = {"timm": (program, "")}
+    if any(attention == "fused" for _, attention in variants):
+        fused, why_not, fused_gate = _fused_program(model, contract, staging, max_batch, settings)
+        programs["fused"] = (fused, why_not)
+        gates.update(fused_gate)
+    rows, folders, engine_params = _stage_variants(settings, contract, staging, variants, whys, programs, gates,
+                                                   strict)
     compiled = _compile_side_by_side(folders, engine_params, max_batch, settings.compile_timeout_s)
-    for precision, folder in folders.items():
-        if isinstance(compiled[precision], BuilderError):
-            if strict:
-                raise compiled[precision]
-            rows[precision] = ec.Candidate("inductor", "failed", str(compiled[precision]), precision=precision)
-            continue
-        # A quantized precision is gated with thresholds sized for quantization, a float one like FP16.
-        thresholds = LOW_PRECISION_PARITY if precision in QUANTIZED_PRECISIONS else settings.engine_parity
+    for key, folder in folders.items():
+        precision, attention = engine_params[key]["precision"], engine_params[key]["window_attention"]
         try:
-            built = inductor.load_engine(folder, engine_params[precision], max_batch, batches, photos, reference,
-                                         thresholds, compiled[precision], settings.compile_timeout_s)
+            if isinstance(compiled[key], BuilderError):
+                raise compiled[key]
+            # A quantized precision is gated with thresholds sized for quantization, a float one like FP16.
+            thresholds = LOW_PRECISION_PARITY if precision in QUANTIZED_PRECISIONS else settings.engine_parity
+            built = inductor.load_engine(folder, engine_params[key], max_batch, batches, photos, reference,
+                                         thresholds, compiled[key], settings.compile_timeout_s)
         except BuilderError as exc:
             if strict:
                 raise
-            rows[precision] = ec.Candidate("inductor", "failed", str(exc), precision=precision)
+            rows[key] = ec.Candidate("inductor", "failed", str(exc), precision=precision, attention=attention)
             continue
-        _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"], built)
+        program_gate = gates["inductor_fused_vs_pytorch" if attention == "fused" else "inductor_vs_pytorch"]
+        _write_sidecar(folder, precision, settings, program_gate, built, attention=attention)
         starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
-        note = f"torch {torch.__version__} {_described(precision)}, compile={settings.compile_mode}; {starts}"
-        rows[precision] = ec.Candidate("inductor", "measured", note, built["timings"], built["start_from_scratch_s"],
-                                       built["parity_served"], precision=precision)
-    return list(rows.values()), gates
+        how = ", window attention in one Triton kernel" if attention == "fused" else ""
+        note = f"torch {torch.__version__} {_described(precision)}{how}, compile={settings.compile_mode}; {starts}"
+        rows[key] = ec.Candidate("inductor", "measured", note, built["timings"], built["start_from_scratch_s"],
+                                 built["parity_served"], precision=precision, attention=attention)
+    return [rows[variant_key(p, a)] for p, a in variants], gates
+
+
+def _program_without_gpu(settings: RepoSettings, model, contract: Contract, staging: Path, program: Path,
+                         gates: Dict[str, Dict]) -> ec.Candidate:
+    """No GPU to time on: the program (the fused one where asked for by name) is compiled where it is served."""
+    if settings.window_attention == "fused":
+        fused, why_not, fused_gate = _fused_program(model, contract, staging, settings.classifier_batching
+                                                    .max_batch_size, settings)
+        if fused is None:
+            raise BuilderError(f"window_attention: {why_not}; build with --window-attention timm")
+        os.replace(fused, program)
+        gates["inductor_vs_pytorch"] = fused_gate["inductor_fused_vs_pytorch"]
+    _write_sidecar(staging, settings.served_precision, settings, gates["inductor_vs_pytorch"])
+    return ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
+                        parity=gates["inductor_vs_pytorch"], precision=settings.served_precision,
+                        attention=settings.served_attention)
+
+
+def _stage_variants(settings: RepoSettings, contract: Contract, staging: Path, variants, whys, programs,
+                    gates: Dict[str, Dict], strict: bool):
+    """Each variant's folder (its program linked, its sidecar) and config parameters; rows for those skipped.
+
+    Raises:
+        BuilderError: A precision asked for by name (`strict`), or the fused attention asked for by name, cannot
+            be built here.
+    """
+    rows: Dict[str, ec.Candidate] = {}
+    folders: Dict[str, Path] = {}
+    engine_params: Dict[str, Dict[str, str]] = {}
+    for precision, attention in variants:
+        key = variant_key(precision, attention)
+        source, why_not = programs[attention]
+        if whys[precision] and strict:
+            raise BuilderError(f"inductor_precision: {precision} {whys[precision]}")
+        if why_not and settings.window_attention == "fused":
+            raise BuilderError(f"window_attention: {why_not}; build with --window-attention timm")
+        why_not = whys[precision] or why_not
+        if why_not:
+            rows[key] = ec.Candidate("inductor", "skipped", why_not, precision=precision, attention=attention)
+            log.info("engine candidate inductor %s: skipped (%s)", key, why_not)
+            continue
+        folder = folders[key] = staging / "precisions" / key
+        folder.mkdir(parents=True)
+        os.link(source, folder / inductor.FILE)
+        engine_params[key] = dict(torch_parameters(settings, contract), precision=precision,
+                                  window_attention=attention)
+        _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"], attention=attention)
+    return rows, folders, engine_params
 
 
 # What a torchao-quantized engine was calibrated on: nothing, its activation scales are computed per batch.
@@ -299,10 +380,11 @@ def _described(precision: str) -> str:
 
 
 def _write_sidecar(folder: Path, precision: str, settings: RepoSettings, program_parity: Dict,
-                   built: Optional[Dict] = None) -> None:
+                   built: Optional[Dict] = None, attention: Optional[str] = None) -> None:
     """engine.json: what the stored artifacts are tied to (checked at load), and the engine's figures."""
     sidecar = {"environment": inductor.environment(), "parity": program_parity,
-               "precision": f"{precision} on GPU, fp32 on CPU", "compile": settings.compile_mode}
+               "precision": f"{precision} on GPU, fp32 on CPU", "compile": settings.compile_mode,
+               "window_attention": attention or settings.served_attention}
     if precision in QUANTIZED_PRECISIONS:
         sidecar["quantization"] = {"library": "torchao", "version": _version("torchao"),
                                    "layers": _described(precision),
@@ -321,10 +403,10 @@ def _version(package: str) -> Optional[str]:
 
 def _compile_side_by_side(folders: Dict[str, Path], params: Dict[str, Dict[str, str]], max_batch: int,
                           timeout_s: float) -> Dict[str, object]:
-    """Each precision's compile in its own process, all at once (CPU work); start seconds or the error."""
-    def one(precision: str):
+    """Each variant's compile in its own process, all at once (CPU work); start seconds or the error."""
+    def one(key: str):
         try:
-            return inductor.compile_engine(folders[precision], params[precision], max_batch, timeout_s)
+            return inductor.compile_engine(folders[key], params[key], max_batch, timeout_s)
         except BuilderError as exc:
             return exc
 
@@ -333,15 +415,20 @@ def _compile_side_by_side(folders: Dict[str, Path], params: Dict[str, Dict[str, 
 
 
 def _keep_winner(staging: Path, winner: ec.Candidate, gates: Dict[str, Dict]) -> None:
-    """Moves the served inductor precision's files beside the program; drops the rest (and the program if lost)."""
+    """Moves the served inductor variant's files beside the ONNX file (its program too: the fused one replaces
+    timm's); drops the rest (and the program if lost)."""
     precisions = staging / "precisions"
-    if winner.engine == "inductor" and (precisions / winner.precision).is_dir():
-        for name in (inductor.SIDECAR, inductor.ARTIFACTS):
-            source = precisions / winner.precision / name
-            if source.is_file():
-                os.replace(source, staging / name)
+    served = precisions / variant_key(winner.precision, winner.attention or "timm")
+    if winner.engine == "inductor" and served.is_dir():
+        for name in (inductor.FILE, inductor.SIDECAR, inductor.ARTIFACTS):
+            if (served / name).is_file():
+                os.replace(served / name, staging / name)
         gates["inductor_served_vs_pytorch"] = winner.parity
+    fused_gate = gates.pop("inductor_fused_vs_pytorch", None)
+    if winner.attention == "fused" and fused_gate:  # the served program's own gate
+        gates["inductor_vs_pytorch"] = fused_gate
     shutil.rmtree(precisions, ignore_errors=True)
+    shutil.rmtree(staging / "fused", ignore_errors=True)
     if winner.engine != "inductor":  # a losing program does not ship
         for name in inductor.FILES:
             (staging / name).unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """The inductor engine's runner: a torch.export program on one device, and the softmax head.
 
 Copied beside the inductor classifier's `model.py` and beside every GPU photo path's (its head serves them all;
-`triton_models.SERVED_MODULES`). Also run by the build's engine race and photo-path measurement, `perf bare` and
-the GPU tools under `perf/gpu/`.
+`triton_models.SERVED_MODULES`), with `window_attention.py`, which a fused program's op needs. Also run by the
+build's engine race and photo-path measurement, `perf bare` and the GPU tools under `perf/gpu/`.
 """
 
 import json
@@ -40,6 +40,14 @@ def _end_compile_workers():
         shutdown()
 
 
+def _register_window_attention():
+    """Imports the fused window attention's op (`swin_triton::window_attention`), which a fused program calls: the
+    copy beside this file where served, the project's module elsewhere (one of them, so it registers once)."""
+    import importlib
+
+    importlib.import_module(f"{__package__}.window_attention" if __package__ else "window_attention")
+
+
 class TorchEngine:
     """A torch.export program on one device, batches padded to a few bucket sizes.
 
@@ -60,6 +68,11 @@ class TorchEngine:
             # Each instance is a stub process; torch's default pool has one thread per core in every one of
             # them, while a GPU instance only stacks and copies batches on the CPU.
             torch.set_num_threads(threads)
+        attention = params.get("window_attention", "timm")
+        if attention == "fused":
+            _register_window_attention()
+        elif attention != "timm":  # checked on every device, as the tuning below
+            raise ValueError(f"window_attention {attention!r} is unknown; use timm or fused")
         program = torch.export.load(os.path.join(version_dir, "model.pt2")).module().to(self.device)
         precision = params.get("precision", "fp16") if self.device.type == "cuda" else "fp32"
         self.dtype = getattr(torch, PRECISIONS[precision][0])

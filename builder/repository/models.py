@@ -57,7 +57,8 @@ def _copy_gate_photos(version_dir: Path) -> None:
 # Modules a served model.py imports, copied beside it (a stub Python imports them from there, not the project).
 SHARED_MODULES = {"imaging.py": BUILDER_DIR / "core" / "imaging.py", "gpu_imaging.py": MODELS_DIR / "gpu_imaging.py",
                   "gpu_transform.py": MODELS_DIR / "gpu_transform.py", "served.py": MODELS_DIR / "served.py",
-                  "torch_runner.py": BUILDER_DIR / "engines" / "torch_runner.py"}
+                  "torch_runner.py": BUILDER_DIR / "engines" / "torch_runner.py",
+                  "window_attention.py": BUILDER_DIR / "engines" / "window_attention.py"}
 
 
 def _copy_python_model(source_name: str, version_dir: Path, role: str) -> None:

@@ -1,6 +1,7 @@
 """Where a batch's GPU time goes, by kernel kind, for one inductor precision: the matmuls against the rest.
 
     python perf/gpu/kernel_mix.py --output build/mix-fp16.json --precision fp16 [--batch 128]
+        [--window-attention fused]
 
 Swin-T (random weights, seed 0), exported and compiled as the served engine is (TorchInductor, here without
 CUDA graphs so the profiler sees every kernel), then 10 batches under torch.profiler. Needs a CUDA GPU, torch,
@@ -25,6 +26,8 @@ MATMUL = re.compile(r"gemm|nvjet|xmma|cutlass|scaled_mm|_int_mm|matmul|sm90_|sm8
 def kind(name: str) -> str:
     # Triton kernels first: Inductor names them after every op they fuse, so a dynamic-quantization kernel
     # (amax, scale, cast) that feeds a scaled matmul has `_scaled_mm` in its name without being one.
+    if "window_attention" in name:  # builder.engines.window_attention's kernel: scores, softmax and values
+        return "window attention (one Triton kernel)"
     if name.startswith("triton_"):
         return "activation quantization (Triton)" if "amax" in name else "fused elementwise/reduction (Triton)"
     if MATMUL.search(name):
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--precision", default="fp16")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--window-attention", choices=("timm", "fused"), default="timm")
     parser.add_argument("--wait-for", help="a file to wait for before profiling (another job's end)")
     args = parser.parse_args()
 
@@ -49,11 +53,15 @@ def main() -> None:
     from builder.settings import ModelSource
 
     model = load_model(ModelSource("swin_tiny_patch4_window7_224"))
+    if args.window_attention == "fused":
+        from builder.engines.window_attention import fuse_window_attention
+
+        fuse_window_attention(model.module)
     with tempfile.TemporaryDirectory() as tmp:
         export_program(model, Contract("swin_tiny_patch4_window7_224", (224, 224), 1000), Path(tmp) / "model.pt2",
                        args.batch)
         params = {"precision": args.precision, "compile": "default", "batch_buckets": str(args.batch),
-                  "input_dims": "3,224,224", "intra_op_threads": "1"}
+                  "input_dims": "3,224,224", "intra_op_threads": "1", "window_attention": args.window_attention}
         engine = TorchEngine(tmp, "cuda", params, args.batch, log=print)
     while args.wait_for and not Path(args.wait_for).exists():
         time.sleep(1)
@@ -71,7 +79,7 @@ def main() -> None:
             totals[kind(event.name)] += event.device_time / 10 / 1000  # ms per batch
             kernels[event.name] += event.device_time / 10 / 1000
     total = sum(totals.values())
-    report = {"precision": args.precision, "batch": args.batch, "gpu": torch.cuda.get_device_name(0),
+    report = {"precision": args.precision, "window_attention": args.window_attention, "batch": args.batch, "gpu": torch.cuda.get_device_name(0),
               "torch": torch.__version__, "gpu_ms_per_batch": round(total, 3),
               "by_kind_ms": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
               "by_kind_share": {k: round(v / total, 3) for k, v in totals.items()},

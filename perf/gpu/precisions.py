@@ -1,6 +1,10 @@
 """Each inductor precision built, gated and timed as `--engine auto` does (compiled side by side, timed in turn).
 
     python perf/gpu/precisions.py --output build/precisions.json [--precisions fp16,int8,fp8] [--timeout-s 300]
+        [--window-attention auto|timm|fused|both]
+
+`--window-attention` as `builder repo` takes it (auto: the fused FP16 program beside timm's at every precision);
+`both`: every precision with timm's attention, then every one with the fused kernel, timed in one run.
 
 Swin-T (timm `swin_tiny_patch4_window7_224`, random weights seed 0 unless --checkpoint), the bundled photos
 through the exact preprocessing as the parity set, PyTorch FP32 as the reference. Needs a CUDA GPU, torch,
@@ -8,6 +12,7 @@ timm and, for int8/fp8, torchao.
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -25,6 +30,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp16,int8,fp8,fp8-tensor")
     parser.add_argument("--batches", default="1,32,64,128")
     parser.add_argument("--timeout-s", type=float, default=300)
+    parser.add_argument("--window-attention", choices=("auto", "timm", "fused", "both"), default="auto")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
 
@@ -37,7 +43,8 @@ def main() -> None:
     from builder.settings import Batching, ModelSource, RepoSettings
 
     settings = RepoSettings(source=ModelSource(args.model, checkpoint=args.checkpoint), engine="inductor",
-                            preprocess="gpu", compile_timeout_s=args.timeout_s, classifier_batching=Batching(128, (32, 64, 128), 500))
+                            flavor="local", preprocess="gpu", compile_timeout_s=args.timeout_s,
+                            classifier_batching=Batching(128, (32, 64, 128), 500))
     model = load_model(settings.source)
     height, width = model.data_config["input_size"][1:]
     contract = Contract(settings.model_name, (int(height), int(width)), model.num_classes)
@@ -45,10 +52,16 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     report = {"model": args.model, "weights": model.weights, "gpu": torch.cuda.get_device_name(0),
               "torch": torch.__version__, "command": " ".join(sys.argv)}
-    with tempfile.TemporaryDirectory() as tmp:
-        rows, gates = inductor_candidates(settings, model, contract, params, Path(tmp), report["gpu"], batches,
-                                          strict=False, precisions=args.precisions.split(","))
+    rows, gates = [], {}
+    for attention in ("timm", "fused") if args.window_attention == "both" else (args.window_attention,):
+        with tempfile.TemporaryDirectory() as tmp:
+            found, figures = inductor_candidates(dataclasses.replace(settings, window_attention=attention), model,
+                                                 contract, params, Path(tmp), report["gpu"], batches, strict=False,
+                                                 precisions=args.precisions.split(","))
+        rows += found
+        gates.update(figures)
     report["program_parity"] = gates["inductor_vs_pytorch"]
+    report["fused_program_parity"] = gates.get("inductor_fused_vs_pytorch")
     report["candidates"] = [row.to_dict() for row in rows]
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     for row in rows:

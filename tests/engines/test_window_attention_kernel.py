@@ -11,9 +11,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# Run as written on the CPU under Triton's interpreter here, and on a GPU by tests/gpu (argv[1]: the device).
 SCRIPT = """
-import json, torch
+import json, sys, torch
 from builder.engines.window_attention import reference, shift_mask, window_attention
+device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
 rows = []
 # (window, stage resolution, channels, heads, images, shifted, dtype)
@@ -22,16 +24,16 @@ for window, resolution, channels, heads, images, shifted, dtype in (
         (7, 7, 32, 1, 5, False, torch.float32), (12, 24, 64, 4, 1, True, torch.float32),
         (12, 12, 32, 2, 3, False, torch.float32), (7, 14, 64, 2, 3, True, torch.float16)):
     tokens, per_image = window * window, (resolution // window) ** 2
-    qkv = torch.randn(images * per_image, tokens, 3 * channels).to(dtype)
-    bias = torch.randn(heads, tokens, tokens).to(dtype)
-    mask = shift_mask(resolution, window, window // 2, "cpu").to(dtype) if shifted else None
+    qkv = torch.randn(images * per_image, tokens, 3 * channels).to(device, dtype)
+    bias = torch.randn(heads, tokens, tokens).to(device, dtype)
+    mask = shift_mask(resolution, window, window // 2, device).to(dtype) if shifted else None
     scale = (channels // heads) ** -0.5
     exact = reference(qkv.float(), bias.float(), mask.float() if mask is not None else None, heads, scale)
     ours = window_attention(qkv, bias, mask, heads, scale)
     rows.append({"window": window, "shifted": shifted, "windows": qkv.shape[0], "dtype": str(dtype),
                  "shape_ok": ours.shape == exact.shape, "max_abs": (ours.float() - exact).abs().max().item()})
 try:
-    window_attention(torch.zeros(2, 49, 3 * 72), torch.zeros(3, 49, 49), None, 3, 0.2)
+    window_attention(torch.zeros(2, 49, 3 * 72, device=device), torch.zeros(3, 49, 49, device=device), None, 3, 0.2)
 except ValueError as exc:
     rows.append({"refused": str(exc)})
 print(json.dumps(rows))
@@ -53,15 +55,17 @@ def test_the_fused_window_attention_matches_timms_math_on_the_interpreter():
 
 
 WHOLE_MODEL = """
-import json, torch, timm
+import json, sys, torch, timm
 from builder.engines.window_attention import fuse_window_attention
+device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
 torch.manual_seed(0)
 kwargs = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1])  # shifted blocks in stages 1-3
 timms = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
 fused = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
 fused.load_state_dict(timms.state_dict())
 modules = fuse_window_attention(fused)
-x = torch.randn(3, 3, 224, 224)
+timms, fused = timms.to(device), fused.to(device)
+x = torch.randn(3, 3, 224, 224, device=device)
 with torch.inference_mode():
     a, b = timms(x), fused(x)
 odd = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=24, depths=[1, 1, 1, 1],

@@ -158,11 +158,15 @@ def test_auto_race_ran_on_the_gpu(gpu_served):
     assert {"onnxruntime", "inductor"} <= set(measured), engine["candidates"]
     precisions = {c["precision"] for c in engine["candidates"] if c["engine"] == "inductor"}
     assert {"fp16", "int8", "fp8"} <= precisions  # auto races the quantized precisions too (torchao installed)
+    # ... and the FP16 program with every window attention in the Triton kernel, gated like the others.
+    (fused,) = [c for c in engine["candidates"] if c["attention"] == "fused"]
+    assert fused["status"] == "measured" and fused["precision"] == "fp16", fused
+    assert fused["parity"]["top1_agreement"] >= s.RepoSettings().engine_parity.min_top1
     rows = [Candidate(**{k: v for k, v in c.items() if k in Candidate.__dataclass_fields__})
             for c in engine["candidates"]]
     assert engine["chosen"] == choose(rows).engine
-    print("auto race:", json.dumps([(c["engine"], c["precision"], c["status"], c["best_throughput_img_per_s"])
-                                    for c in engine["candidates"]]))
+    print("auto race:", json.dumps([(c["engine"], c["precision"], c["attention"], c["status"],
+                                     c["best_throughput_img_per_s"]) for c in engine["candidates"]]))
 
 
 def _infer(server, model: str, images):

@@ -12,10 +12,10 @@ SERVED_MODULES = {
     "preprocess": ("imaging.py", "served.py"),
     "preprocess_gpu": (*_GPU_IMAGING, "served.py"),
     "classifier": (),
-    "classifier_torch": ("torch_runner.py",),
+    "classifier_torch": ("torch_runner.py", "window_attention.py"),
     "postprocess": (),
     # torch_runner.py in every design: its head (softmax) serves the BLS path's logits too.
-    "photo_path": (*_GPU_IMAGING, "served.py", "torch_runner.py"),
+    "photo_path": (*_GPU_IMAGING, "served.py", "torch_runner.py", "window_attention.py"),
 }
 
 

@@ -1,0 +1,86 @@
+"""The fused window attention as an inductor engine variant (`--window-attention`): the settings, what the race
+enters, and a repository built with it, checked and served by a real tritonserver on the CPU (where the op runs
+timm's own math; the kernel itself is tested on Triton's interpreter, tests/engines/test_window_attention_kernel.py,
+and on the GPU by `make test-gpu`)."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from builder import settings as s
+from builder.compare import compare_logits
+from builder.core.manifest import read_manifest
+from builder.engines import choice as ec
+from builder.engines.race import raced_variants, variant_key
+from builder.errors import BuilderError
+from conftest import free_ports, tiny_settings
+
+
+def test_window_attention_settings_name_the_fix():
+    assert s.RepoSettings().window_attention == "auto" and s.RepoSettings().served_attention == "timm"
+    assert s.RepoSettings(flavor="local", window_attention="fused").served_attention == "fused"
+    with pytest.raises(BuilderError, match="window_attention: 'flash' is unknown; use one of auto, timm, fused"):
+        s.RepoSettings(window_attention="flash")
+    with pytest.raises(BuilderError, match="window_attention: fused runs in the local flavor's inductor engine"):
+        s.RepoSettings(window_attention="fused")  # the container flavor's torch is older
+    with pytest.raises(BuilderError, match="use --flavor local with --engine inductor or auto"):
+        s.RepoSettings(flavor="local", engine="onnxruntime", window_attention="fused")
+
+
+def test_the_race_enters_the_fused_program_at_fp16_and_every_precision_when_asked():
+    every = {"fp16": None, "int8": None, "fp8": None}
+    local = s.RepoSettings(flavor="local")
+    assert raced_variants(local, every) == [("fp16", "timm"), ("int8", "timm"), ("fp8", "timm"), ("fp16", "fused")]
+    fused = s.RepoSettings(flavor="local", window_attention="fused")
+    assert raced_variants(fused, every) == [("fp16", "fused"), ("int8", "fused"), ("fp8", "fused")]
+    assert raced_variants(s.RepoSettings(flavor="local", window_attention="timm"), every) == [
+        (p, "timm") for p in every]
+    assert raced_variants(s.RepoSettings(), every) == [(p, "timm") for p in every]  # container: timm's only
+    assert [variant_key(p, a) for p, a in raced_variants(local, every)] == ["fp16", "int8", "fp8", "fp16-fused"]
+    row = ec.Candidate("inductor", "measured", precision="fp16", attention="fused")
+    assert row.label == "inductor fp16 fused-attention" and row.to_dict()["attention"] == "fused"
+    assert ec.Candidate("inductor", "measured", precision="fp16", attention="timm").label == "inductor fp16"
+
+
+def test_a_model_the_kernel_does_not_take_fails_fused_by_name_in_one_line(tmp_path):
+    """A head size the kernel does not take (here 24): `--window-attention fused` fails the build, naming the fix."""
+    from builder.repository.writer import build_repository
+
+    odd = s.ModelSource(s.DEFAULT_MODEL, model_kwargs='{"embed_dim": 24, "depths": [1, 1, 1, 1], '
+                                                      '"num_heads": [1, 1, 1, 1]}', seed=0)
+    with pytest.raises(BuilderError, match="window_attention: the fused window attention does not take this model: "
+                                           "head size 24.*build with --window-attention timm"):
+        build_repository(tiny_settings(tmp_path / "repo", source=odd, engine="inductor", torch_compile="none",
+                                       window_attention="fused"))
+    assert not (tmp_path / "repo").exists()  # nothing half-written
+
+
+@pytest.mark.server
+def test_a_fused_attention_repository_is_checked_served_and_gives_timms_answers(tmp_path, photos, timm_reference):
+    from builder.repository.check import check_repository
+    from builder.repository.writer import build_repository
+    from builder.serving.server import LocalServer, ServerSettings
+    from clients import Classifier, ClientSettings
+
+    repo = build_repository(tiny_settings(tmp_path / "repo", engine="inductor", torch_compile="none",
+                                          window_attention="fused"))
+    version = repo / "swin_tiny_patch4_window7_224_classifier" / "1"
+    config = (version.parent / "config.pbtxt").read_text()
+    assert 'key: "window_attention"\n  value {\n    string_value: "fused"' in config
+    assert (version / "window_attention.py").is_file() and check_repository(repo) == []
+    with zipfile.ZipFile(version / "model.pt2") as stored:  # the op is in the served program, not timm's attention
+        assert any(b"swin_triton.window_attention" in stored.read(n) for n in stored.namelist() if n.endswith(".json"))
+    manifest = read_manifest(repo)
+    assert manifest["parity"]["inductor_vs_pytorch"]["max_abs"] < 1e-4
+    (row,) = manifest["engine"]["candidates"]
+    assert row["attention"] == "fused" and row["chosen"]
+    http, grpc, metrics = free_ports(3)
+    with LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"))):
+        with Classifier(ClientSettings(url=f"127.0.0.1:{grpc}", model=manifest["contract"]["ensemble"])) as client:
+            results = client.classify(photos[:4], return_logits=True)
+    served = np.stack([r.logits for r in results])
+    figures = compare_logits(timm_reference(photos[:4]), served)
+    assert figures["max_abs"] < 1e-3 and figures["top1_agreement"] == 1.0, figures

@@ -1,0 +1,43 @@
+"""The fused window attention's Triton kernel on the GPU: the scripts the CPU tests run under Triton's interpreter
+(tests/engines/test_window_attention_kernel.py), here compiled for this GPU; and a fused Swin-T against timm's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.engines.test_window_attention_kernel import SCRIPT, WHOLE_MODEL
+
+pytestmark = pytest.mark.gpu
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str) -> list:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", script, "cuda"], capture_output=True, text=True, timeout=600,
+                            cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_kernel_matches_timms_math_on_the_gpu():
+    """Windows of 7 and 12, shifted and unshifted, odd window counts, FP32 (TF32 products) and FP16."""
+    *rows, refused = _run(SCRIPT)
+    for row in rows:
+        assert row["shape_ok"], row
+        assert row["max_abs"] < 2e-2, row  # tl.dot takes FP32 as TF32 on tensor cores
+    assert {(r["window"], r["shifted"]) for r in rows} == {(7, True), (7, False), (12, True), (12, False)}
+    assert "head size is a power of two" in refused["refused"]
+    print("window attention on the GPU:", json.dumps(rows))
+
+
+def test_a_fused_swin_gives_timms_logits_on_the_gpu():
+    figures = _run(WHOLE_MODEL)
+    assert figures["modules"] == 8 and figures["top1"] and figures["max_abs"] < 5e-2, figures
+    print("fused Swin on the GPU:", json.dumps(figures))
