@@ -516,8 +516,8 @@ class RepoSettings:
             _fail("window_attention", f"{self.window_attention!r} is unknown",
                   f"use one of {', '.join(WINDOW_ATTENTIONS)}")
         if self.window_attention == "fused" and (self.flavor == "container" or self.engine not in ("inductor", "auto")):
-            _fail("window_attention", "fused runs in the local flavor's inductor engine (torch.library.triton_op: "
-                  "torch >= 2.6; the container image's torch is older)",
+            _fail("window_attention", "fused runs in the local flavor's inductor engine (the container image's "
+                  "torch and Triton are older and untried with the kernel)",
                   "use --flavor local with --engine inductor or auto, or leave it out")
         if self.compile_timeout_s <= 0:
             _fail("compile_timeout_s", f"is {self.compile_timeout_s}", "use a positive number of seconds, e.g. 900")

@@ -12,10 +12,14 @@ registers, takes the softmax in FP32, multiplies by v and stores. The scores nev
 Swin-T with every window attention pointed at it (`fuse_window_attention`) did 13,722 img/s at batch 128 against
 11,075 for timm's, both compiled (perf/results/h100-as-built).
 
-The op is a `torch.library.triton_op`, so `torch.export` stores it in a program and Inductor compiles around it; a
-stored program that holds it loads where this module has been imported (it registers the op). On the CPU the op
-runs timm's own math (`reference`); under `TRITON_INTERPRET=1` `window_attention` runs the kernel itself (the
-tests). `perf/gpu/window_attention.py` and `fused_swin.py` time it.
+The op is a `torch.library.custom_op` with a fake (shape-only) implementation: `torch.export` stores it in a
+program, and Inductor calls it as one opaque kernel and compiles the rest around it, CUDA graphs included. A stored
+program that holds it loads where this module has been imported (it registers the op). Not a `triton_op`, which
+Inductor traces into: compiled from a stored program with a dynamic batch (the served engine's way), that form failed
+in every TorchInductor compile of `make test-gpu` on an H100 (torch 2.11, 2026-12-07), while the kernel itself passed;
+Inductor does not fuse a user kernel with its own either way. On the CPU the op runs timm's own math (`reference`);
+under `TRITON_INTERPRET=1` it runs the kernel itself (the tests). `perf/gpu/window_attention.py` and `fused_swin.py`
+time it.
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch
 
 def _launch(kernel, qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
             scale: float) -> torch.Tensor:
-    """The kernel (or its `wrap_triton` form, inside the op) on one program per window and head."""
+    """The kernel on one program per window and head."""
     windows, tokens, three_channels = qkv.shape
     channels = three_channels // 3
     out = torch.empty((windows, tokens, channels), dtype=qkv.dtype, device=qkv.device)
@@ -127,11 +131,17 @@ def shift_mask(resolution: int, window: int, shift: int, device) -> torch.Tensor
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
-@torch.library.triton_op("swin_triton::window_attention", mutates_args=())
+@torch.library.custom_op("swin_triton::window_attention", mutates_args=())
 def window_attention_op(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
                         scale: float) -> torch.Tensor:
-    """`window_attention` as a torch op that Inductor traces into (the kernel in the graph, not a black box)."""
-    return _launch(torch.library.wrap_triton(_window_attention), qkv, bias, mask, heads, scale)
+    """`window_attention` as a torch op: one opaque kernel to torch.export and Inductor."""
+    return _launch(_window_attention, qkv, bias, mask, heads, scale)
+
+
+@window_attention_op.register_fake
+def _window_attention_shape(qkv, bias, mask, heads, scale):
+    """What tracing (torch.export, Inductor) sees: the output's shape and dtype, (windows, tokens, channels)."""
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
 
 
 def _window_attention_cpu(qkv, bias, mask, heads, scale):

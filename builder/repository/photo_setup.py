@@ -34,8 +34,14 @@ from builder.settings import PhotoSetup
 log = logging.getLogger("builder")
 
 
-def _load(version_dir: str, params: dict, max_batch: int):
-    """The photo path's preprocessor, engine and head on params["device"]: a function of JPEG bytes -> arrays."""
+def _load(version_dir: str, params: dict):
+    """The photo path's preprocessor, engine and head on params["device"]: a function of JPEG bytes -> arrays.
+
+    As served, the engine takes at most the classifier's max batch (what its program was exported for), and a
+    larger batch of photos is classified in chunks of that size.
+    """
+    import torch
+
     from builder.core import imaging
     from builder.engines import torch_runner
     from builder.repository.triton_models import gpu_imaging
@@ -43,12 +49,14 @@ def _load(version_dir: str, params: dict, max_batch: int):
     device = params["device"]
     pre = gpu_imaging.GpuPreprocessor.from_config(imaging.PreprocessParams.from_parameters(params), params, device,
                                                   map, print)
-    engine = torch_runner.TorchEngine(os.path.join(version_dir, params["engine_dir"]), device, params, max_batch,
+    chunk = int(params["classifier_max_batch"])
+    engine = torch_runner.TorchEngine(os.path.join(version_dir, params["engine_dir"]), device, params, chunk,
                                       log=lambda message: None)
 
     def labels(items):
         pixels, _ = pre(items)
-        return torch_runner.class_outputs_packed(engine(pixels)).cpu().numpy()
+        return torch.cat([torch_runner.class_outputs_packed(engine(pixels[i:i + chunk]))
+                          for i in range(0, len(pixels), chunk)]).cpu().numpy()
 
     return labels
 
@@ -59,7 +67,7 @@ def _worker(index, version_dir, params, photos, batches, seconds, barrier, resul
 
     from builder.timing import timed
 
-    labels = _load(version_dir, params, max(batches))
+    labels = _load(version_dir, params)
     if index == 0:  # one process says where it ran
         on_gpu = params["device"].startswith("cuda")
         results.put({"gpu": torch.cuda.get_device_name(0) if on_gpu else "none", "torch": torch.__version__})

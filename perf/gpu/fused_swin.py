@@ -3,7 +3,7 @@
     python perf/gpu/fused_swin.py --output build/fused-swin.json [--batches 1,32,128] [--model swin_tiny_...]
 
 The kernel is the torch op `swin_triton::window_attention` of `builder.engines.window_attention`
-(`torch.library.triton_op`, so torch.compile and Inductor see the kernel in the graph instead of a black box), and
+(a `torch.library.custom_op`: torch.compile and Inductor call it as one kernel and compile the rest around it), and
 `fuse_window_attention(model)` points every `WindowAttention.forward` of a timm Swin at it: the qkv projection,
 the op, the output projection; no permute, score tensor or softmax pass is left between them.
 

@@ -40,7 +40,8 @@ def test_a_build_without_a_gpu_records_why_the_setup_was_not_measured(gpu_instan
 
 
 def test_the_measured_winner_is_what_the_photo_path_is_written_with(gpu_instances_repo, tmp_path):
-    """Measured on the CPU (same code, processes and timing as on a GPU; MPS needs a GPU, so off only)."""
+    """Measured on the CPU (same code, processes and timing as on a GPU; MPS needs a GPU, so off only); a batch
+    limit above the classifier's max batch (12 > 8) is classified in chunks of the classifier's, as served."""
     repo = tmp_path / "repo"
     shutil.copytree(gpu_instances_repo, repo, symlinks=True)
     manifest = read_manifest(repo)
@@ -52,13 +53,13 @@ def test_the_measured_winner_is_what_the_photo_path_is_written_with(gpu_instance
     built = tiny_settings(repo, preprocess="gpu", engine="inductor", torch_compile="none",
                           preprocess_instances=s.InstanceGroup("KIND_GPU", 2), gpu_photo_path="fused",
                           classifier_instances=s.InstanceGroup("KIND_GPU", 1),
-                          photo_setup=s.PhotoSetup(processes=(1, 2), batches=(1, 3), mps=(False,), seconds=0.3,
+                          photo_setup=s.PhotoSetup(processes=(1, 2), batches=(1, MAX_BATCH + 4), mps=(False,), seconds=0.3,
                                                    budget_ms=60_000))
     labels = (repo / contract.ensemble / "labels.txt").read_text().splitlines()
     settled, record = settle_photo_setup(built, "fused", repo, contract, parameters, labels, False, device="cpu")
     assert record["measured"] and record["device"] == "cpu" and record["gpu"] == "none"
     assert sorted((r["processes"], r["batch"], r["mps"]) for r in record["rows"]) == [
-        (1, 1, False), (1, 3, False), (2, 1, False), (2, 3, False)]
+        (1, 1, False), (1, MAX_BATCH + 4, False), (2, 1, False), (2, MAX_BATCH + 4, False)]
     assert all(r["img_per_s"] > 0 and r["batch_p50_ms"] > 0 for r in record["rows"])
     chosen = record["chosen"]
     assert chosen == {k: choose(record["rows"], 60_000)[k] for k in chosen}
