@@ -140,3 +140,24 @@ def test_a_fused_swin_is_stored_by_torch_export_and_loads_where_the_op_is_regist
     bare = subprocess.run([sys.executable, "-c", LOAD.replace("import builder.engines.window_attention", "pass"),
                            program, data], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert bare.returncode != 0  # the op is part of the stored program: its module must be imported first
+
+
+def test_every_swin_v1_timm_ships_is_taken_and_swin_v2_is_left_to_timm():
+    """Every `swin_*` timm ships (windows of 7 and 12, 224 and 384 inputs, tiny to large, the S3 searches) has all
+    its window attention taken by the kernel; a Swin V2 (cosine attention) has none, so `auto` keeps timm's
+    program for it (the race's row says why)."""
+    import timm
+    import torch
+    from timm.models.swin_transformer import WindowAttention
+
+    from builder.engines.window_attention import fuse_window_attention
+
+    names = timm.list_models("swin_*")
+    assert {"swin_tiny_patch4_window7_224", "swin_large_patch4_window12_384"} <= set(names)
+    for name in names:
+        with torch.device("meta"):  # shapes only: no weights are made
+            model = timm.create_model(name, pretrained=False)
+        modules = sum(isinstance(m, WindowAttention) for m in model.modules())
+        assert fuse_window_attention(model) == modules > 0, name
+    with torch.device("meta"):
+        assert fuse_window_attention(timm.create_model("swinv2_tiny_window8_256", pretrained=False)) == 0
