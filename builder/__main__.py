@@ -30,7 +30,7 @@ log = logging.getLogger("builder")
 
 def _cmd_repo(args) -> int:
     from builder import settings as s
-    from builder.args import field_default, model_source, parity
+    from builder.cli.args import field_default, model_source, parity
     from builder.repository.writer import build_repository
 
     _refuse_options_that_do_not_apply(args)
@@ -138,7 +138,7 @@ def _existing_flavor(output: str, add_version: bool):
 
 def _cmd_export(args) -> int:
     from builder import settings as s
-    from builder.args import field_default, model_source, parity
+    from builder.cli.args import field_default, model_source, parity
     from builder.export.onnx_export import export_onnx, reference_data, validate_onnx
     from builder.export.model import load_model
     from builder.core.contract import Contract
@@ -200,7 +200,7 @@ def _cmd_quantize(args) -> int:
     import numpy as np
 
     from builder import settings as settings_module
-    from builder.args import parity
+    from builder.cli.args import parity
     from builder.engines.quantize import count_qdq, quantize_int8, validate_quantized
 
     try:

@@ -443,8 +443,9 @@ class RepoSettings:
             ones: a lone photo skips the hop, a full batch joins the
             classifier's batches), `ensemble` (preprocess,
             classifier and postprocess models chained by Triton) or `auto`
-            (the default: with the inductor engine fused, or hybrid from 6
-            GPU photo-path instances; else pipeline).
+            (the default: with the inductor engine fused, or hybrid from
+            `MANY_PHOTO_PATH_INSTANCES` GPU photo-path instances; else
+            pipeline).
         gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
             batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
             hardware JPEG decoders first; the package must be installed in

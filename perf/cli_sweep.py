@@ -131,7 +131,7 @@ def _cmd_scaling(args) -> int:
 
 def _windows(p, settings) -> None:
     """perf_analyzer's measurement windows (sweep and scaling), defaults from the command's settings class."""
-    from builder.args import field_default
+    from builder.cli.args import field_default
 
     for option, field, what in (("--measurement-interval-ms", "measurement_interval_ms", "each window's length"),
                                 ("--stability-percent", "stability_percent",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from builder import settings as s
 from builder.__main__ import build_parser
-from builder.args import field_default
+from builder.cli.args import field_default
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -60,6 +60,8 @@ def _layer(module: str) -> str:
         return "core"
     if module == "builder.__main__":  # the CLI's entry point (its parser is builder.cli)
         return "cli"
+    if module == "builder.cli.args":  # the argument groups every command line shares, builder.engines.trt's too
+        return "common"
     if len(parts) > 2 or (ROOT / "builder" / parts[-1]).is_dir():
         return parts[1] if parts[1] in LAYERS else "common"
     return "common"

@@ -1,1 +1,2 @@
-"""The `python -m builder` command line: its parser (`parser.py`); the commands themselves are `builder.__main__`."""
+"""The `python -m builder` command line: the options the command lines share (`args.py`, also read by
+`builder.engines.trt` in a TensorRT-only Python) and the parser (`parser.py`); the commands are `builder.__main__`."""

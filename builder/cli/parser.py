@@ -1,6 +1,6 @@
 """The `python -m builder` argument parser: every subcommand's options, each declared once.
 
-Defaults come from the settings dataclasses (`builder.args.field_default`); the commands that use the parsed
+Defaults come from the settings dataclasses (`builder.cli.args.field_default`); the commands that use the parsed
 arguments live in `builder.__main__`. Only argparse and the settings are imported, so `--help` is instant.
 """
 
@@ -38,7 +38,7 @@ def given_options(argv=None) -> frozenset:
 
 def _add_export(sub) -> None:
     from builder import settings as s
-    from builder.args import add_model_args, add_parity_args, field_default
+    from builder.cli.args import add_model_args, add_parity_args, field_default
 
     e = sub.add_parser("export", help="export and validate model.onnx alone")
     add_model_args(e)
@@ -56,7 +56,7 @@ def _add_export(sub) -> None:
 
 def _add_quantize(sub) -> None:
     from builder import settings as s
-    from builder.args import add_parity_args
+    from builder.cli.args import add_parity_args
 
     q = sub.add_parser("quantize", help="INT8 Q/DQ ONNX with NVIDIA ModelOpt")
     q.add_argument("--onnx", required=True)
@@ -69,7 +69,7 @@ def _add_quantize(sub) -> None:
 
 def _add_docker(sub) -> None:
     from builder import settings as s
-    from builder.args import field_default
+    from builder.cli.args import field_default
 
     d = sub.add_parser("docker", help="render docker/ for the pinned NGC release")
     d.add_argument("--output", default="docker")
@@ -92,7 +92,7 @@ def _add_docker(sub) -> None:
 
 
 def _add_monitoring(sub) -> None:
-    from builder.args import field_default
+    from builder.cli.args import field_default
     from builder.repository.monitoring import MonitoringSettings as m
 
     p = sub.add_parser("monitoring", help="write a repository's Prometheus rules and Grafana dashboard again, with "
@@ -122,7 +122,7 @@ def _add_check(sub) -> None:
 
 
 def _add_serve(sub) -> None:
-    from builder.args import field_default
+    from builder.cli.args import field_default
     from builder.serving.server import METRICS, ServerSettings
 
     s = sub.add_parser("serve", help="run the local tritonserver on a repository")
@@ -154,7 +154,7 @@ def _add_stop(sub) -> None:
 
 def _add_repo(sub) -> None:
     from builder import settings as s
-    from builder.args import add_model_args, add_parity_args, field_default
+    from builder.cli.args import add_model_args, add_parity_args, field_default
 
     repo = s.RepoSettings
     p = sub.add_parser("repo", help="export the model and write the model repository",
@@ -183,7 +183,7 @@ def _add_repo(sub) -> None:
 def _repo_batching_args(p) -> None:
     """Dynamic batching and queue policy of every batched model (`repo`)."""
     from builder import settings as s
-    from builder.args import ints
+    from builder.cli.args import ints
 
     batching = s.Batching()
     g = p.add_argument_group("batching and queues")
@@ -205,7 +205,7 @@ def _repo_batching_args(p) -> None:
 def _repo_placement_args(p, repo) -> None:
     """Instances and GPUs (`repo`)."""
     from builder import settings as s
-    from builder.args import field_default, ints
+    from builder.cli.args import field_default, ints
 
     instances = field_default(repo, "classifier_instances")
     g = p.add_argument_group("instances and GPUs")
@@ -224,7 +224,7 @@ def _repo_placement_args(p, repo) -> None:
 def _repo_preprocess_args(p, repo) -> None:
     """The photo preprocessing and the GPU photo path (`repo`)."""
     from builder import settings as s
-    from builder.args import field_default
+    from builder.cli.args import field_default
 
     g = p.add_argument_group("preprocessing and the photo path")
     g.add_argument("--preprocess", choices=s.PREPROCESS, default=field_default(repo, "preprocess"),
@@ -265,7 +265,7 @@ def _repo_preprocess_args(p, repo) -> None:
 def _repo_engine_args(p, repo) -> None:
     """The classifier's engine (`repo`)."""
     from builder import settings as s
-    from builder.args import field_default
+    from builder.cli.args import field_default
 
     g = p.add_argument_group("classifier engine")
     g.add_argument("--engine", choices=s.ENGINES, default=field_default(repo, "engine"),
@@ -294,7 +294,7 @@ def _repo_engine_args(p, repo) -> None:
 
 def _repo_contract_args(p, repo) -> None:
     """The ONNX export, the response cache (`repo`)."""
-    from builder.args import field_default
+    from builder.cli.args import field_default
 
     g = p.add_argument_group("outputs and export")
     g.add_argument("--opset", type=int, default=field_default(repo, "opset"))
@@ -304,7 +304,7 @@ def _repo_contract_args(p, repo) -> None:
 
 def _repo_versions_args(p, repo) -> None:
     """Model versions (`repo`)."""
-    from builder.args import field_default
+    from builder.cli.args import field_default
 
     g = p.add_argument_group("versions")
     g.add_argument("--version", type=int, default=field_default(repo, "version"), help="version directory to write")
@@ -325,7 +325,7 @@ def _server_args(p) -> None:
 
 def _workdir_arg(p) -> None:
     from builder.serving.server import ServerSettings
-    from builder.args import field_default
+    from builder.cli.args import field_default
 
     p.add_argument("--workdir", default=field_default(ServerSettings, "workdir"),
                    help="the server's folder: its copy, log and pid file")

@@ -6,6 +6,7 @@ the engines' gate figures and the record the manifest and the repository's READM
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -245,8 +246,6 @@ def variant_key(precision: str, attention: str) -> str:
 
 def _fused_program(model, contract: Contract, staging: Path, max_batch: int, settings: RepoSettings):
     """The program with every window attention in the kernel, and its gate; or None and why it cannot be."""
-    import copy
-
     from builder.engines import window_attention
 
     fused = copy.deepcopy(model)

@@ -5,10 +5,13 @@ Copied beside the inductor classifier's `model.py` and beside every GPU photo pa
 build's engine race and photo-path measurement, `perf bare` and the GPU tools under `perf/gpu/`.
 """
 
+import importlib
+import importlib.util
 import json
 import logging
 import os
 import time
+from importlib.metadata import version
 
 # precision -> (activation dtype, torchao quantization of the Linear layers or None). FP8 rowwise runs
 # around BF16: torch's rowwise-scaled FP8 matmul writes BF16 output only.
@@ -43,8 +46,6 @@ def _end_compile_workers():
 def _register_window_attention():
     """Imports the fused window attention's op (`swin_triton::window_attention`), which a fused program calls: the
     copy beside this file where served, the project's module elsewhere (one of them, so it registers once)."""
-    import importlib
-
     importlib.import_module(f"{__package__}.window_attention" if __package__ else "window_attention")
 
 
@@ -201,14 +202,10 @@ def params_shape(params):
 
 
 def _torchao_version():
-    from importlib.metadata import version
-
     return version("torchao")
 
 
 def _quantization_config(scheme):
-    import importlib.util
-
     if importlib.util.find_spec("torchao") is None:
         raise RuntimeError(f"this classifier was built with {scheme} Linear layers, which need torchao in the "
                            "serving Python (pip install torchao); or rebuild with --inductor-precision fp16")

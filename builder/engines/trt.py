@@ -35,7 +35,7 @@ import re
 
 import numpy as np
 
-from builder.args import add_parity_args, ints
+from builder.cli.args import add_parity_args, ints
 from builder.compare import Thresholds, gate
 from builder.engines.plan_check import sha256
 from builder.engines.plan_runner import PlanRunner, load_engine, polygraphy_errors, tensorrt_module

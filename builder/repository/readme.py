@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 from builder.core.contract import Contract
 from builder.engines.choice import Candidate, markdown_table
-from builder.settings import RepoSettings
+from builder.settings import MANY_PHOTO_PATH_INSTANCES, RepoSettings
 
 README = "README.md"
 
@@ -111,7 +111,7 @@ def _serving_notes(settings: RepoSettings) -> list:
                      "context: serve under CUDA MPS (`python -m builder serve --mps`, or the NVIDIA device plugin's "
                      "MPS sharing in Kubernetes), or the GPU runs one instance at a time (on an H200, 6 instances "
                      "served 5,490 one-image requests a second under MPS and 4,660 without).")
-    if settings.gpu_photo_path in ("fused", "pipeline") and pre.count >= 6:
+    if settings.gpu_photo_path in ("fused", "pipeline") and pre.count >= MANY_PHOTO_PATH_INSTANCES:
         # Measured: perf/results/h200-photo-buckets and h200-photo-hybrid (the classifier model batches several
         # instances' batches; hybrid keeps a lone photo in the photo path's process).
         notes.append("With this many instances the `hybrid` design (`--gpu-photo-path hybrid`, what `auto` picks "

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from builder.core.contract import DEFAULT_MODEL  # noqa: E402
 
 
 def measure(decoder: str, photos, params, batch: int, seconds: float) -> dict:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     from builder.core.photos import load_photo_files
 
     photos = [p.read_bytes() for p in load_photo_files()]
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    model = timm.create_model(DEFAULT_MODEL, pretrained=False)
     params = imaging.PreprocessParams.from_timm(timm.data.resolve_data_config({}, model=model))
     rows = [measure(d, photos, params, args.batch, args.seconds) for d in args.decoders.split(",")]
     result = {"kind": "decoder_load", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,

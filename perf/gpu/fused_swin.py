@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from builder.core.contract import DEFAULT_MODEL  # noqa: E402
 from builder.engines.window_attention import fuse_window_attention  # noqa: E402
 import triton  # noqa: E402
 
@@ -64,7 +65,7 @@ def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
-    parser.add_argument("--model", default="swin_tiny_patch4_window7_224")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--batches", default="1,32,128")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--checkpoint", default=None)

@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from builder.core.contract import DEFAULT_MODEL  # noqa: E402
 
 # Kernel names of the matrix products: cuBLAS/cuBLASLt (nvjet, sm90_xmma, gemm), CUTLASS, torch's scaled/int mm.
 MATMUL = re.compile(r"gemm|nvjet|xmma|cutlass|scaled_mm|_int_mm|matmul|sm90_|sm80_|s16816|f8f8", re.I)
@@ -52,13 +53,13 @@ def main() -> None:
     from builder.export.model import load_model
     from builder.settings import ModelSource
 
-    model = load_model(ModelSource("swin_tiny_patch4_window7_224"))
+    model = load_model(ModelSource(DEFAULT_MODEL))
     if args.window_attention == "fused":
         from builder.engines.window_attention import fuse_window_attention
 
         fuse_window_attention(model.module)
     with tempfile.TemporaryDirectory() as tmp:
-        export_program(model, Contract("swin_tiny_patch4_window7_224", (224, 224), 1000), Path(tmp) / "model.pt2",
+        export_program(model, Contract(DEFAULT_MODEL, (224, 224), 1000), Path(tmp) / "model.pt2",
                        args.batch)
         params = {"precision": args.precision, "compile": "default", "batch_buckets": str(args.batch),
                   "input_dims": "3,224,224", "intra_op_threads": "1", "window_attention": args.window_attention}

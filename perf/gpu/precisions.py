@@ -20,12 +20,13 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from builder.core.contract import DEFAULT_MODEL  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
-    parser.add_argument("--model", default="swin_tiny_patch4_window7_224")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--checkpoint")
     parser.add_argument("--precisions", default="fp16,int8,fp8,fp8-tensor")
     parser.add_argument("--batches", default="1,32,64,128")

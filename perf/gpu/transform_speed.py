@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from builder.core.contract import DEFAULT_MODEL  # noqa: E402
 
 
 def float32_transform(pipe, images):
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--decoder", default="auto")
-    parser.add_argument("--model", default="swin_tiny_patch4_window7_224")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--no-candidates", dest="candidates", action="store_false",
                         help="skip the candidate roundings (torch.compile'd, a hand-written Triton kernel)")
     args = parser.parse_args()

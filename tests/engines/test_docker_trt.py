@@ -94,7 +94,7 @@ def _imports(path: Path) -> set:
 
 def test_trt_module_needs_only_stdlib_numpy_tensorrt_polygraphy():
     allowed = STDLIB | {"numpy", "tensorrt", "polygraphy", "__future__", "builder.compare", "builder.errors",
-                        "builder.timing", "builder.engines.plan_runner", "builder.engines.plan_check", "builder.args",
+                        "builder.timing", "builder.engines.plan_runner", "builder.engines.plan_check", "builder.cli.args",
                         "builder.settings", "builder.core"}
     from builder.repository.models import TRT_MODULES
 
@@ -196,7 +196,8 @@ def test_local_flavor_writes_a_plan_classifier_for_the_python_backend(tmp_path):
     version = repo / "swin_tiny_patch4_window7_224_classifier" / "1"
     assert (version / "model.py").read_text() == (ROOT / "builder/repository/triton_models/classifier.py").read_text()
     assert sorted(p.relative_to(version).as_posix() for p in (version / "builder").rglob("*.py")) == [
-        "builder/__init__.py", "builder/args.py", "builder/compare.py", "builder/core/__init__.py",
+        "builder/__init__.py", "builder/cli/__init__.py", "builder/cli/args.py", "builder/compare.py",
+        "builder/core/__init__.py",
         "builder/core/contract.py", "builder/engines/__init__.py",
         "builder/engines/plan_check.py",
         "builder/engines/plan_runner.py",
