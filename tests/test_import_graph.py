@@ -126,3 +126,26 @@ def test_the_client_depends_on_the_core_alone():
     # And the core imports nothing of the project but itself and the one error class.
     assert not [t for m, targets in graph.items() if m.startswith("builder.core")
                 for t in targets if not t.startswith(("builder.core", "builder.errors"))]
+
+
+def test_the_standard_library_is_imported_at_the_top():
+    """The project's one way of importing: the standard library and light modules at the top of a module; heavy
+    packages (torch, timm, ONNX, TensorRT, tritonclient, ...: `HEAVY_MODULES` in conftest) inside the function that
+    needs them, so `--help` and the light commands stay instant (the --help tests check that side)."""
+    import sys
+
+    inside = []
+    for name, path in _modules().items():
+        for function in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    roots = [alias.name.split(".")[0] for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    roots = [node.module.split(".")[0]]
+                else:
+                    continue
+                inside += [f"{name}:{node.lineno} {root}" for root in roots
+                           if root in sys.stdlib_module_names and root != "__future__"]
+    assert inside == []

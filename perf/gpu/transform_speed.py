@@ -16,6 +16,7 @@ Needs a CUDA GPU, torch, torchvision, timm.
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -85,8 +86,6 @@ def rounding_candidates(pipe, on_cpu, decoded, args):
     `_pillow_round` for its measurement and the eager one put back after; rows give the transform's wall and
     kernel time, the first call's time (compilation) and the difference from the CPU's values (0: still exact).
     """
-    import time
-
     import torch
 
     from builder.repository.triton_models import gpu_imaging
