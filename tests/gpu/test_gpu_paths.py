@@ -336,7 +336,9 @@ def test_quantized_precisions_compile_side_by_side_and_are_gated(tiny_model, par
 
     if torch.cuda.get_device_capability(0) < (8, 9):
         pytest.skip("FP8 needs compute capability 8.9 or newer")
-    settings = tiny_settings(tmp_path / "repo", engine="inductor", preprocess="gpu", compile_timeout_s=600)
+    # timm's attention only: the fused program's row is the auto race's test.
+    settings = tiny_settings(tmp_path / "repo", engine="inductor", preprocess="gpu", compile_timeout_s=600,
+                             window_attention="timm")
     contract = Contract("swin_tiny_patch4_window7_224", (224, 224), 1000)
     rows, gates = inductor_candidates(settings, tiny_model, contract, params, tmp_path, "this GPU", [1, MAX_BATCH],
                                       strict=False, precisions=["fp16", "int8", "fp8"])
@@ -364,7 +366,9 @@ def fused_served(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused-served")
     repo = build_repository(tiny_settings(
         root / "repo", preprocess="gpu", engine="inductor", gpu_photo_path="fused",
-        classifier_instances=s.InstanceGroup("KIND_GPU", 1), preprocess_instances=s.InstanceGroup("KIND_GPU", 1)))
+        classifier_instances=s.InstanceGroup("KIND_GPU", 1), preprocess_instances=s.InstanceGroup("KIND_GPU", 1),
+        # One instance, as written: the build's measurement of the setup is the quick-start test's to check.
+        photo_setup=s.PhotoSetup(mode="fixed")))
     # Beside it, the same model made hybrid: batches of 1-2 images in its process, larger ones by BLS.
     name = "swin_tiny_patch4_window7_224"
     shutil.copytree(repo / name, repo / f"{name}_hybrid", ignore=shutil.ignore_patterns("config.pbtxt"))
