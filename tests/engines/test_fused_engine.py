@@ -5,6 +5,7 @@ and on the GPU by `make test-gpu`)."""
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import numpy as np
@@ -84,3 +85,51 @@ def test_a_fused_attention_repository_is_checked_served_and_gives_timms_answers(
     served = np.stack([r.logits for r in results])
     figures = compare_logits(timm_reference(photos[:4]), served)
     assert figures["max_abs"] < 1e-3 and figures["top1_agreement"] == 1.0, figures
+
+
+def test_the_race_builds_gates_and_times_both_programs_and_serves_the_winners(tmp_path, tiny_model, params):
+    """The race's own flow for the inductor variants, run here on the CPU as it runs on a GPU (no compile: the
+    program as exported, in fresh processes): timm's program and the fused one each loaded, gated and timed; the
+    winner's program, sidecar and gate are what is kept beside the ONNX file, the other's folder is removed."""
+    import torch
+
+    from builder.core.contract import Contract
+    from builder.engines import inductor
+    from builder.engines.race import _keep_winner, inductor_candidates
+
+    settings = tiny_settings(tmp_path / "repo", engine="inductor", torch_compile="none", inductor_precision="fp16")
+    contract = Contract(s.DEFAULT_MODEL, (224, 224), tiny_model.num_classes)
+    rows, gates = inductor_candidates(settings, tiny_model, contract, params, tmp_path, "this host", [1, 4],
+                                      strict=True)
+    assert [(r.label, r.status) for r in rows] == [("inductor fp16", "measured"),
+                                                   ("inductor fp16 fused-attention", "measured")]
+    for row in rows:  # both against PyTorch FP32 on the bundled photos (CPU instances run FP32)
+        assert row.parity["top1_agreement"] == 1.0 and row.parity["max_abs"] < 1e-3, row.parity
+        assert [t["batch_size"] for t in row.timings] == [1, 4]
+    assert gates["inductor_fused_vs_pytorch"]["max_abs"] < 1e-4
+    fused = rows[1]
+    _keep_winner(tmp_path, fused, gates)
+    assert not (tmp_path / "precisions").exists() and not (tmp_path / "fused").exists()
+    assert json.loads((tmp_path / inductor.SIDECAR).read_text())["window_attention"] == "fused"
+    kept = torch.export.load(str(tmp_path / inductor.FILE))
+    assert any("swin_triton" in str(n.target) for n in kept.graph.nodes)  # the fused program is the one kept
+    assert gates["inductor_vs_pytorch"]["max_abs"] < 1e-4 and "inductor_fused_vs_pytorch" not in gates
+
+
+def test_a_fused_program_the_kernel_cannot_take_is_a_row_not_a_failed_build(tmp_path, params):
+    """A precision asked for by name fails the build if it fails; the fused program beside it under `auto` only
+    fails its own row (here: a head size the kernel does not take), and timm's program is measured."""
+    from builder.core.contract import Contract
+    from builder.engines.race import inductor_candidates
+    from builder.export.model import load_model
+
+    odd = s.ModelSource(s.DEFAULT_MODEL, model_kwargs='{"embed_dim": 24, "depths": [1, 1, 1, 1], '
+                                                      '"num_heads": [1, 1, 1, 1]}', seed=0)
+    model = load_model(odd)
+    settings = tiny_settings(tmp_path / "repo", source=odd, engine="inductor", torch_compile="none",
+                             inductor_precision="fp16")
+    rows, _ = inductor_candidates(settings, model, Contract(s.DEFAULT_MODEL, (224, 224), model.num_classes), params,
+                                  tmp_path, "this host", [1], strict=True)
+    assert [(r.label, r.status) for r in rows] == [("inductor fp16", "measured"),
+                                                   ("inductor fp16 fused-attention", "skipped")]
+    assert "head size 24" in rows[1].reason
