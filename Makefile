@@ -153,7 +153,7 @@ $(ANALYZER_VENV)/bin/model-analyzer:
 analyze: $(STAMP) analyzer
 	$(PY) -m perf analyze --repository $(call q,$(REPO)) --models $(ANALYZE_MODELS) --analyzer $(ANALYZER_VENV)/bin/model-analyzer
 
-# --- NVIDIA containers (a GPU host with Docker; release pinned in builder/settings.py) ---
+# --- NVIDIA containers (a GPU host with Docker; release pinned in builder/settings/parts.py) ---
 .PHONY: docker-files plan-docker serve-docker
 docker-files: $(STAMP)
 	$(PY) -m builder docker $(call opt,--model,$(or $(NAME),$(MODEL)))

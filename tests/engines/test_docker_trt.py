@@ -95,7 +95,7 @@ def _imports(path: Path) -> set:
 def test_trt_module_needs_only_stdlib_numpy_tensorrt_polygraphy():
     allowed = STDLIB | {"numpy", "tensorrt", "polygraphy", "__future__", "builder.compare", "builder.errors",
                         "builder.timing", "builder.engines.plan_runner", "builder.engines.plan_check", "builder.cli.args",
-                        "builder.settings", "builder.core"}
+                        "builder.settings", "builder.settings.parts", "builder.settings.repo", "builder.core"}
     from builder.repository.models import TRT_MODULES
 
     for module in TRT_MODULES:  # what the local flavor copies beside a plan, and the TensorRT image gets
@@ -201,7 +201,8 @@ def test_local_flavor_writes_a_plan_classifier_for_the_python_backend(tmp_path):
         "builder/core/contract.py", "builder/engines/__init__.py",
         "builder/engines/plan_check.py",
         "builder/engines/plan_runner.py",
-        "builder/engines/trt.py", "builder/errors.py", "builder/settings.py", "builder/timing.py"]
+        "builder/engines/trt.py", "builder/errors.py", "builder/settings/__init__.py", "builder/settings/parts.py",
+        "builder/settings/repo.py", "builder/timing.py"]
     config = (version.parent / "config.pbtxt").read_text()
     assert 'backend: "python"' in config
     # The GPU preprocessing's output reaches the plan on the GPU (wrapped by DLPack), not copied to the host.
