@@ -26,7 +26,8 @@ BUILDER_DIR = Path(__file__).resolve().parents[1]
 # in a TensorRT-only Python (NVIDIA's TensorRT container, a Python-backend stub with the tensorrt wheel).
 TRT_MODULES = ("builder/__init__.py", "builder/errors.py", "builder/compare.py", "builder/timing.py",
                "builder/cli/__init__.py", "builder/cli/args.py", "builder/settings/__init__.py",
-               "builder/settings/parts.py", "builder/settings/repo.py", "builder/core/__init__.py", "builder/core/contract.py",
+               "builder/settings/parts.py", "builder/settings/repo.py", "builder/core/__init__.py",
+               "builder/core/contract.py",
                "builder/engines/__init__.py", "builder/engines/plan_check.py", "builder/engines/plan_runner.py",
                "builder/engines/trt.py")
 

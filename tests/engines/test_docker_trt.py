@@ -94,8 +94,9 @@ def _imports(path: Path) -> set:
 
 def test_trt_module_needs_only_stdlib_numpy_tensorrt_polygraphy():
     allowed = STDLIB | {"numpy", "tensorrt", "polygraphy", "__future__", "builder.compare", "builder.errors",
-                        "builder.timing", "builder.engines.plan_runner", "builder.engines.plan_check", "builder.cli.args",
-                        "builder.settings", "builder.settings.parts", "builder.settings.repo", "builder.core"}
+                        "builder.timing", "builder.engines.plan_runner", "builder.engines.plan_check",
+                        "builder.cli.args", "builder.settings", "builder.settings.parts", "builder.settings.repo",
+                        "builder.core"}
     from builder.repository.models import TRT_MODULES
 
     for module in TRT_MODULES:  # what the local flavor copies beside a plan, and the TensorRT image gets
