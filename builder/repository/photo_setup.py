@@ -34,11 +34,12 @@ from builder.settings import PhotoSetup
 log = logging.getLogger("builder")
 
 
-def _load(version_dir: str, params: dict):
+def _load(version_dir: str, params: dict, largest: int):
     """The photo path's preprocessor, engine and head on params["device"]: a function of JPEG bytes -> arrays.
 
     As served, the engine takes at most the classifier's max batch (what its program was exported for), and a
-    larger batch of photos is classified in chunks of that size.
+    larger batch of photos is classified in chunks of that size; its buckets stop at `largest`, the largest batch
+    measured (fewer CUDA graphs to capture in every measuring process).
     """
     import torch
 
@@ -49,7 +50,7 @@ def _load(version_dir: str, params: dict):
     device = params["device"]
     pre = gpu_imaging.GpuPreprocessor.from_config(imaging.PreprocessParams.from_parameters(params), params, device,
                                                   map, print)
-    chunk = int(params["classifier_max_batch"])
+    chunk = min(int(params["classifier_max_batch"]), largest)
     engine = torch_runner.TorchEngine(os.path.join(version_dir, params["engine_dir"]), device, params, chunk,
                                       log=lambda message: None)
 
@@ -67,7 +68,7 @@ def _worker(index, version_dir, params, photos, batches, seconds, barrier, resul
 
     from builder.timing import timed
 
-    labels = _load(version_dir, params)
+    labels = _load(version_dir, params, max(batches))
     if index == 0:  # one process says where it ran
         on_gpu = params["device"].startswith("cuda")
         results.put({"gpu": torch.cuda.get_device_name(0) if on_gpu else "none", "torch": torch.__version__})
