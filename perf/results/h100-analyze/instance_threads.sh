@@ -5,7 +5,7 @@
 # Needs: PYTHON with torch (CUDA), timm and onnx; SERVE_PYTHON as in gpu_data_path.sh; perf_analyzer on PATH.
 # Run from the checkout root. Results: $OUT (default build/instance-threads).
 set -u
-source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
+source perf/gpu/gpu_repo.sh  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 OUT=${OUT:-build/instance-threads}
 R=${REPO:-/tmp/threads-repo}
 M=swin_tiny_patch4_window7_224_classifier

@@ -4,7 +4,7 @@
 # sharing one timing cache and gated against PyTorch FP32 on the photos (loose thresholds: this reports figures).
 # Needs: PYTHON with torch, timm and onnx; TRT_PYTHON with tensorrt < 11, numpy and polygraphy. From the checkout root.
 set -u
-source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
+source perf/gpu/gpu_repo.sh  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 TRT=${TRT_PYTHON:?a Python with tensorrt and polygraphy}
 W=${OUT:-build/precision-check}
 mkdir -p "$W"

@@ -8,7 +8,7 @@
 # STUB_BIN: a folder whose `python3` has numpy, tensorrt and polygraphy (the stub takes python3 from PATH);
 # LD_LIBRARY_PATH with tritonserver's libraries and TensorRT's. Run from the checkout root.
 set -euo pipefail
-source "$(dirname "$0")/gpu_repo.sh"  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
+source perf/gpu/gpu_repo.sh  # the shared preamble: PYTHON, SERVE_PYTHON, NAME, PYTHONPATH
 TRT=${TRT_PYTHON:?a Python with tensorrt and polygraphy}
 W=${OUT:-build/served-plan-check}
 TINY='{"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}'

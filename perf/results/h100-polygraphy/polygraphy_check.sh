@@ -4,7 +4,7 @@
 # gathered batches (device views + host arrays) and its DLPack wrapper.
 # Needs: PYTHON (default python3) with torch (CUDA), timm and onnx, for the export and the DLPack check, and
 # polygraphy there too; TRT_PYTHON: a Python >= 3.9 with tensorrt, numpy and polygraphy; git (for the old module).
-# Run from the checkout root:  TRT_PYTHON=<python with tensorrt> bash perf/gpu/polygraphy_check.sh
+# Run from the checkout root:  TRT_PYTHON=<python with tensorrt> bash perf/results/h100-polygraphy/polygraphy_check.sh
 # Images: builder/parity_images (reference logits and the parity gate). Results: $OUT (default build/polygraphy-check).
 set -uo pipefail
 PYTHON=${PYTHON:-python3}
@@ -40,5 +40,5 @@ for runner in handwritten polygraphy; do
       || echo "validate: $runner runner on the $plan plan failed"
   done
 done
-PYTHONPATH=$PWD $TRT perf/gpu/gather_check.py "$W/polygraphy/model.plan" "$W/reference.npz" 2>/dev/null | tail -1
-PYTHONPATH=$PWD $PYTHON perf/gpu/dlpack_check.py 2>/dev/null | tail -1
+PYTHONPATH=$PWD $TRT perf/results/h100-polygraphy/gather_check.py "$W/polygraphy/model.plan" "$W/reference.npz" 2>/dev/null | tail -1
+PYTHONPATH=$PWD $PYTHON perf/results/h100-polygraphy/dlpack_check.py 2>/dev/null | tail -1
