@@ -238,7 +238,9 @@ def _repo_preprocess_args(p, repo) -> None:
                         "--hybrid-local-batch images, pipeline above; ensemble: Triton chains the preprocess, "
                         "classifier and postprocess models; auto (default): with the inductor engine fused, or "
                         f"hybrid from {s.MANY_PHOTO_PATH_INSTANCES} GPU photo-path instances (the measured "
-                        "setup's 8); else pipeline")
+                        "setup's 8); else pipeline. Outside the ensemble design the _preprocess and _postprocess "
+                        "models are not called by the photo path: they stay for direct clients on one CPU "
+                        "instance each (no GPU memory)")
     g.add_argument("--hybrid-local-batch", type=int, default=field_default(repo, "hybrid_local_batch"),
                    help="--gpu-photo-path hybrid: the largest batch (images) classified in the photo path's own "
                         "process; larger ones go to the classifier model (default %(default)s)")
