@@ -41,3 +41,36 @@ def test_a_fused_swin_gives_timms_logits_on_the_gpu():
     figures = _run(WHOLE_MODEL)
     assert figures["modules"] == 8 and figures["top1"] and figures["max_abs"] < 5e-2, figures
     print("fused Swin on the GPU:", json.dumps(figures))
+
+
+def test_a_stored_fused_program_compiles_and_replays_as_served(tiny_model, tmp_path):
+    """What failed on an H100 while the op was a `triton_op`: a stored program holding the op, compiled by
+    TorchInductor with a dynamic batch and replayed from the engine's own CUDA graphs (the served engine's way),
+    in FP16, against the same model with timm's attention in FP32 eager, at every batch size."""
+    import copy
+
+    import torch
+
+    from builder.compare import compare_logits
+    from builder.core.contract import Contract
+    from builder.engines.inductor import export_program
+    from builder.engines.torch_runner import TorchEngine
+    from builder.engines.window_attention import fuse_window_attention
+    from conftest import MAX_BATCH
+
+    fused = copy.deepcopy(tiny_model)
+    assert fuse_window_attention(fused.module) > 0
+    export_program(fused, Contract("swin_tiny_patch4_window7_224", (224, 224), 1000), tmp_path / "model.pt2",
+                   MAX_BATCH)
+    params = {"precision": "fp16", "batch_buckets": "1,2,4,8", "input_dims": "3,224,224", "intra_op_threads": "1",
+              "compile": "reduce-overhead", "window_attention": "fused"}
+    engine = TorchEngine(str(tmp_path), "cuda", params, MAX_BATCH)
+    assert sorted(engine.graphs) == [1, 2, 4, 8]
+    reference = copy.deepcopy(tiny_model.module).cuda()
+    torch.manual_seed(0)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 3, 224, 224, device="cuda")
+        with torch.inference_mode():
+            want = reference(x)
+        figures = compare_logits(want.cpu().numpy(), engine(x).cpu().numpy())
+        assert figures["min_cosine"] > 0.999 and figures["max_abs"] < 0.05, (rows, figures)
