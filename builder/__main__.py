@@ -404,5 +404,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
+def _run() -> int:
+    """`main`, and 130 for an interrupt that lands while `main` reports the first one (a second SIGTERM or
+    Ctrl-C): an interrupted command ends with 130 and its one line, never a KeyboardInterrupt out of the module
+    (which makes Python end by SIGINT, -2)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_run())
