@@ -277,10 +277,16 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
     unless it was asked for by name (`strict`).
     """
     max_batch = settings.classifier_batching.max_batch_size
-    program = inductor.export_program(model, contract, staging / inductor.FILE, max_batch)
-    gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
-    if gpu is None:
-        return [_program_without_gpu(settings, model, contract, staging, program, gates)], gates
+    if settings.window_attention == "fused":  # only the fused program is built, raced and served
+        program, gates = _named_fused_program(model, contract, staging, max_batch, settings)
+    else:
+        program = inductor.export_program(model, contract, staging / inductor.FILE, max_batch)
+        gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
+    if gpu is None:  # no GPU to time on: the program is compiled where it is served
+        _write_sidecar(staging, settings.served_precision, settings, gates["inductor_vs_pytorch"])
+        return [ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
+                             parity=gates["inductor_vs_pytorch"], precision=settings.served_precision,
+                             attention=settings.served_attention)], gates
     import torch
 
     from builder.core.photos import photo_batch
@@ -290,8 +296,8 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
         reference = model.module(torch.from_numpy(photos)).numpy()
     whys = raced_precisions(settings, precisions)
     variants = raced_variants(settings, whys)
-    programs = {"timm": (program, "")}
-    if any(attention == "fused" for _, attention in variants):
+    programs = {settings.served_attention: (program, "")}
+    if "fused" not in programs and any(attention == "fused" for _, attention in variants):
         fused, why_not, fused_gate = _fused_program(model, contract, staging, max_batch, settings)
         programs["fused"] = (fused, why_not)
         gates.update(fused_gate)
@@ -324,20 +330,16 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
     return [rows[variant_key(p, a)] for p, a in variants], gates
 
 
-def _program_without_gpu(settings: RepoSettings, model, contract: Contract, staging: Path, program: Path,
-                         gates: Dict[str, Dict]) -> ec.Candidate:
-    """No GPU to time on: the program (the fused one where asked for by name) is compiled where it is served."""
-    if settings.window_attention == "fused":
-        fused, why_not, fused_gate = _fused_program(model, contract, staging, settings.classifier_batching
-                                                    .max_batch_size, settings)
-        if fused is None:
-            raise BuilderError(f"window_attention: {why_not}; build with --window-attention timm")
-        os.replace(fused, program)
-        gates["inductor_vs_pytorch"] = fused_gate["inductor_fused_vs_pytorch"]
-    _write_sidecar(staging, settings.served_precision, settings, gates["inductor_vs_pytorch"])
-    return ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
-                        parity=gates["inductor_vs_pytorch"], precision=settings.served_precision,
-                        attention=settings.served_attention)
+def _named_fused_program(model, contract: Contract, staging: Path, max_batch: int, settings: RepoSettings):
+    """`--window-attention fused`: the fused program in the served program's place, and its gate under both names
+    (it is the only program); or the one-line error."""
+    fused, why_not, fused_gate = _fused_program(model, contract, staging, max_batch, settings)
+    if fused is None:
+        raise BuilderError(f"window_attention: {why_not}; build with --window-attention timm")
+    program = staging / inductor.FILE
+    os.replace(fused, program)
+    gate = fused_gate["inductor_fused_vs_pytorch"]
+    return program, {"inductor_vs_pytorch": gate, "inductor_fused_vs_pytorch": gate}
 
 
 def _stage_variants(settings: RepoSettings, contract: Contract, staging: Path, variants, whys, programs,

@@ -133,3 +133,25 @@ def test_a_fused_program_the_kernel_cannot_take_is_a_row_not_a_failed_build(tmp_
     assert [(r.label, r.status) for r in rows] == [("inductor fp16", "measured"),
                                                    ("inductor fp16 fused-attention", "skipped")]
     assert "head size 24" in rows[1].reason
+
+
+def test_fused_by_name_builds_only_the_fused_program(tmp_path, tiny_model, params):
+    """`--window-attention fused`: timm's program is neither exported nor gated (no variant would use it); the fused
+    one is the served program from the start, gated under the served program's name."""
+    import torch
+
+    from builder.core.contract import Contract
+    from builder.engines import inductor
+    from builder.engines.race import _keep_winner, inductor_candidates
+
+    settings = tiny_settings(tmp_path / "repo", engine="inductor", torch_compile="none", inductor_precision="fp16",
+                             window_attention="fused")
+    contract = Contract(s.DEFAULT_MODEL, (224, 224), tiny_model.num_classes)
+    rows, gates = inductor_candidates(settings, tiny_model, contract, params, tmp_path, "this host", [1],
+                                      strict=True)
+    assert [(r.label, r.status) for r in rows] == [("inductor fp16 fused-attention", "measured")]
+    assert gates["inductor_vs_pytorch"] == gates["inductor_fused_vs_pytorch"]
+    _keep_winner(tmp_path, rows[0], gates)
+    assert sorted(gates) == ["inductor_served_vs_pytorch", "inductor_vs_pytorch"]
+    kept = torch.export.load(str(tmp_path / inductor.FILE))
+    assert any("swin_triton" in str(n.target) for n in kept.graph.nodes)
