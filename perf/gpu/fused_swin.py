@@ -7,7 +7,13 @@ The kernel is the torch op `swin_triton::window_attention` of `builder.engines.w
 `fuse_window_attention(model)` points every `WindowAttention.forward` of a timm Swin at it: the qkv projection,
 the op, the output projection; no permute, score tensor or softmax pass is left between them.
 
-Both models, timm's and the fused one, are compiled alike (FP16, torch.compile in Inductor's default mode), checked
+Two more candidates for the memory-bound rest, on top of the fused attention (`--variants`): `patchify`, the
+patch embedding's 4x4/4 convolution as a reshape and one matrix product (the same sums; cuDNN ran it as a slow
+`precomputed_convolve_sgemm` in the H200 kernel mix), and `gelu`, each MLP's fc1 with its bias and GELU in
+cuBLASLt's epilogue (`torch._addmm_activation`, tanh-approximated GELU, in a custom op so that Inductor keeps it
+whole) instead of a separate pass over the 4C-wide hidden activations.
+
+Every model is compiled alike (FP16, torch.compile in Inductor's default mode), checked
 against timm's FP32 eager logits (max abs, cosine, top-1 agreement) and timed at each batch size with CUDA
 events. Random weights
 (seed 0) unless --checkpoint. On the CPU, `TRITON_INTERPRET=1` runs the same op eagerly (the tests).
@@ -29,20 +35,68 @@ from builder.engines.window_attention import fuse_window_attention  # noqa: E402
 import triton  # noqa: E402
 
 
-def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = None) -> Dict:
-    """Both engines, gated against FP32 eager and timed per batch size."""
+@torch.library.custom_op("swin_exp::linear_gelu", mutates_args=())
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(x @ weightᵀ + bias) with the bias and the (tanh) GELU in cuBLASLt's epilogue."""
+    rows = x.reshape(-1, x.shape[-1])
+    return torch._addmm_activation(bias, rows, weight.t(), use_gelu=True).view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu.register_fake
+def _linear_gelu_shape(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _mlp_forward(self, x):
+    x = self.drop1(torch.ops.swin_exp.linear_gelu(x, self.fc1.weight, self.fc1.bias))
+    return self.drop2(self.fc2(self.norm(x)))
+
+
+def _patchify_forward(self, x):
+    """timm's PatchEmbed (NHWC out) with its stride-p pxp convolution as patches x flattened kernel."""
+    batch, channels, height, width = x.shape
+    p = self.patch_size[0]
+    patches = x.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
+    patches = patches.reshape(batch, height // p, width // p, channels * p * p)
+    out = torch.nn.functional.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+    return self.norm(out)
+
+
+def apply_variant(model, variant: str) -> None:
+    """Points `model`'s modules at the variant's code (`fused`, `+patchify`, `+gelu`, in any combination)."""
+    import types
+
+    from timm.layers import Mlp
+
+    parts = variant.split("+")
+    if "fused" in parts:
+        fuse_window_attention(model)
+    if "patchify" in parts:
+        embed = model.patch_embed
+        assert embed.patch_size[0] == embed.patch_size[1] and not embed.flatten and not embed.dynamic_img_pad
+        embed.forward = types.MethodType(_patchify_forward, embed)
+    if "gelu" in parts:
+        for module in model.modules():
+            if isinstance(module, Mlp) and isinstance(module.act, torch.nn.GELU):
+                module.forward = types.MethodType(_mlp_forward, module)
+
+
+def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = None,
+            variants=("timm", "fused")) -> Dict:
+    """Each variant, gated against FP32 eager and timed per batch size."""
     import timm
 
     from perf.gpu.transform_speed import timed
 
     torch.manual_seed(0)
     reference = timm.create_model(model_name, pretrained=False, checkpoint_path=checkpoint or "").eval().cuda()
-    timm_half = timm.create_model(model_name, pretrained=False).eval().cuda().half()
-    timm_half.load_state_dict(reference.state_dict())
-    fused = timm.create_model(model_name, pretrained=False).eval().cuda().half()
-    fused.load_state_dict(reference.state_dict())
-    modules = fuse_window_attention(fused)
-    engines = {"timm": torch.compile(timm_half), "fused": torch.compile(fused)}
+    engines = {}
+    for variant in variants:
+        model = timm.create_model(model_name, pretrained=False).eval().cuda().half()
+        model.load_state_dict(reference.state_dict())
+        apply_variant(model, variant)
+        engines[variant] = torch.compile(model)
+    modules = sum(1 for m in reference.modules() if type(m).__name__ == "WindowAttention")
     rows = []
     with torch.inference_mode():
         x = torch.randn(max(batches), 3, 224, 224, device="cuda")
@@ -69,8 +123,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32,128")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--variants", default="timm,fused", help="comma-separated: timm, fused, fused+patchify, "
+                        "fused+gelu, fused+patchify+gelu")
     args = parser.parse_args()
-    result = measure(args.model, [int(b) for b in args.batches.split(",")], args.repeats, args.checkpoint)
+    result = measure(args.model, [int(b) for b in args.batches.split(",")], args.repeats, args.checkpoint,
+                     args.variants.split(","))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -161,3 +161,25 @@ def test_every_swin_v1_timm_ships_is_taken_and_swin_v2_is_left_to_timm():
         assert fuse_window_attention(model) == modules > 0, name
     with torch.device("meta"):
         assert fuse_window_attention(timm.create_model("swinv2_tiny_window8_256", pretrained=False)) == 0
+
+
+def test_the_fused_swin_benchmarks_variants_keep_timms_sums_on_the_cpu():
+    """perf/gpu/fused_swin.py's candidates for the memory-bound rest: the patch embedding as one matrix product and
+    fc1 with its GELU in the GEMM's epilogue give timm's logits (on the CPU the epilogue's GELU is exact), and
+    torch.export stores the epilogue op whole."""
+    import timm
+    import torch
+
+    from perf.gpu.fused_swin import apply_variant
+
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
+    reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+    x = torch.randn(2, 3, 224, 224)
+    want = reference(x)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+    model.load_state_dict(reference.state_dict())
+    apply_variant(model, "patchify+gelu")
+    assert (model(x) - want).abs().max().item() < 1e-5
+    program = torch.export.export(model, (x,))
+    assert sum("linear_gelu" in str(node.target) for node in program.graph.nodes) == 4  # one per block's MLP
