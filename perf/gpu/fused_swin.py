@@ -11,7 +11,11 @@ Two more candidates for the memory-bound rest, on top of the fused attention (`-
 patch embedding's 4x4/4 convolution as a reshape and one matrix product (the same sums; cuDNN ran it as a slow
 `precomputed_convolve_sgemm` in the H200 kernel mix), and `gelu`, each MLP's fc1 with its bias and GELU in
 cuBLASLt's epilogue (`torch._addmm_activation`, tanh-approximated GELU, in a custom op so that Inductor keeps it
-whole) instead of a separate pass over the 4C-wide hidden activations.
+whole) instead of a separate pass over the 4C-wide hidden activations. `fp8`: every Linear layer but the head as
+an FP8 (e4m3) matrix product with **static** scales (`torch._scaled_mm`, per-tensor): the weights' from their own
+absolute maximum, each layer's input scale calibrated once on the bundled photos (`calibrate_fp8`), so no amax
+pass runs per batch and Inductor can fold the quantization (scale, clamp, cast) into the kernel that produces the
+layer's input (LayerNorm, GELU).
 
 Every model is compiled alike (FP16, torch.compile in Inductor's default mode), checked
 against timm's FP32 eager logits (max abs, cosine, top-1 agreement) and timed at each batch size with CUDA
@@ -62,8 +66,61 @@ def _patchify_forward(self, x):
     return self.norm(out)
 
 
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+
+
+class StaticFP8Linear(torch.nn.Module):
+    """A Linear layer as one FP8 matrix product with static per-tensor scales; bias and output in `dtype`."""
+
+    def __init__(self, linear: torch.nn.Linear, input_amax: float, dtype: torch.dtype):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        weight_scale = weight.abs().amax().clamp(min=1e-12) / FP8_MAX
+        # (out, in) row-major: its transpose is the column-major right operand _scaled_mm takes.
+        self.register_buffer("weight", (weight / weight_scale).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", weight_scale.reshape(()))
+        input_scale = torch.tensor(max(input_amax, 1e-12) / FP8_MAX, device=weight.device)
+        self.register_buffer("input_scale", input_scale)
+        self.register_buffer("input_inverse", 1.0 / input_scale)
+        bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        quantized = (rows.float() * self.input_inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                               bias=self.bias, out_dtype=self.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def calibrate_fp8(model, photos: torch.Tensor, keep=("head",)) -> dict:
+    """Each Linear layer's input absolute maximum over `photos` (one eager pass), by module name."""
+    amax, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith(keep):
+            def record(_, inputs, __, name=name):
+                amax[name] = max(amax.get(name, 0.0), inputs[0].detach().abs().max().item())
+            hooks.append(module.register_forward_hook(record))
+    with torch.inference_mode():
+        model(photos)
+    for hook in hooks:
+        hook.remove()
+    return amax
+
+
+def to_static_fp8(model, amax: dict, dtype: torch.dtype) -> int:
+    """Replaces every calibrated Linear layer of `model` with a StaticFP8Linear; the number replaced."""
+    for name, value in amax.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, StaticFP8Linear(getattr(parent, child), value, dtype))
+    return len(amax)
+
+
 def apply_variant(model, variant: str) -> None:
-    """Points `model`'s modules at the variant's code (`fused`, `+patchify`, `+gelu`, in any combination)."""
+    """Points `model`'s modules at the variant's code (`fused`, `+patchify`, `+gelu`, in any combination; `fp8` is
+    applied by `measure`, after calibration)."""
     import types
 
     from timm.layers import Mlp
@@ -90,22 +147,28 @@ def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = 
 
     torch.manual_seed(0)
     reference = timm.create_model(model_name, pretrained=False, checkpoint_path=checkpoint or "").eval().cuda()
-    engines = {}
+    engines, calibration = {}, {}
     for variant in variants:
         model = timm.create_model(model_name, pretrained=False).eval().cuda().half()
         model.load_state_dict(reference.state_dict())
         apply_variant(model, variant)
+        if "fp8" in variant.split("+"):
+            amax = calibrate_fp8(model, photos(reference).cuda().half())
+            calibration[variant] = {"layers": to_static_fp8(model, amax, torch.float16),
+                                    "input_amax": {k: round(v, 4) for k, v in amax.items()}}
         engines[variant] = torch.compile(model)
     modules = sum(1 for m in reference.modules() if type(m).__name__ == "WindowAttention")
     rows = []
     with torch.inference_mode():
         x = torch.randn(max(batches), 3, 224, 224, device="cuda")
-        exact = reference(x[:32]).float()
+        checked = x[:batches[0]]  # the first timed size, so that no other shape is compiled for the check
+        exact = reference(checked).float()
         for name, engine in engines.items():
-            got = engine(x[:32].half()).float()
+            got = engine(checked.half()).float()
             cosine = torch.nn.functional.cosine_similarity(got, exact, dim=1).min().item()
             rows.append({"engine": name, "max_abs": (got - exact).abs().max().item(), "min_cosine": cosine,
                          "top1_agreement": (got.argmax(1) == exact.argmax(1)).float().mean().item()})
+            print(json.dumps(rows[-1]), flush=True)  # each compiles here: the progress
         for batch in batches:
             xb = x[:batch].half().contiguous()
             for name, engine in engines.items():
@@ -113,7 +176,21 @@ def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = 
                 rows.append({"engine": name, "batch": batch, "ms": ms, "img_per_s": batch * 1000 / ms})
                 print(json.dumps(rows[-1]), flush=True)
     return {"model": model_name, "fused_modules": modules, "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__, "rows": rows}
+            "torch": torch.__version__, "triton": triton.__version__, "rows": rows, "fp8_calibration": calibration}
+
+
+def photos(model) -> torch.Tensor:
+    """The bundled photos through timm's eval transform (the exact preprocessing): the calibration set."""
+    from builder.core.imaging import PreprocessParams
+    from builder.core.photos import photo_batch
+
+    return torch.from_numpy(photo_batch(PreprocessParams.from_timm(timm_config(model))))
+
+
+def timm_config(model) -> dict:
+    import timm
+
+    return timm.data.resolve_data_config({}, model=model)
 
 
 def main() -> None:
@@ -124,7 +201,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--variants", default="timm,fused", help="comma-separated: timm, fused, fused+patchify, "
-                        "fused+gelu, fused+patchify+gelu")
+                        "fused+gelu, fused+patchify+gelu, fused+fp8, ...")
     args = parser.parse_args()
     result = measure(args.model, [int(b) for b in args.batches.split(",")], args.repeats, args.checkpoint,
                      args.variants.split(","))

@@ -183,3 +183,27 @@ def test_the_fused_swin_benchmarks_variants_keep_timms_sums_on_the_cpu():
     assert (model(x) - want).abs().max().item() < 1e-5
     program = torch.export.export(model, (x,))
     assert sum("linear_gelu" in str(node.target) for node in program.graph.nodes) == 4  # one per block's MLP
+
+
+def test_the_fused_swin_benchmarks_static_fp8_layers_are_calibrated_on_the_photos():
+    """perf/gpu/fused_swin.py's `fp8` candidate: each Linear layer but the head calibrated once on the bundled photos
+    (its input's absolute maximum) and run as one FP8 matrix product with static scales; close to FP32 (random
+    weights: cosine, not top-1), and stored by torch.export."""
+    import timm
+    import torch
+
+    from perf.gpu.fused_swin import calibrate_fp8, photos, to_static_fp8
+
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1])
+    reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+    model.load_state_dict(reference.state_dict())
+    images = photos(reference)
+    amax = calibrate_fp8(model, images)
+    assert len(amax) == 35 and "head.fc" not in amax and all(value > 0 for value in amax.values())
+    assert to_static_fp8(model, amax, torch.float32) == 35
+    with torch.inference_mode():
+        cosine = torch.nn.functional.cosine_similarity(model(images), reference(images), dim=1).min().item()
+    assert cosine > 0.99, cosine
+    torch.export.export(model, (images[:2],))
