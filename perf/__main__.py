@@ -7,7 +7,7 @@ Subcommands:
   tails    PNG of the latency tails of sweeps run with --request-count
   tune     search instance count / queue delay / batch sizes by live model reloads
   bare     the classifier run directly (PyTorch, ONNX Runtime, TensorRT)
-  pipeline the preprocessings run directly (gpu; exact and draft on the CPU)
+  preprocess the preprocessings run directly (gpu; exact and draft on the CPU)
   first-request  first-request latency after a model load, with and without warm-up
   analyze  Triton's Model Analyzer on the repository, with the local tritonserver
 
@@ -171,11 +171,11 @@ def _cmd_bare(args) -> int:
     return 0
 
 
-def _cmd_pipeline(args) -> int:
+def _cmd_preprocess(args) -> int:
     from builder.errors import BuilderError
     from builder.core.imaging import PreprocessParams
     from perf.environment import describe, image_paths, write_json
-    from perf.pipeline import bench_pipeline
+    from perf.preprocess import bench_gpu
 
     from builder.core.manifest import MANIFEST
 
@@ -190,12 +190,12 @@ def _cmd_pipeline(args) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     decoders = [d for d in args.decoders if d != "none"]
-    rows = bench_pipeline(images, params, args.batches, device, decoders, args.warmup, args.iterations)
+    rows = bench_gpu(images, params, args.batches, device, decoders, args.warmup, args.iterations)
     if args.cpu:
-        from perf.pipeline import bench_cpu
+        from perf.preprocess import bench_cpu
 
         rows += bench_cpu(images, params, args.batches, args.cpu, args.threads, args.warmup, args.iterations)
-    payload = {"kind": "pipeline", "environment": describe({"images": [str(p) for p in images], "device": device}),
+    payload = {"kind": "preprocess", "environment": describe({"images": [str(p) for p in images], "device": device}),
                "results": rows}
     print(write_json(args.output, payload))
     return 0
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m perf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_bare, _add_pipeline, _add_first_request, _add_analyze):
+    for add in (_add_bare, _add_preprocess, _add_first_request, _add_analyze):
         add(sub)
     cli_sweep.add_commands(sub, _counts, _words, _ints)
     return parser
@@ -302,22 +302,22 @@ def _add_bare(sub) -> None:
     b.set_defaults(func=_cmd_bare, output_kind="file")
 
 
-def _add_pipeline(sub) -> None:
-    g = sub.add_parser("pipeline", help="time the preprocessings alone (no server): gpu, and exact/draft on the CPU")
+def _add_preprocess(sub) -> None:
+    g = sub.add_parser("preprocess", help="time the preprocessings alone (no server): gpu, and exact/draft on the CPU")
     g.add_argument("--images", type=_words, default=[bundled_photos()], help="image files or folders")
     g.add_argument("--repository", default="model_repository", help="its manifest gives the transform")
     g.add_argument("--batches", type=_counts, default=[1, 64, 256])
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--decoders", type=_choices(DECODERS), default=["auto"],
-                   help="the gpu pipeline's decoders: auto,nvimgcodec,torchvision, or none")
+                   help="the gpu preprocessing's decoders: auto,nvimgcodec,torchvision, or none")
     g.add_argument("--cpu", type=_choices(CPU_PREPROCESSINGS), default=[],
                    help="CPU preprocessings to time too: exact,draft")
     g.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads of the CPU preprocessings (the preprocess model's default: min(8, cores))")
     g.add_argument("--warmup", type=_natural, default=3)
     g.add_argument("--iterations", type=_count, default=10)
-    g.add_argument("--output", default="perf/results/local-pipeline.json")
-    g.set_defaults(func=_cmd_pipeline, output_kind="file")
+    g.add_argument("--output", default="perf/results/local-preprocess.json")
+    g.set_defaults(func=_cmd_preprocess, output_kind="file")
 
 
 def _add_first_request(sub) -> None:

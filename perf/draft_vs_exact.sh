@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `--preprocess draft` against `exact` on one host, CPU only: large JPEGs (3 and 12 MP) through the preprocessing
-# alone (`perf pipeline`) and served (the preprocess model and the ensemble, perf_analyzer over gRPC).
+# alone (`perf preprocess`) and served (the preprocess model and the ensemble, perf_analyzer over gRPC).
 # Needs: this project's venv (`make venv`); run from the checkout root. Results: $OUT (default build/draft).
 # Images: builder/parity_images (640x480 JPEGs; a 2048x1536 JPEG and a 4032x3024 one made from it).
 # One repository serves both: built with --preprocess draft, then its preprocess config switched to exact
@@ -18,8 +18,8 @@ cp builder/parity_images/astronaut_2048x1536.jpg "$IMAGES/large/"
 $PYTHON -m builder repo --flavor local --output "$R" --preprocess draft --engine onnxruntime 2>&1 | tail -1
 cp "$R/manifest.json" "$OUT/manifest.json"
 for set in large typical; do
-  $PYTHON -m perf pipeline --repository "$R" --images "$IMAGES/$set" --decoders none --cpu exact,draft \
-    --batches 1,8 --threads "$THREADS" --warmup 2 --iterations 60 --output "$OUT/pipeline-$set.json" 2>&1 | grep INFO
+  $PYTHON -m perf preprocess --repository "$R" --images "$IMAGES/$set" --decoders none --cpu exact,draft \
+    --batches 1,8 --threads "$THREADS" --warmup 2 --iterations 60 --output "$OUT/preprocess-$set.json" 2>&1 | grep INFO
 done
 for variant in draft exact; do
   $PYTHON - "$R" "$variant" <<'P'

@@ -233,12 +233,12 @@ def _repo_preprocess_args(p, repo) -> None:
                         "decode + resize (parity-gated against exact; other formats take the exact path)")
     g.add_argument("--gpu-photo-path", choices=s.GPU_PHOTO_PATHS, default=field_default(repo, "gpu_photo_path"),
                    help="--preprocess gpu: fused: one model decodes the batch on the GPU, runs the inductor "
-                        "engine in its own process and does top-k on the GPU; pipeline: the same, calling the "
+                        "engine in its own process and does top-k on the GPU; bls: the same, calling the "
                         "classifier model once per batch (any engine); hybrid: fused for batches of up to "
-                        "--hybrid-local-batch images, pipeline above; ensemble: Triton chains the preprocess, "
+                        "--hybrid-local-batch images, bls above; ensemble: Triton chains the preprocess, "
                         "classifier and postprocess models; auto (default): with the inductor engine fused, or "
                         f"hybrid from {s.MANY_PHOTO_PATH_INSTANCES} GPU photo-path instances (the measured "
-                        "setup's 8); else pipeline. Outside the ensemble design the _preprocess and _postprocess "
+                        "setup's 8); else bls. Outside the ensemble design the _preprocess and _postprocess "
                         "models are not called by the photo path: they stay for direct clients on one CPU "
                         "instance each (no GPU memory)")
     g.add_argument("--hybrid-local-batch", type=int, default=field_default(repo, "hybrid_local_batch"),

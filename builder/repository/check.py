@@ -170,7 +170,7 @@ def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problem
         _check_onnx(name, version_dir / "model.onnx", config, problems)
     if (version_dir / "model.plan").is_file():
         _check_plan_sidecar(name, version_dir, config, problems)
-    gpu_pipeline = configs.parameter(config, "pipeline") == "gpu"
+    gpu_preprocess = configs.parameter(config, "preprocess") == "gpu"
     missing = []
     if config.backend == "python":  # the modules its model.py imports from beside it, by what the config runs
         role = served_role(configs.parameters(config), version_dir)
@@ -178,8 +178,8 @@ def _check_version(name: str, version_dir: Path, config: mc.ModelConfig, problem
     if missing:
         problems.append(f"{name}: version {version} lacks {', '.join(missing)}, which its model.py imports (built "
                         "by another builder, or for another preprocessing); rebuild the repository")
-    elif gpu_pipeline and not any((version_dir / "gate").glob("*.jpg")):
-        problems.append(f"{name}: version {version} has no gate/ photos for the gpu pipeline's load-time "
+    elif gpu_preprocess and not any((version_dir / "gate").glob("*.jpg")):
+        problems.append(f"{name}: version {version} has no gate/ photos for the gpu preprocessing's load-time "
                         "parity gate, so it would not load; rebuild the repository")
     engine_dir = configs.parameter(config, "engine_dir")
     if engine_dir and not ((version_dir / engine_dir / "model.pt2").is_file()

@@ -122,11 +122,11 @@ def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, pa
     """The preprocess model's files; returns its config and its parameters (with the GPU path's added)."""
     pre_dir = root / contract.preprocess
     version = str(settings.version)
-    gpu_pipeline = settings.preprocess == "gpu"
+    on_gpu = settings.preprocess == "gpu"
     instances = direct_preprocess_instances(settings)
-    _copy_python_model("preprocess.py", pre_dir / version, "preprocess_gpu" if gpu_pipeline else "preprocess")
-    if gpu_pipeline:
-        parameters = {**parameters, "pipeline": "gpu", "decoder": settings.gpu_decoder,
+    _copy_python_model("preprocess.py", pre_dir / version, "preprocess_gpu" if on_gpu else "preprocess")
+    if on_gpu:
+        parameters = {**parameters, "preprocess": "gpu", "decoder": settings.gpu_decoder,
                       "intra_op_threads": torch_threads(instances),
                       # Small batches' transforms replay as CUDA graphs ("0": eager; see gpu_transform.TransformGraphs).
                       "transform_graphs": "1",

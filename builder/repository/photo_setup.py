@@ -108,7 +108,7 @@ def photo_path_params(model_dir: Path, device: str) -> tuple:
 
     params = configs.parameters(configs.read(Path(model_dir) / "config.pbtxt"))
     if not params.get("engine_dir"):
-        raise BuilderError(f"{Path(model_dir).name} runs no engine in its process (the BLS pipeline design); build "
+        raise BuilderError(f"{Path(model_dir).name} runs no engine in its process (the `bls` design); build "
                            "the photo path with --gpu-photo-path fused or hybrid")
     params.update(device=device)
     return str(Path(model_dir) / str(existing_versions(Path(model_dir))[-1])), params

@@ -3,7 +3,7 @@
 Figures: the input tensors (max and mean absolute difference), and the logits
 the built model gives for each (max abs, cosine, top-1 agreement), on real
 photos in the formats uploads come in (640x480 and 2048x1536 JPEGs, baseline
-and progressive, grayscale, EXIF-rotated, CMYK, PNG). The `gpu` pipeline runs
+and progressive, grayscale, EXIF-rotated, CMYK, PNG). The `gpu` preprocessing runs
 on the GPU when there is one, else on the CPU (same code, libjpeg-turbo
 decode), which is what CI runs; `draft` is the exact path with JPEGs decoded
 at a reduced scale.
@@ -32,9 +32,9 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
         module: The classifier (torch, eval mode, CPU).
         params: `imaging.PreprocessParams` of the exact path.
         parity: Thresholds on the logits (max_abs, min_cosine, min_top1).
-        variant: `gpu` (the batched GPU pipeline) or `draft` (JPEGs decoded at a reduced scale).
+        variant: `gpu` (the batched GPU decode and transform) or `draft` (JPEGs decoded at a reduced scale).
         images_dir: Photos to compare on (default: the bundled set).
-        device: Where the GPU pipeline runs (default: cuda if available, else cpu).
+        device: Where the GPU preprocessing runs (default: cuda if available, else cpu).
 
     Returns:
         The figures, with what each variant did: for `gpu` the device, decoder and the number of images
@@ -71,7 +71,7 @@ def preprocess_parity(module, params, parity: Parity, variant: str = "gpu", imag
 
 
 def _gpu_candidate(params, items, device: Optional[str]):
-    """The GPU pipeline's tensors of `items`, their errors, what it did (figures and in words)."""
+    """The GPU preprocessing's tensors of `items`, their errors, what it did (figures and in words)."""
     import torch
 
     from builder.repository.triton_models import gpu_imaging, gpu_transform
@@ -80,11 +80,11 @@ def _gpu_candidate(params, items, device: Optional[str]):
     if problem:
         raise BuilderError(f"preprocess: {problem}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = gpu_imaging.GpuPreprocessor(params, device)
-    tensors, errors = pipeline(items)
-    details = dict(on_gpu_path=pipeline.counts["gpu"], on_exact_path=pipeline.counts["exact"], device=device,
-                   decoder=pipeline.decoder.backend)
-    return tensors.cpu().numpy(), errors, details, f"{device}, {pipeline.decoder.backend}"
+    preprocessor = gpu_imaging.GpuPreprocessor(params, device)
+    tensors, errors = preprocessor(items)
+    details = dict(on_gpu_path=preprocessor.counts["gpu"], on_exact_path=preprocessor.counts["exact"], device=device,
+                   decoder=preprocessor.decoder.backend)
+    return tensors.cpu().numpy(), errors, details, f"{device}, {preprocessor.decoder.backend}"
 
 
 def _draft_candidate(params, items):

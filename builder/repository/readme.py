@@ -85,9 +85,9 @@ def _photo_path_role(settings: RepoSettings, contract: Contract) -> str:
     if design == "fused":
         return ("the photo path in one Python model: the batch decoded and transformed on the GPU, classified by "
                 "the classifier's engine in the same process, softmax on the GPU (`fused`)")
-    if design == "pipeline":
+    if design == "bls":
         return (f"the photo path in one Python model: the batch decoded and transformed on the GPU, one request to "
-                f"{contract.classifier} per batch (BLS), softmax on the GPU (`pipeline`)")
+                f"{contract.classifier} per batch (BLS), softmax on the GPU (`bls`)")
     if design == "hybrid":
         return (f"the photo path in one Python model: the batch decoded and transformed on the GPU, classified in "
                 f"the same process up to {settings.hybrid_local_batch} images, larger batches by one request to "
@@ -111,12 +111,12 @@ def _serving_notes(settings: RepoSettings) -> list:
                      "context: serve under CUDA MPS (`python -m builder serve --mps`, or the NVIDIA device plugin's "
                      "MPS sharing in Kubernetes), or the GPU runs one instance at a time (on an H200, 6 instances "
                      "served 5,490 one-image requests a second under MPS and 4,660 without).")
-    if settings.gpu_photo_path in ("fused", "pipeline") and pre.count >= MANY_PHOTO_PATH_INSTANCES:
+    if settings.gpu_photo_path in ("fused", "bls") and pre.count >= MANY_PHOTO_PATH_INSTANCES:
         # Measured: perf/results/h200-photo-buckets and h200-photo-hybrid (the classifier model batches several
         # instances' batches; hybrid keeps a lone photo in the photo path's process).
         notes.append("With this many instances the `hybrid` design (`--gpu-photo-path hybrid`, what `auto` picks "
                      "here) served more on an H200 under MPS: 7,493 one-image requests a second with 8 instances "
-                     "(pipeline 6,924-7,367, fused 6,473), and one image at concurrency 1 in p50 3.7 ms (pipeline "
+                     "(bls 6,924-7,367, fused 6,473), and one image at concurrency 1 in p50 3.7 ms (bls "
                      "5.4).")
     return ["## Serving", "", *(line for note in notes for line in (note, ""))]
 

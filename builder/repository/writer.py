@@ -261,21 +261,21 @@ def settle_photo_setup(settings: RepoSettings, designed: str, staging: Path, con
 
 def _photo_path(settings: RepoSettings) -> RepoSettings:
     """Settles `gpu_photo_path` once the engine is known: with the inductor engine `auto` is fused, or hybrid
-    with `MANY_PHOTO_PATH_INSTANCES` or more GPU photo-path instances; with any other engine, pipeline.
+    with `MANY_PHOTO_PATH_INSTANCES` or more GPU photo-path instances; with any other engine, bls.
 
     Measured on an H200 (perf/results/): with its default 2 instances fused served one photo per request at
-    p50 2.5 ms at concurrency 1 (pipeline 5.0 ms) and 5,335 img/s at 256 (pipeline 4,723; h200-photo-designs).
+    p50 2.5 ms at concurrency 1 (bls 5.0 ms) and 5,335 img/s at 256 (bls 4,723; h200-photo-designs).
     With 6 or 8 instances under MPS the classifier model, fed by several photo-path processes, beat each process
-    running its own engine (pipeline 6,702 and 6,924 against fused 6,409 and 6,473; h200-photo-buckets), and
+    running its own engine (bls 6,702 and 6,924 against fused 6,409 and 6,473; h200-photo-buckets), and
     hybrid keeps that with a lone photo in the process (8 instances: 7,493 img/s, p50 3.7 ms at concurrency 1
-    against the pipeline's 7,367 and 5.4 ms; h200-photo-hybrid).
+    against bls's 7,367 and 5.4 ms; h200-photo-hybrid).
     """
     if settings.preprocess != "gpu":
         return settings
     if settings.gpu_photo_path != "auto":  # fused with another engine was refused by the settings
         return settings
     if settings.engine != "inductor":
-        return dataclasses.replace(settings, gpu_photo_path="pipeline")
+        return dataclasses.replace(settings, gpu_photo_path="bls")
     instances = settings.preprocess_instances
     many = instances.kind == "KIND_GPU" and instances.count >= MANY_PHOTO_PATH_INSTANCES
     return dataclasses.replace(settings, gpu_photo_path="hybrid" if many else "fused")

@@ -192,15 +192,15 @@ class RepoSettings:
             ensemble's name: `fused` (one Python model that decodes the batch
             on the GPU, runs the classifier's inductor engine in its own
             process and does top-k on the GPU; the classifier model stays for
-            direct clients), `pipeline` (the same model calling the classifier
+            direct clients), `bls` (the same model calling the classifier
             model once per batch by BLS: any engine), `hybrid` (fused for
-            batches of up to `hybrid_local_batch` images, pipeline for larger
+            batches of up to `hybrid_local_batch` images, bls for larger
             ones: a lone photo skips the hop, a full batch joins the
             classifier's batches), `ensemble` (preprocess,
             classifier and postprocess models chained by Triton) or `auto`
             (the default: with the inductor engine fused, or hybrid from
             `MANY_PHOTO_PATH_INSTANCES` GPU photo-path instances; else
-            pipeline).
+            bls).
         gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
             batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
             hardware JPEG decoders first; the package must be installed in
@@ -318,10 +318,10 @@ class RepoSettings:
             _fail("gpu_photo_path", f"{self.gpu_photo_path!r} is unknown", f"use one of {', '.join(GPU_PHOTO_PATHS)}")
         if self.gpu_photo_path in IN_PROCESS_PHOTO_PATHS and self.engine not in ("inductor", "auto"):
             _fail("gpu_photo_path", f"{self.gpu_photo_path} runs the inductor engine in the photo path's process, "
-                  f"not {self.engine}", "pass --engine inductor, or --gpu-photo-path pipeline")
+                  f"not {self.engine}", "pass --engine inductor, or --gpu-photo-path bls")
         if self.hybrid_local_batch < 1:
             _fail("hybrid_local_batch", f"is {self.hybrid_local_batch}",
-                  "use 1 or more images (--gpu-photo-path pipeline sends every batch to the classifier model)")
+                  "use 1 or more images (--gpu-photo-path bls sends every batch to the classifier model)")
 
     def _place_gpu_models_together(self) -> None:
         """Every GPU-placed model on the same GPUs: the preprocess (or photo path) model follows `--gpus`.

@@ -30,17 +30,17 @@ def measure(decoder: str, photos, params, batch: int, seconds: float) -> dict:
     from builder.repository.triton_models import gpu_imaging
 
     try:
-        pipeline = gpu_imaging.GpuPreprocessor(params, "cuda", decoder)
+        preprocessor = gpu_imaging.GpuPreprocessor(params, "cuda", decoder)
     except (RuntimeError, ValueError) as exc:
         return {"decoder": decoder, "error": str(exc)}
     items = [photos[i % len(photos)] for i in range(batch)]
     for _ in range(5):  # warm: buffers, kernels
-        pipeline(items)
+        preprocessor(items)
     torch.cuda.synchronize()
     dmon = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1"], stdout=subprocess.PIPE, text=True)
     started, images = time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
-        pipeline(items)
+        preprocessor(items)
         images += batch
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
@@ -59,7 +59,7 @@ def measure(decoder: str, photos, params, batch: int, seconds: float) -> dict:
         return round(sum(values) / len(values), 1) if values else None
 
     sm, jpg = mean("sm"), mean("jpg")
-    return {"decoder": pipeline.decoder.backend, "batch": batch, "seconds": round(wall, 2), "images": images,
+    return {"decoder": preprocessor.decoder.backend, "batch": batch, "seconds": round(wall, 2), "images": images,
             "img_per_s": round(images / wall, 1), "sm_percent": sm, "jpg_percent": jpg, "samples": len(samples),
             "sm_ms_per_image": round(sm / 100 * wall * 1000 / images, 4) if sm is not None else None}
 

@@ -6,7 +6,7 @@
 # nvidia-pytriton==0.7.0 and numpy<2 (tritonserver 2.51's Python backend breaks BYTES inputs under numpy 2).
 # perf_analyzer (tritonclient's wheel) on PATH. Run from the checkout root, one stage at a time:
 #   bash perf/gpu/gpu_data_path.sh repo       # local-flavor repository: --preprocess gpu --engine inductor
-#   bash perf/gpu/gpu_data_path.sh bare       # pipeline alone (both decoders) and the inductor engine alone
+#   bash perf/gpu/gpu_data_path.sh bare       # the gpu preprocessing alone (both decoders) and the inductor engine alone
 #   bash perf/gpu/gpu_data_path.sh sweep      # serve it; perf_analyzer: preprocess, classifier, ensemble
 # Images: builder/parity_images (640x480 JPEGs of 55-100 KB; a 2048x1536 JPEG and a 4032x3024 one made
 # from it for large uploads).
@@ -31,10 +31,10 @@ case "${1:?stage}" in
     cp "$REPO/manifest.json" "$OUT/manifest-$COMPILE.json"
     ;;
   bare)
-    $PYTHON -m perf pipeline --repository "$REPO" --images "$IMAGES/typical" --batches 1,64,256 \
-      --decoders "${DECODERS:-nvimgcodec,torchvision}" --output "$OUT/pipeline-typical.json" 2>&1 | grep img/s
-    $PYTHON -m perf pipeline --repository "$REPO" --images "$IMAGES/large" --batches 1,16 \
-      --decoders "${DECODERS:-nvimgcodec,torchvision}" --output "$OUT/pipeline-large.json" 2>&1 | grep img/s
+    $PYTHON -m perf preprocess --repository "$REPO" --images "$IMAGES/typical" --batches 1,64,256 \
+      --decoders "${DECODERS:-nvimgcodec,torchvision}" --output "$OUT/preprocess-typical.json" 2>&1 | grep img/s
+    $PYTHON -m perf preprocess --repository "$REPO" --images "$IMAGES/large" --batches 1,16 \
+      --decoders "${DECODERS:-nvimgcodec,torchvision}" --output "$OUT/preprocess-large.json" 2>&1 | grep img/s
     $PYTHON -m perf bare --engines program --repository "$REPO" --batches 1,8,32,64,128 \
       --output "$OUT/bare-program-$COMPILE.json" 2>&1 | grep -o '"batch_size.*throughput_img_per_s": [0-9.]*\|load_s.*' | head -12
     ;;

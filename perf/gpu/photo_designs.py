@@ -1,16 +1,16 @@
-"""The photo path's other designs beside a `--preprocess gpu` repository's pipeline model, and their knobs.
+"""The photo path's other designs beside a `--preprocess gpu` repository's photo-path model, and their knobs.
 
-    python perf/gpu/photo_designs.py write REPO NAME   # <NAME>_fused and <NAME>_ensemble3 beside the pipeline
+    python perf/gpu/photo_designs.py write REPO NAME   # <NAME>_fused and <NAME>_ensemble3 beside the photo path
     python perf/gpu/photo_designs.py set REPO NAME [--decoder D] [--threads N] [--instances N] [--graphs 0|1]
                                                   [--profile N --trace-dir DIR]
     python perf/gpu/photo_designs.py copy REPO SOURCE TARGET [the knobs of set, --buckets B,B,..., --classifier M,
                                                                   --max-batch N, --queue-delay-us N, --local-batch N]
     python perf/gpu/photo_designs.py null REPO NAME   # <NAME>_null: the photo path's tensors, no work
 
-`write` adds, on the same classifier: `<NAME>_fused` (the pipeline with the classifier's inductor engine in its
+`write` adds, on the same classifier: `<NAME>_fused` (the photo path with the classifier's inductor engine in its
 own process, as `--gpu-photo-path fused` writes it) and `<NAME>_ensemble3` (preprocess -> classifier ->
 postprocess chained by Triton, as `--gpu-photo-path ensemble` writes it). `set` changes config parameters of the
-pipeline and fused models: the decoder, torch's CPU threads, GPU instances, the transform's CUDA graphs, and the
+photo-path and fused models: the decoder, torch's CPU threads, GPU instances, the transform's CUDA graphs, and the
 per-phase profile and trace.
 `copy` serves a model again under another name with some knobs changed (variants side by side on one server);
 `null` writes a model with the photo path's config that answers without work: the serving stack's ceiling.
@@ -31,18 +31,18 @@ def write(repo: Path, name: str) -> None:
     manifest = read_manifest(repo)
     contract = Contract(name, tuple(manifest["contract"]["tensors"]["input"]["dims"][1:]),
                         manifest["model"]["num_classes"])
-    pipeline = configs.read(repo / name / "config.pbtxt")
-    params = {k: v.string_value for k, v in pipeline.parameters.items()
+    photo_path = configs.read(repo / name / "config.pbtxt")
+    params = {k: v.string_value for k, v in photo_path.parameters.items()
               if k not in ("classifier", "classifier_input", "classifier_output", "classifier_max_batch",
                            "local_max_batch")}
     classifier = configs.read(repo / contract.classifier / "config.pbtxt")
     cls_params = configs.parameters(classifier)
-    queue = pipeline.dynamic_batching.default_queue_policy  # the fused model queues as the pipeline does
+    queue = photo_path.dynamic_batching.default_queue_policy  # the fused model queues as the photo path does
     settings = RepoSettings(engine="inductor", preprocess="gpu", gpu_photo_path="fused",
                             classifier_batching=Batching(classifier.max_batch_size, (), 0),
-                            preprocess_batching=Batching(pipeline.max_batch_size, (), 0, queue.max_queue_size,
+                            preprocess_batching=Batching(photo_path.max_batch_size, (), 0, queue.max_queue_size,
                                                          queue.default_timeout_microseconds),
-                            preprocess_instances=InstanceGroup("KIND_GPU", pipeline.instance_group[0].count))
+                            preprocess_instances=InstanceGroup("KIND_GPU", photo_path.instance_group[0].count))
     version = sorted(p.name for p in (repo / contract.classifier).iterdir() if p.name.isdigit())[-1]
     labels = (repo / name / LABELS_FILE).read_text(encoding="utf-8").splitlines()
     fused = repo / f"{name}_fused"
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local-batch", default="", help="a fused or hybrid model's largest batch classified in "
                                                            "its own process (larger: BLS; 0: BLS only)")
     parser.add_argument("--queue-delay-us", default="", help="the model's dynamic batcher delay (microseconds)")
-    parser.add_argument("--classifier", default="", help="the pipeline's classifier model (e.g. a copy with other "
+    parser.add_argument("--classifier", default="", help="the photo path's classifier model (e.g. a copy with other "
                         "instances)")
     args = parser.parse_args(argv)
     if args.action == "write":

@@ -26,8 +26,8 @@ def test_gpu_decoder_matches_the_exact_path(params):
     """nvJPEG (torchvision) on the GPU against libjpeg on every bundled JPEG, with the load-time gate's figures."""
     from builder.repository.triton_models import gpu_imaging
 
-    pipeline = gpu_imaging.GpuPreprocessor(params, "cuda")
-    figures = gpu_imaging.load_gate(pipeline, [p.read_bytes() for p in JPEGS], 0.03, 0.999)
+    preprocessor = gpu_imaging.GpuPreprocessor(params, "cuda")
+    figures = gpu_imaging.load_gate(preprocessor, [p.read_bytes() for p in JPEGS], 0.03, 0.999)
     assert figures["device"].startswith("cuda") and figures["decoder"] == "torchvision"
     assert figures["on_gpu_path"] >= len(JPEGS) - 1  # the CMYK JPEG takes the exact path
     print("decoder figures:", json.dumps(figures))
@@ -92,8 +92,8 @@ def test_graphed_transform_is_the_eager_transform_to_the_bit(params):
 def test_nvimgcodec_decoder_matches_the_exact_path(params):
     from builder.repository.triton_models import gpu_imaging
 
-    pipeline = gpu_imaging.GpuPreprocessor(params, "cuda", "nvimgcodec")
-    figures = gpu_imaging.load_gate(pipeline, [p.read_bytes() for p in JPEGS], 0.03, 0.999)
+    preprocessor = gpu_imaging.GpuPreprocessor(params, "cuda", "nvimgcodec")
+    figures = gpu_imaging.load_gate(preprocessor, [p.read_bytes() for p in JPEGS], 0.03, 0.999)
     assert figures["decoder"] == "nvimgcodec"
 
 
@@ -124,20 +124,20 @@ def test_broken_jpegs_get_the_exact_answers_on_the_gpu(params):
 @pytest.fixture(scope="module")
 def gpu_served(tmp_path_factory):
     """A repository built here with `--engine auto` and the gpu preprocessing on GPU instances, served; the photo
-    path is the pipeline design (one BLS request to the classifier model per batch), named, not left to auto."""
+    path is the bls design (one BLS request to the classifier model per batch), named, not left to auto."""
     from builder.repository.writer import build_repository
     from builder.serving.server import LocalServer, ServerSettings
 
     root = tmp_path_factory.mktemp("gpu-served")
     repo = build_repository(tiny_settings(
-        root / "repo", preprocess="gpu", engine="auto", gpu_photo_path="pipeline",
+        root / "repo", preprocess="gpu", engine="auto", gpu_photo_path="bls",
         classifier_instances=s.InstanceGroup("KIND_GPU", 1),
         preprocess_instances=s.InstanceGroup("KIND_GPU", 1)))
     from builder.repository import configs
 
-    pipeline = configs.read(repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
-    pipeline.parameters["profile_every"].string_value = "2"  # the diagnostic, checked below
-    configs.write(pipeline, repo / "swin_tiny_patch4_window7_224")
+    photo_path = configs.read(repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
+    photo_path.parameters["profile_every"].string_value = "2"  # the diagnostic, checked below
+    configs.write(photo_path, repo / "swin_tiny_patch4_window7_224")
     http, grpc, metrics = free_ports(3)
     server = LocalServer(ServerSettings(str(repo), http, grpc, metrics, workdir=str(root / "server")))
     with server:
@@ -245,8 +245,8 @@ def test_served_models_checked_and_reused_what_was_built(gpu_served):
     gate_lines = [line for line in log.splitlines() if "load-time parity gate passed" in line]
     on_gpu = [line for line in gate_lines if "cuda:0" in line]
     assert on_gpu and len(gate_lines) - len(on_gpu) <= 1, log[-3000:]
-    # The photo path is the pipeline model: one BLS request per batch; its profile says where the time went.
-    assert "photo path (pipeline): GPU decode on cuda:0" in log and "photo path profile over 2 batches" in log, \
+    # The photo path is the bls design: one BLS request per batch; its profile says where the time went.
+    assert "photo path (bls): GPU decode on cuda:0" in log and "photo path profile over 2 batches" in log, \
         log[-3000:]
     print([line[line.index("photo path profile"):] for line in log.splitlines() if "photo path profile" in line][-1])
     gate = read_manifest(repo)["parity"]["gpu_preprocess_vs_exact"]

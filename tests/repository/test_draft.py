@@ -92,7 +92,7 @@ def test_draft_repository_records_its_gate_and_parameters(draft_repo):
     assert manifest["model_versions"][0]["preprocess"] == "draft" and manifest["preprocess"]["jpeg_draft"] == "True"
     pre = configs.read(draft_repo / "swin_tiny_patch4_window7_224_preprocess" / "config.pbtxt")
     assert pre.parameters["jpeg_draft"].string_value == "True"
-    assert "pipeline" not in pre.parameters  # the CPU model: no torch in the stub
+    assert "preprocess" not in pre.parameters  # the CPU model: no torch in the stub
     assert "draft preprocessing" in (draft_repo / "README.md").read_text()
 
 

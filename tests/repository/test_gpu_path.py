@@ -1,4 +1,4 @@
-"""The GPU data path's code on the CPU: the same pipeline (libjpeg-turbo decode instead of nvJPEG), its
+"""The GPU data path's code on the CPU: the same GPU preprocessing (libjpeg-turbo decode instead of nvJPEG), its
 fallback and error isolation, the parity gate, the inductor engine, and both served by the real tritonserver."""
 
 from __future__ import annotations
@@ -71,20 +71,20 @@ def test_header_routing_agrees_with_pillow(uploads):
     assert imaging.gpu_candidate(uploads["photo3"], 100) is None  # above the pixel limit: exact path
 
 
-def test_pipeline_matches_the_exact_path(uploads, params):
+def test_gpu_preprocessing_matches_the_exact_path(uploads, params):
     names = list(uploads)
-    pipeline = gpu_imaging.GpuPreprocessor(params, "cpu")
-    batch, errors = pipeline([uploads[n] for n in names])
+    preprocessor = gpu_imaging.GpuPreprocessor(params, "cpu")
+    batch, errors = preprocessor([uploads[n] for n in names])
     assert errors == [None] * len(names)
     exact_path = [n for n in names if imaging.gpu_candidate(uploads[n], params.max_pixels) is None]
     assert "cmyk" in exact_path and "chelsea.png" in exact_path and "exif6" not in exact_path
-    assert pipeline.counts == {"gpu": len(names) - len(exact_path), "exact": len(exact_path)}
-    assert pipeline.graphs is None  # CUDA graphs on a CUDA device only (tests/gpu checks them to the bit)
+    assert preprocessor.counts == {"gpu": len(names) - len(exact_path), "exact": len(exact_path)}
+    assert preprocessor.graphs is None  # CUDA graphs on a CUDA device only (tests/gpu checks them to the bit)
     # A capture that fails (here for real: this host has no CUDA) turns graphs off, warns once, serves eager.
     warned = []
-    graphs = gpu_transform.TransformGraphs(pipeline._transform_batch, warned.append)
-    decoded = pipeline.decoder([uploads["exif6"]], [1])
-    expected = pipeline._transform_group(decoded)
+    graphs = gpu_transform.TransformGraphs(preprocessor._transform_batch, warned.append)
+    decoded = preprocessor.decoder([uploads["exif6"]], [1])
+    expected = preprocessor._transform_group(decoded)
     for _ in range(3):  # eager, the failed capture, eager
         assert torch.equal(graphs(decoded), expected)
     assert graphs.failure and not graphs.kept and len(warned) == 1 and "eager transform serves" in warned[0]
@@ -204,16 +204,16 @@ def test_variant_repository(gpu_repo, tmp_path):
     assert "gate_note" in gates["gpu_preprocess_vs_exact"]  # gated on this CPU: the served model re-checks
     # The photo path is one model under the ensemble's name, not an ensemble: with the inductor engine, `auto`
     # makes it fused (the engine runs in its process, from links to the classifier's files).
-    pipeline = configs.read(gpu_repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
-    assert pipeline.backend == "python" and not pipeline.HasField("ensemble_scheduling")
-    assert not pipeline.model_warmup and pipeline.dynamic_batching.max_queue_delay_microseconds == 0
-    assert pipeline.parameters["classifier"].string_value == "swin_tiny_patch4_window7_224_classifier"
-    assert [(o.name, o.label_filename) for o in pipeline.output] == [("probabilities", "labels.txt"),
+    photo_path = configs.read(gpu_repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
+    assert photo_path.backend == "python" and not photo_path.HasField("ensemble_scheduling")
+    assert not photo_path.model_warmup and photo_path.dynamic_batching.max_queue_delay_microseconds == 0
+    assert photo_path.parameters["classifier"].string_value == "swin_tiny_patch4_window7_224_classifier"
+    assert [(o.name, o.label_filename) for o in photo_path.output] == [("probabilities", "labels.txt"),
                                                                       ("logits", "labels.txt")]
     assert (gpu_repo / "swin_tiny_patch4_window7_224" / "labels.txt").is_file()
     assert {p.name for p in (gpu_repo / "swin_tiny_patch4_window7_224" / "1").iterdir()} >= {
         "model.py", *SERVED_MODULES["photo_path"], "gate", "engine"}
-    assert pipeline.parameters["engine_dir"].string_value == "engine"
+    assert photo_path.parameters["engine_dir"].string_value == "engine"
     assert manifest["settings"]["gpu_photo_path"] == "fused"
     sidecar = json.loads((cls / "1" / "engine.json").read_text())
     assert sidecar["environment"]["torch"] == torch.__version__
@@ -319,7 +319,7 @@ def test_served_gpu_variant_isolates_failures_and_matches_exact(gpu_repo, local_
 
 @pytest.mark.server
 def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, params, tiny_model):
-    """`--gpu-photo-path fused`: the pipeline model runs the classifier's inductor engine itself (no BLS hop),
+    """`--gpu-photo-path fused`: the photo-path model runs the classifier's inductor engine itself (no BLS hop),
     from links to the classifier's engine files, and answers as the exact path does."""
     from builder.repository.check import check_repository
     from builder.serving.server import LocalServer, ServerSettings
@@ -343,11 +343,11 @@ def test_the_fused_design_runs_the_engine_in_its_own_process(tmp_path, uploads, 
     (tmp_path / "aside.py").rename(fused / "1" / "torch_runner.py")
     with pytest.raises(BuilderError, match="gpu_photo_path: fused runs the inductor engine"):
         s.RepoSettings(preprocess="gpu", gpu_photo_path="fused", engine="onnxruntime")
-    # auto: fused with the inductor engine, the BLS pipeline with any other; fused after an auto race that
+    # auto: fused with the inductor engine, bls with any other; fused after an auto race that
     # chose another engine is refused by name (the race's result passes through the same settings check).
     from builder.repository.writer import _photo_path
 
-    for engine, design in (("inductor", "fused"), ("onnxruntime", "pipeline")):
+    for engine, design in (("inductor", "fused"), ("onnxruntime", "bls")):
         assert _photo_path(s.RepoSettings(preprocess="gpu", engine=engine)).gpu_photo_path == design
     # Many GPU photo-path instances: hybrid with the inductor engine (the classifier model joins their batches).
     for count, kind, design in ((6, "KIND_GPU", "hybrid"), (5, "KIND_GPU", "fused"), (8, "KIND_CPU", "fused")):

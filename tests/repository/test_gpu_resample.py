@@ -29,10 +29,10 @@ def test_split_weights_are_exact_in_float16_and_give_pillows_resize_to_the_bit(p
         assert np.array_equal(halves.astype(np.float16).astype(np.float32), halves)
         rebuilt = halves[:out_size].astype(np.float64) * 4096 + halves[out_size:]
         assert np.array_equal(rebuilt / (1 << 22), weights.astype(np.float64))
-    pipeline, rng = gpu_imaging.GpuPreprocessor(params, "cpu"), np.random.default_rng(0)
+    preprocessor, rng = gpu_imaging.GpuPreprocessor(params, "cpu"), np.random.default_rng(0)
     for width, height in ((640, 480), (4032, 3024), (333, 517), (100, 60)):
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        ours = pipeline._transform_group([torch.from_numpy(pixels).permute(2, 0, 1).contiguous()])[0].numpy()
+        ours = preprocessor._transform_group([torch.from_numpy(pixels).permute(2, 0, 1).contiguous()])[0].numpy()
         assert np.abs(ours - imaging.transform(Image.fromarray(pixels), params)).max() < 1e-6, (width, height)
 
 

@@ -160,7 +160,7 @@ def test_swinv2_builds_with_its_own_data_config(tmp_path):
 
 
 def test_the_ensemble_design_of_the_gpu_photo_path(tmp_path):
-    """`--gpu-photo-path ensemble`: the three models chained by Triton, as before the pipeline model."""
+    """`--gpu-photo-path ensemble`: the three models chained by Triton, as before the photo-path model."""
     # The preprocess model takes smaller batches than the classifier (--preprocess-max-batch-size): the
     # ensemble takes the smaller of the two, as Triton requires of every step.
     repo = build_repository(tiny_settings(tmp_path / "repo", preprocess="gpu", gpu_photo_path="ensemble",
@@ -173,8 +173,10 @@ def test_the_ensemble_design_of_the_gpu_photo_path(tmp_path):
     from builder.repository.check import check_repository
 
     assert check_repository(repo) == []
-    with pytest.raises(BuilderError, match="gpu_photo_path: 'bls' is unknown"):
-        s.RepoSettings(gpu_photo_path="bls")
+    # The BLS design's old name ("pipeline" also named the GPU preprocessing and a config parameter) is refused,
+    # naming the new one.
+    with pytest.raises(BuilderError, match="gpu_photo_path: 'pipeline' is unknown; use one of auto, fused, bls, "):
+        s.RepoSettings(gpu_photo_path="pipeline")
 
 
 def test_inductor_engine_in_the_container_flavor(tmp_path):
@@ -201,9 +203,9 @@ def test_the_repository_readme_names_the_photo_path_design_and_mps():
     many = render(s.RepoSettings(preprocess="gpu", engine="inductor", gpu_photo_path="fused",
                                  preprocess_instances=s.InstanceGroup("KIND_GPU", 6)), contract, choice, {})
     assert "(`fused`)" in many and "6 instances per GPU" in many and "builder serve --mps" in many
-    assert "`--gpu-photo-path hybrid`" in many  # with many instances it served more than fused and pipeline
-    two = render(s.RepoSettings(preprocess="gpu", engine="onnxruntime", gpu_photo_path="pipeline"), contract, choice, {})
-    assert "(`pipeline`)" in two and "--mps" not in two
+    assert "`--gpu-photo-path hybrid`" in many  # with many instances it served more than fused and bls
+    two = render(s.RepoSettings(preprocess="gpu", engine="onnxruntime", gpu_photo_path="bls"), contract, choice, {})
+    assert "(`bls`)" in two and "--mps" not in two
     assert "`transform_graphs`" in two and "`transform_graphs`" in many  # every GPU photo path: how to turn off
     exact = render(s.RepoSettings(), contract, choice, {})
     assert "the three in one request (Triton ensemble)" in exact and "--mps" not in exact

@@ -41,11 +41,11 @@ def _processes_with(text: str) -> list:
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["pipeline", "--cpu", "foo"], ["--cpu", "foo unknown", "exact, draft"]),
-    (["pipeline", "--decoders", "nvjpeg"], ["--decoders", "nvjpeg unknown"]),
+    (["preprocess", "--cpu", "foo"], ["--cpu", "foo unknown", "exact, draft"]),
+    (["preprocess", "--decoders", "nvjpeg"], ["--decoders", "nvjpeg unknown"]),
     (["bare", "--batches", "0"], ["--batches", "1 or more"]),
     (["bare", "--iterations", "0"], ["--iterations", "1 or more"]),
-    (["pipeline", "--output", "/dev/null/x.json"], ["output:", "cannot be created or written"]),
+    (["preprocess", "--output", "/dev/null/x.json"], ["output:", "cannot be created or written"]),
     (["sweep", "--models", "classifier", "--concurrency", "8", "--request-count", "4", "--output",
       "/tmp/x.json"], ["request_count: 4 is below the concurrency 8"]),
     (["report", "/dev/null"], ["cannot read results"]),
@@ -352,14 +352,14 @@ def test_perf_images_are_checked_and_what_is_not_an_image_is_named(local_repo, t
     from builder.errors import BuilderError
     from perf.environment import image_paths
 
-    for command in (["pipeline", "--repository", str(local_repo)], ["first-request", "--repository", str(local_repo)],
+    for command in (["preprocess", "--repository", str(local_repo)], ["first-request", "--repository", str(local_repo)],
                     ["sweep", "--name", "x"]):
         _error(run_module("perf", *command, "--images", str(tmp_path / "missing"), "--output",
                           str(tmp_path / "o.json")), "images:", "does not exist")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not a photo")
-    _error(run_module("perf", "pipeline", "--repository", str(local_repo), "--images", str(empty), "--output",
+    _error(run_module("perf", "preprocess", "--repository", str(local_repo), "--images", str(empty), "--output",
                       str(tmp_path / "o.json")), "images: no image files under")
     mixed = tmp_path / "mixed"
     mixed.mkdir()

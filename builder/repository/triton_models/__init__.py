@@ -23,7 +23,7 @@ def served_role(parameters: Dict[str, str], version_dir: Path) -> Optional[str]:
     """Which `SERVED_MODULES` entry a Python-backend model's config parameters and version folder are."""
     if parameters.get("classifier"):
         return "photo_path"
-    if parameters.get("pipeline") == "gpu":
+    if parameters.get("preprocess") == "gpu":
         return "preprocess_gpu"
     if "scale_size" in parameters:
         return "preprocess"

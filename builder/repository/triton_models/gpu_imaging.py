@@ -120,14 +120,14 @@ class Decoder:
         return [None if img is None else _orient(img, o) for img, o in zip(decoded, orientations)]
 
 
-def load_gate(pipeline: "GpuPreprocessor", photos: Sequence[bytes], max_mean_abs: float, min_cosine: float) -> Dict:
+def load_gate(preprocessor: "GpuPreprocessor", photos: Sequence[bytes], max_mean_abs: float, min_cosine: float) -> Dict:
     """Checks the served decoder on photos against the exact path, where it serves; raises when it is off.
 
     The build's gate runs where the repository is built, which may have no GPU (then libjpeg-turbo stands
     in for nvJPEG). This runs the decoder that will really serve, on its own device, when the model loads.
 
     Args:
-        pipeline: The GPU pipeline as the model will run it.
+        preprocessor: The GPU preprocessing as the model will run it.
         photos: Encoded photos (JPEGs, so they take the GPU path).
         max_mean_abs: Largest mean absolute difference of one photo's tensor from the exact one.
         min_cosine: Smallest cosine of one photo's tensor with the exact one.
@@ -138,20 +138,20 @@ def load_gate(pipeline: "GpuPreprocessor", photos: Sequence[bytes], max_mean_abs
     Raises:
         ValueError: A photo fails, or a figure is outside its threshold.
     """
-    before = dict(pipeline.counts)
-    tensors, errors = pipeline(list(photos))
-    on_gpu = pipeline.counts["gpu"] - before["gpu"]
-    pipeline.counts.update(before)  # the gate's photos are not traffic
+    before = dict(preprocessor.counts)
+    tensors, errors = preprocessor(list(photos))
+    on_gpu = preprocessor.counts["gpu"] - before["gpu"]
+    preprocessor.counts.update(before)  # the gate's photos are not traffic
     failed = [f"photo {i}: {e}" for i, e in enumerate(errors) if e]
     if failed:
         raise ValueError("the load-time parity gate failed on its photos: " + "; ".join(failed))
     got = tensors.float().cpu().numpy().reshape(len(photos), -1).astype(np.float64)
-    exact = np.stack([imaging.preprocess(data, pipeline.params) for data in photos]).reshape(len(photos), -1)
+    exact = np.stack([imaging.preprocess(data, preprocessor.params) for data in photos]).reshape(len(photos), -1)
     diff = np.abs(got - exact)
     cosine = (got * exact).sum(1) / np.maximum(np.linalg.norm(got, axis=1) * np.linalg.norm(exact, axis=1), 1e-12)
     figures = {"photos": len(photos), "on_gpu_path": on_gpu, "worst_mean_abs": float(diff.mean(1).max()),
-               "max_abs": float(diff.max()), "min_cosine": float(cosine.min()), "decoder": pipeline.decoder.backend,
-               "device": str(pipeline.device)}
+               "max_abs": float(diff.max()), "min_cosine": float(cosine.min()), "decoder": preprocessor.decoder.backend,
+               "device": str(preprocessor.device)}
     if figures["worst_mean_abs"] > max_mean_abs or figures["min_cosine"] < min_cosine:
         raise ValueError(f"the {figures['decoder']} decoder on {figures['device']} is off the exact path on the "
                          f"load-time parity photos (worst mean abs {figures['worst_mean_abs']:.4f} > {max_mean_abs} "
@@ -163,7 +163,7 @@ def load_gate(pipeline: "GpuPreprocessor", photos: Sequence[bytes], max_mean_abs
 GATE_DIR = "gate"
 
 
-def gate_model(pipeline: "GpuPreprocessor", model_dir: str, parameters: Dict[str, str]) -> Tuple[Dict, List[bytes]]:
+def gate_model(preprocessor: "GpuPreprocessor", model_dir: str, parameters: Dict[str, str]) -> Tuple[Dict, List[bytes]]:
     """`load_gate` on the photos in `gate/` beside a served model.py, thresholds from its config parameters.
 
     Returns:
@@ -181,7 +181,7 @@ def gate_model(pipeline: "GpuPreprocessor", model_dir: str, parameters: Dict[str
         with open(os.path.join(folder, name), "rb") as f:
             photos.append(f.read())
     # The thresholds are the build's (`models.LOAD_GATE`), written into every config that runs this gate.
-    figures = load_gate(pipeline, photos, float(parameters["gate_max_mean_abs"]),
+    figures = load_gate(preprocessor, photos, float(parameters["gate_max_mean_abs"]),
                         float(parameters["gate_min_cosine"]))
     return figures, photos
 

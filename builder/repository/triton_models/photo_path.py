@@ -9,7 +9,7 @@ requests:
    the exact CPU path for what the GPU decoder cannot take, with its error messages);
 2. the rows of the requests without a failed image are classified in chunks of `classifier_max_batch`
    rows: by the classifier's inductor engine in this process (`fused`: its files in `engine/`), or by one
-   BLS request to the classifier model per chunk, one GPU tensor handed over by DLPack (`pipeline`), or the
+   BLS request to the classifier model per chunk, one GPU tensor handed over by DLPack (`bls`), or the
    first for chunks of up to `local_max_batch` rows and the second above (`hybrid`);
 3. softmax on the GPU (`torch_runner.class_outputs_packed`), then one copy of probabilities and logits to the
    host; top-k with class names is Triton's classification extension on them (a request's `class_count`).
@@ -88,7 +88,7 @@ class TritonPythonModel:
     def _design(self):
         """The design this configuration is (`--gpu-photo-path`): one class, told apart by the local batch."""
         if self.engine is None:
-            return "pipeline"
+            return "bls"
         return "hybrid" if self.local_max < self.chunk else "fused"
 
     def _where(self):

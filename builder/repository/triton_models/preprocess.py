@@ -10,7 +10,7 @@ together on a thread pool (Pillow releases the GIL while decoding and
 resampling); an image that fails answers its own request with an error naming
 the item, and the other requests of the batch are served.
 
-With the config parameter `pipeline: gpu` the batch goes through
+With the config parameter `preprocess: gpu` the batch goes through
 `gpu_imaging.GpuPreprocessor` instead (copied beside this file with
 `gpu_transform.py` for the `gpu` variant): one batched decode and resize, the
 exact path for what the GPU cannot take, and the output handed on by DLPack.
@@ -45,14 +45,14 @@ class TritonPythonModel:
         self.output_dtype = pb_utils.triton_string_to_numpy(output["data_type"])
         self.pool = served.exact_pool(params, "preprocess")
         self.gpu = None
-        if params.get("pipeline") == "gpu":
+        if params.get("preprocess") == "gpu":
             if os.path.isfile(os.path.join(_HERE, "imaging.py")):
                 import gpu_imaging
             else:
                 from builder.repository.triton_models import gpu_imaging
             self.gpu = gpu_imaging.GpuPreprocessor.from_config(self.params, params, device, self.pool.map,
                                                                served.log_warn)
-            served.log_info(f"preprocess: GPU pipeline on {device}, decoder {self.gpu.decoder.backend}")
+            served.log_info(f"preprocess: GPU decode and transform on {device}, decoder {self.gpu.decoder.backend}")
             self._load_gate(gpu_imaging, args, params)
 
     def _load_gate(self, gpu_imaging, args, params):

@@ -1,6 +1,6 @@
 """Bare benchmarks of the preprocessings (no server).
 
-The `gpu` pipeline: decode alone, and decode + transform. Each image set is
+The `gpu` preprocessing: decode alone, and decode + transform. Each image set is
 repeated to the batch size; every batch is timed end to end (host bytes in,
 normalized tensor on the device out, synchronized). The CPU ones (`exact`,
 `draft`): each batch through a thread pool, as the preprocess model runs it.
@@ -21,7 +21,7 @@ import numpy as np
 log = logging.getLogger("perf")
 
 
-def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], device: str, decoders: Sequence[str],
+def bench_gpu(images: Sequence[Path], params, batches: Sequence[int], device: str, decoders: Sequence[str],
                    warmup: int = 3, iterations: int = 10) -> List[Dict]:
     """Rows of {decoder, stage, batch_size, latency_*_ms, throughput_img_per_s} plus parity figures."""
     import torch
@@ -34,17 +34,17 @@ def bench_pipeline(images: Sequence[Path], params, batches: Sequence[int], devic
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rows = []
     for decoder in decoders:
-        pipeline = gpu_imaging.GpuPreprocessor(params, device, decoder)
-        tensors, _ = pipeline(data)
+        preprocessor = gpu_imaging.GpuPreprocessor(params, device, decoder)
+        tensors, _ = preprocessor(data)
         exact = np.stack([imaging.preprocess(d, params) for d in data])
         diff = np.abs(tensors.cpu().numpy() - exact)
         parity = {"tensor_max_abs": float(diff.max()), "tensor_mean_abs": float(diff.mean())}
         for batch in batches:
             items = [data[i % len(data)] for i in range(batch)]
             orientations = [imaging.gpu_candidate(d, params.max_pixels) or 1 for d in items]
-            for stage, fn in (("decode", lambda: pipeline.decoder(items, orientations)),
-                              ("decode+transform", lambda: pipeline(items))):
-                row = {"decoder": pipeline.decoder.backend, "stage": stage, "device": device,
+            for stage, fn in (("decode", lambda: preprocessor.decoder(items, orientations)),
+                              ("decode+transform", lambda: preprocessor(items))):
+                row = {"decoder": preprocessor.decoder.backend, "stage": stage, "device": device,
                        **timing_row(batch, timed(fn, sync, warmup, iterations)), **parity}
                 rows.append(row)
                 log.info("%s %s batch %d: %.0f img/s (%.2f ms)", row["decoder"], stage, batch,
