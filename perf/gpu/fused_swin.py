@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -121,8 +122,6 @@ def to_static_fp8(model, amax: dict, dtype: torch.dtype) -> int:
 def apply_variant(model, variant: str) -> None:
     """Points `model`'s modules at the variant's code (`fused`, `+patchify`, `+gelu`, in any combination; `fp8` is
     applied by `measure`, after calibration)."""
-    import types
-
     from timm.layers import Mlp
 
     parts = variant.split("+")
