@@ -301,7 +301,8 @@ def _repo_contract_args(p, repo) -> None:
     g = p.add_argument_group("outputs and export")
     g.add_argument("--opset", type=int, default=field_default(repo, "opset"))
     g.add_argument("--response-cache", action="store_true",
-                   help="cache ensemble responses (identical uploads); serve with --cache-mb")
+                   help="answer identical uploads from Triton's response cache on the model clients call (the "
+                        "ensemble, or the GPU photo path under its name); serve with --cache-mb")
 
 
 def _repo_versions_args(p, repo) -> None:

@@ -97,6 +97,7 @@ def python_model(
     instances: InstanceGroup,
     policy: VersionPolicy,
     parameters: Optional[Mapping[str, str]] = None,
+    response_cache: bool = False,
 ) -> mc.ModelConfig:
     """A Python-backend model with dynamic batching.
 
@@ -108,6 +109,7 @@ def python_model(
         instances: Instance group.
         policy: Version policy.
         parameters: String parameters the model reads in `initialize`.
+        response_cache: Identical requests answered from Triton's response cache.
 
     Returns:
         The config message.
@@ -118,7 +120,13 @@ def python_model(
     _dynamic_batching(config, batching)
     _instances(config, instances)
     _parameters(config, parameters or {})
+    _response_cache(config, response_cache)
     return config
+
+
+def _response_cache(config: mc.ModelConfig, enabled: bool) -> None:
+    if enabled:  # assigning even False would write an empty `response_cache {}` block
+        config.response_cache.enable = True
 
 
 def _classification(config: mc.ModelConfig, contract: Contract, batching: Batching) -> mc.ModelConfig:
@@ -212,8 +220,7 @@ def ensemble(contract: Contract, max_batch_size: int, policy: VersionPolicy,
     labelled (the ensemble's own `labels.txt`).
     """
     config = mc.ModelConfig(name=contract.ensemble, platform="ensemble", max_batch_size=max_batch_size)
-    if response_cache:  # assigning even False would write an empty `response_cache {}` block
-        config.response_cache.enable = True
+    _response_cache(config, response_cache)
     _version_policy(config, policy)
     _add_io(config, [contract.image], contract.ensemble_outputs)
     steps: Sequence[Tuple[str, Dict[str, str], Dict[str, str]]] = (

@@ -232,7 +232,8 @@ def write_photo_path(version_dir: Path, settings: RepoSettings, contract: Contra
         dataclasses.replace(batching, max_queue_delay_us=0), settings.preprocess_instances, settings.version_policy,
         {**parameters, **engine_parameters, "classifier": contract.classifier,
          "classifier_input": contract.pixels.name, "classifier_output": contract.logits.name,
-         "classifier_max_batch": str(settings.classifier_batching.max_batch_size)})
+         "classifier_max_batch": str(settings.classifier_batching.max_batch_size)},
+        response_cache=settings.response_cache)  # under the ensemble's name, it keeps the ensemble's cache
 
 
 ENGINE_DIR = "engine"

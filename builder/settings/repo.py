@@ -185,7 +185,8 @@ class RepoSettings:
         onnxruntime_tensorrt: Container flavor without a plan: ONNX Runtime's
             TensorRT execution accelerator (FP16, engine cache in the model
             directory, so the repository must be mounted writable).
-        response_cache: Triton's response cache on the ensemble: identical
+        response_cache: Triton's response cache on the model clients call
+            (the ensemble, or the GPU photo path under its name): identical
             uploads are answered from memory (the server needs a cache:
             `builder serve --cache-mb N`).
         gpu_photo_path: With `preprocess="gpu"`, what clients call under the

@@ -115,13 +115,20 @@ def test_onnxruntime_tensorrt_accelerator_and_response_cache_configs(tmp_path):
 
 
 @pytest.mark.server
-def test_response_cache_serves_repeated_uploads(tmp_path, photos):
+@pytest.mark.parametrize("preprocess", ["exact", "gpu"], ids=["ensemble", "photo_path"])
+def test_response_cache_serves_repeated_uploads(tmp_path, photos, preprocess):
+    """`--response-cache` caches the model clients call: the ensemble, or the GPU photo path under its name (whose
+    config once dropped it silently); here the photo path runs its GPU code on a CPU instance, as in CI."""
+    from builder import settings as s
     from builder.repository.writer import build_repository
     from builder.serving.server import LocalServer, ServerSettings
     from clients import Classifier, ClientSettings
     from conftest import free_ports, tiny_settings
 
-    repo = build_repository(tiny_settings(tmp_path / "r", response_cache=True))
+    gpu = dict(preprocess="gpu", engine="inductor", torch_compile="none",
+               preprocess_instances=s.InstanceGroup("KIND_CPU", 1)) if preprocess == "gpu" else {}
+    repo = build_repository(tiny_settings(tmp_path / "r", response_cache=True, **gpu))
+    assert "response_cache {\n  enable: true\n}" in (repo / "swin_tiny_patch4_window7_224" / "config.pbtxt").read_text()
     http, grpc, metrics = free_ports(3)
     settings = ServerSettings(str(repo), http, grpc, metrics, workdir=str(tmp_path / "srv"),
                               extra_args=("--cache-config=local,size=16777216",))
