@@ -139,43 +139,65 @@ def apply_variant(model, variant: str) -> None:
 
 def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = None,
             variants=("timm", "fused")) -> Dict:
-    """Each variant, gated against FP32 eager and timed per batch size."""
+    """Each variant, gated against FP32 eager and timed per batch size; a variant that fails (a candidate the
+    GPU or torch does not take) is a row with its error, and the others still run."""
     import timm
 
     from perf.gpu.transform_speed import timed
 
     torch.manual_seed(0)
     reference = timm.create_model(model_name, pretrained=False, checkpoint_path=checkpoint or "").eval().cuda()
-    engines, calibration = {}, {}
+    rows, engines, calibration = [], {}, {}
+
+    def failed(name: str, exc: Exception) -> None:
+        engines.pop(name, None)
+        rows.append({"engine": name, "error": f"{type(exc).__name__}: {exc}"[:800]})
+        print(json.dumps(rows[-1]), flush=True)
+
     for variant in variants:
-        model = timm.create_model(model_name, pretrained=False).eval().cuda().half()
-        model.load_state_dict(reference.state_dict())
-        apply_variant(model, variant)
-        if "fp8" in variant.split("+"):
-            amax = calibrate_fp8(model, photos(reference).cuda().half())
-            calibration[variant] = {"layers": to_static_fp8(model, amax, torch.float16),
-                                    "input_amax": {k: round(v, 4) for k, v in amax.items()}}
-        engines[variant] = torch.compile(model)
-    modules = sum(1 for m in reference.modules() if type(m).__name__ == "WindowAttention")
-    rows = []
+        try:
+            engines[variant], calibration[variant] = _variant_engine(model_name, reference, variant)
+        except Exception as exc:  # noqa: BLE001 (a candidate's failure is its row)
+            failed(variant, exc)
     with torch.inference_mode():
         x = torch.randn(max(batches), 3, 224, 224, device="cuda")
         checked = x[:batches[0]]  # the first timed size, so that no other shape is compiled for the check
         exact = reference(checked).float()
-        for name, engine in engines.items():
-            got = engine(checked.half()).float()
+        for name, engine in list(engines.items()):
+            try:
+                got = engine(checked.half()).float()  # each compiles here
+            except Exception as exc:  # noqa: BLE001
+                failed(name, exc)
+                continue
             cosine = torch.nn.functional.cosine_similarity(got, exact, dim=1).min().item()
             rows.append({"engine": name, "max_abs": (got - exact).abs().max().item(), "min_cosine": cosine,
                          "top1_agreement": (got.argmax(1) == exact.argmax(1)).float().mean().item()})
-            print(json.dumps(rows[-1]), flush=True)  # each compiles here: the progress
+            print(json.dumps(rows[-1]), flush=True)
         for batch in batches:
             xb = x[:batch].half().contiguous()
             for name, engine in engines.items():
                 ms = timed(lambda: engine(xb), repeats)
                 rows.append({"engine": name, "batch": batch, "ms": ms, "img_per_s": batch * 1000 / ms})
                 print(json.dumps(rows[-1]), flush=True)
-    return {"model": model_name, "fused_modules": modules, "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__, "rows": rows, "fp8_calibration": calibration}
+    return {"model": model_name, "fused_modules": sum(type(m).__name__ == "WindowAttention"
+                                                      for m in reference.modules()),
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "rows": rows, "fp8_calibration": {k: v for k, v in calibration.items() if v}}
+
+
+def _variant_engine(model_name: str, reference, variant: str):
+    """The variant's FP16 model compiled (lazily: at its first call), and its FP8 calibration if any."""
+    import timm
+
+    model = timm.create_model(model_name, pretrained=False).eval().cuda().half()
+    model.load_state_dict(reference.state_dict())
+    apply_variant(model, variant)
+    calibration = None
+    if "fp8" in variant.split("+"):
+        amax = calibrate_fp8(model, photos(reference).cuda().half())
+        calibration = {"layers": to_static_fp8(model, amax, torch.float16),
+                       "input_amax": {k: round(v, 4) for k, v in amax.items()}}
+    return torch.compile(model), calibration
 
 
 def photos(model) -> torch.Tensor:
