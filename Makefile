@@ -26,7 +26,7 @@ PREPROCESS_INSTANCES ?=
 # Largest batch of the preprocess model (the photo path with PREPROCESS=gpu); empty: MAX_BATCH.
 PREPROCESS_MAX_BATCH ?=
 # The GPU photo path's design: auto (inductor engine: fused, hybrid from 6 PREPROCESS_INSTANCES; else bls)
-#   | fused | bls | hybrid | ensemble
+#   | fused | bls | hybrid
 GPU_PHOTO_PATH ?=
 # hybrid: the largest batch (images) the photo path classifies in its own process; empty: 8.
 HYBRID_LOCAL_BATCH ?=

@@ -235,11 +235,10 @@ def _repo_preprocess_args(p, repo) -> None:
                    help="--preprocess gpu: fused: one model decodes the batch on the GPU, runs the inductor "
                         "engine in its own process and does top-k on the GPU; bls: the same, calling the "
                         "classifier model once per batch (any engine); hybrid: fused for batches of up to "
-                        "--hybrid-local-batch images, bls above; ensemble: Triton chains the preprocess, "
-                        "classifier and postprocess models; auto (default): with the inductor engine fused, or "
+                        "--hybrid-local-batch images, bls above; auto (default): with the inductor engine fused, or "
                         f"hybrid from {s.MANY_PHOTO_PATH_INSTANCES} GPU photo-path instances (the measured "
-                        "setup's 8); else bls. Outside the ensemble design the _preprocess and _postprocess "
-                        "models are not called by the photo path: they stay for direct clients on one CPU "
+                        "setup's 8); else bls. The _preprocess and _postprocess models are not called by the "
+                        "photo path: they stay for direct clients on one CPU "
                         "instance each (no GPU memory)")
     g.add_argument("--hybrid-local-batch", type=int, default=field_default(repo, "hybrid_local_batch"),
                    help="--gpu-photo-path hybrid: the largest batch (images) classified in the photo path's own "

@@ -90,7 +90,7 @@ def write_models(root: Path, settings: RepoSettings, contract: Contract, onnx_fi
 
     version = str(settings.version)
     ens_dir = root / contract.ensemble
-    photo_path = settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble"
+    photo_path = settings.preprocess == "gpu"
     if not photo_path:
         (ens_dir / version).mkdir(parents=True, exist_ok=True)  # Triton wants the (empty) version dir
         _write_labels(ens_dir / LABELS_FILE, class_names)  # the labels its outputs carry
@@ -145,10 +145,10 @@ def _write_preprocess(root: Path, settings: RepoSettings, contract: Contract, pa
 
 
 def direct_preprocess_instances(settings: RepoSettings) -> InstanceGroup:
-    """The preprocess model's instances. A one-model GPU photo path never calls it: it stays for clients that
+    """The preprocess model's instances. The GPU photo path never calls it: it stays for clients that
     preprocess on the server and classify themselves, on one CPU instance, so that it holds no GPU context (an
     idle GPU instance is a process with its own CUDA context, torch heap and load gate on the GPU)."""
-    if settings.preprocess == "gpu" and settings.gpu_photo_path != "ensemble":
+    if settings.preprocess == "gpu":
         return InstanceGroup("KIND_CPU", 1)
     return settings.preprocess_instances
 

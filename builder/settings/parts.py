@@ -21,9 +21,11 @@ FLAVORS = ("container", "local")
 PREPROCESS = ("exact", "draft", "gpu")
 # How the gpu preprocessing's photo path is served: one Python model that runs the inductor engine itself
 # (`fused`), calls the classifier model once per batch by BLS (`bls`), or does the first for small batches and the
-# second for larger ones (`hybrid`); the ensemble of three models (`ensemble`), or `auto` (with the inductor
-# engine fused, hybrid from MANY_PHOTO_PATH_INSTANCES GPU instances; else bls); see the README's GPU data path.
-GPU_PHOTO_PATHS = ("auto", "fused", "bls", "hybrid", "ensemble")
+# second for larger ones (`hybrid`), or `auto` (with the inductor engine fused, hybrid from
+# MANY_PHOTO_PATH_INSTANCES GPU instances; else bls); see docs/gpu-photo-path.md.
+# Triton's ensemble of the three models with the GPU preprocess model was a fourth design until every measured row
+# showed it slower (perf/results/h200-photo-designs); the CPU preprocessings keep the ensemble.
+GPU_PHOTO_PATHS = ("auto", "fused", "bls", "hybrid")
 # The photo-path designs that run the classifier's inductor engine in their own process.
 IN_PROCESS_PHOTO_PATHS = ("fused", "hybrid")
 # The gpu preprocessing's JPEG decoder: torchvision's nvJPEG batch decode (`auto`) or nvImageCodec (hardware JPEG

@@ -197,11 +197,9 @@ class RepoSettings:
             model once per batch by BLS: any engine), `hybrid` (fused for
             batches of up to `hybrid_local_batch` images, bls for larger
             ones: a lone photo skips the hop, a full batch joins the
-            classifier's batches), `ensemble` (preprocess,
-            classifier and postprocess models chained by Triton) or `auto`
-            (the default: with the inductor engine fused, or hybrid from
-            `MANY_PHOTO_PATH_INSTANCES` GPU photo-path instances; else
-            bls).
+            classifier's batches) or `auto` (the default: with the inductor
+            engine fused, or hybrid from `MANY_PHOTO_PATH_INSTANCES` GPU
+            photo-path instances; else bls).
         gpu_decoder: With `preprocess="gpu"`: `auto` (torchvision's nvJPEG
             batch decode), `torchvision`, or `nvimgcodec` (nvImageCodec,
             hardware JPEG decoders first; the package must be installed in

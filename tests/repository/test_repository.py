@@ -159,13 +159,13 @@ def test_swinv2_builds_with_its_own_data_config(tmp_path):
     assert manifest["parity"]["onnxruntime_vs_pytorch"]["top1_agreement"] == 1.0
 
 
-def test_the_ensemble_design_of_the_gpu_photo_path(tmp_path):
-    """`--gpu-photo-path ensemble`: the three models chained by Triton, as before the photo-path model."""
-    # The preprocess model takes smaller batches than the classifier (--preprocess-max-batch-size): the
-    # ensemble takes the smaller of the two, as Triton requires of every step.
-    repo = build_repository(tiny_settings(tmp_path / "repo", preprocess="gpu", gpu_photo_path="ensemble",
-                                          preprocess_batching=s.Batching(MAX_BATCH // 2, (), 2000, max_queue_size=0),
-                                          preprocess_instances=s.InstanceGroup("KIND_CPU", 1)))
+def test_the_ensemble_takes_the_smaller_batch_limit_and_the_gpu_photo_path_has_no_ensemble_design(tmp_path):
+    """The exact ensemble with a preprocess model that takes smaller batches than the classifier
+    (--preprocess-max-batch-size): the ensemble takes the smaller of the two, as Triton requires of every step. The
+    GPU photo path's designs are one model; Triton's ensemble of the GPU preprocess model was dropped (slowest in
+    every measured row), and the BLS design's old name is refused, naming the new one."""
+    repo = build_repository(tiny_settings(tmp_path / "repo", preprocess_batching=s.Batching(MAX_BATCH // 2, (), 2000,
+                                                                                           max_queue_size=0)))
     config = configs.read(repo / "swin_tiny_patch4_window7_224" / "config.pbtxt")
     assert config.platform == "ensemble" and len(config.ensemble_scheduling.step) == 3
     assert config.max_batch_size == MAX_BATCH // 2 == read_manifest(repo)["contract"]["max_batch_size"]
@@ -173,10 +173,10 @@ def test_the_ensemble_design_of_the_gpu_photo_path(tmp_path):
     from builder.repository.check import check_repository
 
     assert check_repository(repo) == []
-    # The BLS design's old name ("pipeline" also named the GPU preprocessing and a config parameter) is refused,
-    # naming the new one.
-    with pytest.raises(BuilderError, match="gpu_photo_path: 'pipeline' is unknown; use one of auto, fused, bls, "):
-        s.RepoSettings(gpu_photo_path="pipeline")
+    for dropped in ("ensemble", "pipeline"):
+        with pytest.raises(BuilderError, match=f"gpu_photo_path: '{dropped}' is unknown; use one of auto, fused, "
+                                               "bls, hybrid"):
+            s.RepoSettings(preprocess="gpu", gpu_photo_path=dropped)
 
 
 def test_inductor_engine_in_the_container_flavor(tmp_path):
