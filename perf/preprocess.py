@@ -22,7 +22,7 @@ log = logging.getLogger("perf")
 
 
 def bench_gpu(images: Sequence[Path], params, batches: Sequence[int], device: str, decoders: Sequence[str],
-                   warmup: int = 3, iterations: int = 10) -> List[Dict]:
+              warmup: int = 3, iterations: int = 10) -> List[Dict]:
     """Rows of {decoder, stage, batch_size, latency_*_ms, throughput_img_per_s} plus parity figures."""
     import torch
 

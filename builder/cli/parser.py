@@ -238,8 +238,7 @@ def _repo_preprocess_args(p, repo) -> None:
                         "--hybrid-local-batch images, bls above; auto (default): with the inductor engine fused, or "
                         f"hybrid from {s.MANY_PHOTO_PATH_INSTANCES} GPU photo-path instances (the measured "
                         "setup's 8); else bls. The _preprocess and _postprocess models are not called by the "
-                        "photo path: they stay for direct clients on one CPU "
-                        "instance each (no GPU memory)")
+                        "photo path: they stay for direct clients on one CPU instance each (no GPU memory)")
     g.add_argument("--hybrid-local-batch", type=int, default=field_default(repo, "hybrid_local_batch"),
                    help="--gpu-photo-path hybrid: the largest batch (images) classified in the photo path's own "
                         "process; larger ones go to the classifier model (default %(default)s)")

@@ -202,16 +202,12 @@ def _variant_engine(model_name: str, reference, variant: str):
 
 def photos(model) -> torch.Tensor:
     """The bundled photos through timm's eval transform (the exact preprocessing): the calibration set."""
+    import timm
+
     from builder.core.imaging import PreprocessParams
     from builder.core.photos import photo_batch
 
-    return torch.from_numpy(photo_batch(PreprocessParams.from_timm(timm_config(model))))
-
-
-def timm_config(model) -> dict:
-    import timm
-
-    return timm.data.resolve_data_config({}, model=model)
+    return torch.from_numpy(photo_batch(PreprocessParams.from_timm(timm.data.resolve_data_config({}, model=model))))
 
 
 def main() -> None:

@@ -9,9 +9,9 @@
 
 `write` adds, on the same classifier: `<NAME>_fused` (the photo path with the classifier's inductor engine in its
 own process, as `--gpu-photo-path fused` writes it) and `<NAME>_ensemble3` (preprocess -> classifier ->
-postprocess chained by Triton: the design the build dropped, kept here to compare). `set` changes config parameters of the
-photo-path and fused models: the decoder, torch's CPU threads, GPU instances, the transform's CUDA graphs, and the
-per-phase profile and trace.
+postprocess chained by Triton: the design the build dropped, kept here to compare). `set` changes config
+parameters of the photo-path and fused models: the decoder, torch's CPU threads, GPU instances, the transform's
+CUDA graphs, and the per-phase profile and trace.
 `copy` serves a model again under another name with some knobs changed (variants side by side on one server);
 `null` writes a model with the photo path's config that answers without work: the serving stack's ceiling.
 """
