@@ -212,7 +212,11 @@ class RepoSettings:
             engine runs (`classifier_kind`); `classifier_instances.kind` is
             provisional until then.
         photo_setup: How a GPU photo path's processes, batch limit and MPS
-            are settled (measured on the build's GPU by default).
+            are settled (measured on the build's GPU by default). When it
+            measures, its grid, not `preprocess_instances.count` or
+            `preprocess_batching.max_batch_size`, decides them: to keep a
+            hand-set value, give the grid that one value (the CLI does) or
+            `PhotoSetup(mode="fixed")`.
         mps: Serve under CUDA MPS (`builder serve` reads the manifest);
             None: from `MANY_PHOTO_PATH_INSTANCES` GPU photo-path instances.
     """
