@@ -22,10 +22,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 from builder.core.contract import Contract
 from builder.engines import choice as ec
-from builder.engines import inductor
+from builder.engines import inductor, static_fp8
+from builder.engines.torch_runner import STATIC_FP8
 from builder.errors import BuilderError
-from builder.settings import (LOW_PRECISION_PARITY, QUANTIZED_PRECISIONS, RACED_PRECISIONS, RepoSettings,
-                              torch_threads)
+from builder.settings import (FUSED_RACED_PRECISIONS, LOW_PRECISION_PARITY, QUANTIZED_PRECISIONS,
+                              RACED_PRECISIONS, TORCHAO_PRECISIONS, RepoSettings, torch_threads)
 from builder.timing import timing_batches
 
 log = logging.getLogger("builder")
@@ -136,7 +137,7 @@ def race(settings: RepoSettings, model, contract: Contract, params, onnx_file: P
         inductor_precision=(winner.precision or settings.served_precision) if chosen == "inductor" else "auto",
         window_attention=(winner.attention or settings.served_attention) if chosen == "inductor" else "auto")
     choice = {"requested": requested, "chosen": chosen, "precision": winner.precision or None, "reason": reason,
-              "gpu": gpu, "batch_sizes": batches, "calibration": _calibration(winner, settings),
+              "gpu": gpu, "batch_sizes": batches, "calibration": _calibration(winner, settings, onnx_file.parent),
               "thresholds": {"float": dataclasses.asdict(settings.engine_parity),
                              "quantized": dataclasses.asdict(LOW_PRECISION_PARITY)},
               "candidates": [c.to_dict() for c in candidates]}
@@ -176,10 +177,11 @@ def _winner(candidates: List[ec.Candidate], gpu: Optional[str], requested: str) 
     return winner
 
 
-def _calibration(winner: ec.Candidate, settings: RepoSettings) -> Optional[str]:
+def _calibration(winner: ec.Candidate, settings: RepoSettings, staging: Path) -> Optional[str]:
     """What the served engine's quantization was calibrated on (None: not quantized)."""
     if winner.engine == "inductor" and winner.precision in QUANTIZED_PRECISIONS:
-        return DYNAMIC_CALIBRATION
+        sidecar = json.loads((staging / inductor.SIDECAR).read_text(encoding="utf-8"))
+        return sidecar.get("quantization", {}).get("calibration", DYNAMIC_CALIBRATION)
     if winner.engine == "tensorrt" and settings.plan:
         sidecar = Path(settings.plan).with_name("plan.json")
         if sidecar.is_file():
@@ -213,15 +215,15 @@ def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = N
     import torch
 
     if wanted is None:
-        wanted = RACED_PRECISIONS if settings.inductor_precision == "auto" else (settings.inductor_precision,)
+        wanted = (dict.fromkeys(RACED_PRECISIONS + FUSED_RACED_PRECISIONS) if settings.inductor_precision == "auto"
+                  else (settings.inductor_precision,))
     found: Dict[str, Optional[str]] = {}
     for precision in wanted:
         found[precision] = None
-        quantized = precision in QUANTIZED_PRECISIONS
-        if quantized and settings.flavor == "container":
-            found[precision] = ("needs torchao (torch >= 2.11) where it is served; the container image's torch "
-                                "is older (docker/Dockerfile.tritonserver)")
-        elif quantized and importlib.util.find_spec("torchao") is None:
+        if precision in QUANTIZED_PRECISIONS and settings.flavor == "container":
+            found[precision] = ("needs torch >= 2.11 where it is served; the container image's torch is older "
+                                "(docker/Dockerfile.tritonserver)")
+        elif precision in TORCHAO_PRECISIONS and importlib.util.find_spec("torchao") is None:
             found[precision] = "needs torchao in the build's and the server's Python (pip install torchao)"
         elif precision.startswith("fp8") and torch.cuda.get_device_capability(0) < (8, 9):
             found[precision] = (f"FP8 needs compute capability 8.9 or newer (Ada, Hopper); "
@@ -230,12 +232,16 @@ def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = N
 
 
 def raced_variants(settings: RepoSettings, precisions: Dict[str, Optional[str]]) -> List[Tuple[str, str]]:
-    """The (precision, window attention) pairs this build tries: timm's attention at every precision unless
-    `fused` was asked for, the fused one at FP16 under `auto` (at every precision under `fused`)."""
-    timms = [] if settings.window_attention == "fused" else [(p, "timm") for p in precisions]
+    """The (precision, window attention) pairs this build tries: under `auto`, timm's attention at
+    RACED_PRECISIONS and the fused one at FUSED_RACED_PRECISIONS (static FP8 is 8-bit on the fused engine);
+    a precision named is tried with both; `fused` or `timm` named, with that one only."""
+    named = settings.inductor_precision != "auto"
+    timms = [] if settings.window_attention == "fused" else [
+        (p, "timm") for p in precisions if named or p in RACED_PRECISIONS]
     if settings.window_attention == "timm" or settings.flavor == "container":
         return timms
-    fused = [(p, "fused") for p in precisions if settings.window_attention == "fused" or p == "fp16"]
+    fused = [(p, "fused") for p in precisions
+             if settings.window_attention == "fused" or p in FUSED_RACED_PRECISIONS]
     return timms + fused
 
 
@@ -283,7 +289,11 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
         program = inductor.export_program(model, contract, staging / inductor.FILE, max_batch)
         gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
     if gpu is None:  # no GPU to time on: the program is compiled where it is served
-        _write_sidecar(staging, settings.served_precision, settings, gates["inductor_vs_pytorch"])
+        from builder.core.photos import photo_batch
+
+        precision = settings.served_precision
+        calibrated = _static_calibration(model, photo_batch(params), [(precision, "")], {precision: None})
+        _write_sidecar(staging, precision, settings, gates["inductor_vs_pytorch"], calibrated=calibrated)
         return [ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
                              parity=gates["inductor_vs_pytorch"], precision=settings.served_precision,
                              attention=settings.served_attention)], gates
@@ -296,13 +306,14 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
         reference = model.module(torch.from_numpy(photos)).numpy()
     whys = raced_precisions(settings, precisions)
     variants = raced_variants(settings, whys)
+    calibrated = _static_calibration(model, photos, variants, whys)
     programs = {settings.served_attention: (program, "")}
     if "fused" not in programs and any(attention == "fused" for _, attention in variants):
         fused, why_not, fused_gate = _fused_program(model, contract, staging, max_batch, settings)
         programs["fused"] = (fused, why_not)
         gates.update(fused_gate)
     rows, folders, engine_params = _stage_variants(settings, contract, staging, variants, whys, programs, gates,
-                                                   strict)
+                                                   strict, calibrated)
     compiled = _compile_side_by_side(folders, engine_params, max_batch, settings.compile_timeout_s)
     for key, folder in folders.items():
         precision, attention = engine_params[key]["precision"], engine_params[key]["window_attention"]
@@ -321,7 +332,7 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
             rows[key] = ec.Candidate("inductor", "failed", str(exc), precision=precision, attention=attention)
             continue
         program_gate = gates["inductor_fused_vs_pytorch" if attention == "fused" else "inductor_vs_pytorch"]
-        _write_sidecar(folder, precision, settings, program_gate, built, attention=attention)
+        _write_sidecar(folder, precision, settings, program_gate, built, attention=attention, calibrated=calibrated)
         starts = f"start {built['start_from_scratch_s']} s cold, {built['start_with_artifacts_s']} s from inductor.bin"
         how = ", window attention in one Triton kernel" if attention == "fused" else ""
         note = f"torch {torch.__version__} {_described(precision)}{how}, compile={settings.compile_mode}; {starts}"
@@ -343,7 +354,7 @@ def _named_fused_program(model, contract: Contract, staging: Path, max_batch: in
 
 
 def _stage_variants(settings: RepoSettings, contract: Contract, staging: Path, variants, whys, programs,
-                    gates: Dict[str, Dict], strict: bool):
+                    gates: Dict[str, Dict], strict: bool, calibrated: Optional[Dict] = None):
     """Each variant's folder (its program linked, its sidecar) and config parameters; rows for those skipped.
 
     Raises:
@@ -370,7 +381,8 @@ def _stage_variants(settings: RepoSettings, contract: Contract, staging: Path, v
         os.link(source, folder / inductor.FILE)
         engine_params[key] = dict(torch_parameters(settings, contract), precision=precision,
                                   window_attention=attention)
-        _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"], attention=attention)
+        _write_sidecar(folder, precision, settings, gates["inductor_vs_pytorch"], attention=attention,
+                       calibrated=calibrated)
     return rows, folders, engine_params
 
 
@@ -378,20 +390,36 @@ def _stage_variants(settings: RepoSettings, contract: Contract, staging: Path, v
 DYNAMIC_CALIBRATION = "none: torchao dynamic quantization, activation scales computed per batch at run time"
 
 
+def _static_calibration(model, photos, variants, whys) -> Optional[Dict]:
+    """Static FP8's calibration on the bundled photos (the sidecar's `quantization`), where a variant needs it."""
+    if not any(precision == STATIC_FP8 and not whys[precision] for precision, _ in variants):
+        return None
+    started = time.perf_counter()
+    amax = static_fp8.calibrate(model.module, photos)
+    log.info("fp8-static: %d Linear layers' input scales calibrated on %d photos in %.1f s", len(amax), len(photos),
+             time.perf_counter() - started)
+    return static_fp8.quantization_record(amax, len(photos))
+
+
 def _described(precision: str) -> str:
     return {"int8": "INT8 Linear layers (torchao, dynamic per-token scales), FP16 elsewhere",
+            "fp8-static": "FP8 Linear layers (static per-tensor scales calibrated on photos), FP16 elsewhere",
             "fp8": "FP8 Linear layers (torchao, rowwise dynamic scales), BF16 elsewhere",
             "fp8-tensor": "FP8 Linear layers (torchao, per-tensor dynamic scales), FP16 elsewhere"}.get(
         precision, precision.upper())
 
 
 def _write_sidecar(folder: Path, precision: str, settings: RepoSettings, program_parity: Dict,
-                   built: Optional[Dict] = None, attention: Optional[str] = None) -> None:
-    """engine.json: what the stored artifacts are tied to (checked at load), and the engine's figures."""
+                   built: Optional[Dict] = None, attention: Optional[str] = None,
+                   calibrated: Optional[Dict] = None) -> None:
+    """engine.json: what the stored artifacts are tied to (checked at load), the engine's figures, and a static
+    precision's calibration (`calibrated`, which the served runner reads)."""
     sidecar = {"environment": inductor.environment(), "parity": program_parity,
                "precision": f"{precision} on GPU, fp32 on CPU", "compile": settings.compile_mode,
                "window_attention": attention or settings.served_attention}
-    if precision in QUANTIZED_PRECISIONS:
+    if precision == STATIC_FP8:
+        sidecar["quantization"] = calibrated
+    elif precision in QUANTIZED_PRECISIONS:
         sidecar["quantization"] = {"library": "torchao", "version": _version("torchao"),
                                    "layers": _described(precision),
                                    "calibration": DYNAMIC_CALIBRATION}

@@ -15,8 +15,12 @@ from importlib.metadata import version
 
 # precision -> (activation dtype, torchao quantization of the Linear layers or None). FP8 rowwise runs
 # around BF16: torch's rowwise-scaled FP8 matmul writes BF16 output only.
+# fp8-static is this module's own (`quantize_static_fp8`): scales calibrated at build time, no torchao.
 PRECISIONS = {"fp32": ("float32", None), "fp16": ("float16", None), "int8": ("float16", "int8-dynamic"),
-              "fp8": ("bfloat16", "fp8-rowwise"), "fp8-tensor": ("float16", "fp8-tensor")}
+              "fp8": ("bfloat16", "fp8-rowwise"), "fp8-tensor": ("float16", "fp8-tensor"),
+              "fp8-static": ("float16", "fp8-static")}
+STATIC_FP8 = "fp8-static"
+FP8_MAX = 448.0  # the largest float8_e4m3fn
 # The head's logits are the answer: it stays in the activation dtype, like LayerNorm, softmax and the
 # attention matmuls (not Linear layers, so never quantized).
 KEEP = ("head",)
@@ -78,7 +82,11 @@ class TorchEngine:
         precision = params.get("precision", "fp16") if self.device.type == "cuda" else "fp32"
         self.dtype = getattr(torch, PRECISIONS[precision][0])
         module = program.to(self.dtype)
-        if PRECISIONS[precision][1]:
+        if PRECISIONS[precision][1] == STATIC_FP8:
+            count = quantize_static_fp8(module, _calibration(version_dir))
+            self.log(f"classifier: {count} Linear layers as FP8 matrix products with the static scales of "
+                     f"engine.json; the head, LayerNorm, softmax and attention stay {self.dtype}")
+        elif PRECISIONS[precision][1]:
             count = quantize_linears(module, precision)
             self.log(f"classifier: {count} Linear layers quantized to {precision} by torchao "
                      f"{_torchao_version()}; the head, LayerNorm, softmax and attention stay {self.dtype}")
@@ -253,5 +261,79 @@ def quantize_linears(module, precision, keep=KEEP):
         setattr(owner, name, linear.weight)
         node.target = torch.nn.functional.linear
         count += 1
+    module.recompile()
+    return count
+
+
+def _calibration(version_dir):
+    """The static FP8 input scales' calibration the build recorded in engine.json (`quantization.input_amax`)."""
+    path = os.path.join(version_dir, "engine.json")
+    try:
+        with open(path) as f:
+            amax = json.load(f)["quantization"]["input_amax"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"this classifier was built with fp8-static Linear layers and {path} holds no "
+                           f"calibration ({type(exc).__name__}: {exc}); rebuild the repository") from None
+    return amax
+
+
+def _fp8_linear(x, weight, weight_scale, input_scale, input_inverse, bias):
+    """x @ weightᵀ + bias as one FP8 matrix product: x quantized with its static scale (a multiply, clamp and
+    cast that Inductor fuses into the kernel producing x: no amax pass), weight stored in FP8."""
+    import torch
+
+    rows = x.reshape(-1, x.shape[-1])
+    quantized = (rows.float() * input_inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=weight_scale,
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def quantize_static_fp8(module, input_amax, keep=KEEP):
+    """Every calibrated Linear layer of a torch.export program's module as one FP8 (e4m3) matrix product with
+    per-tensor static scales; returns how many.
+
+    The weight's scale is its own absolute maximum over 448; the input's, the absolute maximum the build measured
+    on photos (`input_amax`, by module name: `layers.0.blocks.0.attn.qkv`) over 448. Each `aten.linear` call
+    becomes `_fp8_linear` on the FP8 weight and the scales, stored as the module's buffers beside the weight.
+    The head (`keep`) stays in the activation dtype: its logits are the answer.
+    """
+    import torch
+
+    count, replaced = 0, []
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,
+                                                             torch.nn.functional.linear):
+            continue
+        weight = node.args[1]
+        layer = weight.target.rpartition(".")[0] if weight.op == "get_attr" else None
+        if layer is None or layer.startswith(keep) or layer not in input_amax:
+            continue
+        owner = module.get_submodule(layer)
+        tensor = owner.weight.detach().float()
+        if tensor.shape[0] % 16 or tensor.shape[1] % 16:  # FP8 matrix products take multiples of 16 only
+            continue
+        weight_scale = tensor.abs().amax().clamp(min=1e-12) / FP8_MAX
+        input_scale = torch.tensor(max(float(input_amax[layer]), 1e-12) / FP8_MAX, device=tensor.device)
+        buffers = {"weight_fp8": (tensor / weight_scale).to(torch.float8_e4m3fn),
+                   "weight_scale": weight_scale.reshape(()), "input_scale": input_scale,
+                   "input_inverse": 1.0 / input_scale}
+        for name, value in buffers.items():
+            owner.register_buffer(name, value)
+        with graph.inserting_before(node):
+            attrs = {name: graph.get_attr(f"{layer}.{name}") for name in buffers}
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        node.target = _fp8_linear
+        node.args = (node.args[0], attrs["weight_fp8"], attrs["weight_scale"], attrs["input_scale"],
+                     attrs["input_inverse"], bias)
+        node.kwargs = {}
+        replaced.append(weight)
+        count += 1
+    for weight in replaced:  # the higher-precision weights no call reads any more: not kept in GPU memory
+        if not weight.users:
+            path, _, name = weight.target.rpartition(".")
+            graph.erase_node(weight)
+            delattr(module.get_submodule(path), name)
     module.recompile()
     return count

@@ -35,11 +35,16 @@ ENGINES = ("auto", "onnxruntime", "inductor", "tensorrt")
 TORCH_COMPILE = ("none", "default", "reduce-overhead")
 # The inductor engine's precisions on a GPU (`engines/torch_runner.py` PRECISIONS says how each runs). int8 and
 # fp8 quantize the Linear layers with torchao (dynamic activation scales); fp8 is rowwise, fp8-tensor per tensor.
-INDUCTOR_PRECISIONS = ("fp16", "fp32", "int8", "fp8", "fp8-tensor")
-# Those that quantize (torchao): gated with LOW_PRECISION_PARITY, and served only where torchao is installed.
-QUANTIZED_PRECISIONS = ("int8", "fp8", "fp8-tensor")
-# What `auto` races on a GPU build host, where the GPU and the installed packages allow it.
+# fp8-static: FP8 Linear layers with per-tensor scales calibrated by the build on photos (`engines/static_fp8.py`).
+INDUCTOR_PRECISIONS = ("fp16", "fp32", "int8", "fp8", "fp8-tensor", "fp8-static")
+# Those that quantize: gated with LOW_PRECISION_PARITY.
+QUANTIZED_PRECISIONS = ("int8", "fp8", "fp8-tensor", "fp8-static")
+# Those that torchao quantizes: served only where torchao is installed.
+TORCHAO_PRECISIONS = ("int8", "fp8", "fp8-tensor")
+# What `auto` races on a GPU build host, where the GPU and the installed packages allow it: timm's window
+# attention at RACED_PRECISIONS, the fused one at FUSED_RACED_PRECISIONS (static FP8 is 8-bit on the fused engine).
 RACED_PRECISIONS = ("fp16", "int8", "fp8")
+FUSED_RACED_PRECISIONS = ("fp16", "fp8-static")
 # The inductor engine's window attention: timm's own code, or one Triton kernel per window and head
 # (`engines/window_attention.py`, Swin V1 only). `auto` races the fused program at FP16 beside timm's at every
 # raced precision (each candidate is one more compile); `fused` applies it to every precision tried.

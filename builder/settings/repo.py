@@ -269,8 +269,9 @@ class RepoSettings:
             _fail("inductor_precision", f"{self.inductor_precision!r} is unknown",
                   f"use one of auto, {', '.join(INDUCTOR_PRECISIONS)}")
         if self.flavor == "container" and self.inductor_precision in QUANTIZED_PRECISIONS:
-            _fail("inductor_precision", f"{self.inductor_precision} needs torchao (torch >= 2.11), and the container "
-                  "image's torch is older (docker/Dockerfile.tritonserver)", "use fp16, or the local flavor")
+            _fail("inductor_precision", f"{self.inductor_precision} needs torch >= 2.11 (and torchao for the dynamic "
+                  "scales), and the container image's torch is older (docker/Dockerfile.tritonserver)",
+                  "use fp16, or the local flavor")
         if self.window_attention not in WINDOW_ATTENTIONS:
             _fail("window_attention", f"{self.window_attention!r} is unknown",
                   f"use one of {', '.join(WINDOW_ATTENTIONS)}")

@@ -53,7 +53,7 @@ def test_precision_settings_name_the_choices():
     assert s.RepoSettings().inductor_precision == "auto" and s.RepoSettings().served_precision == "fp16"
     assert s.RepoSettings(flavor="local", engine="inductor", inductor_precision="fp8").served_precision == "fp8"
     with pytest.raises(BuilderError, match="inductor_precision: 'int4' is unknown; use one of auto, fp16, fp32, "
-                                           "int8, fp8, fp8-tensor"):
+                                           "int8, fp8, fp8-tensor, fp8-static"):
         s.RepoSettings(engine="inductor", inductor_precision="int4")
     with pytest.raises(BuilderError, match="compile_timeout_s: is 0"):
         s.RepoSettings(compile_timeout_s=0)
@@ -103,7 +103,37 @@ def test_the_table_and_the_choice_tell_precisions_apart(tmp_path):
 
 
 def test_the_container_image_cannot_serve_quantized_precisions():
-    with pytest.raises(BuilderError, match=r"inductor_precision: fp8 needs torchao \(torch >= 2.11\), and the "
-                                           r"container image's torch is older"):
+    with pytest.raises(BuilderError, match=r"inductor_precision: fp8 needs torch >= 2.11 \(and torchao for "
+                                           r"the dynamic scales\), and the container image's torch is older"):
         s.RepoSettings(flavor="container", engine="inductor", inductor_precision="fp8")
     assert s.RepoSettings(flavor="container", engine="inductor").inductor_precision == "auto"  # fp16 races alone
+
+
+def test_static_fp8_quantizes_every_calibrated_linear_from_the_sidecar_and_keeps_the_answer(program, tiny_model):
+    """fp8-static: the build's calibration on the bundled photos (each Linear input's absolute maximum), then the
+    runner's rewrite of the exported program (FP8 weights, static scales, one `torch._scaled_mm` per layer; the
+    head and its weight stay FP32). On the CPU the served runner keeps FP32 (`precision` applies on CUDA); the
+    rewrite itself runs here with torch's CPU FP8 matrix product."""
+    from builder.core.imaging import PreprocessParams
+    from builder.core.photos import photo_batch
+    from builder.engines import static_fp8
+    from builder.engines.torch_runner import _fp8_linear, quantize_static_fp8
+
+    photos = photo_batch(PreprocessParams.from_timm(tiny_model.data_config))[:8]  # the program's max batch
+    amax = static_fp8.calibrate(tiny_model.module, photos)
+    record = static_fp8.quantization_record(amax, len(photos))
+    assert record["input_amax"] == amax and "the 8 bundled photos" in record["calibration"]
+    module = torch.export.load(str(program)).module()
+    linears = _linears(module)
+    assert len(amax) == len(linears) - 1 and not any(name.startswith("head") for name in amax)
+    with torch.no_grad():
+        reference = tiny_model.module(torch.from_numpy(photos)).numpy()
+        count = quantize_static_fp8(module, json.loads(json.dumps(amax)))  # as read back from engine.json
+        quantized = module(torch.from_numpy(photos)).numpy()
+    assert count == len(amax) and not _linears(module)[1:]  # only the head's linear call is left
+    assert sum(n.target is _fp8_linear for n in module.graph.nodes) == count
+    qkv = module.get_submodule("layers.0.blocks.0.attn.qkv")
+    assert qkv.weight_fp8.dtype == torch.float8_e4m3fn and not hasattr(qkv, "weight")
+    assert module.get_submodule("head.fc").weight.dtype == torch.float32
+    figures = compare_logits(reference, quantized)
+    assert figures["min_cosine"] > 0.99 and figures["max_abs"] > 0, figures
