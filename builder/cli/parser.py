@@ -276,12 +276,13 @@ def _repo_engine_args(p, repo) -> None:
                         "batch bucket (default)")
     g.add_argument("--inductor-precision", choices=("auto", *s.INDUCTOR_PRECISIONS), default=None,
                    help="inductor engine precision on a GPU (default auto: on a GPU build host fp16, int8 and "
-                        "fp8 race, each gated; int8/fp8 need torchao)")
+                        "fp8 race, each gated, and fp16 and fp8-static on the fused window attention; int8/fp8 "
+                        "need torchao; fp8-static is calibrated on the bundled photos)")
     g.add_argument("--window-attention", choices=s.WINDOW_ATTENTIONS,
                    default=field_default(repo, "window_attention"),
-                   help="inductor engine's window attention (default auto: on a GPU build host the FP16 program with "
-                        "each window attention in one Triton kernel races beside timm's; fused: every precision "
-                        "tried, Swin V1 only; local flavor)")
+                   help="inductor engine's window attention (default auto: on a GPU build host the program with "
+                        "each window attention in one Triton kernel races at fp16 and fp8-static beside timm's; "
+                        "fused: every precision tried, Swin V1 only; local flavor)")
     g.add_argument("--compile-timeout-s", type=float, default=field_default(repo, "compile_timeout_s"),
                    help="stop a TorchInductor compile of the build after this long (its candidate fails)")
     g.add_argument("--plan", default=None,

@@ -23,9 +23,11 @@ CALIBRATION = ("the {images} bundled photos (builder/parity_images) through timm
 
 
 def calibrate(module, photos: np.ndarray, keep=KEEP) -> Dict[str, float]:
-    """Each Linear layer's input absolute maximum over `photos` (N, 3, H, W float32), by module name; the head
-    (`keep`) is left out, as the runner leaves it unquantized."""
+    """Each Linear layer's input absolute maximum over `photos` (N, 3, H, W float32), by module name, run where the
+    module's weights are; the head (`keep`) is left out, as the runner leaves it unquantized."""
     import torch
+
+    device = next(module.parameters()).device
 
     amax: Dict[str, float] = {}
     hooks = []
@@ -36,7 +38,7 @@ def calibrate(module, photos: np.ndarray, keep=KEEP) -> Dict[str, float]:
             hooks.append(layer.register_forward_hook(record))
     try:
         with torch.inference_mode():
-            module(torch.from_numpy(photos))
+            module(torch.from_numpy(photos).to(device))
     finally:
         for hook in hooks:
             hook.remove()

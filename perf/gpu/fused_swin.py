@@ -11,11 +11,11 @@ Two more candidates for the memory-bound rest, on top of the fused attention (`-
 patch embedding's 4x4/4 convolution as a reshape and one matrix product (the same sums; cuDNN ran it as a slow
 `precomputed_convolve_sgemm` in the H200 kernel mix), and `gelu`, each MLP's fc1 with its bias and GELU in
 cuBLASLt's epilogue (`torch._addmm_activation`, tanh-approximated GELU, in a custom op so that Inductor keeps it
-whole) instead of a separate pass over the 4C-wide hidden activations. `fp8`: every Linear layer but the head as
-an FP8 (e4m3) matrix product with **static** scales (`torch._scaled_mm`, per-tensor): the weights' from their own
-absolute maximum, each layer's input scale calibrated once on the bundled photos (`calibrate_fp8`), so no amax
-pass runs per batch and Inductor can fold the quantization (scale, clamp, cast) into the kernel that produces the
-layer's input (LayerNorm, GELU).
+whole) instead of a separate pass over the 4C-wide hidden activations. `fp8`: the engine's `fp8-static`, every
+Linear layer but the head as an FP8 (e4m3) matrix product with **static** per-tensor scales (`torch._scaled_mm`):
+the weights' from their own absolute maximum, each layer's input scale calibrated once on the bundled photos
+(`builder/engines/static_fp8.py`), so no amax pass runs per batch and Inductor can fold the quantization (scale,
+clamp, cast) into the kernel that produces the layer's input (LayerNorm, GELU).
 
 Every model is compiled alike (FP16, torch.compile in Inductor's default mode), checked
 against timm's FP32 eager logits (max abs, cosine, top-1 agreement) and timed at each batch size with CUDA
@@ -36,6 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from builder.core.contract import DEFAULT_MODEL  # noqa: E402
+from builder.engines import static_fp8  # noqa: E402
+from builder.engines.torch_runner import quantize_static_fp8  # noqa: E402
 from builder.engines.window_attention import fuse_window_attention  # noqa: E402
 import triton  # noqa: E402
 
@@ -65,58 +67,6 @@ def _patchify_forward(self, x):
     patches = patches.reshape(batch, height // p, width // p, channels * p * p)
     out = torch.nn.functional.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
     return self.norm(out)
-
-
-FP8_MAX = 448.0  # the largest float8_e4m3fn
-
-
-class StaticFP8Linear(torch.nn.Module):
-    """A Linear layer as one FP8 matrix product with static per-tensor scales; bias and output in `dtype`."""
-
-    def __init__(self, linear: torch.nn.Linear, input_amax: float, dtype: torch.dtype):
-        super().__init__()
-        weight = linear.weight.detach().float()
-        weight_scale = weight.abs().amax().clamp(min=1e-12) / FP8_MAX
-        # (out, in) row-major: its transpose is the column-major right operand _scaled_mm takes.
-        self.register_buffer("weight", (weight / weight_scale).to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", weight_scale.reshape(()))
-        input_scale = torch.tensor(max(input_amax, 1e-12) / FP8_MAX, device=weight.device)
-        self.register_buffer("input_scale", input_scale)
-        self.register_buffer("input_inverse", 1.0 / input_scale)
-        bias = linear.bias.detach().to(dtype) if linear.bias is not None else None
-        self.register_buffer("bias", bias)
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        quantized = (rows.float() * self.input_inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                               bias=self.bias, out_dtype=self.dtype)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def calibrate_fp8(model, photos: torch.Tensor, keep=("head",)) -> dict:
-    """Each Linear layer's input absolute maximum over `photos` (one eager pass), by module name."""
-    amax, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and not name.startswith(keep):
-            def record(_, inputs, __, name=name):
-                amax[name] = max(amax.get(name, 0.0), inputs[0].detach().abs().max().item())
-            hooks.append(module.register_forward_hook(record))
-    with torch.inference_mode():
-        model(photos)
-    for hook in hooks:
-        hook.remove()
-    return amax
-
-
-def to_static_fp8(model, amax: dict, dtype: torch.dtype) -> int:
-    """Replaces every calibrated Linear layer of `model` with a StaticFP8Linear; the number replaced."""
-    for name, value in amax.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, StaticFP8Linear(getattr(parent, child), value, dtype))
-    return len(amax)
 
 
 def apply_variant(model, variant: str) -> None:
@@ -186,18 +136,29 @@ def measure(model_name: str, batches, repeats: int, checkpoint: Optional[str] = 
 
 
 def _variant_engine(model_name: str, reference, variant: str):
-    """The variant's FP16 model compiled (lazily: at its first call), and its FP8 calibration if any."""
+    """The variant's FP16 model compiled (lazily: at its first call), and its FP8 calibration if any. `fp8` is the
+    engine's own fp8-static: the model exported with a dynamic batch, its Linear calls rewritten by the served
+    runner (`torch_runner.quantize_static_fp8`) with the build's calibration on the bundled photos."""
     import timm
 
     model = timm.create_model(model_name, pretrained=False).eval().cuda().half()
     model.load_state_dict(reference.state_dict())
     apply_variant(model, variant)
-    calibration = None
-    if "fp8" in variant.split("+"):
-        amax = calibrate_fp8(model, photos(reference).cuda().half())
-        calibration = {"layers": to_static_fp8(model, amax, torch.float16),
-                       "input_amax": {k: round(v, 4) for k, v in amax.items()}}
-    return torch.compile(model), calibration
+    if "fp8" not in variant.split("+"):
+        return torch.compile(model), None
+    amax = static_fp8.calibrate(reference, photos(reference).numpy())
+    module = static_fp8_program(model, amax, torch.zeros(2, 3, 224, 224, device="cuda", dtype=torch.float16))
+    return torch.compile(module, dynamic=True), {"layers": len(amax), "input_amax": amax}
+
+
+def static_fp8_program(model, amax: Dict[str, float], sample: torch.Tensor):
+    """`model` exported (batch dynamic, as the engine's program) with its calibrated Linear calls in FP8."""
+    from torch.export import Dim
+
+    program = torch.export.export(model, (sample,), dynamic_shapes=({0: Dim("batch", min=1, max=1024)},))
+    module = program.module()
+    quantize_static_fp8(module, amax)
+    return module
 
 
 def photos(model) -> torch.Tensor:

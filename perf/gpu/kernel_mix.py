@@ -49,7 +49,10 @@ def main() -> None:
 
     from builder.core.contract import Contract
     from builder.engines.inductor import export_program
-    from builder.engines.torch_runner import TorchEngine
+    from builder.core.imaging import PreprocessParams
+    from builder.core.photos import photo_batch
+    from builder.engines import static_fp8
+    from builder.engines.torch_runner import STATIC_FP8, TorchEngine
     from builder.export.model import load_model
     from builder.settings import ModelSource
 
@@ -61,6 +64,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_program(model, Contract(DEFAULT_MODEL, (224, 224), 1000), Path(tmp) / "model.pt2",
                        args.batch)
+        if args.precision == STATIC_FP8:  # its calibration, as the build records it
+            photos = photo_batch(PreprocessParams.from_timm(model.data_config))
+            record = static_fp8.quantization_record(static_fp8.calibrate(model.module, photos), len(photos))
+            (Path(tmp) / "engine.json").write_text(json.dumps({"quantization": record}))
         params = {"precision": args.precision, "compile": "default", "batch_buckets": str(args.batch),
                   "input_dims": "3,224,224", "intra_op_threads": "1", "window_attention": args.window_attention}
         engine = TorchEngine(tmp, "cuda", params, args.batch, log=print)

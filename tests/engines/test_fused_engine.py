@@ -31,16 +31,19 @@ def test_window_attention_settings_name_the_fix():
         s.RepoSettings(flavor="local", engine="onnxruntime", window_attention="fused")
 
 
-def test_the_race_enters_the_fused_program_at_fp16_and_every_precision_when_asked():
-    every = {"fp16": None, "int8": None, "fp8": None}
+def test_the_race_enters_the_fused_program_at_fp16_and_static_fp8_and_every_precision_when_asked():
+    every = {"fp16": None, "int8": None, "fp8": None, "fp8-static": None}  # what raced_precisions gives under auto
+    timms = [("fp16", "timm"), ("int8", "timm"), ("fp8", "timm")]
     local = s.RepoSettings(flavor="local")
-    assert raced_variants(local, every) == [("fp16", "timm"), ("int8", "timm"), ("fp8", "timm"), ("fp16", "fused")]
+    assert raced_variants(local, every) == timms + [("fp16", "fused"), ("fp8-static", "fused")]
     fused = s.RepoSettings(flavor="local", window_attention="fused")
-    assert raced_variants(fused, every) == [("fp16", "fused"), ("int8", "fused"), ("fp8", "fused")]
-    assert raced_variants(s.RepoSettings(flavor="local", window_attention="timm"), every) == [
-        (p, "timm") for p in every]
-    assert raced_variants(s.RepoSettings(), every) == [(p, "timm") for p in every]  # container: timm's only
-    assert [variant_key(p, a) for p, a in raced_variants(local, every)] == ["fp16", "int8", "fp8", "fp16-fused"]
+    assert raced_variants(fused, every) == [(p, "fused") for p in every]
+    assert raced_variants(s.RepoSettings(flavor="local", window_attention="timm"), every) == timms
+    assert raced_variants(s.RepoSettings(), every) == timms  # container: timm's only
+    named = s.RepoSettings(flavor="local", engine="inductor", inductor_precision="fp8-static")
+    assert raced_variants(named, {"fp8-static": None}) == [("fp8-static", "timm"), ("fp8-static", "fused")]
+    assert [variant_key(p, a) for p, a in raced_variants(local, every)] == [
+        "fp16", "int8", "fp8", "fp16-fused", "fp8-static-fused"]
     row = ec.Candidate("inductor", "measured", precision="fp16", attention="fused")
     assert row.label == "inductor fp16 fused-attention" and row.to_dict()["attention"] == "fused"
     assert ec.Candidate("inductor", "measured", precision="fp16", attention="timm").label == "inductor fp16"

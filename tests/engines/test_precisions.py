@@ -137,3 +137,24 @@ def test_static_fp8_quantizes_every_calibrated_linear_from_the_sidecar_and_keeps
     assert module.get_submodule("head.fc").weight.dtype == torch.float32
     figures = compare_logits(reference, quantized)
     assert figures["min_cosine"] > 0.99 and figures["max_abs"] > 0, figures
+
+
+def test_static_fp8_built_without_a_gpu_records_its_calibration_for_the_server(tmp_path, tiny_model):
+    """Named on a build host with no GPU, fp8-static is compiled where it is served: the program's sidecar holds
+    the calibration the served runner reads (a sidecar without it fails the load in one line)."""
+    from builder.core.imaging import PreprocessParams
+    from builder.engines.race import inductor_candidates
+    from builder.engines.torch_runner import _calibration
+
+    settings = s.RepoSettings(flavor="local", engine="inductor", inductor_precision="fp8-static",
+                              classifier_batching=s.Batching(8, (), 0))
+    contract = Contract("tiny", (224, 224), tiny_model.num_classes)
+    params = PreprocessParams.from_timm(tiny_model.data_config)
+    rows, _ = inductor_candidates(settings, tiny_model, contract, params, tmp_path, None, [1, 8], strict=True)
+    assert [(r.status, r.precision) for r in rows] == [("built", "fp8-static")]
+    quantization = json.loads((tmp_path / inductor.SIDECAR).read_text())["quantization"]
+    assert quantization["scheme"] == "fp8-static" and "bundled photos" in quantization["calibration"]
+    assert _calibration(str(tmp_path)) == quantization["input_amax"] and len(quantization["input_amax"]) > 0
+    (tmp_path / inductor.SIDECAR).write_text(json.dumps({"environment": {}}))
+    with pytest.raises(RuntimeError, match="built with fp8-static Linear layers and .* holds no calibration"):
+        _calibration(str(tmp_path))

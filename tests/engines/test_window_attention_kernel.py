@@ -185,25 +185,25 @@ def test_the_fused_swin_benchmarks_variants_keep_timms_sums_on_the_cpu():
     assert sum("linear_gelu" in str(node.target) for node in program.graph.nodes) == 4  # one per block's MLP
 
 
-def test_the_fused_swin_benchmarks_static_fp8_layers_are_calibrated_on_the_photos():
-    """perf/gpu/fused_swin.py's `fp8` candidate: each Linear layer but the head calibrated once on the bundled photos
-    (its input's absolute maximum) and run as one FP8 matrix product with static scales; close to FP32 (random
-    weights: cosine, not top-1), and stored by torch.export."""
+def test_the_fused_swin_benchmarks_fp8_variant_is_the_engines_static_fp8():
+    """perf/gpu/fused_swin.py's `fp8` candidate is the engine's fp8-static: the model exported with a dynamic
+    batch, every Linear layer but the head calibrated on the bundled photos and rewritten by the served runner; on
+    the CPU in FP32 (torch's CPU FP8 matrix product), close to FP32 (random weights: cosine, not top-1)."""
     import timm
     import torch
 
-    from perf.gpu.fused_swin import calibrate_fp8, photos, to_static_fp8
+    from builder.engines import static_fp8
+    from builder.engines.torch_runner import _fp8_linear
+    from perf.gpu.fused_swin import photos, static_fp8_program
 
     torch.manual_seed(0)
     kwargs = dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1])
     reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
-    model.load_state_dict(reference.state_dict())
     images = photos(reference)
-    amax = calibrate_fp8(model, images)
+    amax = static_fp8.calibrate(reference, images.numpy())
     assert len(amax) == 35 and "head.fc" not in amax and all(value > 0 for value in amax.values())
-    assert to_static_fp8(model, amax, torch.float32) == 35
+    module = static_fp8_program(reference, amax, images[:2])
+    assert sum(n.target is _fp8_linear for n in module.graph.nodes) == 35
     with torch.inference_mode():
-        cosine = torch.nn.functional.cosine_similarity(model(images), reference(images), dim=1).min().item()
+        cosine = torch.nn.functional.cosine_similarity(module(images), reference(images), dim=1).min().item()
     assert cosine > 0.99, cosine
-    torch.export.export(model, (images[:2],))
