@@ -1,0 +1,48 @@
+"""perf/gpu/swin_speed.py's summary, read from a real GPU run's files (perf/results/h200-precisions: the
+timm-attention FP16 engine and its kernel mix on an H200); the steps themselves need a GPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from perf.gpu.swin_speed import TARGETS, markdown, steps, summarize
+
+RESULTS = Path(__file__).resolve().parents[2] / "perf" / "results" / "h200-precisions"
+
+
+def test_the_summary_reads_a_runs_files_and_says_what_is_missing(tmp_path):
+    shutil.copy(RESULTS / "precisions.json", tmp_path / "engines.json")
+    shutil.copy(RESULTS / "mix-fp16.json", tmp_path / "mix-fp16-timm.json")
+    summary = summarize(tmp_path)
+    assert summary["gpu"] == "NVIDIA H200" and summary["targets"] == TARGETS
+    timm = summary["engines"]["fp16 timm"]
+    assert round(next(t for t in timm["timings"] if t["batch_size"] == 128)["throughput_img_per_s"]) == 12266
+    # No fused engine in that run: every target is unmeasured, not met or missed.
+    assert set(summary["figures"].values()) == {None} and set(summary["met"].values()) == {None}
+    text = markdown(summary)
+    assert "| fp16 timm | measured | 0.6025 | 10,721 | 12,266 |" in text
+    assert "| fp16 timm | 18.87 |" in text and "| fused_fp16_img_per_s | - | >= 18000 | - |" in text
+
+
+def test_the_steps_are_the_engines_the_mix_and_the_variants(tmp_path):
+    planned = steps(tmp_path, "python3")
+    assert list(planned) == ["engines", "mix", "variants"]
+    assert [c[1].rsplit("/", 1)[1] for c in planned["mix"]] == ["kernel_mix.py"] * 3
+    assert "fp16,fp8-static" in planned["engines"][0] and "both" in planned["engines"][0]
+
+
+def test_a_target_missed_is_said_so(tmp_path):
+    """The H200's FP16 engine read as if it were the fused one: every figure it gives is measured and missed."""
+    import json
+
+    engines = json.loads((RESULTS / "precisions.json").read_text())
+    fp16 = next(c for c in engines["candidates"] if c["precision"] == "fp16")
+    engines["candidates"] = [dict(fp16, attention="fused")]
+    (tmp_path / "engines.json").write_text(json.dumps(engines))
+    shutil.copy(RESULTS / "mix-fp16.json", tmp_path / "mix-fp16-fused.json")
+    summary = summarize(tmp_path)
+    assert summary["figures"]["fused_fp16_memory_bound_share"] == 0.593
+    assert summary["met"] == {"fused_fp16_img_per_s": False, "fused_fp16_memory_bound_share": False,
+                              "fused_fp16_b1_ms": False, "fused_8bit_speedup": None}
+    assert "| fused_fp16_img_per_s | 12,266 | >= 18000 | **no** |" in markdown(summary)
