@@ -49,7 +49,8 @@ def quantize_int8(onnx_path: Path, calibration: np.ndarray, output: Path, high_p
         raise BuilderError(f"NVIDIA ModelOpt is not importable ({exc}); run `make venv`, which installs "
                            "nvidia-modelopt from requirements-modelopt.txt") from None
     if calibration.ndim != 4 or calibration.dtype != np.float32 or len(calibration) < 1:
-        raise BuilderError(f"calibration: need float32 (N, 3, H, W) images, got {calibration.dtype} {calibration.shape}")
+        raise BuilderError(f"calibration: need float32 (N, 3, H, W) images, got {calibration.dtype} "
+                           f"{calibration.shape}")
     if high_precision not in ("fp16", "fp32"):
         raise BuilderError("high_precision: use fp16 or fp32")
     output = Path(output)

@@ -8,9 +8,9 @@ is several kernels, with the (windows, heads, 49, 49) scores written to memory a
 The kernel takes the qkv projection's output as it is, (windows, tokens, 3 * channels), and writes the output in the
 (windows, tokens, channels) layout the next projection reads, so no permute or transpose is left: one program per
 window, head and block of up to 64 query rows loads q, k and v (tokens padded to a power of two, at least 16), adds
-the bias and the mask in registers, takes the softmax in FP32, multiplies by v and stores. The scores never reach memory. On an H100 a timm
-Swin-T with every window attention pointed at it (`fuse_window_attention`) did 13,722 img/s at batch 128 against
-11,075 for timm's, both compiled (perf/results/h100-as-built).
+the bias and the mask in registers, takes the softmax in FP32, multiplies by v and stores. The scores never reach
+memory. On an H100 a timm Swin-T with every window attention pointed at it (`fuse_window_attention`) did 13,722
+img/s at batch 128 against 11,075 for timm's, both compiled (perf/results/h100-as-built).
 
 The op is a `torch.library.custom_op` with a fake (shape-only) implementation: `torch.export` stores it in a
 program, and Inductor calls it as one opaque kernel and compiles the rest around it, CUDA graphs included. A stored
