@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -223,10 +224,21 @@ def _child(mode: str, folder: Path, params: Dict[str, str], max_batch: int, batc
         raise BuilderError(f"the TorchInductor {mode} step did not finish in {timeout_s:.0f} s (stopped); "
                            "raise --compile-timeout-s, or choose another precision or engine")
     if child.returncode != 0 or not os.path.isfile(out):
-        tail = " | ".join(lines[-3:])
-        raise BuilderError(f"the TorchInductor {mode} step failed (exit {child.returncode}): {tail}")
+        raise BuilderError(f"the TorchInductor {mode} step failed (exit {child.returncode}): {_what_failed(lines)}")
     with open(out) as f:
         return json.load(f)
+
+
+# A traceback's last line: the exception's class (dotted, torch's own often) and its message.
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Unsupported|Failed|Interrupt)\w*)(: |$)")
+
+
+def _what_failed(lines: List[str]) -> str:
+    """The child's last exception line and what follows it (torch's hints follow the message), else its last
+    lines: dynamo ends every error with the same two hints, which alone say nothing."""
+    found = [i for i, line in enumerate(lines) if _EXCEPTION.match(line.strip())]
+    shown = lines[found[-1]:found[-1] + 3] if found else lines[-3:]
+    return " | ".join(line.strip() for line in shown if line.strip())[:1500]
 
 
 def time_engine(engine, params: Dict[str, str], batches: Sequence[int], warmup: int = 5, iterations: int = 200,

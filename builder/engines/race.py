@@ -231,11 +231,13 @@ def raced_precisions(settings: RepoSettings, wanted: Optional[Sequence[str]] = N
     return found
 
 
-def raced_variants(settings: RepoSettings, precisions: Dict[str, Optional[str]]) -> List[Tuple[str, str]]:
+def raced_variants(settings: RepoSettings, precisions: Dict[str, Optional[str]],
+                   listed: bool = False) -> List[Tuple[str, str]]:
     """The (precision, window attention) pairs this build tries: under `auto`, timm's attention at
     RACED_PRECISIONS and the fused one at FUSED_RACED_PRECISIONS (static FP8 is 8-bit on the fused engine);
-    a precision named is tried with both; `fused` or `timm` named, with that one only."""
-    named = settings.inductor_precision != "auto"
+    a precision named (or `listed` by a caller: the GPU benchmarks) is tried with both; `fused` or `timm` named,
+    with that one only."""
+    named = listed or settings.inductor_precision != "auto"
     timms = [] if settings.window_attention == "fused" else [
         (p, "timm") for p in precisions if named or p in RACED_PRECISIONS]
     if settings.window_attention == "timm" or settings.flavor == "container":
@@ -305,7 +307,7 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
     with torch.no_grad():
         reference = model.module(torch.from_numpy(photos)).numpy()
     whys = raced_precisions(settings, precisions)
-    variants = raced_variants(settings, whys)
+    variants = raced_variants(settings, whys, listed=precisions is not None)
     calibrated = _static_calibration(model, photos, variants, whys)
     programs = {settings.served_attention: (program, "")}
     if "fused" not in programs and any(attention == "fused" for _, attention in variants):

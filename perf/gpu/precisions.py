@@ -1,10 +1,11 @@
 """Each inductor precision built, gated and timed as `--engine auto` does (compiled side by side, timed in turn).
 
-    python perf/gpu/precisions.py --output build/precisions.json [--precisions fp16,int8,fp8] [--timeout-s 300]
+    python perf/gpu/precisions.py --output build/precisions.json [--precisions fp16,int8,fp8,fp8-static] [--timeout-s 300]
         [--window-attention auto|timm|fused|both]
 
-`--window-attention` as `builder repo` takes it (auto: the fused FP16 program beside timm's at every precision);
-`both`: every precision with timm's attention, then every one with the fused kernel, timed in one run.
+Every precision listed is tried with each window attention in question: `--window-attention` `auto` (both),
+`timm` or `fused`, or `both`: every precision with timm's attention, then every one with the fused kernel, timed in
+one run.
 
 Swin-T (timm `swin_tiny_patch4_window7_224`, random weights seed 0 unless --checkpoint), the bundled photos
 through the exact preprocessing as the parity set, PyTorch FP32 as the reference. Needs a CUDA GPU, torch,

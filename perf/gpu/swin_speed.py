@@ -3,11 +3,11 @@
     python perf/gpu/swin_speed.py --output build/swin-speed [--steps engines,mix,variants] [--summary-only]
 
 Steps (each a script of this folder, its JSON and log under --output; one that fails is reported and the rest run):
-- `engines`: `precisions.py`, the inductor engine as the build's race makes it, timm's window attention at FP16
-  and the fused one at FP16 and static FP8 (`fp8-static`), compiled side by side and timed in turn at batch 1, 32
-  and 128, each with its parity against PyTorch FP32 on the bundled photos;
+- `engines`: `precisions.py`, the inductor engine as the build's race makes it, at FP16 and static FP8
+  (`fp8-static`) with timm's window attention and with the fused one, compiled side by side and timed in turn at
+  batch 1, 32 and 128, each with its parity against PyTorch FP32 on the bundled photos;
 - `mix`: `kernel_mix.py`, where a batch of 128's GPU time goes (matmuls, the window-attention kernel, the
-  memory-bound rest) for each of those three engines;
+  memory-bound rest) for each of those four engines;
 - `variants`: `fused_swin.py --variants`, the candidates not yet in the engine (patch embedding as one matrix
   product, fc1's bias and GELU in cuBLASLt's epilogue) beside timm's and the fused Swin, compiled alike.
 
@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 # The engines of the `engines` and `mix` steps: (precision, window attention).
-ENGINES = (("fp16", "timm"), ("fp16", "fused"), ("fp8-static", "fused"))
+ENGINES = (("fp16", "timm"), ("fp8-static", "timm"), ("fp16", "fused"), ("fp8-static", "fused"))
 VARIANTS = "timm,fused,fused+patchify,fused+gelu,fused+fp8"
 # Issue "Swin at Hopper's speed" (one H200, Swin-T 224, batch 128): fused FP16 img/s, its memory-bound share of
 # GPU time, its batch-1 latency, and 8-bit on the fused engine against fused FP16.

@@ -28,7 +28,7 @@ def test_the_summary_reads_a_runs_files_and_says_what_is_missing(tmp_path):
 def test_the_steps_are_the_engines_the_mix_and_the_variants(tmp_path):
     planned = steps(tmp_path, "python3")
     assert list(planned) == ["engines", "mix", "variants"]
-    assert [c[1].rsplit("/", 1)[1] for c in planned["mix"]] == ["kernel_mix.py"] * 3
+    assert [c[1].rsplit("/", 1)[1] for c in planned["mix"]] == ["kernel_mix.py"] * 4
     assert "fp16,fp8-static" in planned["engines"][0] and "both" in planned["engines"][0]
 
 

@@ -42,6 +42,9 @@ def test_the_race_enters_the_fused_program_at_fp16_and_static_fp8_and_every_prec
     assert raced_variants(s.RepoSettings(), every) == timms  # container: timm's only
     named = s.RepoSettings(flavor="local", engine="inductor", inductor_precision="fp8-static")
     assert raced_variants(named, {"fp8-static": None}) == [("fp8-static", "timm"), ("fp8-static", "fused")]
+    listed = {"fp16": None, "fp8-static": None}  # perf/gpu/precisions.py's list: each with both attentions
+    assert raced_variants(local, listed, listed=True) == [
+        ("fp16", "timm"), ("fp8-static", "timm"), ("fp16", "fused"), ("fp8-static", "fused")]
     assert [variant_key(p, a) for p, a in raced_variants(local, every)] == [
         "fp16", "int8", "fp8", "fp16-fused", "fp8-static-fused"]
     row = ec.Candidate("inductor", "measured", precision="fp16", attention="fused")

@@ -158,3 +158,17 @@ def test_static_fp8_built_without_a_gpu_records_its_calibration_for_the_server(t
     (tmp_path / inductor.SIDECAR).write_text(json.dumps({"environment": {}}))
     with pytest.raises(RuntimeError, match="built with fp8-static Linear layers and .* holds no calibration"):
         _calibration(str(tmp_path))
+
+
+def test_a_failed_compile_says_its_exception_not_dynamos_hints():
+    """The compile child's output as torch 2.11 ends a failed Inductor compile: the reason shown is the exception."""
+    from builder.engines.inductor import _what_failed
+
+    output = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+              "torch._dynamo.exc.BackendCompilerFailed: backend='inductor' raised:",
+              "AssertionError: the op's fake returned a tensor on the wrong device", "",
+              "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're reporting a "
+              "bug to PyTorch). For even more developer context, set TORCH_LOGS=\"+dynamo\"", ""]
+    assert _what_failed(output).startswith("AssertionError: the op's fake returned a tensor on the wrong device | "
+                                           "Set TORCHDYNAMO_VERBOSE=1")
+    assert _what_failed(["a", "b", "c", "d"]) == "b | c | d"
