@@ -164,9 +164,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # under Triton's interpreter the 
 def _fused_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """timm's `WindowAttention.forward`, with the attention between the projections as one kernel."""
     qkv = self.qkv(x).contiguous()
-    bias = self._get_rel_pos_bias()[0].to(qkv.dtype).contiguous()  # (heads, tokens, tokens)
+    # No cast to qkv's dtype: torch.export stores a cast as an assertion of the dtype it saw (FP32), and the served
+    # engine converts the whole program, the bias table and the mask buffer with it, to FP16 after export; the
+    # stored FP32 assertion then failed every TorchInductor compile of the fused program on an H100.
+    bias = self._get_rel_pos_bias()[0].contiguous()  # (heads, tokens, tokens)
     if mask is not None:
-        mask = mask.to(qkv.dtype).contiguous()
+        mask = mask.contiguous()
     out = torch.ops.swin_triton.window_attention(qkv, bias, mask, self.num_heads, float(self.scale))
     return self.proj_drop(self.proj(out))
 

@@ -161,3 +161,30 @@ def test_fused_by_name_builds_only_the_fused_program(tmp_path, tiny_model, param
     assert sorted(gates) == ["inductor_served_vs_pytorch", "inductor_vs_pytorch"]
     kept = torch.export.load(str(tmp_path / inductor.FILE))
     assert any("swin_triton" in str(n.target) for n in kept.graph.nodes)
+
+
+def test_the_stored_fused_program_compiles_in_fp16_as_the_served_engine_converts_it(tmp_path, tiny_model):
+    """The race exports the fused program in FP32 and the served engine converts it to FP16 before compiling: a cast
+    to the activations' dtype inside the fused forward was stored as an FP32 assertion, which failed every
+    TorchInductor compile of the fused program on an H100 (perf/results/h100-swin-speed). Here the same stored
+    program, converted to FP16 and compiled with a dynamic batch (dynamo and AOT autograd, no code generation: the
+    failure was in dynamo's tracing), on the CPU where the op runs timm's math."""
+    import copy
+
+    import torch
+
+    from builder.core.contract import Contract
+    from builder.engines import inductor, window_attention
+
+    fused = copy.deepcopy(tiny_model)
+    assert window_attention.fuse_window_attention(fused.module) > 0
+    contract = Contract("tiny", (224, 224), tiny_model.num_classes)
+    program = inductor.export_program(fused, contract, tmp_path / inductor.FILE, 8)
+    module = torch.export.load(str(program)).module().to(torch.float16)
+    compiled = torch.compile(module, dynamic=True, backend="aot_eager")
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32))
+    with torch.inference_mode():
+        got = compiled(x.half()).float().numpy()
+        reference = tiny_model.module(x).numpy()
+    figures = compare_logits(reference, got)
+    assert figures["min_cosine"] > 0.999 and figures["top1_agreement"] == 1.0, figures
