@@ -87,7 +87,8 @@ def main() -> None:
             totals[kind(event.name)] += event.device_time / 10 / 1000  # ms per batch
             kernels[event.name] += event.device_time / 10 / 1000
     total = sum(totals.values())
-    report = {"precision": args.precision, "window_attention": args.window_attention, "batch": args.batch, "gpu": torch.cuda.get_device_name(0),
+    report = {"precision": args.precision, "window_attention": args.window_attention, "batch": args.batch,
+              "gpu": torch.cuda.get_device_name(0),
               "torch": torch.__version__, "gpu_ms_per_batch": round(total, 3),
               "by_kind_ms": {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
               "by_kind_share": {k: round(v / total, 3) for k, v in totals.items()},

@@ -1,6 +1,7 @@
 """Each inductor precision built, gated and timed as `--engine auto` does (compiled side by side, timed in turn).
 
-    python perf/gpu/precisions.py --output build/precisions.json [--precisions fp16,int8,fp8,fp8-static] [--timeout-s 300]
+    python perf/gpu/precisions.py --output build/precisions.json [--precisions fp16,int8,fp8,fp8-static]
+        [--timeout-s 300]
         [--window-attention auto|timm|fused|both]
 
 Every precision listed is tried with each window attention in question: `--window-attention` `auto` (both),
