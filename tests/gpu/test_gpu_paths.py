@@ -158,10 +158,13 @@ def test_auto_race_ran_on_the_gpu(gpu_served):
     assert {"onnxruntime", "inductor"} <= set(measured), engine["candidates"]
     precisions = {c["precision"] for c in engine["candidates"] if c["engine"] == "inductor"}
     assert {"fp16", "int8", "fp8"} <= precisions  # auto races the quantized precisions too (torchao installed)
-    # ... and the FP16 program with every window attention in the Triton kernel, gated like the others.
-    (fused,) = [c for c in engine["candidates"] if c["attention"] == "fused"]
-    assert fused["status"] == "measured" and fused["precision"] == "fp16", fused
-    assert fused["parity"]["top1_agreement"] >= s.RepoSettings().engine_parity.min_top1
+    # ... and the program with every window attention in the Triton kernel, at FP16 and static FP8 (calibrated on
+    # the bundled photos), gated like the others.
+    fused = {c["precision"]: c for c in engine["candidates"] if c["attention"] == "fused"}
+    assert set(fused) == {"fp16", "fp8-static"}, fused
+    assert all(row["status"] == "measured" for row in fused.values()), fused
+    assert fused["fp16"]["parity"]["top1_agreement"] >= s.RepoSettings().engine_parity.min_top1
+    assert fused["fp8-static"]["parity"]["top1_agreement"] >= s.LOW_PRECISION_PARITY.min_top1
     rows = [Candidate(**{k: v for k, v in c.items() if k in Candidate.__dataclass_fields__})
             for c in engine["candidates"]]
     assert engine["chosen"] == choose(rows).engine
@@ -328,7 +331,8 @@ def test_tuned_engine_matches_the_plain_program(tiny_model, tmp_path, tuning):
 
 
 def test_quantized_precisions_compile_side_by_side_and_are_gated(tiny_model, params, tmp_path):
-    """int8 and fp8 (torchao) beside fp16 on this GPU: compiled at once, each loaded again, gated and timed."""
+    """int8 and fp8 (torchao) and fp8-static (scales calibrated on the bundled photos) beside fp16 on this GPU:
+    compiled at once, each loaded again, gated and timed."""
     import torch
 
     from builder.core.contract import Contract
@@ -341,18 +345,20 @@ def test_quantized_precisions_compile_side_by_side_and_are_gated(tiny_model, par
                              window_attention="timm")
     contract = Contract("swin_tiny_patch4_window7_224", (224, 224), 1000)
     rows, gates = inductor_candidates(settings, tiny_model, contract, params, tmp_path, "this GPU", [1, MAX_BATCH],
-                                      strict=False, precisions=["fp16", "int8", "fp8"])
+                                      strict=False, precisions=["fp16", "int8", "fp8", "fp8-static"])
     by = {row.precision: row for row in rows}
     print("precisions:", json.dumps({p: (r.status, r.latency_b1_ms, r.best, r.parity, r.reason[:160])
                                      for p, r in by.items()}))
-    assert set(by) == {"fp16", "int8", "fp8"} and gates["inductor_vs_pytorch"]["max_abs"] < 1e-3
+    assert set(by) == {"fp16", "int8", "fp8", "fp8-static"} and gates["inductor_vs_pytorch"]["max_abs"] < 1e-3
     assert by["fp16"].status == "measured" and by["fp16"].parity["top1_agreement"] == 1.0
-    for precision in ("int8", "fp8"):  # gated with the quantization thresholds: measured, or failed by the gate
+    for precision in ("int8", "fp8", "fp8-static"):  # quantization thresholds: measured, or failed by the gate
         row = by[precision]
         assert row.status == "measured" or "fails parity" in row.reason, row.reason
         assert row.parity or row.status == "failed"
     sidecar = json.loads((tmp_path / "precisions" / "fp8" / "engine.json").read_text())
     assert sidecar["quantization"]["library"] == "torchao" and "calibration" in sidecar["quantization"]
+    static = json.loads((tmp_path / "precisions" / "fp8-static" / "engine.json").read_text())["quantization"]
+    assert static["scheme"] == "fp8-static" and static["input_amax"] and "bundled photos" in static["calibration"]
 
 
 @pytest.fixture(scope="module")
