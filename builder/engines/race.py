@@ -294,7 +294,9 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
         from builder.core.photos import photo_batch
 
         precision = settings.served_precision
-        calibrated = _static_calibration(model, photo_batch(params), [(precision, "")], {precision: None})
+        # The photos are decoded only for a static precision: every other CPU build writes its sidecar as before.
+        calibrated = (_static_calibration(model, photo_batch(params), [(precision, "")], {precision: None})
+                      if precision == STATIC_FP8 else None)
         _write_sidecar(staging, precision, settings, gates["inductor_vs_pytorch"], calibrated=calibrated)
         return [ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
                              parity=gates["inductor_vs_pytorch"], precision=settings.served_precision,

@@ -28,7 +28,6 @@ def calibrate(module, photos: np.ndarray, keep=KEEP) -> Dict[str, float]:
     import torch
 
     device = next(module.parameters()).device
-
     amax: Dict[str, float] = {}
     hooks = []
     for name, layer in module.named_modules():

@@ -244,13 +244,7 @@ def quantize_linears(module, precision, keep=KEEP):
     from torchao.quantization import quantize_
 
     count = 0
-    for node in module.graph.nodes:
-        if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,
-                                                             torch.nn.functional.linear):
-            continue
-        weight = node.args[1]
-        if weight.op != "get_attr" or weight.target.startswith(keep):
-            continue
+    for node, weight in _linear_calls(module, keep):
         path, _, name = weight.target.rpartition(".")
         owner = module.get_submodule(path) if path else module
         tensor = getattr(owner, name)
@@ -263,6 +257,22 @@ def quantize_linears(module, precision, keep=KEEP):
         count += 1
     module.recompile()
     return count
+
+
+def _linear_calls(module, keep):
+    """The linear calls of a torch.export program's module whose weight is one of its attributes, outside `keep`:
+    (call node, weight node), listed first so that callers may rewrite the graph."""
+    import torch
+
+    calls = []
+    for node in module.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,
+                                                             torch.nn.functional.linear):
+            continue
+        weight = node.args[1]
+        if weight.op == "get_attr" and not weight.target.startswith(keep):
+            calls.append((node, weight))
+    return calls
 
 
 def _calibration(version_dir):
@@ -302,13 +312,9 @@ def quantize_static_fp8(module, input_amax, keep=KEEP):
 
     count, replaced = 0, []
     graph = module.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default,
-                                                             torch.nn.functional.linear):
-            continue
-        weight = node.args[1]
-        layer = weight.target.rpartition(".")[0] if weight.op == "get_attr" else None
-        if layer is None or layer.startswith(keep) or layer not in input_amax:
+    for node, weight in _linear_calls(module, keep):
+        layer = weight.target.rpartition(".")[0]
+        if layer not in input_amax:
             continue
         owner = module.get_submodule(layer)
         tensor = owner.weight.detach().float()
