@@ -137,6 +137,23 @@ def test_a_perf_analyzer_left_with_only_its_main_thread_is_stopped_as_hung(monke
     assert (returncode, printed.strip(), hung) == (0, "1", False)
 
 
+
+def test_a_row_that_keeps_hanging_is_run_hung_runs_times_and_says_so(monkeypatch, tmp_path):
+    """A hang is run again, up to `HUNG_RUNS` runs in all, each stop and rerun recorded in the row (no server:
+    the row's server statistics are left empty)."""
+    import perf.sweep
+
+    monkeypatch.setattr(perf.sweep, "LONE_THREAD_S", 0.5)
+    settings = SweepSettings(name="m", grpc_url="127.0.0.1:1", http_url="127.0.0.1:1", models=("classifier",))
+    starts = tmp_path / "starts"
+    cmd = ["sh", "-c", f"echo run >> {starts}; exec sleep 60"]
+    row = {}
+    returncode, _, hung = perf.sweep._measured_until_unhung(settings, cmd, dict(os.environ), row,
+                                                            tmp_path / "run1.csv")
+    assert returncode is None and hung
+    assert starts.read_text().count("run") == perf.sweep.HUNG_RUNS == 3
+    assert row["retried"].endswith("stopped and run again (2 of 2)"), row
+
 @pytest.mark.server
 def test_a_failed_point_gives_its_cause_a_non_zero_exit_and_a_table_row(server, contract, photo_paths, tmp_path):
     """perf_analyzer says only "failed to maintain the load"; the cause is what its threads were told."""
