@@ -16,7 +16,8 @@ from builder.repository.check import check_repository
 from builder.serving.server import LocalServer, ServerSettings
 from conftest import free_ports
 from perf import report
-from perf.sweep import SweepSettings, run_sweep, stage_times, sweep_payload
+from perf.observe import stage_times
+from perf.sweep import SweepSettings, run_sweep, sweep_payload
 from perf.tune import candidates, tune
 
 # Short windows and a loose stability bound: this checks the machinery, not the numbers (2 shared CPU cores).

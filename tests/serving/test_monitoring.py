@@ -148,7 +148,7 @@ def test_a_real_prometheus_records_what_triton_counts_and_fires_on_overload(tmp_
     """Prometheus scrapes a real tritonserver. Its recorded series for a known burst of requests agree with Triton's
     own statistics for the same requests; a flood against the bounded queue fires the failure and queue alerts; a
     model that is not served fires the not-ready alert, and served ones do not."""
-    from perf.sweep import model_statistics
+    from perf.observe import model_statistics
     from clients import Classifier, ClientSettings
     from conftest import MAX_BATCH, bounded_server, flood
 
