@@ -291,16 +291,7 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
         program = inductor.export_program(model, contract, staging / inductor.FILE, max_batch)
         gates = {"inductor_vs_pytorch": inductor.validate_program(program, model, contract, settings.parity)}
     if gpu is None:  # no GPU to time on: the program is compiled where it is served
-        from builder.core.photos import photo_batch
-
-        precision = settings.served_precision
-        # The photos are decoded only for a static precision: every other CPU build writes its sidecar as before.
-        calibrated = (_static_calibration(model, photo_batch(params), [(precision, "")], {precision: None})
-                      if precision == STATIC_FP8 else None)
-        _write_sidecar(staging, precision, settings, gates["inductor_vs_pytorch"], calibrated=calibrated)
-        return [ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
-                             parity=gates["inductor_vs_pytorch"], precision=settings.served_precision,
-                             attention=settings.served_attention)], gates
+        return [_unraced_candidate(settings, model, params, staging, gates["inductor_vs_pytorch"])], gates
     import torch
 
     from builder.core.photos import photo_batch
@@ -343,6 +334,20 @@ def inductor_candidates(settings: RepoSettings, model, contract: Contract, param
         rows[key] = ec.Candidate("inductor", "measured", note, built["timings"], built["start_from_scratch_s"],
                                  built["parity_served"], precision=precision, attention=attention)
     return [rows[variant_key(p, a)] for p, a in variants], gates
+
+
+def _unraced_candidate(settings: RepoSettings, model, params, staging: Path, gate: Dict) -> ec.Candidate:
+    """A build with no GPU: the program's sidecar (the served precision's calibration where it is static) and its
+    row, compiled where it is served."""
+    from builder.core.photos import photo_batch
+
+    precision = settings.served_precision
+    # The photos are decoded only for a static precision: every other CPU build writes its sidecar as before.
+    calibrated = (_static_calibration(model, photo_batch(params), [(precision, "")], {precision: None})
+                  if precision == STATIC_FP8 else None)
+    _write_sidecar(staging, precision, settings, gate, calibrated=calibrated)
+    return ec.Candidate("inductor", "built", "torch.export program; compiled where it is served (no GPU here)",
+                        parity=gate, precision=precision, attention=settings.served_attention)
 
 
 def _named_fused_program(model, contract: Contract, staging: Path, max_batch: int, settings: RepoSettings):

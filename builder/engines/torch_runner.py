@@ -78,18 +78,7 @@ class TorchEngine:
             _register_window_attention()
         elif attention != "timm":  # checked on every device, as the tuning below
             raise ValueError(f"window_attention {attention!r} is unknown; use timm or fused")
-        program = torch.export.load(os.path.join(version_dir, "model.pt2")).module().to(self.device)
-        precision = params.get("precision", "fp16") if self.device.type == "cuda" else "fp32"
-        self.dtype = getattr(torch, PRECISIONS[precision][0])
-        module = program.to(self.dtype)
-        if PRECISIONS[precision][1] == STATIC_FP8:
-            count = quantize_static_fp8(module, _calibration(version_dir))
-            self.log(f"classifier: {count} Linear layers as FP8 matrix products with the static scales of "
-                     f"engine.json; the head, LayerNorm, softmax and attention stay {self.dtype}")
-        elif PRECISIONS[precision][1]:
-            count = quantize_linears(module, precision)
-            self.log(f"classifier: {count} Linear layers quantized to {precision} by torchao "
-                     f"{_torchao_version()}; the head, LayerNorm, softmax and attention stay {self.dtype}")
+        module = self._program(version_dir, params.get("precision", "fp16") if self.device.type == "cuda" else "fp32")
         mode = params.get("compile", "none")
         self.tuning = tuning = params.get("inductor_tuning") or "none"
         if tuning not in TUNINGS:  # checked on every device: a repository is often checked without its GPU
@@ -131,6 +120,22 @@ class TorchEngine:
         self.log(f"classifier: torch {torch.__version__} {self.dtype} on {self.device}, compile={mode} "
                  f"(tuning {tuning}), "
                  f"buckets {self.buckets} warmed in {time.perf_counter() - started:.1f} s")
+
+    def _program(self, version_dir, precision: str):
+        """The stored program on this engine's device in `precision`'s dtype (`self.dtype`), its Linear layers
+        quantized where the precision says so."""
+        program = self.torch.export.load(os.path.join(version_dir, "model.pt2")).module().to(self.device)
+        self.dtype = getattr(self.torch, PRECISIONS[precision][0])
+        module = program.to(self.dtype)
+        if PRECISIONS[precision][1] == STATIC_FP8:
+            count = quantize_static_fp8(module, _calibration(version_dir))
+            self.log(f"classifier: {count} Linear layers as FP8 matrix products with the static scales of "
+                     f"engine.json; the head, LayerNorm, softmax and attention stay {self.dtype}")
+        elif PRECISIONS[precision][1]:
+            count = quantize_linears(module, precision)
+            self.log(f"classifier: {count} Linear layers quantized to {precision} by torchao "
+                     f"{_torchao_version()}; the head, LayerNorm, softmax and attention stay {self.dtype}")
+        return module
 
     def _load_artifacts(self, version_dir):
         """Inductor's stored compile artifacts, when made by this torch on this GPU."""

@@ -68,18 +68,7 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
     from builder.repository.check import check_repository
     from builder.export.onnx_export import export_onnx, validate_onnx
 
-    # Everything about the output is checked before the model loads: a bad path fails in a second.
-    output = check_output(Path(settings.output), replace=not add_version)
-    check_monitoring_output(monitoring_dir(output))
-    if settings.plan:  # a file that is not the plan its plan.json describes never reaches a repository
-        from builder.engines.plan_check import verify_plan
-
-        verify_plan(settings.plan)
-    clean_stale(output)
-    previous = None
-    if add_version:
-        previous = read_manifest(output)
-        settings = same_repository(settings, previous, output)
+    output, settings, previous = _before_loading(settings, add_version)
     started = time.perf_counter()
     with staging_dir(output) as staging:
         log.info("[1/5] loading %s", settings.source.model_name)
@@ -118,6 +107,23 @@ def build_repository(settings: RepoSettings, add_version: bool = False, override
     log.info("wrote %s in %.1f s: ensemble %r (Prometheus and Grafana files in %s)", output,
              time.perf_counter() - started, contract.ensemble, watched)
     return output
+
+
+def _before_loading(settings: RepoSettings, add_version: bool) -> Tuple[Path, RepoSettings, Optional[Dict]]:
+    """Everything about the output, checked before the model loads (a bad path fails in a second): the output
+    folder, the settings (with `add_version`, the served repository's), and the served manifest (None: a new
+    repository)."""
+    output = check_output(Path(settings.output), replace=not add_version)
+    check_monitoring_output(monitoring_dir(output))
+    if settings.plan:  # a file that is not the plan its plan.json describes never reaches a repository
+        from builder.engines.plan_check import verify_plan
+
+        verify_plan(settings.plan)
+    clean_stale(output)
+    if not add_version:
+        return output, settings, None
+    previous = read_manifest(output)
+    return output, same_repository(settings, previous, output), previous
 
 
 def labels_record(model) -> Dict[str, str]:
