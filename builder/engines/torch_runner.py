@@ -128,9 +128,10 @@ class TorchEngine:
         self.dtype = getattr(self.torch, PRECISIONS[precision][0])
         module = program.to(self.dtype)
         if PRECISIONS[precision][1] == STATIC_FP8:
-            count = quantize_static_fp8(module, _calibration(version_dir))
+            count, folded = quantize_static_fp8(module, _calibration(version_dir))
             self.log(f"classifier: {count} Linear layers as FP8 matrix products with the static scales of "
-                     f"engine.json; the head, LayerNorm, softmax and attention stay {self.dtype}")
+                     f"engine.json ({folded} fed FP8 by the window attention kernel); the head, LayerNorm, softmax "
+                     f"and attention stay {self.dtype}")
         elif PRECISIONS[precision][1]:
             count = quantize_linears(module, precision)
             self.log(f"classifier: {count} Linear layers quantized to {precision} by torchao "
@@ -297,25 +298,56 @@ def _fp8_linear(x, weight, weight_scale, input_scale, input_inverse, bias):
     cast that Inductor fuses into the kernel producing x: no amax pass), weight stored in FP8."""
     import torch
 
-    rows = x.reshape(-1, x.shape[-1])
-    quantized = (rows.float() * input_inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(quantized, weight.t(), scale_a=input_scale, scale_b=weight_scale,
-                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    quantized = (x.float() * input_inverse).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return _fp8_matmul(quantized, weight, weight_scale, input_scale, bias, x.dtype)
+
+
+def _fp8_linear_quantized(quantized, weight, weight_scale, input_scale, bias):
+    """`_fp8_linear` on an input that its producing kernel already wrote in FP8 with the static scale (the fused
+    window attention's output); the output in the bias's dtype."""
+    return _fp8_matmul(quantized, weight, weight_scale, input_scale, bias, bias.dtype)
+
+
+def _fp8_matmul(quantized, weight, weight_scale, input_scale, bias, dtype):
+    """The scaled FP8 matrix product over the last dimension, the bias added in its epilogue."""
+    import torch
+
+    rows = quantized.reshape(-1, quantized.shape[-1])
+    out = torch._scaled_mm(rows, weight.t(), scale_a=input_scale, scale_b=weight_scale,
+                           bias=None if bias is None else bias.to(dtype), out_dtype=dtype)
+    return out.view(*quantized.shape[:-1], out.shape[-1])
+
+
+# The fused window attention's op as a torch.export graph names it (`window_attention.py`); a Linear layer reading
+# only its output gets its FP8 input from the op's FP8 form.
+FUSED_ATTENTION = "swin_triton.window_attention.default"
+
+
+def _fused_attention_input(node, bias):
+    """The fused window attention call whose output only this linear call reads (None: any other input)."""
+    producer = node.args[0]
+    if (bias is None or getattr(producer, "op", "") != "call_function" or str(producer.target) != FUSED_ATTENTION
+            or len(producer.users) != 1 or producer.kwargs or len(producer.args) != 5):
+        return None
+    return producer
 
 
 def quantize_static_fp8(module, input_amax, keep=KEEP):
     """Every calibrated Linear layer of a torch.export program's module as one FP8 (e4m3) matrix product with
-    per-tensor static scales; returns how many.
+    per-tensor static scales; returns how many, and how many of them read an input that the fused window
+    attention kernel writes in FP8 itself.
 
     The weight's scale is its own absolute maximum over 448; the input's, the absolute maximum the build measured
     on photos (`input_amax`, by module name: `layers.0.blocks.0.attn.qkv`) over 448. Each `aten.linear` call
     becomes `_fp8_linear` on the FP8 weight and the scales, stored as the module's buffers beside the weight.
+    Inductor folds that quantize into the kernel producing the input, except where the producer is the fused
+    attention, a kernel of its own: there the attention's op is swapped for its FP8 form, which applies the scale
+    as it stores (`swin_triton::window_attention_fp8`), and the call for `_fp8_linear_quantized`.
     The head (`keep`) stays in the activation dtype: its logits are the answer.
     """
     import torch
 
-    count, replaced = 0, []
+    count, folded, replaced = 0, 0, []
     graph = module.graph
     for node, weight in _linear_calls(module, keep):
         layer = weight.target.rpartition(".")[0]
@@ -332,13 +364,21 @@ def quantize_static_fp8(module, input_amax, keep=KEEP):
                    "input_inverse": 1.0 / input_scale}
         for name, value in buffers.items():
             owner.register_buffer(name, value)
-        with graph.inserting_before(node):
-            attrs = {name: graph.get_attr(f"{layer}.{name}") for name in buffers}
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        node.target = _fp8_linear
-        node.args = (node.args[0], attrs["weight_fp8"], attrs["weight_scale"], attrs["input_scale"],
-                     attrs["input_inverse"], bias)
+        attention = _fused_attention_input(node, bias)
+        with graph.inserting_before(attention or node):
+            attrs = {name: graph.get_attr(f"{layer}.{name}") for name in buffers}
         node.kwargs = {}
+        if attention is None:
+            node.target = _fp8_linear
+            node.args = (node.args[0], attrs["weight_fp8"], attrs["weight_scale"], attrs["input_scale"],
+                         attrs["input_inverse"], bias)
+        else:
+            attention.target = torch.ops.swin_triton.window_attention_fp8.default
+            attention.args = (*attention.args, attrs["input_inverse"], FP8_MAX)
+            node.target = _fp8_linear_quantized
+            node.args = (attention, attrs["weight_fp8"], attrs["weight_scale"], attrs["input_scale"], bias)
+            folded += 1
         replaced.append(weight)
         count += 1
     for weight in replaced:  # the higher-precision weights no call reads any more: not kept in GPU memory
@@ -347,4 +387,4 @@ def quantize_static_fp8(module, input_amax, keep=KEEP):
             graph.erase_node(weight)
             delattr(module.get_submodule(path), name)
     module.recompile()
-    return count
+    return count, folded

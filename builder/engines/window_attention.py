@@ -19,7 +19,8 @@ Inductor traces into: compiled from a stored program with a dynamic batch (the s
 in every TorchInductor compile of `make test-gpu` on an H100 (torch 2.11, 2026-12-07), while the kernel itself passed;
 Inductor does not fuse a user kernel with its own either way. On the CPU the op runs timm's own math (`reference`);
 under `TRITON_INTERPRET=1` it runs the kernel itself (the tests). `perf/gpu/window_attention.py` and `fused_swin.py`
-time it.
+time it. Its FP8 form (`swin_triton::window_attention_fp8`) stores the output as the output projection's FP8 input
+with the static scale of the fp8-static engine (`torch_runner.quantize_static_fp8` swaps it in).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _window_attention(qkv_ptr, bias_ptr, mask_ptr, out_ptr, scale, tokens, channels, windows_per_image,
-                      HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr,
-                      HAS_MASK: tl.constexpr):
+def _window_attention(qkv_ptr, bias_ptr, mask_ptr, out_ptr, inverse_ptr, bound, scale, tokens, channels,
+                      windows_per_image, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                      BLOCK_Q: tl.constexpr, HAS_MASK: tl.constexpr, QUANTIZE: tl.constexpr):
     program = tl.program_id(0)
     window, head = program // HEADS, program % HEADS
     queries = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # this program's query rows
@@ -60,6 +61,8 @@ def _window_attention(qkv_ptr, bias_ptr, mask_ptr, out_ptr, scale, tokens, chann
     weights = tl.exp(scores - tl.max(scores, 1)[:, None])
     weights = weights / tl.sum(weights, 1)[:, None]
     out = tl.dot(weights.to(v.dtype), v)
+    if QUANTIZE:  # the output projection's FP8 input, with its static scale: no pass of its own
+        out = tl.clamp(out.to(tl.float32) * tl.load(inverse_ptr), -bound, bound)
     target = out_ptr + window * tokens * channels + head * HEAD_DIM + queries[:, None] * channels + dims[None, :]
     tl.store(target, out.to(out_ptr.dtype.element_ty), mask=query_in[:, None])
 
@@ -96,17 +99,19 @@ def window_attention(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch
 
 
 def _launch(kernel, qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
-            scale: float) -> torch.Tensor:
-    """The kernel on one program per window, head and block of query rows."""
+            scale: float, inverse: Optional[torch.Tensor] = None, bound: float = 0.0) -> torch.Tensor:
+    """The kernel on one program per window, head and block of query rows; with `inverse` (a one-element tensor),
+    the output is `clamp(out * inverse, -bound, bound)` in float8_e4m3fn."""
     windows, tokens, three_channels = qkv.shape
     channels = three_channels // 3
-    out = torch.empty((windows, tokens, channels), dtype=qkv.dtype, device=qkv.device)
+    dtype = qkv.dtype if inverse is None else torch.float8_e4m3fn
+    out = torch.empty((windows, tokens, channels), dtype=dtype, device=qkv.device)
     block = max(16, triton.next_power_of_2(tokens))
     block_q = min(block, MAX_QUERY_BLOCK)
     kernel[(windows * heads, triton.cdiv(tokens, block_q))](
-        qkv, bias, mask if mask is not None else bias, out, scale, tokens, channels,
-        mask.shape[0] if mask is not None else 1, HEADS=heads, HEAD_DIM=channels // heads, BLOCK=block,
-        BLOCK_Q=block_q, HAS_MASK=mask is not None)
+        qkv, bias, mask if mask is not None else bias, out, inverse if inverse is not None else bias, bound, scale,
+        tokens, channels, mask.shape[0] if mask is not None else 1, HEADS=heads, HEAD_DIM=channels // heads,
+        BLOCK=block, BLOCK_Q=block_q, HAS_MASK=mask is not None, QUANTIZE=inverse is not None)
     return out
 
 
@@ -157,8 +162,30 @@ def _window_attention_cpu(qkv, bias, mask, heads, scale):
     return reference(qkv, bias, mask, heads, scale)
 
 
+@torch.library.custom_op("swin_triton::window_attention_fp8", mutates_args=())
+def window_attention_fp8_op(qkv: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor], heads: int,
+                            scale: float, inverse: torch.Tensor, bound: float) -> torch.Tensor:
+    """The op writing its output as the output projection's FP8 (e4m3) input, `clamp(out * inverse, -bound,
+    bound)`: the static scale's quantize in the kernel that produces the input (the served runner's fp8-static
+    rewrite puts it there, `torch_runner.quantize_static_fp8`), not a pass of its own after the opaque op."""
+    return _launch(_window_attention, qkv, bias, mask, heads, scale, inverse, bound)
+
+
+@window_attention_fp8_op.register_fake
+def _window_attention_fp8_shape(qkv, bias, mask, heads, scale, inverse, bound):
+    """The output's shape, (windows, tokens, channels), in float8_e4m3fn."""
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3), dtype=torch.float8_e4m3fn)
+
+
+def _window_attention_fp8_cpu(qkv, bias, mask, heads, scale, inverse, bound):
+    """On the CPU: timm's math, then the same quantize."""
+    out = reference(qkv, bias, mask, heads, scale).float() * inverse.float()
+    return out.clamp(-bound, bound).to(torch.float8_e4m3fn)
+
+
 if os.environ.get("TRITON_INTERPRET") != "1":  # under Triton's interpreter the kernel itself runs on the CPU
     window_attention_op.register_kernel("cpu")(_window_attention_cpu)
+    window_attention_fp8_op.register_kernel("cpu")(_window_attention_fp8_cpu)
 
 
 def _fused_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

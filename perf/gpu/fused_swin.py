@@ -157,7 +157,7 @@ def static_fp8_program(model, amax: Dict[str, float], sample: torch.Tensor):
 
     program = torch.export.export(model, (sample,), dynamic_shapes=({0: Dim("batch", min=1, max=1024)},))
     module = program.module()
-    quantize_static_fp8(module, amax)
+    quantize_static_fp8(module, amax)  # on a fused model, the projections read the attention kernel's FP8
     return module
 
 

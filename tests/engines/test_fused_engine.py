@@ -188,3 +188,34 @@ def test_the_stored_fused_program_compiles_in_fp16_as_the_served_engine_converts
         reference = tiny_model.module(x).numpy()
     figures = compare_logits(reference, got)
     assert figures["min_cosine"] > 0.999 and figures["top1_agreement"] == 1.0, figures
+
+
+def test_the_fused_program_in_static_fp8_feeds_each_projection_from_the_kernel_and_compiles(tmp_path, tiny_model):
+    """fp8-static on the stored fused program, as the served runner rewrites it: each block's output projection
+    reads the attention op's FP8 form (its static scale applied as the kernel stores), the other Linear layers
+    quantize their input themselves; the rewritten program compiles with a dynamic batch (dynamo and AOT autograd,
+    on the CPU where the ops run timm's math, in FP32: the CPU engine's dtype) and keeps timm's answers."""
+    import copy
+
+    import torch
+
+    from builder.core.contract import Contract
+    from builder.core.imaging import PreprocessParams
+    from builder.core.photos import photo_batch
+    from builder.engines import inductor, static_fp8, window_attention
+    from builder.engines.torch_runner import quantize_static_fp8
+
+    photos = photo_batch(PreprocessParams.from_timm(tiny_model.data_config))[:8]
+    amax = static_fp8.calibrate(tiny_model.module, photos)
+    fused = copy.deepcopy(tiny_model)
+    blocks = window_attention.fuse_window_attention(fused.module)
+    contract = Contract("tiny", (224, 224), tiny_model.num_classes)
+    module = torch.export.load(str(inductor.export_program(fused, contract, tmp_path / inductor.FILE, 8))).module()
+    count, folded = quantize_static_fp8(module, amax)
+    assert count == len(amax) and folded == blocks > 0
+    compiled = torch.compile(module, dynamic=True, backend="aot_eager")
+    with torch.inference_mode():
+        for batch in (3, 8):
+            got = compiled(torch.from_numpy(photos[:batch])).numpy()
+            figures = compare_logits(tiny_model.module(torch.from_numpy(photos[:batch])).numpy(), got)
+            assert figures["min_cosine"] > 0.99, figures

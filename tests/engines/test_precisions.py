@@ -128,9 +128,10 @@ def test_static_fp8_quantizes_every_calibrated_linear_from_the_sidecar_and_keeps
     assert len(amax) == len(linears) - 1 and not any(name.startswith("head") for name in amax)
     with torch.no_grad():
         reference = tiny_model.module(torch.from_numpy(photos)).numpy()
-        count = quantize_static_fp8(module, json.loads(json.dumps(amax)))  # as read back from engine.json
+        count, folded = quantize_static_fp8(module, json.loads(json.dumps(amax)))  # as read back from engine.json
         quantized = module(torch.from_numpy(photos)).numpy()
     assert count == len(amax) and not _linears(module)[1:]  # only the head's linear call is left
+    assert folded == 0  # timm's attention: every input quantized where Inductor compiles its producer
     assert sum(n.target is _fp8_linear for n in module.graph.nodes) == count
     qkv = module.get_submodule("layers.0.blocks.0.attn.qkv")
     assert qkv.weight_fp8.dtype == torch.float8_e4m3fn and not hasattr(qkv, "weight")

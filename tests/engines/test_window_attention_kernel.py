@@ -32,6 +32,24 @@ for window, resolution, channels, heads, images, shifted, dtype in (
     ours = window_attention(qkv, bias, mask, heads, scale)
     rows.append({"window": window, "shifted": shifted, "windows": qkv.shape[0], "dtype": str(dtype),
                  "shape_ok": ours.shape == exact.shape, "max_abs": (ours.float() - exact).abs().max().item()})
+# The FP8 form (the fp8-static engine's, the output projection's input), against the FP16 form quantized by torch.
+for window, resolution, channels, heads, images, shifted in ((7, 14, 64, 2, 3, True), (12, 12, 32, 2, 3, False)):
+    tokens, per_image = window * window, (resolution // window) ** 2
+    qkv = torch.randn(images * per_image, tokens, 3 * channels).to(device, torch.float16)
+    bias = torch.randn(heads, tokens, tokens).to(device, torch.float16)
+    mask = shift_mask(resolution, window, window // 2, device).to(torch.float16) if shifted else None
+    scale = (channels // heads) ** -0.5
+    exact = reference(qkv.float(), bias.float(), mask.float() if mask is not None else None, heads, scale)
+    inverse = (448.0 / exact.abs().max()).reshape(()).to(device)
+    # The FP16 kernel's output quantized by torch: the same sums, so only the last rounding may differ.
+    scaled = (window_attention(qkv, bias, mask, heads, scale).float() * inverse).clamp(-448.0, 448.0)
+    want = scaled.to(torch.float8_e4m3fn).float()
+    ours = torch.ops.swin_triton.window_attention_fp8(qkv, bias, mask, heads, scale, inverse, 448.0)
+    dtype, ours = str(ours.dtype), ours.float()
+    steps = (ours - want).abs() / want.abs().clamp(min=2.0 ** -6)  # e4m3: 3 mantissa bits
+    cosine = torch.nn.functional.cosine_similarity((ours / inverse).flatten(), exact.flatten(), dim=0).item()
+    rows.append({"window": window, "shifted": shifted, "fp8": dtype, "shape_ok": ours.shape == exact.shape,
+                 "mismatch": (ours != want).float().mean().item(), "max_step": steps.max().item(), "cosine": cosine})
 try:
     window_attention(torch.zeros(2, 49, 3 * 72, device=device), torch.zeros(3, 49, 49, device=device), None, 3, 0.2)
 except ValueError as exc:
@@ -40,14 +58,30 @@ print(json.dumps(rows))
 """
 
 
+def check_fp8_rows(rows, exact_conversion: bool):
+    """The FP8 form's rows of SCRIPT: FP8 output of the right shape, close to timm's math once the scale is taken
+    back out, and equal to the FP16 form quantized by torch but for a value at a rounding boundary. Triton 3.8's
+    interpreter converts to FP8 without the carry into the exponent and rounds on one bit (7.749 -> 4, not 7.5):
+    only a GPU's conversion is held to one FP8 step everywhere."""
+    assert len(rows) == 2
+    for row in rows:
+        assert row["fp8"] == "torch.float8_e4m3fn" and row["shape_ok"], row
+        assert row["cosine"] > (0.999 if exact_conversion else 0.99), row
+        assert row["mismatch"] < (0.01 if exact_conversion else 0.05), row
+        assert row["max_step"] <= 0.13 or not exact_conversion, row
+
+
 def test_the_fused_window_attention_matches_timms_math_on_the_interpreter():
+    """The kernel against timm's math, and its FP8 form against its FP16 form quantized with the same scale."""
     import json
 
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     *rows, refused = json.loads(result.stdout.strip().splitlines()[-1])
-    for row in rows:
+    fp8 = [row for row in rows if "fp8" in row]
+    check_fp8_rows(fp8, exact_conversion=False)
+    for row in rows[:-len(fp8)]:
         assert row["shape_ok"], row
         assert row["max_abs"] < (2e-2 if row["dtype"] == "torch.float16" else 1e-5), row
     assert {(r["window"], r["shifted"]) for r in rows} == {(7, True), (7, False), (12, True), (12, False)}
@@ -188,13 +222,14 @@ def test_the_fused_swin_benchmarks_variants_keep_timms_sums_on_the_cpu():
 def test_the_fused_swin_benchmarks_fp8_variant_is_the_engines_static_fp8():
     """perf/gpu/fused_swin.py's `fp8` candidate is the engine's fp8-static: the model exported with a dynamic
     batch, every Linear layer but the head calibrated on the bundled photos and rewritten by the served runner; on
-    the CPU in FP32 (torch's CPU FP8 matrix product), close to FP32 (random weights: cosine, not top-1)."""
+    the CPU in FP32 (torch's CPU FP8 matrix product), close to FP32 (random weights: cosine, not top-1). On the
+    fused program each output projection takes its FP8 input from the attention op's FP8 form."""
     import timm
     import torch
 
     from builder.engines import static_fp8
-    from builder.engines.torch_runner import _fp8_linear
-    from perf.gpu.fused_swin import photos, static_fp8_program
+    from builder.engines.torch_runner import _fp8_linear, _fp8_linear_quantized
+    from perf.gpu.fused_swin import apply_variant, photos, static_fp8_program
 
     torch.manual_seed(0)
     kwargs = dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1])
@@ -204,6 +239,16 @@ def test_the_fused_swin_benchmarks_fp8_variant_is_the_engines_static_fp8():
     assert len(amax) == 35 and "head.fc" not in amax and all(value > 0 for value in amax.values())
     module = static_fp8_program(reference, amax, images[:2])
     assert sum(n.target is _fp8_linear for n in module.graph.nodes) == 35
+    fused = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs).eval()
+    fused.load_state_dict(reference.state_dict())
+    apply_variant(fused, "fused")
+    fused = static_fp8_program(fused, amax, images[:2])
+    # The 8 blocks' output projections read the attention kernel's FP8 output: no quantize of their own.
+    targets = [str(n.target) for n in fused.graph.nodes] + [n.target for n in fused.graph.nodes]
+    assert targets.count(_fp8_linear) == 27 and targets.count(_fp8_linear_quantized) == 8
+    assert targets.count("swin_triton.window_attention_fp8.default") == 8
     with torch.inference_mode():
-        cosine = torch.nn.functional.cosine_similarity(module(images), reference(images), dim=1).min().item()
-    assert cosine > 0.99, cosine
+        want = reference(images)
+        for quantized in (module, fused):
+            cosine = torch.nn.functional.cosine_similarity(quantized(images), want, dim=1).min().item()
+            assert cosine > 0.99, cosine

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.engines.test_window_attention_kernel import SCRIPT, WHOLE_MODEL
+from tests.engines.test_window_attention_kernel import SCRIPT, WHOLE_MODEL, check_fp8_rows
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,9 +27,12 @@ def _run(script: str) -> list:
 
 
 def test_the_kernel_matches_timms_math_on_the_gpu():
-    """Windows of 7 and 12, shifted and unshifted, odd window counts, FP32 (TF32 products) and FP16."""
+    """Windows of 7 and 12, shifted and unshifted, odd window counts, FP32 (TF32 products) and FP16; the FP8 form
+    within one FP8 step of the FP16 form quantized by torch."""
     *rows, refused = _run(SCRIPT)
-    for row in rows:
+    fp8 = [row for row in rows if "fp8" in row]
+    check_fp8_rows(fp8, exact_conversion=True)
+    for row in rows[:-len(fp8)]:
         assert row["shape_ok"], row
         assert row["max_abs"] < 2e-2, row  # tl.dot takes FP32 as TF32 on tensor cores
     assert {(r["window"], r["shifted"]) for r in rows} == {(7, True), (7, False), (12, True), (12, False)}
