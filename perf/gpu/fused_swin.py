@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from builder.core.contract import DEFAULT_MODEL  # noqa: E402
 from builder.engines import static_fp8  # noqa: E402
-from builder.engines.torch_runner import quantize_static_fp8  # noqa: E402
+from builder.engines.torch_runner import TUNINGS, quantize_static_fp8  # noqa: E402
 from builder.engines.window_attention import fuse_window_attention  # noqa: E402
 import triton  # noqa: E402
 
@@ -144,11 +144,14 @@ def _variant_engine(model_name: str, reference, variant: str):
     model = timm.create_model(model_name, pretrained=False).eval().cuda().half()
     model.load_state_dict(reference.state_dict())
     apply_variant(model, variant)
+    # `autotune`: Inductor's max-autotune (the engine's `--inductor-tuning max-autotune`), whose Triton matrix
+    # product templates can take the pointwise work after a product (GELU, FP8 quantize) into their epilogue.
+    options = TUNINGS["max-autotune"] if "autotune" in variant.split("+") else None
     if "fp8" not in variant.split("+"):
-        return torch.compile(model), None
+        return torch.compile(model, options=options), None
     amax = static_fp8.calibrate(reference, photos(reference).numpy())
     module = static_fp8_program(model, amax, torch.zeros(2, 3, 224, 224, device="cuda", dtype=torch.float16))
-    return torch.compile(module, dynamic=True), {"layers": len(amax), "input_amax": amax}
+    return torch.compile(module, dynamic=True, options=options), {"layers": len(amax), "input_amax": amax}
 
 
 def static_fp8_program(model, amax: Dict[str, float], sample: torch.Tensor):
@@ -179,7 +182,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--variants", default="timm,fused", help="comma-separated: timm, fused, fused+patchify, "
-                        "fused+gelu, fused+patchify+gelu, fused+fp8, ...")
+                        "fused+gelu, fused+patchify+gelu, fused+fp8, fused+autotune, fused+fp8+autotune, ...")
     args = parser.parse_args()
     result = measure(args.model, [int(b) for b in args.batches.split(",")], args.repeats, args.checkpoint,
                      args.variants.split(","))

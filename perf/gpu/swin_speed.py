@@ -1,6 +1,6 @@
 """Swin at Hopper's speed, in one run on one GPU: the engines, where their GPU time goes, the next candidates.
 
-    python perf/gpu/swin_speed.py --output build/swin-speed [--steps engines,mix,variants] [--summary-only]
+    python perf/gpu/swin_speed.py --output build/swin-speed [--steps engines,mix,variants,tuned] [--summary-only]
 
 Steps (each a script of this folder, its JSON and log under --output; one that fails is reported and the rest run):
 - `engines`: `precisions.py`, the inductor engine as the build's race makes it, at FP16 and static FP8
@@ -9,7 +9,9 @@ Steps (each a script of this folder, its JSON and log under --output; one that f
 - `mix`: `kernel_mix.py`, where a batch of 128's GPU time goes (matmuls, the window-attention kernel, the
   memory-bound rest) for each of those four engines;
 - `variants`: `fused_swin.py --variants`, the candidates not yet in the engine (patch embedding as one matrix
-  product, fc1's bias and GELU in cuBLASLt's epilogue) beside timm's and the fused Swin, compiled alike.
+  product, fc1's bias and GELU in cuBLASLt's epilogue, static FP8) beside timm's and the fused Swin, compiled alike;
+- `tuned`: the fused Swin in FP16 and static FP8 under Inductor's max-autotune, whose matrix product templates may
+  take GELU and the FP8 quantize into their epilogue (last: its compiles are the longest).
 
 Then `summary.md` and `summary.json`: the figures beside the issue's targets (`TARGETS`), met or not. Swin-T with
 random weights (seed 0; the hub may be unreachable), inputs random or the bundled photos as each script says.
@@ -29,6 +31,9 @@ HERE = Path(__file__).resolve().parent
 # The engines of the `engines` and `mix` steps: (precision, window attention).
 ENGINES = (("fp16", "timm"), ("fp8-static", "timm"), ("fp16", "fused"), ("fp8-static", "fused"))
 VARIANTS = "timm,fused,fused+patchify,fused+gelu,fused+fp8"
+# The `tuned` step, last (its compiles time every matrix product template): the fused engine in FP16 and static FP8
+# under Inductor's max-autotune.
+TUNED = "fused+autotune,fused+fp8+autotune"
 # Issue "Swin at Hopper's speed" (one H200, Swin-T 224, batch 128): fused FP16 img/s, its memory-bound share of
 # GPU time, its batch-1 latency, and 8-bit on the fused engine against fused FP16.
 TARGETS = {"fused_fp16_img_per_s": 18_000, "fused_fp16_memory_bound_share": 0.35, "fused_fp16_b1_ms": 0.45,
@@ -46,6 +51,8 @@ def steps(output: Path, python: str) -> Dict[str, List[List[str]]]:
                  "--window-attention", a] for p, a in ENGINES],
         "variants": [[python, script("fused_swin.py"), "--output", str(output / "variants.json"), "--batches",
                       "128", "--variants", VARIANTS]],
+        "tuned": [[python, script("fused_swin.py"), "--output", str(output / "tuned.json"), "--batches", "128",
+                   "--variants", TUNED]],
     }
 
 
@@ -92,7 +99,9 @@ def summarize(output: Path) -> Dict:
     met = {k: None if v is None else (v <= TARGETS[k] if k.endswith(("_share", "_ms")) else v >= TARGETS[k])
            for k, v in figures.items()}
     return {"gpu": engines.get("gpu"), "torch": engines.get("torch"), "figures": figures, "targets": TARGETS,
-            "met": met, "engines": rows, "mix": mixes, "variants": _read(output / "variants.json")}
+            "met": met, "engines": rows, "mix": mixes,
+            "variants": [row for name in ("variants", "tuned") for row in (_read(output / f"{name}.json") or {}).get(
+                "rows", [])]}
 
 
 def markdown(summary: Dict) -> str:
@@ -118,7 +127,7 @@ def markdown(summary: Dict) -> str:
             shares = mix["by_kind_share"]
             lines.append(f"| {label} | {mix['gpu_ms_per_batch']} | "
                          + " | ".join(_fmt(shares.get(k)) for k in _kinds(summary)) + " |")
-    variants = (summary.get("variants") or {}).get("rows", [])
+    variants = summary.get("variants") or []
     if variants:
         lines += ["", "| variant | b128 img/s | max abs | min cosine | error |", "|---|---|---|---|---|"]
         for name in dict.fromkeys(r["engine"] for r in variants):
@@ -148,7 +157,7 @@ def _fmt(value) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True)
-    parser.add_argument("--steps", default="engines,mix,variants")
+    parser.add_argument("--steps", default="engines,mix,variants,tuned")
     parser.add_argument("--summary-only", action="store_true", help="summarize an earlier run's files")
     args = parser.parse_args()
     output = Path(args.output)

@@ -27,7 +27,9 @@ def test_the_summary_reads_a_runs_files_and_says_what_is_missing(tmp_path):
 
 def test_the_steps_are_the_engines_the_mix_and_the_variants(tmp_path):
     planned = steps(tmp_path, "python3")
-    assert list(planned) == ["engines", "mix", "variants"]
+    assert list(planned) == ["engines", "mix", "variants", "tuned"]
+    assert planned["tuned"][0][-1].split(",") == ["fused+autotune", "fused+fp8+autotune"]
+    assert "fused+fp8" in planned["variants"][0][-1].split(",")
     assert [c[1].rsplit("/", 1)[1] for c in planned["mix"]] == ["kernel_mix.py"] * 4
     assert "fp16,fp8-static" in planned["engines"][0] and "both" in planned["engines"][0]
 
@@ -46,3 +48,20 @@ def test_a_target_missed_is_said_so(tmp_path):
     assert summary["met"] == {"fused_fp16_img_per_s": False, "fused_fp16_memory_bound_share": False,
                               "fused_fp16_b1_ms": False, "fused_8bit_speedup": None}
     assert "| fused_fp16_img_per_s | 12,266 | >= 18000 | **no** |" in markdown(summary)
+
+
+def test_the_variants_table_takes_the_tuned_steps_rows_after_the_variants(tmp_path):
+    """fused_swin.py's rows (its output format: a parity row, then a row per batch, or an error) from both steps."""
+    import json
+
+    def rows(name, speed):
+        return [{"engine": name, "max_abs": 0.01, "min_cosine": 0.9999, "top1_agreement": 1.0},
+                {"engine": name, "batch": 128, "ms": 128_000 / speed, "img_per_s": speed}]
+
+    (tmp_path / "variants.json").write_text(json.dumps({"rows": rows("fused", 15_000.0)}))
+    (tmp_path / "tuned.json").write_text(json.dumps({"rows": rows("fused+autotune", 16_000.0) + [
+        {"engine": "fused+fp8+autotune", "error": "InductorError: no template"}]}))
+    text = markdown(summarize(tmp_path))
+    table = text[text.index("| variant |"):].splitlines()
+    assert table[2:] == ["| fused | 15,000 | 0.01 | 0.9999 |  |", "| fused+autotune | 16,000 | 0.01 | 0.9999 |  |",
+                         "| fused+fp8+autotune | - | - | - | InductorError: no template |"]
