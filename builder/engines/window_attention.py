@@ -194,7 +194,7 @@ def _fused_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -
     # No cast to qkv's dtype: torch.export stores a cast as an assertion of the dtype it saw (FP32), and the served
     # engine converts the whole program, the bias table and the mask buffer with it, to FP16 after export; the
     # stored FP32 assertion then failed every TorchInductor compile of the fused program on an H100.
-    bias = self._get_rel_pos_bias()[0].contiguous()  # (heads, tokens, tokens)
+    bias = self.fused_bias  # (heads, tokens, tokens), taken from the table once by `fuse_window_attention`
     if mask is not None:
         mask = mask.contiguous()
     out = torch.ops.swin_triton.window_attention(qkv, bias, mask, self.num_heads, float(self.scale))
@@ -203,6 +203,10 @@ def _fused_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -
 
 def fuse_window_attention(model: torch.nn.Module) -> int:
     """Points every timm Swin V1 `WindowAttention` of `model` at the kernel; the number of modules changed.
+
+    Each module's relative-position bias is gathered from its table once, here, into a buffer (`fused_bias`, not
+    in the state dict), instead of by a kernel of its own in every block of every forward pass (timm's way; 12
+    launches a batch for Swin-T): fuse a model after its weights are loaded.
 
     Raises:
         ValueError: a head size the kernel does not take (a power of two, at least 16).
@@ -215,6 +219,9 @@ def fuse_window_attention(model: torch.nn.Module) -> int:
             head_dim = module.qkv.out_features // 3 // module.num_heads
             if head_dim < 16 or head_dim & (head_dim - 1):
                 raise ValueError(f"head size {head_dim}: the kernel takes powers of two from 16")
+            with torch.no_grad():
+                bias = module._get_rel_pos_bias()[0].contiguous()
+            module.register_buffer("fused_bias", bias, persistent=False)
             module.forward = types.MethodType(_fused_forward, module)
             changed += 1
     return changed

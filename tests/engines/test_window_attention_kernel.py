@@ -140,9 +140,10 @@ fuse_window_attention(fused)
 x = torch.randn(2, 3, 224, 224)
 program = torch.export.export(fused, (x,))
 ops = sorted({str(n.target) for n in program.graph.nodes if "swin_triton" in str(n.target)})
+gathers = sum(str(n.target).startswith("aten.index") for n in program.graph.nodes)
 torch.export.save(program, sys.argv[1])
 torch.save({"x": x, "logits": timms(x).detach()}, sys.argv[2])
-print(json.dumps({"ops": ops}))
+print(json.dumps({"ops": ops, "gathers": gathers}))
 """
 LOAD = """
 import json, sys, torch
@@ -157,7 +158,8 @@ print(json.dumps({"max_abs": (got - saved["logits"]).abs().max().item()}))
 
 def test_a_fused_swin_is_stored_by_torch_export_and_loads_where_the_op_is_registered(tmp_path):
     """The op survives torch.export, a saved program and a fresh process (a stub's), on the CPU (where the op runs
-    timm's math); without the op's module imported the program does not load."""
+    timm's math), with each block's relative-position bias stored gathered; without the op's module imported the
+    program does not load."""
     import json
 
     program, data = str(tmp_path / "model.pt2"), str(tmp_path / "data.pt")
@@ -166,7 +168,9 @@ def test_a_fused_swin_is_stored_by_torch_export_and_loads_where_the_op_is_regist
     made = subprocess.run([sys.executable, "-c", ROUND_TRIP, program, data], capture_output=True, text=True,
                           timeout=600, cwd=ROOT, env=env)
     assert made.returncode == 0, made.stderr[-3000:]
-    assert json.loads(made.stdout.strip().splitlines()[-1])["ops"] == ["swin_triton.window_attention.default"]
+    made = json.loads(made.stdout.strip().splitlines()[-1])
+    assert made["ops"] == ["swin_triton.window_attention.default"]
+    assert made["gathers"] == 0  # each block's bias is a constant of the program, not gathered at every call
     loaded = subprocess.run([sys.executable, "-c", LOAD, program, data], capture_output=True, text=True,
                             timeout=600, cwd=ROOT, env=env)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
