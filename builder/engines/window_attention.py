@@ -192,7 +192,7 @@ def _fused_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -
     """timm's `WindowAttention.forward`, with the attention between the projections as one kernel."""
     qkv = self.qkv(x).contiguous()
     # No cast to qkv's dtype: torch.export stores a cast as an assertion of the dtype it saw (FP32), and the served
-    # engine converts the whole program, the bias table and the mask buffer with it, to FP16 after export; the
+    # engine converts the whole program, the bias and the mask buffers with it, to FP16 after export; the
     # stored FP32 assertion then failed every TorchInductor compile of the fused program on an H100.
     bias = self.fused_bias  # (heads, tokens, tokens), taken from the table once by `fuse_window_attention`
     if mask is not None:
