@@ -73,13 +73,7 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
     """
     import tritonclient.http as httpclient
 
-    if not 0 < p99_budget_ms < float("inf"):  # nan fails both comparisons
-        raise BuilderError(f"p99_budget_ms: {p99_budget_ms} is a budget no candidate can meet; give milliseconds "
-                           "above 0, e.g. 50")
-    path = Path(repository) / model / "config.pbtxt"
-    if not path.is_file():
-        raise BuilderError(f"{path} does not exist; tune a model of the repository the server runs on")
-    base = configs.read(path)
+    path, base = _base_config(repository, model, p99_budget_ms)
     ensemble_mbs = _ensemble_max_batch(Path(repository), model)
     from builder.serving.server import admin_headers
 
@@ -119,6 +113,17 @@ def tune(repository: str, sweep: SweepSettings, model: str, grid: List[Candidate
         # interrupt that came mid-request leaves the old one's connection taken, and gevent would wait forever.
         _serve(httpclient.InferenceServerClient(sweep.http_url), model, final, headers)
     return {"best": best, "p99_budget_ms": p99_budget_ms, "model": model, "results": results}
+
+
+def _base_config(repository: str, model: str, p99_budget_ms: float):
+    """The tuned model's config file and its config, once the budget is one a candidate can meet."""
+    if not 0 < p99_budget_ms < float("inf"):  # nan fails both comparisons
+        raise BuilderError(f"p99_budget_ms: {p99_budget_ms} is a budget no candidate can meet; give milliseconds "
+                           "above 0, e.g. 50")
+    path = Path(repository) / model / "config.pbtxt"
+    if not path.is_file():
+        raise BuilderError(f"{path} does not exist; tune a model of the repository the server runs on")
+    return path, configs.read(path)
 
 
 def _measure(client, model: str, candidate: Candidate, base, sweep: SweepSettings, p99_budget_ms: float,
