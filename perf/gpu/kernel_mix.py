@@ -25,12 +25,13 @@ MATMUL = re.compile(r"gemm|nvjet|xmma|cutlass|scaled_mm|_int_mm|matmul|sm90_|sm8
 
 
 def kind(name: str) -> str:
-    # Triton kernels first: Inductor names them after every op they fuse, so a dynamic-quantization kernel
-    # (amax, scale, cast) that feeds a scaled matmul has `_scaled_mm` in its name without being one.
-    if "window_attention" in name:  # builder.engines.window_attention's kernel: scores, softmax and values
-        return "window attention (one Triton kernel)"
+    # Inductor's Triton kernels first: it names them after every op they fuse, so a dynamic-quantization kernel
+    # (amax, scale, cast) that feeds a scaled matmul has `_scaled_mm` in its name without being one, and a kernel
+    # that feeds the fused attention op has `window_attention` in its name.
     if name.startswith("triton_"):
         return "activation quantization (Triton)" if "amax" in name else "fused elementwise/reduction (Triton)"
+    if "window_attention" in name:  # builder.engines.window_attention's kernel (both forms): scores to values
+        return "window attention (one Triton kernel)"
     if MATMUL.search(name):
         return "matmul"
     return "other"

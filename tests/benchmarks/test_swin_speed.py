@@ -65,3 +65,15 @@ def test_the_variants_table_takes_the_tuned_steps_rows_after_the_variants(tmp_pa
     table = text[text.index("| variant |"):].splitlines()
     assert table[2:] == ["| fused | 15,000 | 0.01 | 0.9999 |  |", "| fused+autotune | 16,000 | 0.01 | 0.9999 |  |",
                          "| fused+fp8+autotune | - | - | - | InductorError: no template |"]
+
+
+def test_the_kernel_mix_tells_the_attention_kernel_from_inductors_kernels_that_feed_it():
+    """Inductor names a kernel after the ops it fuses, the fused attention op among them where the kernel feeds it
+    (the CPU's code for a fused Swin: `cpp_fused_index_permute_select_unsqueeze_view_window_attention_2`); only the
+    project's own Triton kernel is the attention's time."""
+    from perf.gpu.kernel_mix import kind
+
+    assert kind("_window_attention") == "window attention (one Triton kernel)"
+    assert kind("triton_poi_fused_index_permute_view_window_attention_2") == "fused elementwise/reduction (Triton)"
+    assert kind("triton_red_fused_abs_amax_clamp_mul_1") == "activation quantization (Triton)"
+    assert kind("nvjet_sm90_hsh_192x192_64x4_2x1_v_bz_coopB_bias_TNN") == "matmul"
